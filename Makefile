@@ -1,0 +1,44 @@
+# `make demo` and `make test` are the two commands; each sets up .venv first when needed.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# The install is keyed on the requirement files' content: a second call installs nothing,
+# an edited pin reinstalls.
+REQ_HASH := $(shell cat requirements.txt requirements-unsloth.txt | sha256sum | cut -c1-16)
+STAMP := $(VENV)/.installed-$(REQ_HASH)
+
+# No model hub is reachable in CI; never wait on one.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP):
+	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
+		echo "$(VENV) is not Python 3.11: recreating it"; rm -rf $(VENV); fi
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@rm -f $(VENV)/.installed-*
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-unsloth.txt
+	@# pip check must find nothing but the one certifi pin explained in requirements-unsloth.txt.
+	@problems=$$($(PY) -m pip check 2>/dev/null \
+		| grep -vE '^unsloth(-zoo)? 2026\.10\.9 has requirement certifi>=2026\.10\.19' \
+		| grep -v '^No broken requirements'); \
+	if [ -n "$$problems" ]; then echo "pip check: $$problems"; exit 1; fi
+	@touch $@
+	@echo "$(VENV) is ready"
+
+demo: setup
+	$(PY) runner.py recipes/smoke.yaml
+
+test: setup
+	$(PY) -m pytest
+
+lint: setup
+	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) runs

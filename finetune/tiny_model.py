@@ -1,0 +1,175 @@
+"""The tiny Llama 3 used by the demo, the tests and the smoke run.
+
+No model hub is reachable in CI, so the smoke model is built here, deterministically: a
+Llama-architecture checkpoint with seeded random weights and the *real* Llama 3 tokenizer, converted
+from the tiktoken file that Meta's PyPI package `llama-models` ships. It is built once into a cache
+folder outside git (``$FINETUNE_CACHE``, default ``~/.cache/finetune``) and reused.
+
+Heavy imports (torch, transformers, tiktoken) happen inside the functions: importing this module is
+cheap, and the training path imports unsloth before calling into it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+TINY_MODEL_NAME = "tiny-llama-3"
+
+# Meta's Llama 3 special tokens, in id order after the 128,000 BPE ranks (llama_models.llama3.tokenizer).
+_NAMED_SPECIAL_TOKENS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>",
+    "<|step_id|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eom_id|>",
+    "<|eot_id|>",
+    "<|python_tag|>",
+    "<|image|>",
+]
+NUM_SPECIAL_TOKENS = 256
+NUM_BPE_TOKENS = 128_000
+VOCAB_SIZE = NUM_BPE_TOKENS + NUM_SPECIAL_TOKENS  # 128,256, as in Llama 3.1
+
+# Llama 3's pre-tokenizer split pattern (the same string as llama_models' `pat_str`).
+_LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Shape of the tiny model: Llama 3.1's architecture (GQA, llama3 RoPE scaling, untied embeddings,
+# the full 128,256 vocabulary) at a size that trains in seconds on two CPU cores. Hidden sizes are
+# multiples of 64 so bitsandbytes' 4-bit blocks tile them exactly, as they do the real model.
+TINY_CONFIG = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+    "tie_word_embeddings": False,
+    "vocab_size": VOCAB_SIZE,
+}
+TINY_SEED = 1234
+
+# Bump when the builder changes what it writes, so stale caches are rebuilt rather than trusted.
+_BUILDER_VERSION = "1"
+
+
+def special_tokens() -> dict[str, int]:
+    """All 256 Llama 3 special tokens with their ids (128000 ... 128255)."""
+    names = _NAMED_SPECIAL_TOKENS + [
+        f"<|reserved_special_token_{2 + i}|>" for i in range(NUM_SPECIAL_TOKENS - len(_NAMED_SPECIAL_TOKENS))
+    ]
+    return {name: NUM_BPE_TOKENS + i for i, name in enumerate(names)}
+
+
+def chat_template() -> str:
+    """Meta's Llama 3.1 Instruct chat template, as shipped in its tokenizer_config.json."""
+    return (Path(__file__).parent / "templates" / "llama-3.1-instruct.jinja").read_text()
+
+
+def tiktoken_file() -> Path:
+    """Meta's Llama 3 BPE ranks, shipped inside the `llama-models` package (no download)."""
+    import llama_models.llama3 as llama3_pkg
+
+    return Path(llama3_pkg.__file__).parent / "tokenizer.model"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
+
+
+def tiny_model_dir() -> Path:
+    """Where the tiny model lives; the folder name changes whenever its definition does."""
+    key = json.dumps([_BUILDER_VERSION, TINY_CONFIG, TINY_SEED, chat_template()], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return cache_root() / f"{TINY_MODEL_NAME}-{digest}"
+
+
+def build_llama3_tokenizer():
+    """A transformers fast tokenizer equal to Meta's Llama 3.1 Instruct tokenizer."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    specials = special_tokens()
+    backend = TikTokenConverter(vocab_file=str(tiktoken_file()), pattern=_LLAMA3_PATTERN).converted()
+    backend.add_special_tokens([AddedToken(tok, normalized=False, special=True) for tok in specials])
+    if backend.get_vocab_size() != VOCAB_SIZE:
+        raise RuntimeError(f"Llama 3 tokenizer has {backend.get_vocab_size()} tokens, expected {VOCAB_SIZE}")
+    # Like Meta's tokenizer.json: byte-level offsets, then <|begin_of_text|> before every sequence.
+    bos = "<|begin_of_text|>"
+    backend.post_processor = processors.Sequence(
+        [
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, specials[bos])]
+            ),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token=bos,
+        eos_token="<|eot_id|>",  # the Instruct model ends each turn with <|eot_id|>
+        pad_token="<|finetune_right_pad_id|>",  # a reserved token, so padding never aliases EOS
+        model_max_length=TINY_CONFIG["max_position_embeddings"],
+        padding_side="right",
+        chat_template=chat_template(),
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def build_tiny_model(out_dir: Path) -> Path:
+    """Write the tiny Llama (bf16 safetensors) and its tokenizer into ``out_dir``."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    specials = special_tokens()
+    tokenizer = build_llama3_tokenizer()
+    config = LlamaConfig(
+        **TINY_CONFIG,
+        bos_token_id=specials["<|begin_of_text|>"],
+        eos_token_id=[specials["<|end_of_text|>"], specials["<|eom_id|>"], specials["<|eot_id|>"]],
+        pad_token_id=specials["<|finetune_right_pad_id|>"],
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(TINY_SEED)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.generation_config = GenerationConfig(
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+    )
+    # Write into a sibling folder and rename, so an interrupted build never leaves a half cache.
+    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+    tmp_dir.rename(out_dir)
+    return out_dir
+
+
+def ensure_tiny_model() -> Path:
+    """Path to the tiny model, building it on first use (a few seconds)."""
+    out_dir = tiny_model_dir()
+    if not (out_dir / "config.json").exists():
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build_tiny_model(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    print(ensure_tiny_model())

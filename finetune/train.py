@@ -1,0 +1,180 @@
+"""Training: the only module that imports unsloth, torch, transformers, trl, peft and datasets.
+
+Unsloth patches transformers, TRL and PEFT when it is imported, so it must be imported before them;
+keeping every heavy import in this one module (imported lazily by the CLI after the recipe has been
+validated) makes that order hold everywhere.
+"""
+
+from __future__ import annotations
+
+import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
+from unsloth import FastLanguageModel
+from unsloth.chat_templates import train_on_responses_only
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import ProgressCallback
+from trl import SFTConfig, SFTTrainer
+
+from finetune.recipe import Recipe, RecipeError
+from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+
+_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_GRADIENT_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    adapter_dir: Path
+    log_history: list[dict]
+
+
+def model_path(recipe: Recipe) -> str:
+    """What to hand to from_pretrained: the tiny model's cache folder, a local folder, or a hub id."""
+    if recipe.model.name == TINY_MODEL_NAME:
+        return str(ensure_tiny_model())
+    return recipe.model.name
+
+
+def load_model(recipe: Recipe):
+    """The base model (4-bit when the recipe says so) and its tokenizer, through Unsloth."""
+    return FastLanguageModel.from_pretrained(
+        model_name=model_path(recipe),
+        max_seq_length=recipe.model.max_seq_length,
+        load_in_4bit=recipe.model.load_in_4bit,
+        dtype=_DTYPES[recipe.model.dtype],
+    )
+
+
+def add_lora(model, recipe: Recipe):
+    """Wrap the model with trainable LoRA adapters; the base weights stay frozen."""
+    lora = recipe.lora
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        bias="none",
+        use_gradient_checkpointing=_GRADIENT_CHECKPOINTING[recipe.model.gradient_checkpointing],
+        random_state=recipe.train.seed,
+        max_seq_length=recipe.model.max_seq_length,
+    )
+
+
+def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
+    """Map the recipe onto SFTConfig, setting every field we rely on (library defaults move)."""
+    train = recipe.train
+    warmup = train.warmup_steps if train.warmup_steps is not None else (train.warmup_ratio or 0.0)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        # transformers 5 takes both warmup forms in warmup_steps: an int counts steps, a float < 1 is a ratio.
+        warmup_steps=warmup,
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps if train.max_steps is not None else -1,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        optim=train.optim,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if train.save_steps else "no",
+        save_steps=train.save_steps or 500,
+        max_length=recipe.model.max_seq_length,
+        packing=False,
+        dataset_num_proc=1,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+
+class _LossProgress(ProgressCallback):
+    """transformers' progress bar, printing one readable line per logging step instead of a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is None or not logs or "loss" not in logs:
+            return
+        line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            line += f"  lr {logs['learning_rate']:.3e}"
+        if "grad_norm" in logs:
+            line += f"  grad_norm {logs['grad_norm']:.3f}"
+        self.training_bar.write(line)
+
+
+def build_trainer(model, tokenizer, conversations: list, recipe: Recipe, output_dir: Path) -> SFTTrainer:
+    """SFTTrainer over chat conversations, rendered by the tokenizer's chat template."""
+    if tokenizer.chat_template is None:
+        raise RecipeError(f"model {recipe.model.name} has no chat template to render the conversations with")
+    dataset = Dataset.from_list([{"messages": messages} for messages in conversations])
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=dataset,
+        args=build_sft_config(recipe, output_dir),
+    )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(_LossProgress())
+    if recipe.data.train_on_responses_only:
+        # Unsloth finds the user/assistant header markers in the chat template and masks everything
+        # outside assistant turns (every assistant turn of a multi-turn conversation is trained).
+        trainer = train_on_responses_only(trainer)
+    return trainer
+
+
+def train(recipe: Recipe, conversations: list, run_dir: Path) -> TrainResult:
+    """Load, add LoRA, train, and save the adapter and tokenizer into ``run_dir/adapter``."""
+    model, tokenizer = load_model(recipe)
+    model = add_lora(model, recipe)
+    trainer = build_trainer(model, tokenizer, conversations, recipe, run_dir / "checkpoints")
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir)
+    tokenizer.save_pretrained(adapter_dir)
+    history = trainer.state.log_history
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return TrainResult(
+        steps=trainer.state.global_step,
+        first_loss=losses[0] if losses else math.nan,
+        final_loss=losses[-1] if losses else math.nan,
+        seconds=seconds,
+        adapter_dir=adapter_dir,
+        log_history=history,
+    )
+
+
+def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bool = True):
+    """A trained adapter on its base model, ready for generation."""
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=str(adapter_dir), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit
+    )
+    FastLanguageModel.for_inference(model)
+    return model, tokenizer
+
+
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+    """Greedy completion of one user turn, rendered with the chat template."""
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
