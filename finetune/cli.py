@@ -17,8 +17,9 @@ from finetune.data import load_conversations
 from finetune.preflight import check_can_start
 from finetune.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_name
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+# soft_wrap: never break a message or a path across lines, whatever the terminal width.
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -58,8 +59,8 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
 
 def run_training(recipe_path: str, overrides: list[str]) -> int:
     recipe = load_recipe(recipe_path, overrides)
-    conversations = load_conversations(recipe.data)
     gpus = check_can_start(recipe, recipe_path)
+    conversations = load_conversations(recipe.data)
     device = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     name = recipe_name(recipe_path)
     console.print(

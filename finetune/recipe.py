@@ -161,11 +161,17 @@ def _allowed_keys(path: tuple[Any, ...]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
-def _describe_error(error: dict[str, Any], source: str, root: yaml.Node | None) -> str:
+def _describe_error(
+    error: dict[str, Any], source: str, root: yaml.Node | None, overridden: set[tuple[str, ...]]
+) -> str:
     path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
     dotted = ".".join(str(p) for p in path) or "(top level)"
+    set_by = next((keys for keys in overridden if tuple(map(str, path[: len(keys)])) == keys), None)
     line = _line_of(root, path)
-    where = f"{source}:{line}" if line else source
+    if set_by:
+        where = f"--set {'.'.join(set_by)}"
+    else:
+        where = f"{source}:{line}" if line else source
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(path[-1]), _allowed_keys(path), n=1, cutoff=0.6)
         hint = f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(_allowed_keys(path))}"
@@ -205,8 +211,13 @@ def _apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def validate_recipe(raw: Any, source: str = "<recipe>", root: yaml.Node | None = None) -> Recipe:
-    """Validate a parsed YAML mapping; every problem is reported together, each with its line."""
+def validate_recipe(
+    raw: Any,
+    source: str = "<recipe>",
+    root: yaml.Node | None = None,
+    overridden: set[tuple[str, ...]] = frozenset(),
+) -> Recipe:
+    """Validate a parsed YAML mapping; every problem is reported together, each with where it came from."""
     if not isinstance(raw, dict):
         raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
     schema = raw.get("schema")
@@ -218,7 +229,7 @@ def validate_recipe(raw: Any, source: str = "<recipe>", root: yaml.Node | None =
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe_error(e, source, root) for e in exc.errors()]
+        problems = [_describe_error(e, source, root, overridden) for e in exc.errors()]
         raise RecipeError("\n".join(problems)) from None
 
 
@@ -235,10 +246,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    overridden = set()
     if isinstance(raw, dict):
         for item in overrides:
-            _apply_override(raw, *parse_override(item))
-    return validate_recipe(raw, str(path), root)
+            keys, value = parse_override(item)
+            _apply_override(raw, keys, value)
+            overridden.add(tuple(keys))
+    return validate_recipe(raw, str(path), root, overridden)
 
 
 def recipe_name(path: str | Path) -> str:

@@ -147,7 +147,7 @@ def build_tiny_model(out_dir: Path) -> Path:
         bos_token_id=specials["<|begin_of_text|>"],
         eos_token_id=[specials["<|end_of_text|>"], specials["<|eom_id|>"], specials["<|eot_id|>"]],
         pad_token_id=specials["<|finetune_right_pad_id|>"],
-        torch_dtype="bfloat16",
+        dtype="bfloat16",
     )
     torch.manual_seed(TINY_SEED)
     model = LlamaForCausalLM(config).to(torch.bfloat16)

@@ -1,0 +1,86 @@
+"""What a user sees when a run cannot start: one sentence, a non-zero exit, no traceback."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import preflight
+from finetune.budget import count_parameters
+from finetune.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Runs the CLI in a fresh interpreter, then reports whether the refusal happened before any heavy import.
+_RUN_AND_REPORT_IMPORTS = (
+    "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
+    "heavy = [m for m in ('torch', 'unsloth', 'transformers', 'trl') if m in sys.modules];"
+    "print('heavy imports:', heavy); sys.exit(code)"
+)
+
+
+def run_cli(*args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
+    return subprocess.run(
+        [sys.executable, "-c", _RUN_AND_REPORT_IMPORTS, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+def test_flagship_without_gpu_fails_at_once_with_one_sentence():
+    out = run_cli("recipes/code-gen.yaml")
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    message = out.stderr.strip()
+    assert len(message.splitlines()) == 1
+    assert message.startswith("error: No GPU found: recipes/code-gen.yaml trains unsloth/Meta-Llama-3.1-8B")
+    assert "python runner.py recipes/smoke.yaml" in message
+    assert "heavy imports: []" in out.stdout  # refused before torch was even imported
+
+
+def test_bad_recipe_value_names_the_place():
+    out = run_cli("recipes/smoke.yaml", "--set", "train.learning_rate=-1")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--set train.learning_rate" in out.stderr and "greater than 0" in out.stderr
+
+
+def test_missing_recipe_file():
+    out = run_cli("recipes/nope.yaml")
+    assert out.returncode == 2
+    assert out.stderr.strip() == "error: recipe file 'recipes/nope.yaml' does not exist"
+
+
+def test_runner_script_is_the_same_cli():
+    out = subprocess.run(
+        [sys.executable, "runner.py", "recipes/nope.yaml"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_hub_model_not_in_cache_while_offline_is_refused(monkeypatch):
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA H100", 80.0)])
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
+    with pytest.raises(RecipeError, match=r"^Model not reachable: .* HF_HUB_OFFLINE is set"):
+        preflight.check_can_start(recipe, "recipes/code-gen.yaml")
+
+
+def test_tiny_model_may_train_on_cpu(monkeypatch):
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [])
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
+    assert preflight.check_can_start(recipe, "recipes/smoke.yaml") == []
+
+
+def test_missing_local_model_folder(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", [f"model.name={tmp_path}/absent"])
+    with pytest.raises(RecipeError, match="looks like a local folder but does not exist"):
+        preflight.check_can_start(recipe, "r.yaml")
+
+
+def test_parameter_count_of_llama31_8b():
+    config = {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+    }
+    assert count_parameters(config) == 8_030_261_248  # Meta's published count

@@ -1,0 +1,72 @@
+"""Reading the shipped samples and the formats users bring; bad rows are named by file and line."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune.data import alpaca_to_messages, load_conversations
+from finetune.recipe import DataSection, RecipeError
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
+def test_every_sample_file_loads_byte_exact(path):
+    conversations = load_conversations(DataSection(train=[str(path)]))
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    assert len(conversations) == len(rows) >= 10
+    for row, messages in zip(rows, conversations):
+        expected = row["messages"] if "messages" in row else alpaca_to_messages(row)
+        assert messages == expected  # content untouched: indentation, tabs, trailing newlines
+        assert messages[-1]["role"] == "assistant"
+
+
+def test_samples_folder_is_small():
+    assert sum(p.stat().st_size for p in (ROOT / "data_samples").rglob("*")) < 1_000_000
+
+
+def test_alpaca_input_joins_the_instruction():
+    row = {"instruction": "Fix this.", "input": "def f():\n\treturn 1\n", "output": "ok"}
+    assert alpaca_to_messages(row) == [
+        {"role": "user", "content": "Fix this.\n\ndef f():\n\treturn 1\n"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert alpaca_to_messages({**row, "input": ""})[0]["content"] == "Fix this."
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"text": "x"}, "expected 'messages' (chat) or 'instruction' and 'output' (alpaca)"),
+        ({"messages": []}, "'messages' must be a non-empty list"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "must be a string"),
+    ],
+)
+def test_bad_rows_are_named_by_file_and_line(tmp_path, row, message):
+    path = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
+    with pytest.raises(RecipeError) as err:
+        load_conversations(DataSection(train=[str(path)]))
+    assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
+
+
+def test_broken_json_line_and_missing_file(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"messages": [}\n')
+    with pytest.raises(RecipeError, match=r"d\.jsonl:1: not valid JSON"):
+        load_conversations(DataSection(train=[str(path)]))
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_conversations(DataSection(train=[str(tmp_path / "nope.jsonl")]))
+
+
+def test_format_can_be_forced(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"instruction": "i", "output": "o"}) + "\n")
+    assert load_conversations(DataSection(train=[str(path)], format="alpaca"))[0][0]["content"] == "i"
+    with pytest.raises(RecipeError, match="expected 'messages'"):
+        load_conversations(DataSection(train=[str(path)], format="messages"))

@@ -1,0 +1,106 @@
+"""The recipe schema: every shipped recipe is valid, and every mistake is named with its place."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.recipe import RecipeError, dump_recipe, load_recipe, validate_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+
+MINIMAL = """\
+schema: 1
+version: 1.0.0
+description: test
+model:
+  name: tiny-llama-3
+data:
+  train: data_samples/code_chat.jsonl
+train:
+  learning_rate: 1.0e-4
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=[p.stem for p in RECIPES])
+def test_shipped_recipes_are_valid(path):
+    recipe = load_recipe(path)
+    assert recipe.description and recipe.version
+    # The resolved recipe that every run saves reads back into the same recipe.
+    assert validate_recipe(__import__("yaml").safe_load(dump_recipe(recipe))) == recipe
+
+
+def test_flagship_recipe_is_llama31_8b_qlora_on_all_projections():
+    recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
+    assert "Llama-3.1-8B" in recipe.model.name and recipe.model.load_in_4bit
+    assert set(recipe.lora.target_modules) == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+    }
+    assert recipe.train.lr_scheduler_type == "cosine"
+    assert (recipe.train.warmup_steps or recipe.train.warmup_ratio) > 0
+
+
+def test_misspelled_key_names_line_and_suggests(tmp_path):
+    path = write(tmp_path, MINIMAL.replace("learning_rate:", "lerning_rate:"))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert str(err.value) == f"{path}:9: unknown key 'train.lerning_rate'; did you mean 'learning_rate'?"
+
+
+def test_every_problem_reported_together_with_lines(tmp_path):
+    text = MINIMAL.replace("learning_rate: 1.0e-4", "learning_rate: -1\n  optim: sgdd")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(write(tmp_path, text))
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{tmp_path / 'r.yaml'}:9: train.learning_rate: Input should be greater than 0")
+    assert lines[1].startswith(f"{tmp_path / 'r.yaml'}:10: train.optim:") and "adamw_8bit" in lines[1]
+
+
+def test_missing_required_field(tmp_path):
+    with pytest.raises(RecipeError, match=r"'model' is required"):
+        load_recipe(write(tmp_path, MINIMAL.replace("model:\n  name: tiny-llama-3\n", "")))
+
+
+def test_warmup_steps_and_ratio_are_exclusive(tmp_path):
+    text = MINIMAL + "  warmup_steps: 10\n  warmup_ratio: 0.1\n"
+    with pytest.raises(RecipeError, match="set warmup_steps or warmup_ratio, not both"):
+        load_recipe(write(tmp_path, text))
+
+
+def test_newer_schema_is_refused(tmp_path):
+    with pytest.raises(RecipeError, match="newer than this program understands"):
+        load_recipe(write(tmp_path, MINIMAL.replace("schema: 1", "schema: 2")))
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: not valid YAML"):
+        load_recipe(write(tmp_path, MINIMAL + "  bad: [unclosed\n"))
+
+
+def test_overrides_are_typed_and_validated(tmp_path):
+    path = write(tmp_path, MINIMAL)
+    recipe = load_recipe(path, ["train.max_steps=5", "lora.r=4"])
+    assert recipe.train.max_steps == 5 and recipe.lora.r == 4
+    with pytest.raises(RecipeError, match=r"--set train\.max_step: unknown key .*did you mean 'max_steps'"):
+        load_recipe(path, ["train.max_step=5"])
+    with pytest.raises(RecipeError, match="must look like section.key=value"):
+        load_recipe(path, ["train.max_steps"])
+
+
+def test_validation_path_imports_no_heavy_library():
+    code = (
+        "import sys; import finetune.cli, finetune.recipe, finetune.data, finetune.preflight, finetune.budget;"
+        "print(sorted(m for m in ('torch', 'unsloth', 'trl', 'transformers', 'peft', 'datasets')"
+        " if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

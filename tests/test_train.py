@@ -1,0 +1,101 @@
+"""End to end through the real stack: Unsloth 4-bit load, LoRA, TRL's SFTTrainer, save, reload, generate.
+
+The tiny Llama 3 trains on the CPU in seconds, so the whole path that a GPU run takes is exercised here.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import train
+from finetune.data import load_conversations
+from finetune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Train the smoke recipe for a few steps, keeping the parameters from before and after."""
+    os.chdir(ROOT)  # data paths in recipes are relative to the working directory
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.max_steps=12", "train.logging_steps=1"])
+    run_dir = tmp_path_factory.mktemp("run")
+    model, tokenizer = train.load_model(recipe)
+    model = train.add_lora(model, recipe)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = train.build_trainer(model, tokenizer, load_conversations(recipe.data), recipe, run_dir)
+    trainer.train()
+    after = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    return recipe, trainer, tokenizer, before, after, run_dir
+
+
+def test_loss_is_finite_and_goes_down(trained):
+    _, trainer, *_ = trained
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+
+
+def test_every_lora_weight_changed_and_no_base_weight_did(trained):
+    _, _, _, before, after, _ = trained
+    lora = [name for name in before if "lora_" in name]
+    base = [name for name in before if "lora_" not in name]
+    # 2 layers x 7 projections x (A, B)
+    assert len(lora) == 28
+    unchanged_lora = [name for name in lora if torch.equal(before[name], after[name])]
+    assert unchanged_lora == []
+    # The frozen base includes the 4-bit packed weights, the 16-bit embeddings, lm_head and norms.
+    assert any(before[name].dtype == torch.uint8 for name in base), "base weights should be 4-bit"
+    changed_base = [name for name in base if not torch.equal(before[name], after[name])]
+    assert changed_base == []
+
+
+def test_only_assistant_tokens_are_trained(trained):
+    _, trainer, tokenizer, *_ = trained
+    row = trainer.train_dataset[0]
+    trained_ids = [tok for tok, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    text = tokenizer.decode(trained_ids)
+    assert "<|start_header_id|>" not in text and "Cutting Knowledge" not in text
+    assert text.endswith("<|eot_id|>")  # the end-of-turn token is trained, so the model learns to stop
+
+
+def test_saved_adapter_reloads_with_the_trained_weights_and_generates(trained):
+    recipe, _, _, _, after, run_dir = trained
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert config["r"] == recipe.lora.r and config["lora_alpha"] == recipe.lora.alpha
+    model, tokenizer = train.load_adapter(run_dir / "adapter", recipe.model.max_seq_length)
+    reloaded = dict(model.named_parameters())
+    for name, value in after.items():
+        if "lora_" in name:
+            assert torch.equal(reloaded[name].detach().to(value.dtype), value), name
+    text = train.generate(model, tokenizer, "Write a Python function that reverses a string.", max_new_tokens=8)
+    assert isinstance(text, str) and len(text) > 0
+
+
+def test_runner_trains_and_prints_one_summary_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "runner.py", "recipes/smoke.yaml", "--set", "train.max_steps=4",
+         "--set", f"output.dir={tmp_path}"],
+        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = [line for line in out.stdout.splitlines() if line.startswith("Done:")]
+    assert len(summary) == 1 and summary[0].startswith("Done: 4 steps in ")
+    assert "step     4/4  loss" in out.stdout + out.stderr  # the loss at each logging step
+    (run_dir,) = (tmp_path / "smoke").iterdir()
+    assert summary[0].endswith(f"adapter saved to {run_dir / 'adapter'}")
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run_dir / "adapter" / "tokenizer.json").is_file()
+    assert (run_dir / "recipe.yaml").is_file()
+    logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4]
