@@ -72,7 +72,9 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
         if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
             raise RecipeError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
         if message["role"] not in ROLES:
-            raise RecipeError(f"{where}: messages[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}")
+            raise RecipeError(
+                f"{where}: messages[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}"
+            )
         if not isinstance(message.get("content"), str):
             raise RecipeError(f"{where}: messages[{i}].content must be a string")
     if not any(m["role"] == "assistant" for m in messages):

@@ -100,15 +100,17 @@ def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
         size = f" ({count_parameters(config) / 1e9:.1f}B parameters)" if config else ""
         raise RecipeError(
             f"No GPU found: {recipe_path} trains {name}{size}, which needs a CUDA GPU; "
-            "on this machine try `python runner.py recipes/smoke.yaml`, which trains a tiny Llama 3 on the CPU."
+            "on this machine try `python runner.py recipes/smoke.yaml`, "
+            "which trains a tiny Llama 3 on the CPU."
         )
     if config is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         if offline or not _hub_reachable():
             reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
             raise RecipeError(
-                f"Model not reachable: {recipe_path} uses {name}, which is not in the local Hugging Face cache "
-                f"and {reason}; download it where there is a network (`huggingface-cli download {name}`) "
+                f"Model not reachable: {recipe_path} uses {name}, "
+                f"which is not in the local Hugging Face cache and {reason}; "
+                f"download it where there is a network (`hf download {name}`) "
                 "or set model.name to a local folder."
             )
     return gpus

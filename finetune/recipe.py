@@ -61,7 +61,8 @@ class DataSection(_Section):
         min_length=1, description="Training files (.jsonl/.json), relative to the working directory."
     )
     format: Literal["auto", "messages", "alpaca"] = Field(
-        "auto", description="Row format: chat 'messages', or alpaca instruction/input/output; 'auto' detects it."
+        "auto",
+        description="Row format: chat 'messages', or alpaca instruction/input/output; 'auto' detects it.",
     )
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on assistant turns only (prompts are masked)."
@@ -76,7 +77,9 @@ class DataSection(_Section):
 
 
 SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
-OptimizerName = Literal["adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"]
+OptimizerName = Literal[
+    "adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"
+]
 
 
 class TrainSection(_Section):
@@ -92,7 +95,9 @@ class TrainSection(_Section):
     max_steps: Annotated[int, Field(gt=0)] | None = Field(
         None, description="Stop after this many optimizer steps (overrides num_train_epochs)."
     )
-    per_device_train_batch_size: Annotated[int, Field(gt=0)] = Field(2, description="Sequences per micro-batch.")
+    per_device_train_batch_size: Annotated[int, Field(gt=0)] = Field(
+        2, description="Sequences per micro-batch."
+    )
     gradient_accumulation_steps: Annotated[int, Field(gt=0)] = Field(
         4, description="Micro-batches per optimizer step."
     )
@@ -100,7 +105,9 @@ class TrainSection(_Section):
     weight_decay: Annotated[float, Field(ge=0)] = Field(0.0, description="Decoupled weight decay.")
     max_grad_norm: Annotated[float, Field(gt=0)] = Field(1.0, description="Gradient clipping norm.")
     seed: int = Field(3407, description="Seed for LoRA init, data order and dropout.")
-    logging_steps: Annotated[int, Field(gt=0)] = Field(1, description="Print the loss every N optimizer steps.")
+    logging_steps: Annotated[int, Field(gt=0)] = Field(
+        1, description="Print the loss every N optimizer steps."
+    )
     save_steps: Annotated[int, Field(gt=0)] | None = Field(
         None, description="Save a checkpoint every N optimizer steps; none when unset."
     )
@@ -174,7 +181,9 @@ def _describe_error(
         where = f"{source}:{line}" if line else source
     if error["type"] == "extra_forbidden":
         close = difflib.get_close_matches(str(path[-1]), _allowed_keys(path), n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(_allowed_keys(path))}"
+        hint = (
+            f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(_allowed_keys(path))}"
+        )
         return f"{where}: unknown key '{dotted}'{hint}"
     if error["type"] == "missing":
         return f"{where}: '{dotted}' is required ({_field_description(path)})"

@@ -7,10 +7,6 @@ validated) makes that order hold everywhere.
 
 from __future__ import annotations
 
-import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
-from unsloth import FastLanguageModel
-from unsloth.chat_templates import train_on_responses_only
-
 import json
 import math
 import time
@@ -18,9 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from datasets import Dataset
 from transformers import ProgressCallback
 from trl import SFTConfig, SFTTrainer
+from unsloth import FastLanguageModel
+from unsloth.chat_templates import train_on_responses_only
 
 from finetune.recipe import Recipe, RecipeError
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
@@ -174,7 +173,10 @@ def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bo
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy completion of one user turn, rendered with the chat template."""
     inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     ).to(model.device)
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -10,9 +10,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import unsloth  # noqa: E402, F401
-
 import pytest  # noqa: E402
+import unsloth  # noqa: E402, F401
 
 from finetune.tiny_model import ensure_tiny_model  # noqa: E402
 

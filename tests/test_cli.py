@@ -24,7 +24,11 @@ _RUN_AND_REPORT_IMPORTS = (
 def run_cli(*args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
     return subprocess.run(
-        [sys.executable, "-c", _RUN_AND_REPORT_IMPORTS, *args], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", _RUN_AND_REPORT_IMPORTS, *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
     )
 
 
@@ -80,7 +84,12 @@ def test_missing_local_model_folder(tmp_path):
 
 def test_parameter_count_of_llama31_8b():
     config = {
-        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
-        "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "tie_word_embeddings": False,
     }
     assert count_parameters(config) == 8_030_261_248  # Meta's published count

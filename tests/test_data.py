@@ -17,7 +17,7 @@ def test_every_sample_file_loads_byte_exact(path):
     conversations = load_conversations(DataSection(train=[str(path)]))
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert len(conversations) == len(rows) >= 10
-    for row, messages in zip(rows, conversations):
+    for row, messages in zip(rows, conversations, strict=True):
         expected = row["messages"] if "messages" in row else alpaca_to_messages(row)
         assert messages == expected  # content untouched: indentation, tabs, trailing newlines
         assert messages[-1]["role"] == "assistant"
@@ -43,7 +43,10 @@ def test_alpaca_input_joins_the_instruction():
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
-        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]}, "must be a string"),
+        (
+            {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
+            "must be a string",
+        ),
     ],
 )
 def test_bad_rows_are_named_by_file_and_line(tmp_path, row, message):

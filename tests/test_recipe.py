@@ -42,7 +42,13 @@ def test_flagship_recipe_is_llama31_8b_qlora_on_all_projections():
     recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
     assert "Llama-3.1-8B" in recipe.model.name and recipe.model.load_in_4bit
     assert set(recipe.lora.target_modules) == {
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
     }
     assert recipe.train.lr_scheduler_type == "cosine"
     assert (recipe.train.warmup_steps or recipe.train.warmup_ratio) > 0
@@ -61,7 +67,9 @@ def test_every_problem_reported_together_with_lines(tmp_path):
         load_recipe(write(tmp_path, text))
     lines = str(err.value).splitlines()
     assert len(lines) == 2
-    assert lines[0].startswith(f"{tmp_path / 'r.yaml'}:9: train.learning_rate: Input should be greater than 0")
+    assert lines[0].startswith(
+        f"{tmp_path / 'r.yaml'}:9: train.learning_rate: Input should be greater than 0"
+    )
     assert lines[1].startswith(f"{tmp_path / 'r.yaml'}:10: train.optim:") and "adamw_8bit" in lines[1]
 
 
@@ -98,7 +106,8 @@ def test_overrides_are_typed_and_validated(tmp_path):
 
 def test_validation_path_imports_no_heavy_library():
     code = (
-        "import sys; import finetune.cli, finetune.recipe, finetune.data, finetune.preflight, finetune.budget;"
+        "import sys; import finetune.cli, finetune.recipe, finetune.data, finetune.preflight,"
+        " finetune.budget;"
         "print(sorted(m for m in ('torch', 'unsloth', 'trl', 'transformers', 'peft', 'datasets')"
         " if m in sys.modules))"
     )

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Train the smoke recipe for a few steps, keeping the parameters from before and after."""
-    os.chdir(ROOT)  # data paths in recipes are relative to the working directory
-    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.max_steps=12", "train.logging_steps=1"])
+    data = ROOT / "data_samples" / "code_chat.jsonl"
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.max_steps=12", f"data.train={data}"])
     run_dir = tmp_path_factory.mktemp("run")
     model, tokenizer = train.load_model(recipe)
     model = train.add_lora(model, recipe)
@@ -62,7 +62,7 @@ def test_every_lora_weight_changed_and_no_base_weight_did(trained):
 def test_only_assistant_tokens_are_trained(trained):
     _, trainer, tokenizer, *_ = trained
     row = trainer.train_dataset[0]
-    trained_ids = [tok for tok, label in zip(row["input_ids"], row["labels"]) if label != -100]
+    trained_ids = [tok for tok, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     text = tokenizer.decode(trained_ids)
     assert "<|start_header_id|>" not in text and "Cutting Knowledge" not in text
     assert text.endswith("<|eot_id|>")  # the end-of-turn token is trained, so the model learns to stop
@@ -78,15 +78,27 @@ def test_saved_adapter_reloads_with_the_trained_weights_and_generates(trained):
     for name, value in after.items():
         if "lora_" in name:
             assert torch.equal(reloaded[name].detach().to(value.dtype), value), name
-    text = train.generate(model, tokenizer, "Write a Python function that reverses a string.", max_new_tokens=8)
+    text = train.generate(
+        model, tokenizer, "Write a Python function that reverses a string.", max_new_tokens=8
+    )
     assert isinstance(text, str) and len(text) > 0
 
 
 def test_runner_trains_and_prints_one_summary_line(tmp_path):
     out = subprocess.run(
-        [sys.executable, "runner.py", "recipes/smoke.yaml", "--set", "train.max_steps=4",
-         "--set", f"output.dir={tmp_path}"],
-        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        [
+            sys.executable,
+            "runner.py",
+            "recipes/smoke.yaml",
+            "--set",
+            "train.max_steps=4",
+            "--set",
+            f"output.dir={tmp_path}",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = [line for line in out.stdout.splitlines() if line.startswith("Done:")]
