@@ -1,21 +1,37 @@
-"""The command line: parse, validate the recipe and data, check the machine, then train.
+"""The command line: `python runner.py [VERB] ...`; a bare recipe path means `train`.
 
-Everything up to the training call is light (no torch): a bad recipe, bad data or a run that cannot
-start here is refused in about a second with one sentence and a non-zero exit code.
+Everything except `train` is light (no torch): recipes and data are checked, and a run that cannot
+start here is refused, in about a second, with one sentence per problem and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from finetune.data import load_conversations
 from finetune.preflight import check_can_start
-from finetune.recipe import Recipe, RecipeError, dump_recipe, load_recipe, recipe_name
+from finetune.recipe import (
+    UNSET,
+    Recipe,
+    RecipeError,
+    copy_recipe,
+    diff_recipes,
+    dump_recipe,
+    find_recipe,
+    json_schema,
+    load_recipe,
+    parent_of,
+    recipe_name,
+    shipped_recipes,
+)
 
 # soft_wrap: never break a message or a path across lines, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True)
@@ -23,23 +39,41 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+VERBS = ("train", "validate", "show", "list", "copy", "diff", "schema")
+
+_OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner.py",
         description="Fine-tune a language model with LoRA/QLoRA from a recipe YAML.",
-        epilog="example: python runner.py recipes/smoke.yaml --set train.max_steps=10",
+        epilog="A bare recipe path trains it: python runner.py recipes/smoke.yaml train.max_steps=10",
     )
-    parser.add_argument("recipe", help="path to a recipe YAML (see recipes/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override one recipe value, e.g. --set train.learning_rate=1e-4 (repeatable)",
-    )
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    train = verbs.add_parser("train", help="train a recipe (the default verb)")
+    train.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
+    train.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    validate = verbs.add_parser("validate", help="check recipes and their data without training")
+    validate.add_argument("recipes", nargs="+", help="recipe files or shipped names")
+
+    show = verbs.add_parser("show", help="print the resolved recipe and the numbers derived from it")
+    show.add_argument("recipe")
+    show.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    verbs.add_parser("list", help="the shipped recipes with their purpose and version")
+
+    copy = verbs.add_parser("copy", help="an editable copy of a recipe that records its parent")
+    copy.add_argument("source", help="shipped recipe name (e.g. code-gen) or a recipe file")
+    copy.add_argument("destination", type=Path, help="the new recipe file")
+
+    diff = verbs.add_parser("diff", help="what a recipe changes relative to its parent, after resolution")
+    diff.add_argument("recipe")
+
+    schema = verbs.add_parser("schema", help="print the recipe JSON Schema (for editors)")
+    schema.add_argument("--output", type=Path, help="write it to this file instead")
     return parser
 
 
@@ -57,12 +91,13 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             run_dir = base.with_name(f"{base.name}-{n}")
 
 
-def run_training(recipe_path: str, overrides: list[str]) -> int:
-    recipe = load_recipe(recipe_path, overrides)
-    gpus = check_can_start(recipe, recipe_path)
+def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
+    path = find_recipe(recipe_arg)
+    recipe = load_recipe(path, overrides)
+    gpus = check_can_start(recipe, str(path))
     conversations = load_conversations(recipe.data)
     device = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
-    name = recipe_name(recipe_path)
+    name = recipe_name(path)
     console.print(
         f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {device}, "
         f"{len(conversations)} conversations"
@@ -80,12 +115,92 @@ def run_training(recipe_path: str, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_validate(recipe_args: list[str]) -> int:
+    failed = 0
+    for arg in recipe_args:
+        try:
+            recipe = load_recipe(find_recipe(arg))
+            conversations = load_conversations(recipe.data)
+        except RecipeError as exc:
+            failed += 1
+            err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+            continue
+        console.print(f"[green]ok[/green] {arg} ({recipe.version}, {len(conversations)} training rows)")
+    return EXIT_USER_ERROR if failed else 0
+
+
+def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
+    recipe = load_recipe(find_recipe(recipe_arg), overrides)
+    console.print(dump_recipe(recipe), end="", markup=False)
+    train = recipe.train
+    effective = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    console.print(
+        f"# effective batch: {effective} sequences per optimizer step "
+        f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
+    )
+    return 0
+
+
+def cmd_list() -> int:
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for column in ("recipe", "version", "what it is for"):
+        table.add_column(column)
+    for path in shipped_recipes():
+        recipe = load_recipe(path)
+        table.add_row(path.stem, recipe.version, recipe.description)
+    console.print(table)
+    return 0
+
+
+def cmd_copy(source: str, destination: Path) -> int:
+    copy_recipe(source, destination)
+    console.print(f"Copied {source} to {destination}; edit it, then `python runner.py {destination}`")
+    return 0
+
+
+def cmd_diff(recipe_arg: str) -> int:
+    path = find_recipe(recipe_arg)
+    parent_path, parent, note = parent_of(path)
+    if note:
+        console.print(f"[yellow]note:[/yellow] {note}")
+    changes = diff_recipes(parent, load_recipe(path))
+    if not changes:
+        console.print(f"{path} resolves to the same values as {parent_path}")
+    for key, old, new in changes:
+        old_text, new_text = (v if v is UNSET else json.dumps(v) for v in (old, new))
+        console.print(f"{key}: {old_text} -> {new_text}", markup=False)
+    return 0
+
+
+def cmd_schema(output: Path | None) -> int:
+    text = json.dumps(json_schema(), indent=2) + "\n"
+    if output:
+        output.write_text(text)
+    else:
+        console.print(text, end="", markup=False)
+    return 0
+
+
 def main(argv: list[str]) -> int:
+    if argv and argv[0] not in VERBS and not argv[0].startswith("-"):
+        argv = ["train", *argv]
     args = build_parser().parse_args(argv)
     try:
-        return run_training(args.recipe, args.overrides)
+        if args.verb == "train":
+            return cmd_train(args.recipe, args.overrides)
+        if args.verb == "validate":
+            return cmd_validate(args.recipes)
+        if args.verb == "show":
+            return cmd_show(args.recipe, args.overrides)
+        if args.verb == "list":
+            return cmd_list()
+        if args.verb == "copy":
+            return cmd_copy(args.source, args.destination)
+        if args.verb == "diff":
+            return cmd_diff(args.recipe)
+        return cmd_schema(args.output)
     except RecipeError as exc:
-        err_console.print(f"[bold red]error:[/bold red] {exc}")
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")

@@ -9,6 +9,9 @@ user can paste them from a notebook. No torch here: a recipe is checked in well 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -16,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
+UNSET = "(unset)"  # a value one side of a diff does not have
 
 
 class RecipeError(Exception):
@@ -123,6 +127,12 @@ class OutputSection(_Section):
     dir: str = Field("runs", description="Runs are saved under DIR/<recipe name>/<timestamp>-<hash>/.")
 
 
+class ParentRecord(_Section):
+    name: str = Field(description="The recipe this one was copied from (a shipped name or a path).")
+    version: str = Field(description="The parent's version at the time of the copy.")
+    sha256: str = Field(description="Hash of the parent file at the time of the copy.")
+
+
 class Recipe(_Section):
     schema_: Literal[1] = Field(alias="schema", description="Recipe format version (this program reads 1).")
     version: str = Field(
@@ -134,8 +144,137 @@ class Recipe(_Section):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     output: OutputSection = Field(default_factory=OutputSection)
+    parent: ParentRecord | None = Field(None, description="Lineage, written by `runner.py copy`.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "recipes"
+SCHEMA_FILE = SHIPPED_DIR / "recipe.schema.json"
+
+
+@dataclass
+class _Document:
+    """One YAML file of a recipe's `extends` chain, kept for line numbers in error messages."""
+
+    source: str
+    root: yaml.Node
+    raw: dict[str, Any]
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(SHIPPED_DIR.glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A path as given, or the shipped recipe of that name (``code-gen`` -> recipes/code-gen.yaml)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if not shipped.exists():
+        names = [p.stem for p in shipped_recipes()]
+        close = difflib.get_close_matches(str(name_or_path), names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; shipped recipes: {', '.join(names)}"
+        raise RecipeError(f"no recipe named '{name_or_path}'{hint}")
+    return shipped
+
+
+def _duplicate_keys(node: yaml.Node, source: str) -> list[str]:
+    """YAML silently keeps the last of two equal keys; a recipe must not, so they are reported."""
+    problems = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            line = key.start_mark.line + 1
+            if key.value in seen:
+                first = seen[key.value]
+                problems.append(f"{source}:{line}: key '{key.value}' is repeated (first on line {first})")
+            seen.setdefault(key.value, line)
+            problems += _duplicate_keys(value, source)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            problems += _duplicate_keys(item, source)
+    return problems
+
+
+def _read_document(path: Path) -> _Document:
+    source = str(path)
+    if path.is_dir():
+        raise RecipeError(f"'{source}' is a directory, not a recipe file")
+    if not path.is_file():
+        raise RecipeError(f"recipe file '{source}' does not exist")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{source}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        raw = yaml.safe_load(text) if root is not None else None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        if "could not determine a constructor" in problem:
+            problem = f"unsupported YAML tag {problem.split('tag ')[-1]}; recipes hold plain values only"
+        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+    if root is None:
+        raise RecipeError(f"{source}: the recipe file is empty")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    duplicates = _duplicate_keys(root, source)
+    if duplicates:
+        raise RecipeError("\n".join(duplicates))
+    return _Document(source, root, raw)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Child values over parent values; sections merge key by key, lists and scalars are replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _parent_path(extends: Any, child: _Document) -> Path:
+    line = _line_of(child.root, ("extends",))
+    if not isinstance(extends, str) or not extends:
+        raise RecipeError(f"{child.source}:{line}: extends must name a recipe (e.g. extends: code-gen)")
+    if extends.endswith((".yaml", ".yml")) or "/" in extends:
+        return Path(child.source).parent / extends
+    try:
+        return find_recipe(extends)
+    except RecipeError as exc:
+        raise RecipeError(f"{child.source}:{line}: extends: {exc}") from None
+
+
+def _resolve(path: Path) -> tuple[dict[str, Any], list[_Document]]:
+    """The merged raw mapping of a recipe and its `extends` ancestors, and their documents (child first)."""
+    documents: list[_Document] = []
+    chain: list[Path] = []
+    while True:
+        key = path.resolve()
+        if key in chain:
+            cycle = " -> ".join(str(p) for p in [*chain, key])
+            raise RecipeError(f"{documents[0].source}: extends forms a cycle: {cycle}")
+        document = _read_document(path)
+        chain.append(key)
+        documents.append(document)
+        if "extends" not in document.raw:
+            break
+        path = _parent_path(document.raw["extends"], document)
+        if not path.is_file():
+            line = _line_of(document.root, ("extends",))
+            raise RecipeError(f"{document.source}:{line}: parent recipe '{path}' does not exist")
+    raw: dict[str, Any] = {}
+    for document in reversed(documents):
+        raw = _merge(raw, {k: v for k, v in document.raw.items() if k != "extends"})
+    return raw, documents
 
 
 def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
@@ -143,11 +282,10 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     line = None
     for key in path:
         if isinstance(node, yaml.MappingNode):
-            match = next((v for k, v in node.value if k.value == str(key)), None)
-            key_node = next((k for k, v in node.value if k.value == str(key)), None)
-            if match is None:
+            pair = next(((k, v) for k, v in node.value if k.value == str(key)), None)
+            if pair is None:
                 break
-            line, node = key_node.start_mark.line + 1, match
+            line, node = pair[0].start_mark.line + 1, pair[1]
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
             line = node.start_mark.line + 1
@@ -156,81 +294,90 @@ def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
     return line
 
 
-def _allowed_keys(path: tuple[Any, ...]) -> list[str]:
-    """Field names (as written in YAML) of the section that holds ``path``'s last key."""
+def _where(path: tuple[Any, ...], documents: list[_Document], overrides: dict[tuple[str, ...], str]) -> str:
+    """Where a value came from: the override that set it, or the file (and line) of the extends chain."""
+    for keys, text in overrides.items():
+        if tuple(map(str, path[: len(keys)])) == keys:
+            return f"override '{text}'"
+    if not documents:
+        return "<recipe>"
+    # The first document (child first) that holds the whole path wrote the value.
+    for document in documents:
+        node = document.root
+        for key in path:
+            if not isinstance(node, yaml.MappingNode):
+                node = None
+                break
+            node = next((v for k, v in node.value if k.value == str(key)), None)
+            if node is None:
+                break
+        if node is not None:
+            return f"{document.source}:{_line_of(document.root, path)}"
+    line = _line_of(documents[0].root, path)
+    return f"{documents[0].source}:{line}" if line else documents[0].source
+
+
+def _section_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class that holds the last key of ``path``."""
     model: type[BaseModel] = Recipe
     for key in path[:-1]:
-        field = model.model_fields.get(str(key))
+        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == str(key)), None)
         annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return [f.alias or name for name, f in model.model_fields.items()]
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        model = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if model is None:
+            return None
+    return model
 
 
-def _describe_error(
-    error: dict[str, Any], source: str, root: yaml.Node | None, overridden: set[tuple[str, ...]]
-) -> str:
+def _describe_error(error: dict[str, Any], documents: list[_Document], overrides: dict) -> str:
     path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
+    path = tuple(p for p in path if p != "ParentRecord")
     dotted = ".".join(str(p) for p in path) or "(top level)"
-    set_by = next((keys for keys in overridden if tuple(map(str, path[: len(keys)])) == keys), None)
-    line = _line_of(root, path)
-    if set_by:
-        where = f"--set {'.'.join(set_by)}"
-    else:
-        where = f"{source}:{line}" if line else source
+    where = _where(path, documents, overrides)
+    section = _section_model(path)
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(path[-1]), _allowed_keys(path), n=1, cutoff=0.6)
-        hint = (
-            f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(_allowed_keys(path))}"
-        )
+        allowed = [f.alias or n for n, f in section.model_fields.items()] if section else []
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(allowed)}"
         return f"{where}: unknown key '{dotted}'{hint}"
     if error["type"] == "missing":
-        return f"{where}: '{dotted}' is required ({_field_description(path)})"
+        field = next((f for n, f in section.model_fields.items() if (f.alias or n) == str(path[-1])), None)
+        description = f" ({field.description})" if field is not None and field.description else ""
+        return f"{where}: '{dotted}' is required{description}"
     message = error["msg"].removeprefix("Value error, ")
     return f"{where}: {dotted}: {message} (got {error.get('input')!r})"
 
 
-def _field_description(path: tuple[Any, ...]) -> str:
-    model: type[BaseModel] = Recipe
-    field = None
-    for key in path:
-        field = next((f for n, f in model.model_fields.items() if (f.alias or n) == str(key)), None)
-        if field is None:
-            return ""
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            model = field.annotation
-    return field.description or "" if field else ""
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse ``train.max_steps=10`` into (['train', 'max_steps'], 10); the value is read as YAML."""
-    if "=" not in text:
+def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
+    """``train.max_steps=10`` -> (('train', 'max_steps'), 10); the value is read as YAML, then typed."""
+    key, sep, value = text.partition("=")
+    keys = tuple(key.strip().split("."))
+    if not sep or len(keys) < 2 or not all(keys):
         raise RecipeError(f"override '{text}' must look like section.key=value (e.g. train.max_steps=10)")
-    key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value) if value else None
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        parsed = value  # not YAML: keep the text; the schema decides whether a string fits
+    return keys, parsed
 
 
-def _apply_override(raw: dict[str, Any], keys: list[str], value: Any) -> None:
+def _apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any, text: str) -> None:
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"override {'.'.join(keys)}: '{key}' is not a section")
+            raise RecipeError(f"override '{text}': '{key}' is a value, not a section")
     node[keys[-1]] = value
 
 
 def validate_recipe(
-    raw: Any,
-    source: str = "<recipe>",
-    root: yaml.Node | None = None,
-    overridden: set[tuple[str, ...]] = frozenset(),
+    raw: dict[str, Any], documents: list[_Document] = (), overrides: dict[tuple[str, ...], str] = None
 ) -> Recipe:
-    """Validate a parsed YAML mapping; every problem is reported together, each with where it came from."""
-    if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+    """Validate a merged mapping; every problem is reported together, each with where it came from."""
+    source = documents[0].source if documents else "<recipe>"
     schema = raw.get("schema")
-    if isinstance(schema, int) and schema > SCHEMA_VERSION:
+    if isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA_VERSION:
         raise RecipeError(
             f"{source}: recipe schema {schema} is newer than this program understands ({SCHEMA_VERSION}); "
             "update the program"
@@ -238,30 +385,19 @@ def validate_recipe(
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe_error(e, source, root, overridden) for e in exc.errors()]
-        raise RecipeError("\n".join(problems)) from None
+        problems = [_describe_error(e, list(documents), overrides or {}) for e in exc.errors()]
+        raise RecipeError("\n".join(dict.fromkeys(problems))) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file '{path}' does not exist")
-    text = path.read_text()
-    try:
-        raw = yaml.safe_load(text)
-        root = yaml.compose(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise RecipeError(f"{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    overridden = set()
-    if isinstance(raw, dict):
-        for item in overrides:
-            keys, value = parse_override(item)
-            _apply_override(raw, keys, value)
-            overridden.add(tuple(keys))
-    return validate_recipe(raw, str(path), root, overridden)
+    """Read a recipe (following `extends`), apply ``section.key=value`` overrides, and validate it."""
+    raw, documents = _resolve(Path(path))
+    applied = {}
+    for text in overrides:
+        keys, value = parse_override(text)
+        _apply_override(raw, keys, value, text)
+        applied[keys] = text
+    return validate_recipe(raw, documents, applied)
 
 
 def recipe_name(path: str | Path) -> str:
@@ -269,6 +405,107 @@ def recipe_name(path: str | Path) -> str:
     return Path(path).stem
 
 
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data, with the YAML names (``schema``, not ``schema_``)."""
+    return recipe.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
 def dump_recipe(recipe: Recipe) -> str:
-    """The resolved recipe (defaults filled in) as YAML, as every run saves it."""
-    return yaml.safe_dump(recipe.model_dump(mode="json", by_alias=True), sort_keys=False)
+    """The resolved recipe (defaults, inheritance and overrides applied), as every run saves it."""
+    return yaml.safe_dump(recipe_dict(recipe), sort_keys=False, allow_unicode=True)
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_recipe(source: str, destination: Path) -> Path:
+    """An editable copy that keeps the parent's comments and records its name, version and hash."""
+    parent_path = find_recipe(source)
+    parent = load_recipe(parent_path)
+    if destination.exists():
+        raise RecipeError(f"'{destination}' already exists; choose another name (nothing was overwritten)")
+    if destination.suffix not in (".yaml", ".yml"):
+        raise RecipeError(f"'{destination}': a recipe file name ends in .yaml")
+    name = parent_path.stem if parent_path.resolve().parent == SHIPPED_DIR else str(parent_path)
+    record = (
+        "# Copied with `runner.py copy`; `runner.py diff` shows what you changed since.\n"
+        f"parent:\n  name: {name}\n  version: {parent.version}\n  sha256: {file_sha256(parent_path)}\n"
+    )
+    lines = _without_parent_block(parent_path.read_text().splitlines(keepends=True))
+    schema_comment = f"# yaml-language-server: $schema={os.path.relpath(SCHEMA_FILE, destination.parent)}\n"
+    lines = [schema_comment if line.startswith("# yaml-language-server:") else line for line in lines]
+    first_key = next(i for i, line in enumerate(lines) if line[:1].isalpha())
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    destination.write_text("".join(lines[:first_key] + [record] + lines[first_key:]))
+    return destination
+
+
+def _without_parent_block(lines: list[str]) -> list[str]:
+    """Drop an earlier copy's lineage block, so a copy of a copy records only its own parent."""
+    out, skipping = [], False
+    for line in lines:
+        if line.startswith("parent:") or line.startswith("# Copied with `runner.py copy`"):
+            skipping = line.startswith("parent:")
+            continue
+        if skipping and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        skipping = False
+        out.append(line)
+    return out
+
+
+def _flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict):
+        flat = {}
+        for key, value in data.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix.rstrip("."): data}
+
+
+def parent_of(path: Path) -> tuple[Path, Recipe, str | None]:
+    """The parent a recipe is compared with: its `extends` target, else its copy record.
+
+    Returns the parent's path, its resolved recipe, and a note when the parent changed since the copy.
+    """
+    child_raw = _read_document(path).raw
+    if "extends" in child_raw:
+        parent_path = _parent_path(child_raw["extends"], _read_document(path))
+        return parent_path, load_recipe(parent_path), None
+    recipe = load_recipe(path)
+    if recipe.parent is None:
+        raise RecipeError(f"{path}: has no parent (neither `extends:` nor a `parent:` record from copy)")
+    parent_path = find_recipe(recipe.parent.name)
+    if not parent_path.is_file():
+        raise RecipeError(f"{path}: parent '{recipe.parent.name}' no longer exists")
+    note = None
+    if file_sha256(parent_path) != recipe.parent.sha256:
+        current = load_recipe(parent_path).version
+        note = (
+            f"{recipe.parent.name} changed since the copy (copied at version {recipe.parent.version}, "
+            f"now {current}); the differences below are against its current content"
+        )
+    return parent_path, load_recipe(parent_path), note
+
+
+def diff_recipes(parent: Recipe, child: Recipe) -> list[tuple[str, Any, Any]]:
+    """(field, parent value, child value) for every resolved value that differs, lineage excluded."""
+    old, new = _flatten(recipe_dict(parent)), _flatten(recipe_dict(child))
+    keys = [k for k in dict.fromkeys([*old, *new]) if not k.startswith("parent.")]
+    return [
+        (key, old.get(key, UNSET), new.get(key, UNSET))
+        for key in keys
+        if old.get(key, UNSET) != new.get(key, UNSET)
+    ]
+
+
+def json_schema() -> dict[str, Any]:
+    """The recipe's JSON Schema, for editors (yaml-language-server) and tooling."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "description": "Inherit every value from another recipe (a shipped name or a path); override here.",
+    }
+    schema["title"] = "finetune recipe"
+    return schema

@@ -44,9 +44,11 @@ def test_flagship_without_gpu_fails_at_once_with_one_sentence():
 
 
 def test_bad_recipe_value_names_the_place():
-    out = run_cli("recipes/smoke.yaml", "--set", "train.learning_rate=-1")
+    out = run_cli("recipes/smoke.yaml", "train.learning_rate=-1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "--set train.learning_rate" in out.stderr and "greater than 0" in out.stderr
+    assert (
+        "override 'train.learning_rate=-1': train.learning_rate: Input should be greater than 0" in out.stderr
+    )
 
 
 def test_missing_recipe_file():

@@ -98,7 +98,9 @@ def test_overrides_are_typed_and_validated(tmp_path):
     path = write(tmp_path, MINIMAL)
     recipe = load_recipe(path, ["train.max_steps=5", "lora.r=4"])
     assert recipe.train.max_steps == 5 and recipe.lora.r == 4
-    with pytest.raises(RecipeError, match=r"--set train\.max_step: unknown key .*did you mean 'max_steps'"):
+    with pytest.raises(
+        RecipeError, match=r"override 'train\.max_step=5': unknown key .*did you mean 'max_steps'"
+    ):
         load_recipe(path, ["train.max_step=5"])
     with pytest.raises(RecipeError, match="must look like section.key=value"):
         load_recipe(path, ["train.max_steps"])
