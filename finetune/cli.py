@@ -107,6 +107,9 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
 
     run_dir = make_run_dir(recipe, name)
     (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    # The resolved recipe already holds the overridden values; this records how they got there.
+    run_info = {"recipe": str(path), "overrides": overrides, "version": recipe.version}
+    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
     result = train.train(recipe, conversations, run_dir)
     console.print(
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "

@@ -60,9 +60,21 @@ class LoraSection(_Section):
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA (scale = alpha / sqrt(r)).")
 
 
+def _one_or_more_paths(schema: dict[str, Any]) -> None:
+    """JSON Schema for a field that takes one path or a list of them (the model stores a list)."""
+    description = schema.get("description")
+    schema.clear()
+    schema.update(
+        anyOf=[{"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1}],
+        description=description,
+    )
+
+
 class DataSection(_Section):
     train: list[str] = Field(
-        min_length=1, description="Training files (.jsonl/.json), relative to the working directory."
+        min_length=1,
+        description="Training file or files (.jsonl/.json), relative to the working directory.",
+        json_schema_extra=_one_or_more_paths,
     )
     format: Literal["auto", "messages", "alpaca"] = Field(
         "auto",
@@ -117,9 +129,18 @@ class TrainSection(_Section):
     )
 
     @model_validator(mode="after")
-    def _one_warmup(self) -> TrainSection:
+    def _warmup_fits(self) -> TrainSection:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
+        if (
+            self.max_steps is not None
+            and self.warmup_steps is not None
+            and self.warmup_steps >= self.max_steps
+        ):
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be shorter than max_steps ({self.max_steps}), "
+                "or the learning rate never reaches its peak"
+            )
         return self
 
 

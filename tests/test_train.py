@@ -106,6 +106,10 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     assert summary[0].endswith(f"adapter saved to {run_dir / 'adapter'}")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "tokenizer.json").is_file()
-    assert (run_dir / "recipe.yaml").is_file()
+    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 4  # the resolved recipe, override applied
+    assert json.loads((run_dir / "run.json").read_text())["overrides"] == [
+        "train.max_steps=4",
+        f"output.dir={tmp_path}",
+    ]
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4]

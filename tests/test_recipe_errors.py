@@ -1,0 +1,322 @@
+"""Bad recipes: each gets one clear message naming what and where, never a traceback."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finetune.recipe import RecipeError, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+
+GOOD = """\
+schema: 1
+version: 1.0.0
+description: test
+model:
+  name: tiny-llama-3
+  max_seq_length: 512
+lora:
+  r: 8
+data:
+  train: data_samples/code_chat.jsonl
+train:
+  learning_rate: 1.0e-4
+  max_steps: 20
+"""
+
+# (id, replace this, with this, expected message: "{path}" is the recipe file)
+BAD = [
+    ("typo-top", "lora:", "lorra:", "{path}:7: unknown key 'lorra'; did you mean 'lora'?"),
+    (
+        "typo-model",
+        "  max_seq_length",
+        "  max_seq_len",
+        "{path}:6: unknown key 'model.max_seq_len'; did you mean",
+    ),
+    ("typo-lora", "  r: 8", "  rank: 8", "{path}:8: unknown key 'lora.rank'"),
+    (
+        "typo-data",
+        "  train: data",
+        "  trian: data",
+        "{path}:10: unknown key 'data.trian'; did you mean 'train'?",
+    ),
+    (
+        "typo-train",
+        "learning_rate",
+        "learnig_rate",
+        "{path}:12: unknown key 'train.learnig_rate'; did you mean",
+    ),
+    ("no-schema", "schema: 1\n", "", "'schema' is required"),
+    ("newer-schema", "schema: 1", "schema: 7", "recipe schema 7 is newer than this program understands"),
+    ("schema-zero", "schema: 1", "schema: 0", "{path}:1: schema: Input should be 1"),
+    ("no-version", "version: 1.0.0\n", "", "'version' is required"),
+    ("bad-version", "version: 1.0.0", "version: one", "{path}:2: version: String should match pattern"),
+    ("no-description", "description: test\n", "", "'description' is required"),
+    ("no-model", "model:\n  name: tiny-llama-3\n  max_seq_length: 512\n", "", "'model' is required"),
+    ("no-model-name", "  name: tiny-llama-3\n", "", "'model.name' is required"),
+    ("no-data", "data:\n  train: data_samples/code_chat.jsonl\n", "", "'data' is required"),
+    (
+        "seq-zero",
+        "max_seq_length: 512",
+        "max_seq_length: 0",
+        "{path}:6: model.max_seq_length: Input should be greater",
+    ),
+    (
+        "seq-text",
+        "max_seq_length: 512",
+        "max_seq_length: long",
+        "model.max_seq_length: Input should be a valid integer",
+    ),
+    (
+        "4bit-text",
+        "  max_seq_length: 512",
+        "  load_in_4bit: maybe",
+        "model.load_in_4bit: Input should be a valid boolean",
+    ),
+    ("dtype", "  max_seq_length: 512", "  dtype: fp8", "model.dtype: Input should be 'auto', 'bfloat16'"),
+    ("backend", "  max_seq_length: 512", "  backend: vllm", "model.backend: Input should be 'unsloth'"),
+    ("rank-neg", "r: 8", "r: -8", "{path}:8: lora.r: Input should be greater than 0"),
+    ("dropout", "  r: 8", "  dropout: 1.5", "lora.dropout: Input should be less than 1"),
+    (
+        "targets-empty",
+        "  r: 8",
+        "  target_modules: []",
+        "lora.target_modules: List should have at least 1 item",
+    ),
+    (
+        "train-empty",
+        "train: data_samples/code_chat.jsonl",
+        "train: []",
+        "data.train: List should have at least 1",
+    ),
+    (
+        "format",
+        "  train: data_samples/code_chat.jsonl",
+        "  train: x.jsonl\n  format: csv",
+        "data.format: Input",
+    ),
+    (
+        "lr-zero",
+        "learning_rate: 1.0e-4",
+        "learning_rate: 0",
+        "{path}:12: train.learning_rate: Input should be greater",
+    ),
+    (
+        "lr-huge",
+        "learning_rate: 1.0e-4",
+        "learning_rate: 3",
+        "train.learning_rate: Input should be less than or equal",
+    ),
+    (
+        "lr-text",
+        "learning_rate: 1.0e-4",
+        "learning_rate: fast",
+        "train.learning_rate: Input should be a valid number",
+    ),
+    (
+        "scheduler",
+        "  max_steps: 20",
+        "  lr_scheduler_type: cosin",
+        "train.lr_scheduler_type: Input should be 'cosine'",
+    ),
+    (
+        "both-warmups",
+        "  max_steps: 20",
+        "  warmup_steps: 2\n  warmup_ratio: 0.1",
+        "set warmup_steps or warmup_ratio",
+    ),
+    (
+        "warmup-long",
+        "  max_steps: 20",
+        "  max_steps: 20\n  warmup_steps: 30",
+        "warmup_steps (30) must be shorter",
+    ),
+    (
+        "ratio-one",
+        "  max_steps: 20",
+        "  warmup_ratio: 1.0",
+        "train.warmup_ratio: Input should be less than 1",
+    ),
+    (
+        "batch-zero",
+        "  max_steps: 20",
+        "  per_device_train_batch_size: 0",
+        "per_device_train_batch_size: Input should",
+    ),
+    (
+        "accum-zero",
+        "  max_steps: 20",
+        "  gradient_accumulation_steps: 0",
+        "gradient_accumulation_steps: Input should",
+    ),
+    ("optimizer", "  max_steps: 20", "  optim: sgd", "train.optim: Input should be 'adamw_8bit'"),
+    (
+        "epochs-neg",
+        "  max_steps: 20",
+        "  num_train_epochs: -1",
+        "train.num_train_epochs: Input should be greater",
+    ),
+    ("section-scalar", "lora:\n  r: 8\n", "lora: 8\n", "{path}:7: lora: Input should be a valid dictionary"),
+    (
+        "duplicate",
+        "  max_steps: 20",
+        "  max_steps: 20\n  max_steps: 30",
+        "{path}:14: key 'max_steps' is repeated (first",
+    ),
+    ("python-tag", "description: test", "description: !!python/object:os.system x", "unsupported YAML tag"),
+    ("syntax", "  r: 8", "  r: [8", "not valid YAML"),
+    ("tab-indent", "  r: 8", "\tr: 8", "not valid YAML"),
+    ("list-top", GOOD, "- a\n- b\n", "a recipe must be a YAML mapping"),
+    ("empty", GOOD, "", "the recipe file is empty"),
+    ("comments-only", GOOD, "# nothing here\n", "the recipe file is empty"),
+    ("extends-missing", "schema: 1", "extends: nope.yaml\nschema: 1", "{path}:1: parent recipe"),
+    (
+        "extends-unknown",
+        "schema: 1",
+        "extends: cod-gen\nschema: 1",
+        "no recipe named 'cod-gen'; did you mean 'code-gen'?",
+    ),
+    ("extends-self", "schema: 1", "extends: r.yaml\nschema: 1", "extends forms a cycle"),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[case[0] for case in BAD])
+def test_bad_recipe_message(tmp_path, case):
+    _, old, new, expected = case
+    assert old in GOOD or old == GOOD
+    path = tmp_path / "r.yaml"
+    path.write_text(GOOD.replace(old, new, 1))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert expected.format(path=path) in str(err.value)
+
+
+def test_table_has_at_least_30_cases():
+    assert len(BAD) >= 30
+
+
+def test_good_recipe_is_good(tmp_path):
+    (tmp_path / "r.yaml").write_text(GOOD)
+    assert load_recipe(tmp_path / "r.yaml").train.max_steps == 20
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        (b"schema: 1\ndescription: caf\xe9\n", "r.yaml:2: not UTF-8 text (byte 0xe9)"),
+        (None, "is a directory"),
+    ],
+)
+def test_unreadable_files(tmp_path, content, expected):
+    path = tmp_path / "r.yaml"
+    path.mkdir() if content is None else path.write_bytes(content)
+    with pytest.raises(RecipeError, match=re.escape(expected)):
+        load_recipe(path)
+
+
+def test_extends_cycle_between_two_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(RecipeError, match=r"extends forms a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_extends_overrides_only_what_changes(tmp_path):
+    (tmp_path / "base.yaml").write_text(GOOD)
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nlora:\n  alpha: 64\ntrain:\n  max_stepz: 3\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(tmp_path / "child.yaml")
+    # The typo is reported in the child, at its own line.
+    assert (
+        str(err.value)
+        == f"{tmp_path / 'child.yaml'}:5: unknown key 'train.max_stepz'; did you mean 'max_steps'?"
+    )
+    (tmp_path / "child.yaml").write_text("extends: base.yaml\nlora:\n  alpha: 64\n")
+    recipe = load_recipe(tmp_path / "child.yaml")
+    assert (recipe.lora.r, recipe.lora.alpha, recipe.train.max_steps) == (8, 64, 20)
+    # A bad value inherited from the parent is reported at the parent's line.
+    (tmp_path / "base.yaml").write_text(GOOD.replace("r: 8", "r: -1"))
+    with pytest.raises(RecipeError, match=rf"^{tmp_path / 'base.yaml'}:8: lora.r"):
+        load_recipe(tmp_path / "child.yaml")
+
+
+def test_cli_reports_bad_input_with_exit_2_and_no_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"\xff\xfe not text")
+    out = subprocess.run(
+        [sys.executable, "runner.py", "validate", str(bad), str(tmp_path), "recipes/smoke.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    assert f"{bad}:1: not UTF-8 text" in out.stderr and "is a directory" in out.stderr
+    assert "ok recipes/smoke.yaml" in out.stdout  # the good recipe is still checked
+
+
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=10), children, max_size=3)
+    ),
+    max_leaves=10,
+)
+_keys = st.sampled_from(
+    [
+        "schema",
+        "version",
+        "description",
+        "model",
+        "lora",
+        "data",
+        "train",
+        "output",
+        "extends",
+        "parent",
+        "name",
+        "r",
+        "learning_rate",
+        "max_steps",
+        "bogus",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=st.dictionaries(_keys, _values, max_size=6) | _values)
+def test_fuzzed_documents_never_raise_anything_but_recipe_error(tmp_path, document):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(document))
+    try:
+        load_recipe(path)
+    except RecipeError as exc:
+        assert str(exc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(overrides=st.lists(st.text(max_size=30), max_size=3))
+def test_fuzzed_overrides_never_raise_anything_but_recipe_error(overrides):
+    try:
+        load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
+    except RecipeError as exc:
+        assert str(exc)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+def test_fuzzed_text_never_raises_anything_but_recipe_error(tmp_path, text):
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(text)
+    try:
+        load_recipe(path)
+    except RecipeError as exc:
+        assert str(exc)
