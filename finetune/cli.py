@@ -25,6 +25,7 @@ from finetune.recipe import (
     copy_recipe,
     diff_recipes,
     dump_recipe,
+    field_reference,
     find_recipe,
     json_schema,
     load_recipe,
@@ -44,6 +45,12 @@ VERBS = ("train", "validate", "show", "list", "copy", "diff", "schema")
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
 
 
+def _settings_help() -> str:
+    lines = ["recipe settings (override any as section.key=value):"]
+    lines += [f"  {key:<38} {description} [{default}]" for key, default, description in field_reference()]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner.py",
@@ -52,14 +59,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    train = verbs.add_parser("train", help="train a recipe (the default verb)")
+    train = verbs.add_parser(
+        "train",
+        help="train a recipe (the default verb)",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     train.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
     train.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
     validate = verbs.add_parser("validate", help="check recipes and their data without training")
     validate.add_argument("recipes", nargs="+", help="recipe files or shipped names")
 
-    show = verbs.add_parser("show", help="print the resolved recipe and the numbers derived from it")
+    show = verbs.add_parser(
+        "show",
+        help="print the resolved recipe and the numbers derived from it",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     show.add_argument("recipe")
     show.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
 
@@ -95,7 +112,8 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
-    conversations = load_conversations(recipe.data)
+    conversations = load_conversations(recipe.data.train, recipe.data.format)
+    eval_conversations = load_conversations(recipe.data.eval, recipe.data.format)
     device = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     name = recipe_name(path)
     console.print(
@@ -110,7 +128,7 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     # The resolved recipe already holds the overridden values; this records how they got there.
     run_info = {"recipe": str(path), "overrides": overrides, "version": recipe.version}
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    result = train.train(recipe, conversations, run_dir)
+    result = train.train(recipe, conversations, eval_conversations, run_dir)
     console.print(
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "
         f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; adapter saved to {result.adapter_dir}"
@@ -123,7 +141,8 @@ def cmd_validate(recipe_args: list[str]) -> int:
     for arg in recipe_args:
         try:
             recipe = load_recipe(find_recipe(arg))
-            conversations = load_conversations(recipe.data)
+            conversations = load_conversations(recipe.data.train, recipe.data.format)
+            load_conversations(recipe.data.eval, recipe.data.format)
         except RecipeError as exc:
             failed += 1
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")

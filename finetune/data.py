@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finetune.recipe import DataSection, RecipeError
+from finetune.recipe import RecipeError
 
 ROLES = {"system", "user", "assistant"}
 
@@ -82,14 +82,14 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def load_conversations(data: DataSection) -> list[list[dict[str, str]]]:
-    """Every training row of every file, as a list of chat messages."""
+def load_conversations(files: list[str], row_format: str = "auto") -> list[list[dict[str, str]]]:
+    """Every row of every file, as a list of chat messages."""
     conversations = []
-    for name in data.train:
+    for name in files:
         path = Path(name)
         for number, row in read_rows(path):
             where = f"{path}:{number}"
-            fmt = data.format if data.format != "auto" else detect_format(row)
+            fmt = row_format if row_format != "auto" else detect_format(row)
             if fmt == "messages" and "messages" in row:
                 conversations.append(_check_messages(row["messages"], where))
             elif fmt == "alpaca" and "instruction" in row and "output" in row:

@@ -80,6 +80,11 @@ class DataSection(_Section):
         "auto",
         description="Row format: chat 'messages', or alpaca instruction/input/output; 'auto' detects it.",
     )
+    eval: list[str] = Field(
+        default_factory=list,
+        description="Held-out file or files for evaluation loss, in the same formats as train.",
+        json_schema_extra=_one_or_more_paths,
+    )
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on assistant turns only (prompts are masked)."
     )
@@ -87,12 +92,14 @@ class DataSection(_Section):
     @model_validator(mode="before")
     @classmethod
     def _one_file_is_a_list(cls, values: Any) -> Any:
-        if isinstance(values, dict) and isinstance(values.get("train"), str):
-            values = {**values, "train": [values["train"]]}
+        if isinstance(values, dict):
+            values = {
+                k: [v] if k in ("train", "eval") and isinstance(v, str) else v for k, v in values.items()
+            }
         return values
 
 
-SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup"]
+SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
 OptimizerName = Literal[
     "adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"
 ]
@@ -101,6 +108,12 @@ OptimizerName = Literal[
 class TrainSection(_Section):
     learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(2e-4, description="Peak learning rate.")
     lr_scheduler_type: SchedulerName = Field("cosine", description="Learning-rate schedule after warmup.")
+    min_lr: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="Final LR of cosine_with_min_lr (instead of decaying to 0)."
+    )
+    min_lr_rate: Annotated[float, Field(ge=0, lt=1)] | None = Field(
+        None, description="Final LR of cosine_with_min_lr as a fraction of learning_rate."
+    )
     warmup_steps: Annotated[int, Field(ge=0)] | None = Field(
         None, description="Optimizer steps of linear warmup from 0 to the peak LR."
     )
@@ -127,6 +140,12 @@ class TrainSection(_Section):
     save_steps: Annotated[int, Field(gt=0)] | None = Field(
         None, description="Save a checkpoint every N optimizer steps; none when unset."
     )
+    eval_steps: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="Compute the loss on data.eval every N optimizer steps; never when unset."
+    )
+    per_device_eval_batch_size: Annotated[int, Field(gt=0)] = Field(
+        2, description="Sequences per eval batch."
+    )
 
     @model_validator(mode="after")
     def _warmup_fits(self) -> TrainSection:
@@ -140,6 +159,17 @@ class TrainSection(_Section):
             raise ValueError(
                 f"warmup_steps ({self.warmup_steps}) must be shorter than max_steps ({self.max_steps}), "
                 "or the learning rate never reaches its peak"
+            )
+        min_lr_set = [name for name in ("min_lr", "min_lr_rate") if getattr(self, name) is not None]
+        if self.lr_scheduler_type == "cosine_with_min_lr":
+            if len(min_lr_set) != 1:
+                raise ValueError("cosine_with_min_lr needs exactly one of min_lr or min_lr_rate")
+            if self.min_lr is not None and self.min_lr >= self.learning_rate:
+                raise ValueError(f"min_lr ({self.min_lr}) must be below learning_rate ({self.learning_rate})")
+        elif min_lr_set:
+            raise ValueError(
+                f"{min_lr_set[0]} is ignored by lr_scheduler_type '{self.lr_scheduler_type}'; "
+                "use lr_scheduler_type: cosine_with_min_lr, or remove it"
             )
         return self
 
@@ -169,6 +199,12 @@ class Recipe(_Section):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    @model_validator(mode="after")
+    def _eval_has_data(self) -> Recipe:
+        if self.train.eval_steps is not None and not self.data.eval:
+            raise ValueError("train.eval_steps is set but data.eval names no evaluation data")
+        return self
+
 
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "recipes"
 SCHEMA_FILE = SHIPPED_DIR / "recipe.schema.json"
@@ -184,7 +220,7 @@ class _Document:
 
 
 def shipped_recipes() -> list[Path]:
-    return sorted(SHIPPED_DIR.glob("*.yaml"))
+    return sorted(SHIPPED_DIR.rglob("*.yaml"))
 
 
 def find_recipe(name_or_path: str | Path) -> Path:
@@ -519,6 +555,20 @@ def diff_recipes(parent: Recipe, child: Recipe) -> list[tuple[str, Any, Any]]:
         for key in keys
         if old.get(key, UNSET) != new.get(key, UNSET)
     ]
+
+
+def field_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every setting, in schema order: the --help text."""
+    rows = []
+    for section_name, section in Recipe.model_fields.items():
+        annotation = section.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and section_name != "parent":
+            for name, field in annotation.model_fields.items():
+                default = (
+                    "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+                )
+                rows.append((f"{section_name}.{name}", default, field.description or ""))
+    return rows
 
 
 def json_schema() -> dict[str, Any]:

@@ -80,6 +80,9 @@ def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
         lr_scheduler_type=train.lr_scheduler_type,
+        lr_scheduler_kwargs={
+            k: v for k, v in (("min_lr", train.min_lr), ("min_lr_rate", train.min_lr_rate)) if v is not None
+        },
         # transformers 5 takes both warmup forms in warmup_steps: an int counts steps, a float < 1 is a ratio.
         warmup_steps=warmup,
         num_train_epochs=train.num_train_epochs,
@@ -95,6 +98,9 @@ def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
         logging_first_step=True,
         save_strategy="steps" if train.save_steps else "no",
         save_steps=train.save_steps or 500,
+        eval_strategy="steps" if train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
         max_length=recipe.model.max_seq_length,
         packing=False,
         dataset_num_proc=1,
@@ -107,7 +113,13 @@ class _LossProgress(ProgressCallback):
     """transformers' progress bar, printing one readable line per logging step instead of a dict."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.training_bar is None or not logs or "loss" not in logs:
+        if self.training_bar is None or not logs:
+            return
+        if "eval_loss" in logs:
+            self.training_bar.write(
+                f"step {state.global_step:>5}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}"
+            )
+        if "loss" not in logs:
             return
         line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
         if "learning_rate" in logs:
@@ -117,15 +129,23 @@ class _LossProgress(ProgressCallback):
         self.training_bar.write(line)
 
 
-def build_trainer(model, tokenizer, conversations: list, recipe: Recipe, output_dir: Path) -> SFTTrainer:
+def _chat_dataset(conversations: list) -> Dataset | None:
+    return (
+        Dataset.from_list([{"messages": messages} for messages in conversations]) if conversations else None
+    )
+
+
+def build_trainer(
+    model, tokenizer, conversations: list, recipe: Recipe, output_dir: Path, eval_conversations: list = ()
+) -> SFTTrainer:
     """SFTTrainer over chat conversations, rendered by the tokenizer's chat template."""
     if tokenizer.chat_template is None:
         raise RecipeError(f"model {recipe.model.name} has no chat template to render the conversations with")
-    dataset = Dataset.from_list([{"messages": messages} for messages in conversations])
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
-        train_dataset=dataset,
+        train_dataset=_chat_dataset(conversations),
+        eval_dataset=_chat_dataset(list(eval_conversations)),
         args=build_sft_config(recipe, output_dir),
     )
     trainer.remove_callback(ProgressCallback)
@@ -137,11 +157,13 @@ def build_trainer(model, tokenizer, conversations: list, recipe: Recipe, output_
     return trainer
 
 
-def train(recipe: Recipe, conversations: list, run_dir: Path) -> TrainResult:
+def train(recipe: Recipe, conversations: list, eval_conversations: list, run_dir: Path) -> TrainResult:
     """Load, add LoRA, train, and save the adapter and tokenizer into ``run_dir/adapter``."""
     model, tokenizer = load_model(recipe)
     model = add_lora(model, recipe)
-    trainer = build_trainer(model, tokenizer, conversations, recipe, run_dir / "checkpoints")
+    trainer = build_trainer(
+        model, tokenizer, conversations, recipe, run_dir / "checkpoints", eval_conversations
+    )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

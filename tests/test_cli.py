@@ -43,6 +43,21 @@ def test_flagship_without_gpu_fails_at_once_with_one_sentence():
     assert "heavy imports: []" in out.stdout  # refused before torch was even imported
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["validate", "recipes/smoke.yaml", "recipes/code-gen.yaml"],
+        ["list"],
+        ["show", "recipes/code-gen.yaml"],
+    ],
+    ids=["validate", "list", "show"],
+)
+def test_light_commands_import_nothing_heavy(args):
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert "heavy imports: []" in out.stdout
+
+
 def test_bad_recipe_value_names_the_place():
     out = run_cli("recipes/smoke.yaml", "train.learning_rate=-1")
     assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from finetune.data import alpaca_to_messages, load_conversations
-from finetune.recipe import DataSection, RecipeError
+from finetune.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))
@@ -14,7 +14,7 @@ SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))
 
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
 def test_every_sample_file_loads_byte_exact(path):
-    conversations = load_conversations(DataSection(train=[str(path)]))
+    conversations = load_conversations([str(path)])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert len(conversations) == len(rows) >= 10
     for row, messages in zip(rows, conversations, strict=True):
@@ -54,7 +54,7 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path, row, message):
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
     with pytest.raises(RecipeError) as err:
-        load_conversations(DataSection(train=[str(path)]))
+        load_conversations([str(path)])
     assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
 
 
@@ -62,14 +62,14 @@ def test_broken_json_line_and_missing_file(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"messages": [}\n')
     with pytest.raises(RecipeError, match=r"d\.jsonl:1: not valid JSON"):
-        load_conversations(DataSection(train=[str(path)]))
+        load_conversations([str(path)])
     with pytest.raises(RecipeError, match="does not exist"):
-        load_conversations(DataSection(train=[str(tmp_path / "nope.jsonl")]))
+        load_conversations([str(tmp_path / "nope.jsonl")])
 
 
 def test_format_can_be_forced(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "i", "output": "o"}) + "\n")
-    assert load_conversations(DataSection(train=[str(path)], format="alpaca"))[0][0]["content"] == "i"
+    assert load_conversations([str(path)], "alpaca")[0][0]["content"] == "i"
     with pytest.raises(RecipeError, match="expected 'messages'"):
-        load_conversations(DataSection(train=[str(path)], format="messages"))
+        load_conversations([str(path)], "messages")

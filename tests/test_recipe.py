@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.recipe import RecipeError, dump_recipe, load_recipe, validate_recipe
+from finetune.recipe import RecipeError, dump_recipe, field_reference, load_recipe, validate_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
 
 MINIMAL = """\
 schema: 1
@@ -52,6 +52,23 @@ def test_flagship_recipe_is_llama31_8b_qlora_on_all_projections():
     }
     assert recipe.train.lr_scheduler_type == "cosine"
     assert (recipe.train.warmup_steps or recipe.train.warmup_ratio) > 0
+
+
+def test_every_setting_has_a_one_line_description_shown_in_help():
+    rows = field_reference()
+    assert len(rows) > 30
+    assert all(description and "\n" not in description for _, _, description in rows)
+    help_text = subprocess.run(
+        [sys.executable, "runner.py", "train", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert all(key in help_text and description in help_text for key, _, description in rows)
+
+
+def test_min_lr_reaches_the_trainer_scheduler_kwargs(tmp_path):
+    recipe = load_recipe(
+        write(tmp_path, MINIMAL), ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1"]
+    )
+    assert (recipe.train.min_lr, recipe.train.min_lr_rate) == (None, 0.1)
 
 
 def test_misspelled_key_names_line_and_suggests(tmp_path):

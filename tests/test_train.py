@@ -24,13 +24,28 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Train the smoke recipe for a few steps, keeping the parameters from before and after."""
-    data = ROOT / "data_samples" / "code_chat.jsonl"
-    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.max_steps=12", f"data.train={data}"])
+    samples = ROOT / "data_samples"
+    recipe = load_recipe(
+        ROOT / "recipes" / "smoke.yaml",
+        [
+            "train.max_steps=12",
+            f"data.train={samples / 'code_chat.jsonl'}",
+            f"data.eval={samples / 'code_alpaca.jsonl'}",
+            "train.eval_steps=6",
+        ],
+    )
     run_dir = tmp_path_factory.mktemp("run")
     model, tokenizer = train.load_model(recipe)
     model = train.add_lora(model, recipe)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = train.build_trainer(model, tokenizer, load_conversations(recipe.data), recipe, run_dir)
+    trainer = train.build_trainer(
+        model,
+        tokenizer,
+        load_conversations(recipe.data.train),
+        recipe,
+        run_dir,
+        load_conversations(recipe.data.eval),
+    )
     trainer.train()
     after = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.save_pretrained(run_dir / "adapter")
@@ -43,6 +58,15 @@ def test_loss_is_finite_and_goes_down(trained):
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 12 and all(math.isfinite(loss) for loss in losses)
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+
+
+def test_eval_loss_is_computed_on_the_eval_data(trained):
+    _, trainer, *_ = trained
+    evals = [
+        (entry["step"], entry["eval_loss"]) for entry in trainer.state.log_history if "eval_loss" in entry
+    ]
+    assert [step for step, _ in evals] == [6, 12]
+    assert all(math.isfinite(loss) for _, loss in evals) and evals[1][1] < evals[0][1]
 
 
 def test_every_lora_weight_changed_and_no_base_weight_did(trained):
@@ -113,3 +137,36 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     ]
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4]
+
+
+def test_sft_config_carries_every_schedule_setting(tmp_path):
+    from transformers import get_scheduler
+
+    recipe = load_recipe(
+        ROOT / "recipes" / "smoke.yaml",
+        ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1", "train.warmup_steps=4"],
+    )
+    config = train.build_sft_config(recipe, tmp_path)
+    assert (config.learning_rate, config.lr_scheduler_type.value) == (1e-2, "cosine_with_min_lr")
+    assert config.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
+    assert config.get_warmup_steps(30) == 4
+    assert config.per_device_train_batch_size == 2 and config.gradient_accumulation_steps == 2
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=config.learning_rate)
+    scheduler = get_scheduler(
+        config.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=4,
+        num_training_steps=30,
+        scheduler_specific_kwargs=config.lr_scheduler_kwargs,
+    )
+    lrs = []
+    for _ in range(30):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert lrs[0] == 0 and lrs[4] == pytest.approx(1e-2) and min(lrs[4:]) >= 1e-3 - 1e-12
+
+    ratio = load_recipe(
+        ROOT / "recipes" / "smoke.yaml", ["train.warmup_steps=null", "train.warmup_ratio=0.1"]
+    )
+    assert train.build_sft_config(ratio, tmp_path).get_warmup_steps(30) == 3
