@@ -17,6 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune.data import load_conversations
+from finetune.plots import plot_schedule
 from finetune.preflight import check_can_start
 from finetune.recipe import (
     UNSET,
@@ -33,6 +34,7 @@ from finetune.recipe import (
     recipe_name,
     shipped_recipes,
 )
+from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 
 # soft_wrap: never break a message or a path across lines, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True)
@@ -40,7 +42,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-VERBS = ("train", "validate", "show", "list", "copy", "diff", "schema")
+VERBS = ("train", "plan", "validate", "show", "list", "copy", "diff", "schema")
 
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
 
@@ -67,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
     train.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+
+    plan = verbs.add_parser(
+        "plan",
+        help="preview the LR schedule and step counts, and plot it",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("recipe")
+    plan.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    plan.add_argument("--json", action="store_true", help="print the plan as JSON, with the LR of every step")
+    plan.add_argument("--png", type=Path, default=Path("lr_schedule.png"), help="where to write the plot")
 
     validate = verbs.add_parser("validate", help="check recipes and their data without training")
     validate.add_argument("recipes", nargs="+", help="recipe files or shipped names")
@@ -108,18 +121,46 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             run_dir = base.with_name(f"{base.name}-{n}")
 
 
+def checked_plan(recipe: Recipe, num_examples: int, source: str, quiet: bool = False) -> SchedulePlan:
+    """The schedule plan; a schedule that would be wrong is refused, a doubtful one gets a warning."""
+    plan = plan_schedule(num_examples, recipe.train)
+    errors, warnings = advise(plan, recipe.train)
+    if errors:
+        raise RecipeError("\n".join(f"{source}: {error}" for error in errors))
+    for warning in [] if quiet else warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(source)}: {escape(warning)}")
+    return plan
+
+
+def cmd_plan(recipe_arg: str, overrides: list[str], as_json: bool, png: Path) -> int:
+    path = find_recipe(recipe_arg)
+    recipe = load_recipe(path, overrides)
+    num_examples = len(load_conversations(recipe.data.train, recipe.data.format))
+    plan = checked_plan(recipe, num_examples, str(path), quiet=as_json)
+    if as_json:
+        console.print(json.dumps(plan_as_dict(plan)), markup=False)
+        return 0
+    for line in describe_plan(plan):
+        console.print(line, markup=False)
+    console.print(f"plot: {plot_schedule(plan, png)}", markup=False)
+    return 0
+
+
 def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
     conversations = load_conversations(recipe.data.train, recipe.data.format)
     eval_conversations = load_conversations(recipe.data.eval, recipe.data.format)
+    plan = checked_plan(recipe, len(conversations), str(path))
     device = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     name = recipe_name(path)
     console.print(
         f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {device}, "
         f"{len(conversations)} conversations"
     )
+    for line in describe_plan(plan):
+        console.print(line, markup=False)
 
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
@@ -128,7 +169,11 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     # The resolved recipe already holds the overridden values; this records how they got there.
     run_info = {"recipe": str(path), "overrides": overrides, "version": recipe.version}
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    (run_dir / "plan.json").write_text(json.dumps(plan_as_dict(plan)) + "\n")
+    plot_schedule(plan, run_dir / "lr_schedule.png")
     result = train.train(recipe, conversations, eval_conversations, run_dir)
+    logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
+    plot_schedule(plan, run_dir / "lr_schedule.png", logged)
     console.print(
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "
         f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; adapter saved to {result.adapter_dir}"
@@ -143,6 +188,7 @@ def cmd_validate(recipe_args: list[str]) -> int:
             recipe = load_recipe(find_recipe(arg))
             conversations = load_conversations(recipe.data.train, recipe.data.format)
             load_conversations(recipe.data.eval, recipe.data.format)
+            checked_plan(recipe, len(conversations), arg)
         except RecipeError as exc:
             failed += 1
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
@@ -203,13 +249,15 @@ def cmd_schema(output: Path | None) -> int:
     return 0
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
     if argv and argv[0] not in VERBS and not argv[0].startswith("-"):
         argv = ["train", *argv]
     args = build_parser().parse_args(argv)
     try:
         if args.verb == "train":
             return cmd_train(args.recipe, args.overrides)
+        if args.verb == "plan":
+            return cmd_plan(args.recipe, args.overrides, args.json, args.png)
         if args.verb == "validate":
             return cmd_validate(args.recipes)
         if args.verb == "show":

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from finetune.budget import count_parameters
 from finetune.recipe import Recipe, RecipeError
-from finetune.tiny_model import TINY_MODEL_NAME
+from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME
 
 # Above this size, training on a CPU would take days: refuse and point at the smoke recipe.
 CPU_MAX_PARAMETERS = 500_000_000
@@ -77,8 +77,6 @@ def resolve_model_config(recipe: Recipe) -> dict | None:
     """The model's config.json if it is available without a download (tiny, local folder, or HF cache)."""
     name = recipe.model.name
     if name == TINY_MODEL_NAME:
-        from finetune.tiny_model import TINY_CONFIG
-
         return dict(TINY_CONFIG)
     local = Path(name).expanduser()
     config_path = local / "config.json" if local.is_dir() else _hub_cached_config(name)

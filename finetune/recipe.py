@@ -229,6 +229,8 @@ def find_recipe(name_or_path: str | Path) -> Path:
     if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
         return path
     shipped = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if shipped.exists() and shipped.is_relative_to(Path.cwd()):
+        return shipped.relative_to(Path.cwd())  # shorter in messages: recipes/code-gen.yaml
     if not shipped.exists():
         names = [p.stem for p in shipped_recipes()]
         close = difflib.get_close_matches(str(name_or_path), names, n=1)
@@ -389,7 +391,6 @@ def _section_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
 
 def _describe_error(error: dict[str, Any], documents: list[_Document], overrides: dict) -> str:
     path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
-    path = tuple(p for p in path if p != "ParentRecord")
     dotted = ".".join(str(p) for p in path) or "(top level)"
     where = _where(path, documents, overrides)
     section = _section_model(path)
@@ -403,7 +404,9 @@ def _describe_error(error: dict[str, Any], documents: list[_Document], overrides
         description = f" ({field.description})" if field is not None and field.description else ""
         return f"{where}: '{dotted}' is required{description}"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{where}: {dotted}: {message} (got {error.get('input')!r})"
+    value = error.get("input")
+    got = "" if isinstance(value, dict) else f" (got {value!r})"  # a whole section is noise, not a hint
+    return f"{where}: {dotted}: {message}{got}"
 
 
 def parse_override(text: str) -> tuple[tuple[str, ...], Any]:

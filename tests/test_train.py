@@ -137,6 +137,16 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     ]
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4]
+    # The schedule preview is printed and saved before training, and the logged LRs follow it.
+    assert (
+        "schedule: cosine, 4 optimizer steps" in out.stdout
+        and "warmup: 3 steps (75.0% of training)" in out.stdout
+    )
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert [entry["learning_rate"] for entry in logged if "learning_rate" in entry] == pytest.approx(
+        plan["lr_per_step"], rel=1e-12
+    )
+    assert (run_dir / "lr_schedule.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sft_config_carries_every_schedule_setting(tmp_path):

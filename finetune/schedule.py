@@ -1,0 +1,185 @@
+"""Learning-rate schedule math and optimizer-step counting, in pure Python (no torch).
+
+The numbers here are the ones the trainer will use, not an approximation: step counting follows
+transformers' Trainer (micro-batches per epoch, a final partial accumulation window counts as a
+step), and each schedule is transformers' own `get_scheduler` formula written out with the same
+floating-point operations, so a preview matches the optimizer's LR to the last bit or nearly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from finetune.recipe import TrainSection
+
+# LR at these fractions of training are printed in the plan.
+MILESTONES = (0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class SchedulePlan:
+    """Everything the preview prints; ``lrs[k]`` is the LR the optimizer uses on step k + 1."""
+
+    scheduler: str
+    num_examples: int
+    effective_batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    peak_lr: float
+    final_lr: float
+    lrs: list[float] = field(repr=False)
+
+    def lr_at_fraction(self, fraction: float) -> tuple[int, float]:
+        """(1-based step, LR) at a fraction of training."""
+        step = min(self.total_steps, max(1, math.ceil(fraction * self.total_steps)))
+        return step, self.lrs[step - 1]
+
+
+def steps_per_epoch(num_examples: int, per_device_batch_size: int, gradient_accumulation_steps: int) -> int:
+    """Optimizer steps in one pass: the last, partial accumulation window still makes a step."""
+    micro_batches = math.ceil(num_examples / per_device_batch_size)  # the last micro-batch may be short
+    return max(math.ceil(micro_batches / gradient_accumulation_steps), 1)
+
+
+def count_optimizer_steps(num_examples: int, train: TrainSection) -> int:
+    """Total optimizer steps, as transformers' Trainer computes them (max_steps wins over epochs)."""
+    if train.max_steps is not None:
+        return train.max_steps
+    per_epoch = steps_per_epoch(
+        num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps
+    )
+    return math.ceil(train.num_train_epochs * per_epoch)
+
+
+def count_warmup_steps(train: TrainSection, total_steps: int) -> int:
+    """warmup_steps as given, or warmup_ratio of the total rounded up (transformers' rule)."""
+    if train.warmup_steps is not None:
+        return train.warmup_steps
+    return math.ceil(total_steps * (train.warmup_ratio or 0.0))
+
+
+def lr_factor(train: TrainSection, step: int, warmup_steps: int, total_steps: int) -> float:
+    """The multiplier of the peak LR after ``step`` scheduler steps (transformers' lambdas, verbatim math)."""
+    name = train.lr_scheduler_type
+    if name == "constant":
+        return 1.0
+    if step < warmup_steps:
+        # constant_with_warmup divides by max(1.0, n), the others by float(max(1, n)): the same value.
+        return float(step) / float(max(1, warmup_steps))
+    if name == "constant_with_warmup":
+        return 1.0
+    if name == "linear":
+        return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
+    factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+    if name == "cosine":
+        return max(0.0, factor)
+    # cosine_with_min_lr
+    rate = train.min_lr_rate if train.min_lr_rate is not None else train.min_lr / train.learning_rate
+    return max(0, factor * (1 - rate) + rate)
+
+
+def plan_schedule(num_examples: int, train: TrainSection) -> SchedulePlan:
+    """The whole schedule: step counts and the LR of every optimizer step."""
+    total = count_optimizer_steps(num_examples, train)
+    warmup = count_warmup_steps(train, total)
+    # The optimizer's step k (1-based) runs with the LR set after k - 1 scheduler steps.
+    lrs = [train.learning_rate * lr_factor(train, k, warmup, total) for k in range(total)]
+    return SchedulePlan(
+        scheduler=train.lr_scheduler_type,
+        num_examples=num_examples,
+        effective_batch_size=train.per_device_train_batch_size * train.gradient_accumulation_steps,
+        steps_per_epoch=steps_per_epoch(
+            num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps
+        ),
+        total_steps=total,
+        warmup_steps=warmup,
+        peak_lr=train.learning_rate,
+        final_lr=lrs[-1],
+        lrs=lrs,
+    )
+
+
+def describe_plan(plan: SchedulePlan) -> list[str]:
+    """The preview's lines, as printed by `plan` and at the start of every run."""
+    warmup_share = 100 * plan.warmup_steps / plan.total_steps
+    lines = [
+        f"schedule: {plan.scheduler}, {plan.total_steps} optimizer steps "
+        f"({plan.num_examples} examples, {plan.effective_batch_size} per step, "
+        f"{plan.steps_per_epoch} steps per epoch)",
+        f"warmup: {plan.warmup_steps} steps ({warmup_share:.1f}% of training), from 0 to {plan.peak_lr:.3g}",
+        f"learning rate: peak {plan.peak_lr:.3g}, last step {plan.final_lr:.3g}",
+    ]
+    marks = [
+        f"{int(fraction * 100)}% (step {step}): {lr:.3g}"
+        for fraction in MILESTONES
+        for step, lr in [plan.lr_at_fraction(fraction)]
+    ]
+    lines.append("LR at " + ", ".join(marks))
+    return lines
+
+
+def plan_as_dict(plan: SchedulePlan) -> dict:
+    """The plan for `plan --json`, including the LR of every optimizer step."""
+    return {
+        "scheduler": plan.scheduler,
+        "num_examples": plan.num_examples,
+        "effective_batch_size": plan.effective_batch_size,
+        "steps_per_epoch": plan.steps_per_epoch,
+        "total_steps": plan.total_steps,
+        "warmup_steps": plan.warmup_steps,
+        "peak_lr": plan.peak_lr,
+        "final_lr": plan.final_lr,
+        "milestones": [
+            {"fraction": fraction, "step": step, "lr": lr}
+            for fraction in MILESTONES
+            for step, lr in [plan.lr_at_fraction(fraction)]
+        ],
+        "lr_per_step": plan.lrs,
+    }
+
+
+# Peak learning rates practitioners use for LoRA/QLoRA adapters (QLoRA paper: 1e-4 to 2e-4 for 7B-65B;
+# Unsloth's and axolotl's examples: 2e-4); an order of magnitude outside is almost always a typo.
+LORA_LR_RANGE = (1e-5, 1e-3)
+
+
+def advise(plan: SchedulePlan, train: TrainSection) -> tuple[list[str], list[str]]:
+    """(errors, warnings) about the schedule, each a sentence that says how to fix it."""
+    errors, warnings = [], []
+    share = plan.warmup_steps / plan.total_steps
+    if plan.warmup_steps >= plan.total_steps:
+        errors.append(
+            f"warmup ({plan.warmup_steps} steps) is as long as training ({plan.total_steps} steps), "
+            "so the LR never reaches its peak; lower warmup_steps or use warmup_ratio: 0.03"
+        )
+    elif share > 0.5:
+        warnings.append(
+            f"warmup covers {share:.0%} of training ({plan.warmup_steps} of {plan.total_steps} steps); "
+            "most of the run is spent below the peak LR: use warmup_ratio between 0.01 and 0.1"
+        )
+    elif plan.warmup_steps and not 0.01 <= share <= 0.2:
+        warnings.append(
+            f"warmup is {share:.1%} of training, outside the usual 1-20%; "
+            "use warmup_ratio: 0.03 unless you have a reason"
+        )
+    if plan.warmup_steps == 0 and train.lr_scheduler_type != "constant" and train.learning_rate > 1e-4:
+        warnings.append(
+            f"no warmup at learning_rate {train.learning_rate:g}: Adam's first updates are the largest "
+            "and can destabilise training; add warmup_ratio: 0.03"
+        )
+    low, high = LORA_LR_RANGE
+    if not low <= train.learning_rate <= high:
+        warnings.append(
+            f"learning_rate {train.learning_rate:g} is far outside the usual LoRA range "
+            f"({low:g} to {high:g}); 2e-4 is the common starting point"
+        )
+    zero_early = [k + 1 for k, lr in enumerate(plan.lrs[:-1]) if lr == 0 and k >= plan.warmup_steps]
+    if zero_early:
+        warnings.append(
+            f"the LR reaches 0 at step {zero_early[0]} of {plan.total_steps}, so the remaining steps learn "
+            "nothing; shorten training or use cosine_with_min_lr"
+        )
+    return errors, warnings

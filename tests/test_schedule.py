@@ -1,0 +1,134 @@
+"""Pure schedule math: step counting, warmup, LR per step, milestones, advice (no torch)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.recipe import TrainSection
+from finetune.schedule import advise, count_optimizer_steps, plan_as_dict, plan_schedule, steps_per_epoch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize(
+    "examples, batch, accumulation, expected",
+    [(40, 2, 2, 10), (41, 2, 2, 11), (7, 2, 3, 2), (5, 1, 4, 2), (1, 8, 8, 1), (64, 4, 4, 4), (65, 4, 4, 5)],
+)
+def test_steps_per_epoch_count_the_partial_window(examples, batch, accumulation, expected):
+    assert steps_per_epoch(examples, batch, accumulation) == expected
+
+
+def test_total_steps_from_epochs_or_max_steps():
+    train = TrainSection(per_device_train_batch_size=3, gradient_accumulation_steps=2, num_train_epochs=1.5)
+    assert count_optimizer_steps(10, train) == math.ceil(1.5 * 2)
+    assert count_optimizer_steps(10, train.model_copy(update={"max_steps": 7})) == 7
+
+
+def test_cosine_with_warmup_formula():
+    train = TrainSection(learning_rate=2e-4, warmup_steps=10, max_steps=110, lr_scheduler_type="cosine")
+    plan = plan_schedule(1000, train)
+    assert plan.lrs[0] == 0.0  # transformers' warmup starts at 0
+    assert plan.lrs[5] == pytest.approx(1e-4)
+    assert plan.lrs[10] == 2e-4  # peak on the first step after warmup
+    t, total = 50, 100  # lr = final + 0.5 (peak - final)(1 + cos(pi t / T)), t counted from warmup end
+    assert plan.lrs[10 + t] == pytest.approx(0.5 * 2e-4 * (1 + math.cos(math.pi * t / total)), rel=1e-12)
+    assert plan.final_lr == pytest.approx(0.5 * 2e-4 * (1 + math.cos(math.pi * 99 / 100)), rel=1e-12)
+
+
+def test_min_lr_floor_and_linear_decay():
+    floor = plan_schedule(
+        100,
+        TrainSection(
+            learning_rate=1e-4,
+            max_steps=50,
+            warmup_steps=0,
+            lr_scheduler_type="cosine_with_min_lr",
+            min_lr=1e-5,
+        ),
+    )
+    assert min(floor.lrs) >= 1e-5 - 1e-18 and floor.lrs[0] == pytest.approx(1e-4)
+    rate = plan_schedule(
+        100,
+        TrainSection(
+            learning_rate=1e-4,
+            max_steps=50,
+            warmup_steps=0,
+            lr_scheduler_type="cosine_with_min_lr",
+            min_lr_rate=0.1,
+        ),
+    )
+    assert rate.lrs == pytest.approx(floor.lrs, rel=1e-12)
+    linear = plan_schedule(
+        100, TrainSection(learning_rate=1e-4, max_steps=10, warmup_ratio=0.2, lr_scheduler_type="linear")
+    )
+    assert linear.warmup_steps == 2
+    assert linear.lrs == pytest.approx(
+        [0, 5e-5, 1e-4, 8.75e-5, 7.5e-5, 6.25e-5, 5e-5, 3.75e-5, 2.5e-5, 1.25e-5]
+    )
+
+
+def test_warmup_ratio_rounds_up_like_transformers():
+    plan = plan_schedule(100, TrainSection(max_steps=30, warmup_ratio=0.03))
+    assert plan.warmup_steps == 1  # ceil(0.9)
+
+
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        ({"max_steps": 10, "warmup_steps": 6}, "warmup covers 60% of training"),
+        ({"max_steps": 1000, "warmup_steps": 2}, "outside the usual 1-20%"),
+        ({"max_steps": 100, "warmup_steps": 0, "learning_rate": 5e-4}, "no warmup at learning_rate 0.0005"),
+        ({"max_steps": 100, "warmup_steps": 5, "learning_rate": 0.05}, "far outside the usual LoRA range"),
+        ({"max_steps": 100, "warmup_steps": 5, "learning_rate": 1e-7}, "far outside the usual LoRA range"),
+    ],
+)
+def test_advice_warns_with_the_fix(settings, expected):
+    errors, warnings = advise(plan_schedule(100, TrainSection(**settings)), TrainSection(**settings))
+    assert errors == [] and any(expected in w for w in warnings)
+
+
+def test_advice_refuses_warmup_as_long_as_training():
+    train = TrainSection(
+        num_train_epochs=1, warmup_steps=20, per_device_train_batch_size=2, gradient_accumulation_steps=1
+    )
+    errors, _ = advise(plan_schedule(30, train), train)  # 15 steps, 20 of warmup
+    assert errors and "never reaches its peak" in errors[0]
+
+
+def test_a_sound_schedule_gets_no_advice():
+    train = TrainSection(learning_rate=2e-4, max_steps=1000, warmup_ratio=0.03)
+    assert advise(plan_schedule(100, train), train) == ([], [])
+
+
+def test_plan_command_prints_json_with_every_step_and_writes_the_plot(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run(
+        [sys.executable, "runner.py", "plan", "recipes/code-gen.yaml", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    plan = json.loads(out.stdout)
+    assert len(plan["lr_per_step"]) == plan["total_steps"] == 6  # 40 rows, 2 x 8 per step, 2 epochs
+    assert plan["warmup_steps"] == 1 and plan["peak_lr"] == 1e-4
+    assert plan["milestones"][-1] == {"fraction": 1.0, "step": 6, "lr": plan["lr_per_step"][-1]}
+
+    png = tmp_path / "lr.png"
+    out = subprocess.run(
+        [sys.executable, "runner.py", "plan", "recipes/code-gen.yaml", "--png", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    assert "schedule: cosine, 6 optimizer steps" in out.stdout and "warmup: 1 steps" in out.stdout
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plan_as_dict(plan_schedule(40, TrainSection(max_steps=3)))["total_steps"] == 3

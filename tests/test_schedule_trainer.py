@@ -1,0 +1,93 @@
+"""The schedule preview against the real trainer: same step count, same LR at every optimizer step."""
+
+from pathlib import Path
+
+import pytest
+from transformers import TrainerCallback
+
+from finetune import train
+from finetune.data import load_conversations
+from finetune.recipe import load_recipe
+from finetune.schedule import plan_schedule
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+CONVERSATIONS = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
+
+
+class _RecordLr(TrainerCallback):
+    """The LR in the optimizer at the moment it steps (before the scheduler moves it on)."""
+
+    def __init__(self):
+        self.lrs = []
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
+    model, tokenizer = train.load_model(recipe)
+    return train.add_lora(model, recipe), tokenizer
+
+
+def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples):
+    model, tokenizer = model_and_tokenizer
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.logging_steps=1", *overrides])
+    trainer = train.build_trainer(model, tokenizer, CONVERSATIONS[:num_examples], recipe, tmp_path)
+    recorder = _RecordLr()
+    trainer.add_callback(recorder)
+    trainer.train()
+    return recipe, trainer, recorder.lrs
+
+
+@pytest.mark.parametrize(
+    "num_examples, batch, accumulation, epochs",
+    [
+        (7, 2, 3, 2),  # 4 micro-batches per epoch: the second step of each epoch is a partial window
+        (10, 3, 2, 1.5),  # fractional epochs round the step count up
+        (5, 1, 4, 1),  # 5 micro-batches, accumulation 4: a final window of one micro-batch
+        (9, 4, 1, 2),  # the last micro-batch is short, no accumulation
+    ],
+)
+def test_step_count_matches_the_trainer(
+    model_and_tokenizer, tmp_path, num_examples, batch, accumulation, epochs
+):
+    overrides = [
+        "train.max_steps=null",
+        "train.warmup_steps=0",
+        f"train.num_train_epochs={epochs}",
+        f"train.per_device_train_batch_size={batch}",
+        f"train.gradient_accumulation_steps={accumulation}",
+    ]
+    recipe, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples)
+    plan = plan_schedule(num_examples, recipe.train)
+    assert plan.total_steps == trainer.state.max_steps == trainer.state.global_step == len(lrs)
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [
+        ["train.lr_scheduler_type=cosine", "train.warmup_steps=3"],
+        ["train.lr_scheduler_type=linear", "train.warmup_steps=null", "train.warmup_ratio=0.2"],
+        ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr=1.0e-3", "train.warmup_steps=2"],
+        ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1", "train.warmup_steps=2"],
+        ["train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=4"],
+    ],
+    ids=["cosine", "linear", "cosine-min-lr", "cosine-min-lr-rate", "constant-warmup"],
+)
+def test_every_step_uses_the_previewed_lr(model_and_tokenizer, tmp_path, schedule):
+    overrides = [
+        "train.max_steps=null",
+        "train.num_train_epochs=1",
+        "train.gradient_accumulation_steps=2",
+        *schedule,
+    ]
+    recipe, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides, 24)
+    plan = plan_schedule(24, recipe.train)
+    assert len(lrs) == plan.total_steps == 6
+    for step, (used, previewed) in enumerate(zip(lrs, plan.lrs, strict=True), start=1):
+        assert abs(used - previewed) <= 1e-12 * abs(previewed), (step, used, previewed)
+    logged = [entry["learning_rate"] for entry in trainer.state.log_history if "learning_rate" in entry]
+    assert logged == pytest.approx(plan.lrs, rel=1e-12, abs=0)
