@@ -198,7 +198,8 @@ def cmd_validate(recipe_args: list[str]) -> int:
 
 
 def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
-    recipe = load_recipe(find_recipe(recipe_arg), overrides)
+    path = find_recipe(recipe_arg)
+    recipe = load_recipe(path, overrides)
     console.print(dump_recipe(recipe), end="", markup=False)
     train = recipe.train
     effective = train.per_device_train_batch_size * train.gradient_accumulation_steps
@@ -206,6 +207,9 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
         f"# effective batch: {effective} sequences per optimizer step "
         f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
     )
+    num_examples = len(load_conversations(recipe.data.train, recipe.data.format))
+    for line in describe_plan(checked_plan(recipe, num_examples, str(path))):
+        console.print(f"# {line}", markup=False)
     return 0
 
 

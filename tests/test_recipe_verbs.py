@@ -114,3 +114,4 @@ def test_show_prints_resolved_recipe_with_overrides(capsys):
     assert resolved["train"]["gradient_accumulation_steps"] == 3
     assert resolved["lora"]["dropout"] == 0.0  # defaults are filled in
     assert "effective batch: 6 sequences per optimizer step (2 x 3 accumulation)" in out
+    assert "# schedule: cosine, 30 optimizer steps" in out and "# warmup: 3 steps (10.0% of training)" in out
