@@ -99,7 +99,27 @@ class DataSection(_Section):
         return values
 
 
-SchedulerName = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_min_lr"]
+SchedulerName = Literal[
+    "cosine",
+    "linear",
+    "constant",
+    "constant_with_warmup",
+    "cosine_with_min_lr",
+    "polynomial",
+    "warmup_stable_decay",
+    "step",
+    "exponential",
+]
+# Schedules that take a floor (min_lr / min_lr_rate): cosine_with_min_lr needs one; polynomial uses it
+# as its end LR; warmup_stable_decay decays to it. The others would silently ignore it.
+MIN_LR_SCHEDULES = ("cosine_with_min_lr", "polynomial", "warmup_stable_decay")
+# Which extra setting each schedule needs (required) or may take (optional).
+SCHEDULE_SETTINGS = {
+    "polynomial": ((), ("power",)),
+    "warmup_stable_decay": (("decay_ratio",), ()),
+    "step": (("step_size", "gamma"), ()),
+    "exponential": (("gamma",), ()),
+}
 OptimizerName = Literal[
     "adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit"
 ]
@@ -109,13 +129,26 @@ class TrainSection(_Section):
     learning_rate: Annotated[float, Field(gt=0, le=1)] = Field(2e-4, description="Peak learning rate.")
     lr_scheduler_type: SchedulerName = Field("cosine", description="Learning-rate schedule after warmup.")
     min_lr: Annotated[float, Field(ge=0)] | None = Field(
-        None, description="Final LR of cosine_with_min_lr (instead of decaying to 0)."
+        None,
+        description="Floor LR of cosine_with_min_lr, polynomial and warmup_stable_decay (instead of 0).",
     )
     min_lr_rate: Annotated[float, Field(ge=0, lt=1)] | None = Field(
-        None, description="Final LR of cosine_with_min_lr as a fraction of learning_rate."
+        None, description="The floor LR as a fraction of learning_rate (instead of min_lr)."
+    )
+    power: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Exponent of the polynomial decay (default 1.0, a straight line to the floor)."
+    )
+    decay_ratio: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="Share of training that warmup_stable_decay spends decaying (e.g. 0.2)."
+    )
+    step_size: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="The step schedule multiplies the LR by gamma every step_size steps after warmup."
+    )
+    gamma: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="Decay factor of the step (per step_size) and exponential (per step) schedules."
     )
     warmup_steps: Annotated[int, Field(ge=0)] | None = Field(
-        None, description="Optimizer steps of linear warmup from 0 to the peak LR."
+        None, description="Optimizer steps of linear warmup to the peak LR (from 0, or the floor for WSD)."
     )
     warmup_ratio: Annotated[float, Field(ge=0, lt=1)] | None = Field(
         None, description="Warmup as a fraction of all optimizer steps (instead of warmup_steps)."
@@ -161,16 +194,26 @@ class TrainSection(_Section):
                 "or the learning rate never reaches its peak"
             )
         min_lr_set = [name for name in ("min_lr", "min_lr_rate") if getattr(self, name) is not None]
-        if self.lr_scheduler_type == "cosine_with_min_lr":
-            if len(min_lr_set) != 1:
-                raise ValueError("cosine_with_min_lr needs exactly one of min_lr or min_lr_rate")
-            if self.min_lr is not None and self.min_lr >= self.learning_rate:
-                raise ValueError(f"min_lr ({self.min_lr}) must be below learning_rate ({self.learning_rate})")
-        elif min_lr_set:
+        if len(min_lr_set) > 1:
+            raise ValueError("set min_lr or min_lr_rate, not both")
+        if self.lr_scheduler_type == "cosine_with_min_lr" and not min_lr_set:
+            raise ValueError("cosine_with_min_lr needs exactly one of min_lr or min_lr_rate")
+        if min_lr_set and self.lr_scheduler_type not in MIN_LR_SCHEDULES:
             raise ValueError(
                 f"{min_lr_set[0]} is ignored by lr_scheduler_type '{self.lr_scheduler_type}'; "
-                "use lr_scheduler_type: cosine_with_min_lr, or remove it"
+                f"use one of {', '.join(MIN_LR_SCHEDULES)}, or remove it"
             )
+        if self.min_lr is not None and self.min_lr >= self.learning_rate:
+            raise ValueError(f"min_lr ({self.min_lr}) must be below learning_rate ({self.learning_rate})")
+        required, optional = SCHEDULE_SETTINGS.get(self.lr_scheduler_type, ((), ()))
+        missing = [name for name in required if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"lr_scheduler_type '{self.lr_scheduler_type}' needs {' and '.join(missing)}")
+        for name in ("power", "decay_ratio", "step_size", "gamma"):
+            if getattr(self, name) is not None and name not in required + optional:
+                raise ValueError(
+                    f"{name} is ignored by lr_scheduler_type '{self.lr_scheduler_type}'; remove it"
+                )
         return self
 
 

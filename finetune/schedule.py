@@ -60,11 +60,53 @@ def count_warmup_steps(train: TrainSection, total_steps: int) -> int:
     return math.ceil(total_steps * (train.warmup_ratio or 0.0))
 
 
+# transformers' get_polynomial_decay_schedule_with_warmup ends at this LR unless told otherwise.
+POLYNOMIAL_DEFAULT_END_LR = 1e-7
+# Schedules transformers cannot build from SFTConfig alone; train.py installs them itself.
+OWN_SCHEDULES = ("warmup_stable_decay", "step", "exponential")
+
+
+def floor_rate(train: TrainSection) -> float:
+    """The floor as a fraction of the peak LR, computed as transformers does (min_lr / lr)."""
+    if train.min_lr_rate is not None:
+        return train.min_lr_rate
+    if train.min_lr is not None:
+        return train.min_lr / train.learning_rate
+    return 0.0
+
+
+def polynomial_end_lr(train: TrainSection) -> float:
+    """The LR polynomial decays to: the recipe's floor, or transformers' default."""
+    if train.min_lr is not None:
+        return train.min_lr
+    if train.min_lr_rate is not None:
+        return train.min_lr_rate * train.learning_rate
+    return POLYNOMIAL_DEFAULT_END_LR
+
+
+def count_decay_steps(train: TrainSection, total_steps: int) -> int:
+    """warmup_stable_decay's decay phase: decay_ratio of all steps, rounded up like warmup_ratio."""
+    return math.ceil(total_steps * train.decay_ratio)
+
+
+def scheduler_kwargs(train: TrainSection) -> dict:
+    """The lr_scheduler_kwargs that make transformers' scheduler follow the recipe."""
+    if train.lr_scheduler_type == "cosine_with_min_lr":
+        if train.min_lr_rate is not None:
+            return {"min_lr_rate": train.min_lr_rate}
+        return {"min_lr": train.min_lr}
+    if train.lr_scheduler_type == "polynomial":
+        return {"lr_end": polynomial_end_lr(train), "power": train.power or 1.0}
+    return {}
+
+
 def lr_factor(train: TrainSection, step: int, warmup_steps: int, total_steps: int) -> float:
     """The multiplier of the peak LR after ``step`` scheduler steps (transformers' lambdas, verbatim math)."""
     name = train.lr_scheduler_type
     if name == "constant":
         return 1.0
+    if name == "warmup_stable_decay":
+        return _wsd_factor(train, step, warmup_steps, total_steps)
     if step < warmup_steps:
         # constant_with_warmup divides by max(1.0, n), the others by float(max(1, n)): the same value.
         return float(step) / float(max(1, warmup_steps))
@@ -72,13 +114,42 @@ def lr_factor(train: TrainSection, step: int, warmup_steps: int, total_steps: in
         return 1.0
     if name == "linear":
         return max(0.0, float(total_steps - step) / float(max(1, total_steps - warmup_steps)))
+    if name == "polynomial":
+        lr_init, lr_end = train.learning_rate, polynomial_end_lr(train)
+        if step > total_steps:
+            return lr_end / lr_init
+        pct_remaining = 1 - (step - warmup_steps) / (total_steps - warmup_steps)
+        return ((lr_init - lr_end) * pct_remaining ** (train.power or 1.0) + lr_end) / lr_init
+    # Our own decays (transformers has none): multiply by gamma per step, or per step_size steps.
+    if name == "step":
+        return train.gamma ** ((step - warmup_steps) // train.step_size)
+    if name == "exponential":
+        return train.gamma ** (step - warmup_steps)
     progress = float(step - warmup_steps) / float(max(1, total_steps - warmup_steps))
     factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
     if name == "cosine":
         return max(0.0, factor)
     # cosine_with_min_lr
-    rate = train.min_lr_rate if train.min_lr_rate is not None else train.min_lr / train.learning_rate
+    rate = floor_rate(train)
     return max(0, factor * (1 - rate) + rate)
+
+
+def _wsd_factor(train: TrainSection, step: int, warmup_steps: int, total_steps: int) -> float:
+    """transformers' warmup_stable_decay with linear warmup and cosine decay, both to the floor."""
+    rate = floor_rate(train)
+    decay_steps = count_decay_steps(train, total_steps)
+    stable_steps = total_steps - warmup_steps - decay_steps
+    if step < warmup_steps:
+        # Unlike the other schedules, WSD's warmup starts at the floor, not at 0.
+        progress = float(step) / float(max(1, warmup_steps))
+        return max(0.0, progress * (1.0 - rate) + rate)
+    if step < warmup_steps + stable_steps:
+        return 1.0
+    if step < warmup_steps + stable_steps + decay_steps:
+        progress = float(step - warmup_steps - stable_steps) / float(max(1, decay_steps))
+        factor = 0.5 * (1.0 + math.cos(math.pi * 0.5 * 2.0 * progress))
+        return max(0.0, factor * (1.0 - rate) + rate)
+    return rate
 
 
 def plan_schedule(num_examples: int, train: TrainSection) -> SchedulePlan:
@@ -109,7 +180,8 @@ def describe_plan(plan: SchedulePlan) -> list[str]:
         f"schedule: {plan.scheduler}, {plan.total_steps} optimizer steps "
         f"({plan.num_examples} examples, {plan.effective_batch_size} per step, "
         f"{plan.steps_per_epoch} steps per epoch)",
-        f"warmup: {plan.warmup_steps} steps ({warmup_share:.1f}% of training), from 0 to {plan.peak_lr:.3g}",
+        f"warmup: {plan.warmup_steps} steps ({warmup_share:.1f}% of training), "
+        f"from {plan.lrs[0]:.3g} to {plan.peak_lr:.3g}",
         f"learning rate: peak {plan.peak_lr:.3g}, last step {plan.final_lr:.3g}",
     ]
     marks = [
@@ -175,6 +247,20 @@ def advise(plan: SchedulePlan, train: TrainSection) -> tuple[list[str], list[str
         warnings.append(
             f"learning_rate {train.learning_rate:g} is far outside the usual LoRA range "
             f"({low:g} to {high:g}); 2e-4 is the common starting point"
+        )
+    after_warmup = plan.total_steps - plan.warmup_steps
+    if train.lr_scheduler_type == "warmup_stable_decay":
+        decay = count_decay_steps(train, plan.total_steps)
+        if decay > after_warmup:
+            errors.append(
+                f"warmup ({plan.warmup_steps} steps) plus decay ({decay} steps, decay_ratio "
+                f"{train.decay_ratio:g}) is longer than training ({plan.total_steps} steps), so the decay "
+                "is cut short; lower decay_ratio or the warmup"
+            )
+    if train.lr_scheduler_type == "step" and 0 < after_warmup <= train.step_size:
+        warnings.append(
+            f"step_size {train.step_size} is not shorter than the {after_warmup} steps after warmup, "
+            f"so the LR never decays; use a step_size below {after_warmup}"
         )
     zero_early = [k + 1 for k, lr in enumerate(plan.lrs[:-1]) if lr == 0 and k >= plan.warmup_steps]
     if zero_early:

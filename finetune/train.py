@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from datasets import Dataset
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import ProgressCallback
+from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 from unsloth.chat_templates import train_on_responses_only
 
-from finetune.recipe import Recipe, RecipeError
+from finetune import schedule
+from finetune.recipe import Recipe, RecipeError, TrainSection
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -79,10 +82,12 @@ def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
     return SFTConfig(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler_type,
-        lr_scheduler_kwargs={
-            k: v for k, v in (("min_lr", train.min_lr), ("min_lr_rate", train.min_lr_rate)) if v is not None
-        },
+        # Schedules we build ourselves (see _install_own_scheduler) never reach get_scheduler; the
+        # placeholder keeps SFTConfig's validation happy.
+        lr_scheduler_type="constant"
+        if train.lr_scheduler_type in schedule.OWN_SCHEDULES
+        else train.lr_scheduler_type,
+        lr_scheduler_kwargs=schedule.scheduler_kwargs(train),
         # transformers 5 takes both warmup forms in warmup_steps: an int counts steps, a float < 1 is a ratio.
         warmup_steps=warmup,
         num_train_epochs=train.num_train_epochs,
@@ -148,6 +153,7 @@ def build_trainer(
         eval_dataset=_chat_dataset(list(eval_conversations)),
         args=build_sft_config(recipe, output_dir),
     )
+    _install_own_scheduler(trainer, recipe.train)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_LossProgress())
     if recipe.data.train_on_responses_only:
@@ -155,6 +161,37 @@ def build_trainer(
         # outside assistant turns (every assistant turn of a multi-turn conversation is trained).
         trainer = train_on_responses_only(trainer)
     return trainer
+
+
+def _install_own_scheduler(trainer: SFTTrainer, train: TrainSection) -> None:
+    """Schedules that need the trainer's final step count (WSD's decay length) or that transformers
+    lacks (step, exponential) are built here, when the trainer knows that count, from the same
+    numbers the preview uses."""
+    if train.lr_scheduler_type not in schedule.OWN_SCHEDULES:
+        return
+    library_create_scheduler = trainer.create_scheduler
+
+    def create_scheduler(num_training_steps: int, optimizer=None):
+        if trainer.lr_scheduler is None:
+            optimizer = optimizer or trainer.optimizer
+            warmup = trainer.args.get_warmup_steps(num_training_steps)
+            if train.lr_scheduler_type == "warmup_stable_decay":
+                trainer.lr_scheduler = get_wsd_schedule(
+                    optimizer,
+                    num_warmup_steps=warmup,
+                    num_decay_steps=schedule.count_decay_steps(train, num_training_steps),
+                    num_training_steps=num_training_steps,
+                    min_lr_ratio=schedule.floor_rate(train),
+                )
+            else:
+                trainer.lr_scheduler = LambdaLR(
+                    optimizer, lambda step: schedule.lr_factor(train, step, warmup, num_training_steps)
+                )
+            trainer._created_lr_scheduler = True  # so a second train() call rebuilds it, as transformers does
+        # The library's own method then sees a scheduler and keeps it, adding Unsloth's resume fix-ups.
+        return library_create_scheduler(num_training_steps, optimizer)
+
+    trainer.create_scheduler = create_scheduler
 
 
 def train(recipe: Recipe, conversations: list, eval_conversations: list, run_dir: Path) -> TrainResult:

@@ -72,6 +72,57 @@ def test_min_lr_floor_and_linear_decay():
     )
 
 
+def test_polynomial_decays_to_its_end_lr_with_power():
+    train = TrainSection(
+        learning_rate=1e-3,
+        max_steps=12,
+        warmup_steps=2,
+        lr_scheduler_type="polynomial",
+        power=2.0,
+        min_lr=1e-4,
+    )
+    plan = plan_schedule(100, train)
+    assert plan.lrs[:3] == pytest.approx([0, 5e-4, 1e-3], rel=1e-12)
+    for k in range(2, 12):  # lr = (peak - end) (1 - t/T)^power + end
+        expected = (1e-3 - 1e-4) * (1 - (k - 2) / 10) ** 2 + 1e-4
+        assert plan.lrs[k] == pytest.approx(expected, rel=1e-12)
+    default_end = plan_schedule(100, train.model_copy(update={"min_lr": None, "power": None}))
+    assert default_end.lrs[-1] == pytest.approx((1e-3 - 1e-7) * 0.1 + 1e-7, rel=1e-12)  # transformers' 1e-7
+
+
+def test_warmup_stable_decay_holds_the_peak_then_decays_to_the_floor():
+    train = TrainSection(
+        learning_rate=1e-3,
+        max_steps=20,
+        warmup_steps=4,
+        lr_scheduler_type="warmup_stable_decay",
+        decay_ratio=0.25,
+        min_lr_rate=0.1,
+    )
+    plan = plan_schedule(100, train)
+    # Warmup starts at the floor, not at 0; 11 stable steps; 5 decay steps (ceil of 20 x 0.25).
+    assert plan.lrs[:4] == pytest.approx([1e-4, 3.25e-4, 5.5e-4, 7.75e-4], rel=1e-12)
+    assert plan.lrs[4:15] == [1e-3] * 11
+    for k in range(15, 20):
+        cosine = 0.5 * (1 + math.cos(math.pi * (k - 15) / 5))
+        assert plan.lrs[k] == pytest.approx(1e-3 * (cosine * 0.9 + 0.1), rel=1e-12)
+
+
+def test_step_and_exponential_decays_after_warmup():
+    step = TrainSection(
+        learning_rate=1e-3, max_steps=10, warmup_steps=2, lr_scheduler_type="step", step_size=3, gamma=0.5
+    )
+    assert plan_schedule(100, step).lrs == pytest.approx(
+        [0, 5e-4, 1e-3, 1e-3, 1e-3, 5e-4, 5e-4, 5e-4, 2.5e-4, 2.5e-4], rel=1e-12
+    )
+    exponential = TrainSection(
+        learning_rate=1e-3, max_steps=6, warmup_steps=1, lr_scheduler_type="exponential", gamma=0.9
+    )
+    assert plan_schedule(100, exponential).lrs == pytest.approx(
+        [0, 1e-3, 9e-4, 8.1e-4, 7.29e-4, 6.561e-4], rel=1e-12
+    )
+
+
 def test_warmup_ratio_rounds_up_like_transformers():
     plan = plan_schedule(100, TrainSection(max_steps=30, warmup_ratio=0.03))
     assert plan.warmup_steps == 1  # ceil(0.9)
@@ -90,6 +141,18 @@ def test_warmup_ratio_rounds_up_like_transformers():
 def test_advice_warns_with_the_fix(settings, expected):
     errors, warnings = advise(plan_schedule(100, TrainSection(**settings)), TrainSection(**settings))
     assert errors == [] and any(expected in w for w in warnings)
+
+
+def test_advice_on_decays_that_cannot_happen():
+    wsd = TrainSection(max_steps=10, warmup_steps=5, lr_scheduler_type="warmup_stable_decay", decay_ratio=0.6)
+    errors, _ = advise(plan_schedule(100, wsd), wsd)
+    assert errors == [
+        "warmup (5 steps) plus decay (6 steps, decay_ratio 0.6) is longer than training (10 steps), so the "
+        "decay is cut short; lower decay_ratio or the warmup"
+    ]
+    step = TrainSection(max_steps=100, warmup_steps=5, lr_scheduler_type="step", step_size=95, gamma=0.5)
+    _, warnings = advise(plan_schedule(100, step), step)
+    assert any("step_size 95 is not shorter than the 95 steps after warmup" in w for w in warnings)
 
 
 def test_advice_refuses_warmup_as_long_as_training():

@@ -74,8 +74,32 @@ def test_step_count_matches_the_trainer(
         ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr=1.0e-3", "train.warmup_steps=2"],
         ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1", "train.warmup_steps=2"],
         ["train.lr_scheduler_type=constant_with_warmup", "train.warmup_steps=4"],
+        [
+            "train.lr_scheduler_type=polynomial",
+            "train.power=2.0",
+            "train.min_lr=1.0e-3",
+            "train.warmup_steps=2",
+        ],
+        [
+            "train.lr_scheduler_type=warmup_stable_decay",
+            "train.decay_ratio=0.5",
+            "train.min_lr_rate=0.1",
+            "train.warmup_steps=1",
+        ],
+        ["train.lr_scheduler_type=step", "train.step_size=2", "train.gamma=0.5", "train.warmup_steps=1"],
+        ["train.lr_scheduler_type=exponential", "train.gamma=0.8", "train.warmup_steps=2"],
     ],
-    ids=["cosine", "linear", "cosine-min-lr", "cosine-min-lr-rate", "constant-warmup"],
+    ids=[
+        "cosine",
+        "linear",
+        "cosine-min-lr",
+        "cosine-min-lr-rate",
+        "constant-warmup",
+        "polynomial",
+        "warmup-stable-decay",
+        "step",
+        "exponential",
+    ],
 )
 def test_every_step_uses_the_previewed_lr(model_and_tokenizer, tmp_path, schedule):
     overrides = [
