@@ -16,9 +16,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune.data import load_conversations
+from finetune.data import Conversation, load_conversations
 from finetune.plots import plot_schedule
-from finetune.preflight import check_can_start
+from finetune.preflight import check_can_start, detect_gpus
+from finetune.prepare import DataPlan, plan_data
 from finetune.recipe import (
     UNSET,
     Recipe,
@@ -121,6 +122,31 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             run_dir = base.with_name(f"{base.name}-{n}")
 
 
+def training_data(recipe: Recipe) -> tuple[list[Conversation], DataPlan]:
+    """The training rows, and what the trainer will make of them (token lengths, drops, packing)."""
+    conversations = load_conversations(recipe.data.train, recipe.data.format)
+    return conversations, plan_data(
+        conversations,
+        recipe.model.name,
+        recipe.data,
+        recipe.model.max_seq_length,
+        recipe.data.train,
+        on_gpu=bool(detect_gpus()),
+    )
+
+
+def data_as_dict(data: DataPlan) -> dict:
+    return {
+        "rows": data.rows,
+        "trained_rows": None if data.lengths is None else len(data.lengths),
+        "sequences": data.sequences,
+        "packing": data.packing,
+        "tokenizer": data.tokenizer,
+        "token_lengths": data.lengths,
+        "report": data.report,
+    }
+
+
 def checked_plan(recipe: Recipe, num_examples: int, source: str, quiet: bool = False) -> SchedulePlan:
     """The schedule plan; a schedule that would be wrong is refused, a doubtful one gets a warning."""
     plan = plan_schedule(num_examples, recipe.train)
@@ -135,12 +161,12 @@ def checked_plan(recipe: Recipe, num_examples: int, source: str, quiet: bool = F
 def cmd_plan(recipe_arg: str, overrides: list[str], as_json: bool, png: Path) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
-    num_examples = len(load_conversations(recipe.data.train, recipe.data.format))
-    plan = checked_plan(recipe, num_examples, str(path), quiet=as_json)
+    _, data = training_data(recipe)
+    plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
     if as_json:
-        console.print(json.dumps(plan_as_dict(plan)), markup=False)
+        console.print(json.dumps({**plan_as_dict(plan), "data": data_as_dict(data)}), markup=False)
         return 0
-    for line in describe_plan(plan):
+    for line in data.describe() + describe_plan(plan):
         console.print(line, markup=False)
     console.print(f"plot: {plot_schedule(plan, png)}", markup=False)
     return 0
@@ -150,16 +176,16 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
-    conversations = load_conversations(recipe.data.train, recipe.data.format)
+    conversations, data = training_data(recipe)
     eval_conversations = load_conversations(recipe.data.eval, recipe.data.format)
-    plan = checked_plan(recipe, len(conversations), str(path))
+    plan = checked_plan(recipe, data.sequences, str(path))
     device = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     name = recipe_name(path)
     console.print(
         f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {device}, "
         f"{len(conversations)} conversations"
     )
-    for line in describe_plan(plan):
+    for line in data.describe() + describe_plan(plan):
         console.print(line, markup=False)
 
     from finetune import train  # heavy: unsloth, torch, transformers, trl
@@ -169,7 +195,7 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     # The resolved recipe already holds the overridden values; this records how they got there.
     run_info = {"recipe": str(path), "overrides": overrides, "version": recipe.version}
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    (run_dir / "plan.json").write_text(json.dumps(plan_as_dict(plan)) + "\n")
+    (run_dir / "plan.json").write_text(json.dumps({**plan_as_dict(plan), "data": data_as_dict(data)}) + "\n")
     plot_schedule(plan, run_dir / "lr_schedule.png")
     result = train.train(recipe, conversations, eval_conversations, run_dir)
     logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
@@ -207,8 +233,8 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
         f"# effective batch: {effective} sequences per optimizer step "
         f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
     )
-    num_examples = len(load_conversations(recipe.data.train, recipe.data.format))
-    for line in describe_plan(checked_plan(recipe, num_examples, str(path))):
+    _, data = training_data(recipe)
+    for line in data.describe() + describe_plan(checked_plan(recipe, data.sequences, str(path))):
         console.print(f"# {line}", markup=False)
     return 0
 

@@ -9,12 +9,19 @@ indentation, tabs and trailing newlines.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finetune.recipe import RecipeError
 
 ROLES = {"system", "user", "assistant"}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    source: str  # file:line, for every message about this row
+    messages: list[dict[str, str]]
 
 
 def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -82,8 +89,8 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def load_conversations(files: list[str], row_format: str = "auto") -> list[list[dict[str, str]]]:
-    """Every row of every file, as a list of chat messages."""
+def load_conversations(files: list[str], row_format: str = "auto") -> list[Conversation]:
+    """Every row of every file, as chat messages with the row's file:line."""
     conversations = []
     for name in files:
         path = Path(name)
@@ -91,10 +98,10 @@ def load_conversations(files: list[str], row_format: str = "auto") -> list[list[
             where = f"{path}:{number}"
             fmt = row_format if row_format != "auto" else detect_format(row)
             if fmt == "messages" and "messages" in row:
-                conversations.append(_check_messages(row["messages"], where))
+                conversations.append(Conversation(where, _check_messages(row["messages"], where)))
             elif fmt == "alpaca" and "instruction" in row and "output" in row:
                 converted = alpaca_to_messages(row)
-                conversations.append(_check_messages(converted, where))
+                conversations.append(Conversation(where, _check_messages(converted, where)))
             else:
                 expected = "'messages'" if fmt == "messages" else "'instruction' and 'output'"
                 found = ", ".join(sorted(row)) or "nothing"

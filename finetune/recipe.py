@@ -88,6 +88,14 @@ class DataSection(_Section):
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on assistant turns only (prompts are masked)."
     )
+    overlong: Literal["drop", "truncate", "error"] = Field(
+        "drop",
+        description="Rows longer than model.max_seq_length tokens: drop, truncate (keep the start) or error.",
+    )
+    packing: bool = Field(
+        False,
+        description="Pack short rows into max_seq_length sequences (attention stays within each row).",
+    )
 
     @model_validator(mode="before")
     @classmethod

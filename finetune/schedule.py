@@ -178,7 +178,7 @@ def describe_plan(plan: SchedulePlan) -> list[str]:
     warmup_share = 100 * plan.warmup_steps / plan.total_steps
     lines = [
         f"schedule: {plan.scheduler}, {plan.total_steps} optimizer steps "
-        f"({plan.num_examples} examples, {plan.effective_batch_size} per step, "
+        f"({plan.num_examples} sequences, {plan.effective_batch_size} per step, "
         f"{plan.steps_per_epoch} steps per epoch)",
         f"warmup: {plan.warmup_steps} steps ({warmup_share:.1f}% of training), "
         f"from {plan.lrs[0]:.3g} to {plan.peak_lr:.3g}",

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 
 TINY_MODEL_NAME = "tiny-llama-3"
@@ -139,6 +140,25 @@ def build_llama3_tokenizer():
     )
 
 
+def tokenizer_digest() -> str:
+    """Changes whenever what build_llama3_tokenizer writes would."""
+    key = json.dumps([_BUILDER_VERSION, _LLAMA3_PATTERN, special_tokens(), chat_template()], sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def write_llama3_tokenizer(out_dir: Path) -> Path:
+    """Save the Llama 3.1 Instruct tokenizer alone (for planning without the model)."""
+    tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    build_llama3_tokenizer().save_pretrained(tmp_dir)
+    try:
+        tmp_dir.rename(out_dir)
+    except OSError:  # another process finished first: keep its copy
+        if not (out_dir / "tokenizer.json").is_file():
+            raise
+        shutil.rmtree(tmp_dir)
+    return out_dir
+
+
 def build_tiny_model(out_dir: Path) -> Path:
     """Write the tiny Llama (bf16 safetensors) and its tokenizer into ``out_dir``."""
     import torch
@@ -176,4 +196,9 @@ def ensure_tiny_model() -> Path:
 
 
 if __name__ == "__main__":
-    print(ensure_tiny_model())
+    import sys
+
+    if sys.argv[1:2] == ["--tokenizer"]:
+        print(write_llama3_tokenizer(Path(sys.argv[2])))
+    else:
+        print(ensure_tiny_model())

@@ -21,9 +21,10 @@ from transformers import ProgressCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
-from unsloth.chat_templates import train_on_responses_only
 
 from finetune import schedule
+from finetune.data import Conversation
+from finetune.prepare import Example, Prepared, find_tokenizer, prepare
 from finetune.recipe import Recipe, RecipeError, TrainSection
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -107,7 +108,8 @@ def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
         eval_steps=train.eval_steps,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         max_length=recipe.model.max_seq_length,
-        packing=False,
+        packing=recipe.data.packing,
+        packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
         dataset_num_proc=1,
         report_to="none",
         disable_tqdm=False,
@@ -134,32 +136,38 @@ class _LossProgress(ProgressCallback):
         self.training_bar.write(line)
 
 
-def _chat_dataset(conversations: list) -> Dataset | None:
-    return (
-        Dataset.from_list([{"messages": messages} for messages in conversations]) if conversations else None
+def prepare_examples(recipe: Recipe, conversations: list[Conversation]) -> Prepared:
+    """Token ids and labels with the model's own tokenizer files (on disk once the model is loaded)."""
+    tokenizer = find_tokenizer(model_path(recipe))
+    if tokenizer is None:
+        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+    return prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)
+
+
+def _token_dataset(examples: list[Example]) -> Dataset | None:
+    # Finished input_ids and labels: TRL sees "input_ids" and skips its own tokenizing and masking.
+    if not examples:
+        return None
+    return Dataset.from_dict(
+        {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
 
 
 def build_trainer(
-    model, tokenizer, conversations: list, recipe: Recipe, output_dir: Path, eval_conversations: list = ()
+    model, tokenizer, examples: list[Example], recipe: Recipe, output_dir: Path, eval_examples: list = ()
 ) -> SFTTrainer:
-    """SFTTrainer over chat conversations, rendered by the tokenizer's chat template."""
-    if tokenizer.chat_template is None:
-        raise RecipeError(f"model {recipe.model.name} has no chat template to render the conversations with")
+    """SFTTrainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
+    max_seq_length sequences, and attention stays within each example (position ids restart)."""
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
-        train_dataset=_chat_dataset(conversations),
-        eval_dataset=_chat_dataset(list(eval_conversations)),
+        train_dataset=_token_dataset(examples),
+        eval_dataset=_token_dataset(list(eval_examples)),
         args=build_sft_config(recipe, output_dir),
     )
     _install_own_scheduler(trainer, recipe.train)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_LossProgress())
-    if recipe.data.train_on_responses_only:
-        # Unsloth finds the user/assistant header markers in the chat template and masks everything
-        # outside assistant turns (every assistant turn of a multi-turn conversation is trained).
-        trainer = train_on_responses_only(trainer)
     return trainer
 
 
@@ -194,13 +202,18 @@ def _install_own_scheduler(trainer: SFTTrainer, train: TrainSection) -> None:
     trainer.create_scheduler = create_scheduler
 
 
-def train(recipe: Recipe, conversations: list, eval_conversations: list, run_dir: Path) -> TrainResult:
+def train(
+    recipe: Recipe, conversations: list[Conversation], eval_conversations: list[Conversation], run_dir: Path
+) -> TrainResult:
     """Load, add LoRA, train, and save the adapter and tokenizer into ``run_dir/adapter``."""
     model, tokenizer = load_model(recipe)
     model = add_lora(model, recipe)
-    trainer = build_trainer(
-        model, tokenizer, conversations, recipe, run_dir / "checkpoints", eval_conversations
-    )
+    examples = prepare_examples(recipe, conversations).examples
+    eval_prepared = prepare_examples(recipe, eval_conversations)
+    for line in eval_prepared.report(recipe.model.max_seq_length):
+        print(f"eval data: {line}")
+    eval_examples = eval_prepared.examples
+    trainer = build_trainer(model, tokenizer, examples, recipe, run_dir / "checkpoints", eval_examples)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

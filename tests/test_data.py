@@ -17,8 +17,10 @@ def test_every_sample_file_loads_byte_exact(path):
     conversations = load_conversations([str(path)])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert len(conversations) == len(rows) >= 10
-    for row, messages in zip(rows, conversations, strict=True):
+    for number, (row, conversation) in enumerate(zip(rows, conversations, strict=True), start=1):
         expected = row["messages"] if "messages" in row else alpaca_to_messages(row)
+        assert conversation.source == f"{path}:{number}"
+        messages = conversation.messages
         assert messages == expected  # content untouched: indentation, tabs, trailing newlines
         assert messages[-1]["role"] == "assistant"
 
@@ -70,6 +72,6 @@ def test_broken_json_line_and_missing_file(tmp_path):
 def test_format_can_be_forced(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "i", "output": "o"}) + "\n")
-    assert load_conversations([str(path)], "alpaca")[0][0]["content"] == "i"
+    assert load_conversations([str(path)], "alpaca")[0].messages[0]["content"] == "i"
     with pytest.raises(RecipeError, match="expected 'messages'"):
         load_conversations([str(path)], "messages")

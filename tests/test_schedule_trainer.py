@@ -3,10 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import TrainerCallback
 
 from finetune import train
 from finetune.data import load_conversations
+from finetune.prepare import plan_data
 from finetune.recipe import load_recipe
 from finetune.schedule import plan_schedule
 
@@ -35,7 +37,8 @@ def model_and_tokenizer():
 def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples):
     model, tokenizer = model_and_tokenizer
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.logging_steps=1", *overrides])
-    trainer = train.build_trainer(model, tokenizer, CONVERSATIONS[:num_examples], recipe, tmp_path)
+    examples = train.prepare_examples(recipe, CONVERSATIONS[:num_examples]).examples
+    trainer = train.build_trainer(model, tokenizer, examples, recipe, tmp_path)
     recorder = _RecordLr()
     trainer.add_callback(recorder)
     trainer.train()
@@ -63,6 +66,50 @@ def test_step_count_matches_the_trainer(
     ]
     recipe, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples)
     plan = plan_schedule(num_examples, recipe.train)
+    assert plan.total_steps == trainer.state.max_steps == trainer.state.global_step == len(lrs)
+
+
+@pytest.mark.parametrize(
+    "data_settings, expected_report",
+    [
+        # Rows over 150 tokens are dropped and counted.
+        (["model.max_seq_length=150", "data.overlong=drop"], "rows dropped: longer than max_seq_length 150"),
+        # Cut to 52 tokens, rows whose answer starts later lose all of it and are dropped as untrained.
+        (["model.max_seq_length=52", "data.overlong=truncate"], "dropped: no trained token left"),
+        # Packing: 40 rows of 107-612 tokens into 1024-token sequences, then batches of packed sequences.
+        (["data.packing=true"], None),
+        (["data.packing=true", "model.max_seq_length=400", "data.overlong=truncate"], "truncated to"),
+    ],
+    ids=["drop-long", "truncate-untrained", "packing", "packing-truncated"],
+)
+def test_step_count_after_dropping_and_packing_matches_the_trainer(
+    model_and_tokenizer, tmp_path, data_settings, expected_report
+):
+    overrides = [
+        "train.max_steps=null",
+        "train.warmup_steps=0",
+        "train.num_train_epochs=1",
+        "train.per_device_train_batch_size=2",
+        "train.gradient_accumulation_steps=2",
+        *data_settings,
+    ]
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
+    # Unsloth keeps packing off on the CPU (see prepare.plan_data): there the plan must say so and
+    # count unpacked rows; on a GPU the packed sequences.
+    on_gpu = torch.cuda.is_available()
+    data = plan_data(
+        CONVERSATIONS, recipe.model.name, recipe.data, recipe.model.max_seq_length, recipe.data.train, on_gpu
+    )
+    if expected_report:
+        assert any(expected_report in line for line in data.report), data.report
+    if recipe.data.packing and not on_gpu:
+        assert data.sequences == len(data.lengths) and any("packing is off" in r for r in data.report)
+    else:
+        assert data.sequences < len(CONVERSATIONS)  # rows dropped, or packed several to a sequence
+    plan = plan_schedule(data.sequences, recipe.train)
+    _, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides, len(CONVERSATIONS))
+    assert len(trainer.train_dataset) == data.sequences
+    assert [len(row) for row in trainer.train_dataset["input_ids"]] == data.lengths or data.packing
     assert plan.total_steps == trainer.state.max_steps == trainer.state.global_step == len(lrs)
 
 

@@ -41,10 +41,10 @@ def trained(tmp_path_factory):
     trainer = train.build_trainer(
         model,
         tokenizer,
-        load_conversations(recipe.data.train),
+        train.prepare_examples(recipe, load_conversations(recipe.data.train)).examples,
         recipe,
         run_dir,
-        load_conversations(recipe.data.eval),
+        train.prepare_examples(recipe, load_conversations(recipe.data.eval)).examples,
     )
     trainer.train()
     after = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -90,6 +90,31 @@ def test_only_assistant_tokens_are_trained(trained):
     text = tokenizer.decode(trained_ids)
     assert "<|start_header_id|>" not in text and "Cutting Knowledge" not in text
     assert text.endswith("<|eot_id|>")  # the end-of-turn token is trained, so the model learns to stop
+
+
+def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
+    """Unsloth's own response masking, run over the same conversations tokenized by the real
+    transformers tokenizer, marks exactly the tokens our torch-free preparation marks."""
+    from datasets import Dataset
+    from unsloth.chat_templates import train_on_responses_only
+
+    recipe, trainer, tokenizer, *_ = trained
+    conversations = load_conversations(recipe.data.train)
+    ours = train.prepare_examples(recipe, conversations).examples
+    ids = [
+        tokenizer.apply_chat_template(c.messages, tokenize=True, return_dict=True)["input_ids"]
+        for c in conversations
+    ]
+    assert ids == [example.input_ids for example in ours]  # same tokens as transformers' own rendering
+    no_eval = recipe.model_copy(update={"train": recipe.train.model_copy(update={"eval_steps": None})})
+    theirs = train.build_trainer(trainer.model, tokenizer, ours, no_eval, tmp_path)
+    theirs.train_dataset = Dataset.from_dict({"input_ids": ids, "labels": [list(i) for i in ids]})
+    theirs = train_on_responses_only(
+        theirs,
+        instruction_part="<|start_header_id|>user<|end_header_id|>\n\n",
+        response_part="<|start_header_id|>assistant<|end_header_id|>\n\n",
+    )
+    assert [row["labels"] for row in theirs.train_dataset] == [example.labels for example in ours]
 
 
 def test_saved_adapter_reloads_with_the_trained_weights_and_generates(trained):

@@ -1,0 +1,140 @@
+"""Data preparation without torch: rendering, trained-token masks, the long-row policy, packing counts."""
+
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune.data import Conversation, load_conversations
+from finetune.prepare import IGNORE_INDEX, count_packed_sequences, find_tokenizer, plan_data, prepare
+from finetune.recipe import DataSection, RecipeError
+
+ROOT = Path(__file__).resolve().parent.parent
+CHAT = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return find_tokenizer("tiny-llama-3")
+
+
+def trained_segments(tokenizer, example):
+    """Each run of consecutive trained tokens, decoded."""
+    segments, current = [], []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        if label != IGNORE_INDEX:
+            assert label == token
+            current.append(token)
+        elif current:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    return [tokenizer.tokenizer.decode(s, skip_special_tokens=False) for s in segments]
+
+
+def test_every_assistant_turn_is_trained_with_its_end_of_turn_token_and_nothing_else(tokenizer):
+    prepared = prepare(CHAT, tokenizer, DataSection(train=["x"]), 4096)
+    multi_turn = 0
+    for conversation, example in zip(CHAT, prepared.examples, strict=True):
+        answers = [m["content"] for m in conversation.messages if m["role"] == "assistant"]
+        multi_turn += len(answers) > 1
+        # Llama 3.1's template trims each message, then ends the turn with <|eot_id|>.
+        assert trained_segments(tokenizer, example) == [a.strip() + "<|eot_id|>" for a in answers]
+    assert multi_turn >= 3
+
+
+def test_train_on_everything_switch(tokenizer):
+    prepared = prepare(CHAT[:3], tokenizer, DataSection(train=["x"], train_on_responses_only=False), 4096)
+    assert all(e.labels == e.input_ids for e in prepared.examples)
+
+
+def _long_rows():
+    short = Conversation("f:1", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    long_answer = Conversation(
+        "f:2", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]
+    )
+    long_prompt = Conversation(
+        "f:3", [{"role": "user", "content": "word " * 200}, {"role": "assistant", "content": "ok"}]
+    )
+    return [short, long_answer, long_prompt]
+
+
+def test_long_rows_are_dropped_truncated_or_refused_and_always_counted(tokenizer):
+    rows = _long_rows()
+    dropped = prepare(rows, tokenizer, DataSection(train=["x"], overlong="drop"), 100)
+    assert [e.source for e in dropped.examples] == ["f:1"] and dropped.dropped_too_long == ["f:2", "f:3"]
+    assert dropped.report(100) == ["2 rows dropped: longer than max_seq_length 100 tokens (f:2, f:3)"]
+
+    truncated = prepare(rows, tokenizer, DataSection(train=["x"], overlong="truncate"), 100)
+    assert [e.source for e in truncated.examples] == ["f:1", "f:2"]
+    assert [len(e.input_ids) for e in truncated.examples][1] == 100
+    # f:3's answer lies beyond token 100: nothing of it would be trained, so the row goes, counted.
+    assert truncated.truncated == ["f:2", "f:3"] and truncated.dropped_untrained == ["f:3"]
+
+    with pytest.raises(RecipeError, match=r"f:2: \d+ tokens, longer than max_seq_length 100"):
+        prepare(rows, tokenizer, DataSection(train=["x"], overlong="error"), 100)
+    with pytest.raises(RecipeError, match="no row is left to train on; 2 rows dropped"):
+        prepare(rows[1:], tokenizer, DataSection(train=["x"]), 100)
+
+
+def test_packing_count_equals_trls_best_fit_decreasing_packer():
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rng = random.Random(0)
+    cases = [[rng.randint(1, 1024) for _ in range(rng.randint(1, 300))] for _ in range(20)]
+    cases.append(
+        [
+            len(e.input_ids)
+            for e in prepare(CHAT, find_tokenizer("tiny-llama-3"), DataSection(train=["x"]), 4096).examples
+        ]
+    )
+    cases.append([1024, 1024, 1, 1023, 512, 512, 2000])  # exact fits and an over-long row
+    for lengths in cases:
+        dataset = Dataset.from_dict({"input_ids": [[7] * n for n in lengths]})
+        packed = pack_dataset(dataset, seq_length=1024, strategy="bfd")
+        assert count_packed_sequences(lengths, 1024) == len(packed), lengths
+
+
+def test_plan_data_is_cached_and_imports_nothing_heavy(tmp_path):
+    code = (
+        "import sys, time\n"
+        "from finetune.data import load_conversations\n"
+        "from finetune.prepare import plan_data\n"
+        "from finetune.recipe import DataSection\n"
+        "files = ['data_samples/code_chat.jsonl']\n"
+        "rows = load_conversations(files)\n"
+        "start = time.perf_counter()\n"
+        "plan = plan_data(rows, 'tiny-llama-3', DataSection(train=files), 1024, files)\n"
+        "print(len(plan.lengths), plan.sequences, round(time.perf_counter() - start, 3))\n"
+        "assert not {'torch', 'transformers', 'trl', 'unsloth'} & set(sys.modules)\n"
+    )
+    env = {"FINETUNE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
+    first = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert second.returncode == 0, second.stderr
+    assert first.stdout.split()[:2] == second.stdout.split()[:2] == ["40", "40"]
+    assert list((tmp_path / "data-plans").glob("*.json"))  # the second run read this, not the tokenizer
+
+
+def test_plan_data_without_a_tokenizer_counts_rows(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    files = [str(ROOT / "data_samples" / "code_chat.jsonl")]
+    for name in (str(tmp_path / "no-such-model"), "someone/unknown-model"):
+        plan = plan_data(CHAT, name, DataSection(train=files), 1024, files)
+        assert plan.lengths is None and plan.sequences == 40
+    assert "token lengths unknown" in plan.describe()[0]
+
+
+def test_packing_is_planned_off_on_the_cpu():
+    files = [str(ROOT / "data_samples" / "code_chat.jsonl")]
+    data = DataSection(train=files, packing=True)
+    on_cpu = plan_data(CHAT, "tiny-llama-3", data, 1024, files, on_gpu=False)
+    on_gpu = plan_data(CHAT, "tiny-llama-3", data, 1024, files, on_gpu=True)
+    assert on_cpu.sequences == 40 and "packing is off on the CPU" in on_cpu.report[-1]
+    assert on_gpu.sequences == count_packed_sequences(on_gpu.lengths, 1024) < 40
+    assert "packed into" in on_gpu.describe()[0]
