@@ -78,7 +78,7 @@ def test_step_count_matches_the_trainer(
         (["model.max_seq_length=52", "data.overlong=truncate"], "dropped: no trained token left"),
         # Packing: 40 rows of 107-612 tokens into 1024-token sequences, then batches of packed sequences.
         (["data.packing=true"], None),
-        (["data.packing=true", "model.max_seq_length=400", "data.overlong=truncate"], "truncated to"),
+        (["data.packing=true", "model.max_seq_length=200", "data.overlong=truncate"], "truncated to"),
     ],
     ids=["drop-long", "truncate-untrained", "packing", "packing-truncated"],
 )
