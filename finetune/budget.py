@@ -1,22 +1,510 @@
-"""Pure numbers about a model, derived from its config.json: no torch, no weights.
+"""Memory and step-time predictions from a model's config.json and the recipe: pure Python, no torch.
 
-The memory and step-time predictions grow here; for now, the parameter count that decides whether a
-model is small enough to train on a CPU.
+Every term is a plain function of the shapes, so each can be checked on its own: the static terms
+(weights, quantization constants, LoRA parameters, gradients, optimizer state) exactly against
+instantiated models, the dynamic ones (activations, logits, overheads, speed) against measurements
+on a GPU. The numbers that measurement sets live in ``CONSTANTS``, each with where it comes from.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from finetune.prepare import count_packed_sequences
+from finetune.recipe import Recipe
+from finetune.schedule import count_optimizer_steps
+
+GIB = 1024**3
+
+# Linear layers of a Llama decoder layer, as (name, in features, out features) from the config.
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# bitsandbytes NF4 as Unsloth loads it (bnb_4bit_use_double_quant=True): 4 bits per weight, one
+# absmax per 64 weights, stored as uint8 and itself quantized with one fp32 absmax per 256 blocks.
+BNB_BLOCKSIZE = 64
+BNB_NESTED_BLOCKSIZE = 256
+# Per quantized tensor: the 16-entry NF4 code (fp32), the 256-entry nested code (fp32), the offset.
+BNB_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
+
+# Bytes of optimizer state per trainable parameter (two moments).
+OPTIMIZER_STATE_BYTES = {
+    "adamw_torch": 8.0,
+    "adamw_torch_fused": 8.0,
+    "paged_adamw_32bit": 8.0,
+    # bitsandbytes 8-bit blockwise: 1 B per moment plus one fp32 absmax per 256 values each.
+    "adamw_8bit": 2.0 + 2 * 4 / 256,
+    "paged_adamw_8bit": 2.0 + 2 * 4 / 256,
+}
+
+# What measurement decides. Each value: (number, where it comes from). The GPU issue replaces the
+# estimates with fitted values; until then the margins printed with every prediction say so.
+CONSTANTS = {
+    "cuda_context_bytes": (0.5 * GIB, "vram.asmirnov.xyz: 0.3-2 GiB outside PyTorch's allocator; typical"),
+    "allocator_overhead": (0.10, "Unsloth docs: leave ~10% for fragmentation (reserved over allocated)"),
+    "chunked_ce_tokens": (
+        2048,
+        "assumed: Unsloth's chunked cross-entropy holds about this many tokens' logits at once",
+    ),
+    "gemm_efficiency": (0.45, "A100 QLoRA anchors run 20-50% MFU (performance.md section 4.2)"),
+    "bandwidth_efficiency": (0.6, "real dequantization kernels reach 50-80% of peak bandwidth"),
+    "micro_batch_overhead_s": (0.03, "kernel launches and Python per micro-batch, tens of ms"),
+    "memory_margin": (0.10, "the stated target: peak memory within 10%"),
+    "time_margin": (0.15, "the stated target: step time within 15%"),
+}
+
+
+def constant(name: str) -> float:
+    return CONSTANTS[name][0]
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory_bytes: float
+    bf16_tflops: float  # dense bf16 tensor throughput (FP32 accumulate on GeForce parts)
+    bandwidth_gbs: float
+    source: str
+    is_gpu: bool = True
+
+
+# Known GPUs, for planning without the card (`plan --gpu NAME`). Figures from
+# ../shared/reference/performance.md section 5 and the vendors' datasheets.
+GPUS = {
+    "rtx-3090": Device("RTX 3090", 24 * GIB, 71.0, 936.0, "NVIDIA GA102 whitepaper"),
+    "rtx-4090": Device("RTX 4090", 24 * GIB, 165.2, 1008.0, "NVIDIA Ada whitepaper"),
+    "l4": Device("L4", 24 * GIB, 121.0, 300.0, "NVIDIA L4 datasheet"),
+    "a10g": Device("A10G", 24 * GIB, 70.0, 600.0, "AWS G5 / NVIDIA A10 datasheet"),
+    "a100-40gb": Device("A100 40GB", 40 * GIB, 312.0, 1555.0, "NVIDIA A100 datasheet"),
+    "a100-80gb": Device("A100 80GB", 80 * GIB, 312.0, 2039.0, "NVIDIA A100 datasheet"),
+    "h100-pcie": Device("H100 PCIe", 80 * GIB, 756.0, 2000.0, "NVIDIA H100 datasheet"),
+    "h100": Device("H100 SXM", 80 * GIB, 989.4, 3350.0, "NVIDIA H100 datasheet"),
+    "h200": Device("H200", 141 * GIB, 989.4, 4800.0, "NVIDIA H200 datasheet"),
+}
+
+
+def gpu_by_name(name: str) -> Device | None:
+    """A table entry from a user's spelling ('RTX 4090', 'rtx-4090', 'NVIDIA H100 80GB HBM3', ...)."""
+    key = name.lower().replace("nvidia", "").replace("geforce", "").strip().replace(" ", "-")
+    if key in GPUS:
+        return GPUS[key]
+    for table_key, device in sorted(GPUS.items(), key=lambda kv: -len(kv[0])):
+        if table_key.replace("-", "") in key.replace("-", ""):
+            return device
+    return None
+
+
+# ---- Model shapes ---------------------------------------------------------------------------------
+
+SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
+
+
+def shipped_config(model_name: str) -> dict | None:
+    """The public config of a model the shipped recipes use, so planning needs no download."""
+    if "llama-3.1-8b" in model_name.lower():
+        return json.loads((SHIPPED_CONFIGS / "llama-3.1-8b.json").read_text())
+    return None
+
+
+@dataclass(frozen=True)
+class Shapes:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> Shapes:
+        heads = config["num_attention_heads"]
+        return cls(
+            hidden=config["hidden_size"],
+            intermediate=config["intermediate_size"],
+            layers=config["num_hidden_layers"],
+            heads=heads,
+            kv_heads=config.get("num_key_value_heads", heads),
+            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
+            vocab=config["vocab_size"],
+            tied=config.get("tie_word_embeddings", False),
+        )
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """(in features, out features) of each linear layer in one decoder layer."""
+        h, q, kv, f = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        )
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, f),
+            "up_proj": (h, f),
+            "down_proj": (f, h),
+        }
+
+    @property
+    def linear_parameters(self) -> int:
+        return self.layers * sum(i * o for i, o in self.projections().values())
+
+    @property
+    def embedding_parameters(self) -> int:
+        """Input embeddings plus lm_head (one matrix when tied)."""
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def norm_parameters(self) -> int:
+        return (2 * self.layers + 1) * self.hidden
+
 
 def count_parameters(config: dict) -> int:
     """Parameters of a Llama-style decoder from its config.json (embeddings, attention, MLP, norms)."""
-    hidden = config["hidden_size"]
-    layers = config["num_hidden_layers"]
-    heads = config["num_attention_heads"]
-    kv_heads = config.get("num_key_value_heads", heads)
-    head_dim = config.get("head_dim") or hidden // heads
-    vocab = config["vocab_size"]
-    attention = hidden * head_dim * (2 * heads + 2 * kv_heads)
-    mlp = 3 * hidden * config["intermediate_size"]
-    per_layer = attention + mlp + 2 * hidden
-    embeddings = vocab * hidden * (1 if config.get("tie_word_embeddings", False) else 2)
-    return layers * per_layer + embeddings + hidden
+    shapes = Shapes.from_config(config)
+    return shapes.linear_parameters + shapes.embedding_parameters + shapes.norm_parameters
+
+
+def lora_parameters(shapes: Shapes, r: int, target_modules: list[str]) -> int:
+    """A (r x in) and B (out x r) for every targeted projection of every layer."""
+    return shapes.layers * sum(
+        r * (i + o) for name, (i, o) in shapes.projections().items() if name in target_modules
+    )
+
+
+def nf4_bytes(num_weights: int) -> int:
+    """Bytes of one NF4-quantized weight tensor with double quantization (data, absmax, constants)."""
+    blocks = math.ceil(num_weights / BNB_BLOCKSIZE)
+    return num_weights // 2 + blocks + math.ceil(blocks / BNB_NESTED_BLOCKSIZE) * 4 + BNB_PER_TENSOR_BYTES
+
+
+def nf4_bytes_single_quant(num_weights: int) -> int:
+    """The same without double quantization: one fp32 absmax per 64 weights."""
+    return num_weights // 2 + math.ceil(num_weights / BNB_BLOCKSIZE) * 4 + 16 * 4
+
+
+# ---- Memory ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    terms: dict[str, float]  # name -> bytes, in the order printed
+    tokens_per_micro_batch: int
+
+    @property
+    def total(self) -> float:
+        return sum(self.terms.values())
+
+    @property
+    def upper(self) -> float:
+        return self.total * (1 + constant("memory_margin"))
+
+
+def weight_bytes(shapes: Shapes, load_in_4bit: bool, dtype_bytes: int) -> tuple[float, float]:
+    """(quantized linear weights, weights kept in the compute dtype: embeddings, lm_head, norms)."""
+    if load_in_4bit:
+        linear = shapes.layers * sum(nf4_bytes(i * o) for i, o in shapes.projections().values())
+    else:
+        linear = shapes.linear_parameters * dtype_bytes
+    return linear, (shapes.embedding_parameters + shapes.norm_parameters) * dtype_bytes
+
+
+def activation_bytes_per_token(shapes: Shapes, checkpointing: str, dtype_bytes: int) -> float:
+    """Activations kept for the backward pass, per token (performance.md section 3.3).
+
+    One layer's working set: its two norm inputs and outputs, Q and the attention output, K and V,
+    and the MLP's gate, up, SiLU(gate) and product. Without checkpointing every layer keeps it; with
+    checkpointing only each layer's input is kept (on the GPU for 'standard', in CPU memory for
+    Unsloth's offloaded mode) plus one layer being recomputed.
+    """
+    h, kv, f = shapes.hidden, shapes.kv_heads * shapes.head_dim, shapes.intermediate
+    per_layer = dtype_bytes * (6 * h + 2 * kv + 4 * f)
+    if checkpointing == "off":
+        return shapes.layers * per_layer
+    if checkpointing == "standard":
+        return shapes.layers * dtype_bytes * h + per_layer
+    return per_layer + dtype_bytes * h  # unsloth: checkpoints offloaded; one input buffer stays
+
+
+def logits_bytes(shapes: Shapes, tokens: int, chunked: bool) -> float:
+    """bf16 logits, their fp32 upcast and fp32/bf16 gradients: 12 B per vocabulary entry per token,
+    for every token of the micro-batch, or for one chunk with chunked cross-entropy."""
+    held = min(tokens, int(constant("chunked_ce_tokens"))) if chunked else tokens
+    return 12.0 * shapes.vocab * held
+
+
+def effective_optimizer(optim: str, on_gpu: bool) -> str:
+    """Unsloth's CPU fallback replaces bitsandbytes' 8-bit and paged optimizers with fused AdamW."""
+    return optim if on_gpu or not ("8bit" in optim or "paged" in optim) else "adamw_torch_fused"
+
+
+def predict_memory(
+    recipe: Recipe, shapes: Shapes, tokens_per_micro_batch: int, dtype_bytes: int = 2, on_gpu: bool = True
+) -> MemoryPlan:
+    """Peak GPU memory of one training step, term by term."""
+    optim = effective_optimizer(recipe.train.optim, on_gpu)
+    linear, kept = weight_bytes(shapes, recipe.model.load_in_4bit, dtype_bytes)
+    trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
+    # PEFT keeps LoRA weights in fp32 on a quantized base; their gradients match.
+    terms = {
+        "4-bit base weights" if recipe.model.load_in_4bit else "base weights": linear,
+        "embeddings, lm_head, norms": kept,
+        "LoRA parameters": trainable * 4.0,
+        "LoRA gradients": trainable * 4.0,
+        f"optimizer state ({optim})": trainable * OPTIMIZER_STATE_BYTES[optim],
+        f"activations ({recipe.model.gradient_checkpointing} checkpointing)": tokens_per_micro_batch
+        * activation_bytes_per_token(shapes, recipe.model.gradient_checkpointing, dtype_bytes),
+        "logits and loss (chunked)": logits_bytes(shapes, tokens_per_micro_batch, chunked=True),
+    }
+    allocated = sum(terms.values())
+    if on_gpu:  # PyTorch's CUDA caching allocator and the CUDA context; a CPU run has neither
+        terms["allocator overhead"] = allocated * constant("allocator_overhead")
+        terms["CUDA context"] = constant("cuda_context_bytes")
+    return MemoryPlan(terms, tokens_per_micro_batch)
+
+
+# ---- Tokens per micro-batch ----------------------------------------------------------------------
+
+
+def peak_tokens_per_micro_batch(
+    lengths: list[int] | None, batch: int, max_seq_length: int, packing: bool
+) -> int:
+    """Tokens in the largest micro-batch: rows are padded to the longest of their batch, so the worst
+    batch holds the longest row; packed sequences and unknown lengths count as full max_seq_length."""
+    if packing or not lengths:
+        return batch * max_seq_length
+    return batch * min(max(lengths), max_seq_length)
+
+
+def mean_tokens_per_micro_batch(
+    lengths: list[int] | None, sequences: int, batch: int, max_seq_length: int, packing: bool
+) -> float:
+    """Average tokens per micro-batch over an epoch. Padded batches: seeded sampling of shuffled
+    batches (pure and repeatable); packed ones carry no padding, so the real tokens per sequence."""
+    if not lengths:
+        return batch * max_seq_length
+    if packing:
+        return min(batch, sequences) * sum(lengths) / sequences
+    rng = random.Random(0)
+    size = min(batch, len(lengths))
+    draws = [max(rng.sample(lengths, size)) for _ in range(400)]
+    return size * sum(draws) / len(draws)
+
+
+# ---- Time -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimePlan:
+    step_seconds: float
+    total_seconds: float
+    flops_per_token: float
+    terms: dict[str, float]  # seconds per micro-batch, by cause
+
+
+def flops_per_token(shapes: Shapes, seq_len: float, checkpointing: str) -> float:
+    """Hardware FLOPs per token of LoRA on a frozen base: forward 2N and input-gradient 2N for every
+    linear layer and the lm_head (no weight gradients), attention 12 L h s (halved: causal), and one
+    more forward of the layers under gradient checkpointing."""
+    linear = shapes.linear_parameters
+    head = shapes.vocab * shapes.hidden
+    attention = 12 * shapes.layers * shapes.heads * shapes.head_dim * seq_len / 2
+    flops = 4 * (linear + head) + attention
+    if checkpointing != "off":
+        flops += 2 * linear + attention / 3  # recomputed forward: 2N plus the attention forward
+    return flops
+
+
+def predict_time(
+    recipe: Recipe, shapes: Shapes, device: Device, mean_tokens: float, total_steps: int
+) -> TimePlan:
+    train, model = recipe.train, recipe.model
+    seq_len = mean_tokens / train.per_device_train_batch_size
+    per_token = flops_per_token(shapes, seq_len, model.gradient_checkpointing)
+    compute = mean_tokens * per_token / (constant("gemm_efficiency") * device.bf16_tflops * 1e12)
+    passes = 3 if model.gradient_checkpointing != "off" else 2
+    dequant = 0.0
+    if model.load_in_4bit:  # each pass dequantizes every weight: read 0.5 B + absmax, write 2 B
+        traffic = passes * 2.5 * shapes.linear_parameters
+        dequant = traffic / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
+    overhead = constant("micro_batch_overhead_s")
+    micro = compute + dequant + overhead
+    step = train.gradient_accumulation_steps * micro
+    terms = {"matmuls": compute, "4-bit dequantization": dequant, "fixed overhead": overhead}
+    return TimePlan(step, step * total_steps, per_token, terms)
+
+
+# ---- The gate -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    what: str
+    predicted: float
+    limit: float
+    unit: str
+
+    @property
+    def ok(self) -> bool:
+        return self.predicted <= self.limit
+
+    def line(self) -> str:
+        mark = "PASS" if self.ok else "FAIL"
+        return f"{mark} {self.what}: {self.predicted:.2f} {self.unit} (limit {self.limit:.2f} {self.unit})"
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    device: Device
+    memory: MemoryPlan
+    time: TimePlan
+    verdicts: list[Verdict]
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.verdicts)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the data plan tells the budget: token lengths (None when unknown) and step counts."""
+
+    lengths: list[int] | None
+    sequences: int
+    packing: bool
+    total_steps: int
+
+
+def plan_budget(
+    recipe: Recipe, shapes: Shapes, device: Device, work: Workload, dtype_bytes: int = 2
+) -> BudgetPlan:
+    """Memory and time predictions for this recipe on this device, checked against every limit."""
+    batch, seq = recipe.train.per_device_train_batch_size, recipe.model.max_seq_length
+    peak = peak_tokens_per_micro_batch(work.lengths, batch, seq, work.packing)
+    mean = mean_tokens_per_micro_batch(work.lengths, work.sequences, batch, seq, work.packing)
+    memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu)
+    time = predict_time(recipe, shapes, device, mean, work.total_steps)
+    # The upper end of the prediction must fit: a promise, not a coin toss.
+    verdicts = [
+        Verdict(
+            f"peak memory (+{constant('memory_margin'):.0%}) on {device.name}",
+            memory.upper / GIB,
+            device.memory_bytes / GIB,
+            "GiB",
+        )
+    ]
+    budget = recipe.budget
+    if budget.max_memory_gib is not None:
+        verdicts.append(Verdict("peak memory (budget)", memory.upper / GIB, budget.max_memory_gib, "GiB"))
+    if budget.max_step_seconds is not None:
+        verdicts.append(Verdict("seconds per step", time.step_seconds, budget.max_step_seconds, "s"))
+    if budget.max_hours is not None:
+        verdicts.append(Verdict("total hours", time.total_seconds / 3600, budget.max_hours, "h"))
+    return BudgetPlan(device, memory, time, verdicts)
+
+
+def describe_budget(plan: BudgetPlan) -> list[str]:
+    memory = plan.memory
+    lines = [f"memory on {plan.device.name}, largest micro-batch {memory.tokens_per_micro_batch} tokens:"]
+    lines += [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in memory.terms.items()]
+    margin = constant("memory_margin")
+    lines.append(
+        f"  {'total':<42} {memory.total / GIB:8.2f} GiB  (+/-{margin:.0%}: "
+        f"{memory.total * (1 - margin) / GIB:.2f}-{memory.upper / GIB:.2f} GiB)"
+    )
+    t = plan.time
+    lines.append(
+        f"time: {t.step_seconds:.2f} s per optimizer step (+/-{constant('time_margin'):.0%}), "
+        f"{t.total_seconds / 3600:.2f} h in all; {t.flops_per_token / 1e9:.1f} GFLOP per token"
+    )
+    lines += [v.line() for v in plan.verdicts]
+    return lines
+
+
+def budget_as_dict(plan: BudgetPlan) -> dict:
+    return {
+        "device": plan.device.name,
+        "memory_bytes": dict(plan.memory.terms),
+        "memory_total_bytes": plan.memory.total,
+        "memory_margin": constant("memory_margin"),
+        "memory_upper_bytes": plan.memory.upper,
+        "tokens_per_micro_batch": plan.memory.tokens_per_micro_batch,
+        "step_seconds": plan.time.step_seconds,
+        "step_seconds_by_cause": dict(plan.time.terms),
+        "time_margin": constant("time_margin"),
+        "total_hours": plan.time.total_seconds / 3600,
+        "verdicts": [
+            {"what": v.what, "predicted": v.predicted, "limit": v.limit, "unit": v.unit, "ok": v.ok}
+            for v in plan.verdicts
+        ],
+        "ok": plan.ok,
+    }
+
+
+def suggest(
+    recipe: Recipe, shapes: Shapes, device: Device, work: Workload, dtype_bytes: int = 2
+) -> list[str]:
+    """Changes that would make a failing plan pass, each with its predicted effect."""
+    current = plan_budget(recipe, shapes, device, work, dtype_bytes)
+    ideas = []
+    train, model = recipe.train, recipe.model
+
+    def tried(label: str, changed: Recipe, changed_work: Workload = work, note: str = "") -> None:
+        plan = plan_budget(changed, shapes, device, changed_work, dtype_bytes)
+        effect = (
+            f"peak {current.memory.upper / GIB:.1f} -> {plan.memory.upper / GIB:.1f} GiB, "
+            f"step {current.time.step_seconds:.2f} -> {plan.time.step_seconds:.2f} s"
+        )
+        ideas.append(f"{'fits' if plan.ok else 'helps'}: {label} ({effect}{note})")
+
+    def with_(section: str, **values) -> Recipe:
+        part = getattr(recipe, section).model_copy(update=values)
+        return recipe.model_copy(update={section: part})
+
+    # A smaller micro-batch with more accumulation keeps the effective batch: the largest that fits.
+    effective = train.per_device_train_batch_size * train.gradient_accumulation_steps
+    for batch in range(train.per_device_train_batch_size - 1, 0, -1):
+        if train.per_device_train_batch_size % batch:
+            continue
+        smaller = with_(
+            "train", per_device_train_batch_size=batch, gradient_accumulation_steps=effective // batch
+        )
+        if plan_budget(smaller, shapes, device, work, dtype_bytes).ok or batch == 1:
+            tried(
+                f"train.per_device_train_batch_size={batch} "
+                f"train.gradient_accumulation_steps={effective // batch} (the same effective batch)",
+                smaller,
+            )
+            break
+    if work.lengths:
+        ordered = sorted(work.lengths)
+        p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
+        if p95 < model.max_seq_length and p95 < ordered[-1]:
+            longer = sum(1 for n in work.lengths if n > p95)
+            tried(
+                f"model.max_seq_length={p95}",
+                with_("model", max_seq_length=p95),
+                Workload([min(n, p95) for n in work.lengths], work.sequences, work.packing, work.total_steps),
+                f"; {longer} of {len(work.lengths)} rows are longer and would be dropped or truncated",
+            )
+    if model.gradient_checkpointing != "unsloth":
+        tried("model.gradient_checkpointing=unsloth", with_("model", gradient_checkpointing="unsloth"))
+    if recipe.lora.r > 8:
+        tried(f"lora.r={recipe.lora.r // 2}", with_("lora", r=recipe.lora.r // 2))
+    if OPTIMIZER_STATE_BYTES[train.optim] > 4:
+        tried("train.optim=adamw_8bit", with_("train", optim="adamw_8bit"))
+    if not recipe.data.packing and work.lengths and device.is_gpu:
+        packed = count_packed_sequences(work.lengths, model.max_seq_length)
+        tried(
+            "data.packing=true (fewer, fuller sequences: faster, not smaller)",
+            with_("data", packing=True),
+            Workload(work.lengths, packed, True, count_optimizer_steps(packed, train)),
+        )
+    return ideas

@@ -16,9 +16,20 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from finetune.budget import (
+    GPUS,
+    BudgetPlan,
+    Device,
+    Shapes,
+    Workload,
+    budget_as_dict,
+    describe_budget,
+    plan_budget,
+    suggest,
+)
 from finetune.data import Conversation, load_conversations
 from finetune.plots import plot_schedule
-from finetune.preflight import check_can_start, detect_gpus
+from finetune.preflight import check_can_start, detect_gpus, planning_config, training_device
 from finetune.prepare import DataPlan, plan_data
 from finetune.recipe import (
     UNSET,
@@ -42,6 +53,7 @@ console = Console(highlight=False, soft_wrap=True)
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
+EXIT_OVER_BUDGET = 3
 EXIT_INTERRUPTED = 130
 VERBS = ("train", "plan", "validate", "show", "list", "copy", "diff", "schema")
 
@@ -70,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
     train.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    train.add_argument("--force", action="store_true", help="launch even when the budget check fails")
 
     plan = verbs.add_parser(
         "plan",
-        help="preview the LR schedule and step counts, and plot it",
+        help="preview steps, LR schedule, memory and time against the budget (exit 3 when over)",
         epilog=_settings_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -81,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON, with the LR of every step")
     plan.add_argument("--png", type=Path, default=Path("lr_schedule.png"), help="where to write the plot")
+    plan.add_argument("--gpu", help=f"plan for this GPU instead of this machine's ({', '.join(GPUS)})")
+    plan.add_argument(
+        "--full-length", action="store_true", help="plan every micro-batch at max_seq_length tokens"
+    )
 
     validate = verbs.add_parser("validate", help="check recipes and their data without training")
     validate.add_argument("recipes", nargs="+", help="recipe files or shipped names")
@@ -158,35 +175,80 @@ def checked_plan(recipe: Recipe, num_examples: int, source: str, quiet: bool = F
     return plan
 
 
-def cmd_plan(recipe_arg: str, overrides: list[str], as_json: bool, png: Path) -> int:
+def budget_check(
+    recipe: Recipe, data: DataPlan, plan: SchedulePlan, device: Device, full_length: bool = False
+) -> tuple[BudgetPlan | None, list[str], list[str]]:
+    """(budget plan, printed lines, suggestions when it fails); no plan when the model's shape is unknown."""
+    config = planning_config(recipe)
+    if config is None:
+        note = f"memory and time: not predicted (no config.json for {recipe.model.name} on disk)"
+        return None, [note], []
+    lengths = None if full_length else data.lengths
+    work = Workload(lengths, data.sequences, data.packing, plan.total_steps)
+    dtype_bytes = 2 if device.is_gpu and recipe.model.dtype != "float32" else 4
+    shapes = Shapes.from_config(config)
+    budget = plan_budget(recipe, shapes, device, work, dtype_bytes)
+    ideas = [] if budget.ok else suggest(recipe, shapes, device, work, dtype_bytes)
+    return budget, describe_budget(budget), ideas
+
+
+def _print_refusal(source: str, ideas: list[str]) -> None:
+    err_console.print(
+        f"[bold red]over budget:[/bold red] {escape(source)} is predicted not to fit; "
+        "changes that would help:"
+    )
+    for idea in ideas or ["none of the usual changes is enough; a larger GPU is needed"]:
+        err_console.print(f"  {escape(idea)}")
+
+
+def cmd_plan(
+    recipe_arg: str, overrides: list[str], as_json: bool, png: Path, gpu: str | None, full_length: bool
+) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     _, data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
+    device = training_device(gpu)
+    budget, budget_lines, ideas = budget_check(recipe, data, plan, device, full_length)
+    fails = budget is not None and not budget.ok
     if as_json:
-        console.print(json.dumps({**plan_as_dict(plan), "data": data_as_dict(data)}), markup=False)
-        return 0
-    for line in data.describe() + describe_plan(plan):
+        document = {**plan_as_dict(plan), "data": data_as_dict(data)}
+        document["budget"] = budget_as_dict(budget) if budget else None
+        document["suggestions"] = ideas
+        console.print(json.dumps(document), markup=False)
+        return EXIT_OVER_BUDGET if fails else 0
+    for line in data.describe() + describe_plan(plan) + budget_lines:
         console.print(line, markup=False)
     console.print(f"plot: {plot_schedule(plan, png)}", markup=False)
+    if fails:
+        _print_refusal(str(path), ideas)
+        return EXIT_OVER_BUDGET
     return 0
 
 
-def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
+def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
     conversations, data = training_data(recipe)
     eval_conversations = load_conversations(recipe.data.eval, recipe.data.format)
     plan = checked_plan(recipe, data.sequences, str(path))
-    device = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
+    device = training_device()
+    budget, budget_lines, ideas = budget_check(recipe, data, plan, device)
+    where = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     name = recipe_name(path)
     console.print(
-        f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {device}, "
+        f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {where}, "
         f"{len(conversations)} conversations"
     )
-    for line in data.describe() + describe_plan(plan):
+    for line in data.describe() + describe_plan(plan) + budget_lines:
         console.print(line, markup=False)
+    if budget is not None and not budget.ok:
+        _print_refusal(str(path), ideas)
+        if not force:
+            err_console.print("Nothing was loaded or trained; --force launches anyway.")
+            return EXIT_OVER_BUDGET
+        err_console.print("[yellow]warning:[/yellow] --force: launching although the budget check failed")
 
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
@@ -195,7 +257,9 @@ def cmd_train(recipe_arg: str, overrides: list[str]) -> int:
     # The resolved recipe already holds the overridden values; this records how they got there.
     run_info = {"recipe": str(path), "overrides": overrides, "version": recipe.version}
     (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
-    (run_dir / "plan.json").write_text(json.dumps({**plan_as_dict(plan), "data": data_as_dict(data)}) + "\n")
+    document = {**plan_as_dict(plan), "data": data_as_dict(data)}
+    document["budget"] = budget_as_dict(budget) if budget else None
+    (run_dir / "plan.json").write_text(json.dumps(document) + "\n")
     plot_schedule(plan, run_dir / "lr_schedule.png")
     result = train.train(recipe, conversations, eval_conversations, run_dir)
     logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
@@ -282,12 +346,20 @@ def cmd_schema(output: Path | None) -> int:
 def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
     if argv and argv[0] not in VERBS and not argv[0].startswith("-"):
         argv = ["train", *argv]
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come after options too (`plan r.yaml --gpu h100 lora.r=8`), which argparse's
+    # positional list cannot take once an option has interrupted it.
+    args, extra = parser.parse_known_args(argv)
+    stray = [arg for arg in extra if "=" not in arg or arg.startswith("-")]
+    if stray or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     try:
         if args.verb == "train":
-            return cmd_train(args.recipe, args.overrides)
+            return cmd_train(args.recipe, args.overrides, args.force)
         if args.verb == "plan":
-            return cmd_plan(args.recipe, args.overrides, args.json, args.png)
+            return cmd_plan(args.recipe, args.overrides, args.json, args.png, args.gpu, args.full_length)
         if args.verb == "validate":
             return cmd_validate(args.recipes)
         if args.verb == "show":

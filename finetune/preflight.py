@@ -13,7 +13,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.budget import count_parameters
+from finetune.budget import GPUS, Device, count_parameters, gpu_by_name, shipped_config
+from finetune.prepare import hub_cached_file
 from finetune.recipe import Recipe, RecipeError
 from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME
 
@@ -25,6 +26,7 @@ CPU_MAX_PARAMETERS = 500_000_000
 class Gpu:
     name: str
     memory_gib: float
+    free_gib: float
 
 
 def detect_gpus() -> list[Gpu]:
@@ -37,7 +39,7 @@ def detect_gpus() -> list[Gpu]:
         return []
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            [smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -47,19 +49,57 @@ def detect_gpus() -> list[Gpu]:
         return []
     gpus = []
     for line in out.strip().splitlines():
-        name, _, memory_mib = line.rpartition(",")
+        name, total_mib, free_mib = (line.rsplit(",", 2) + ["", ""])[:3]
         try:
-            gpus.append(Gpu(name.strip(), float(memory_mib) / 1024))
+            gpus.append(Gpu(name.strip(), float(total_mib) / 1024, float(free_mib) / 1024))
         except ValueError:
             continue
     return gpus
 
 
-def _hub_cached_config(model_id: str) -> Path | None:
-    from huggingface_hub import try_to_load_from_cache
+def probe_cpu(seconds: float = 0.1) -> Device:
+    """This machine's CPU as a training device: a float32 matmul and a copy, timed (numpy, no torch)."""
+    import time
 
-    found = try_to_load_from_cache(model_id, "config.json")
-    return Path(found) if isinstance(found, str) else None
+    import numpy as np
+
+    a = np.ones((512, 512), dtype=np.float32)
+    start, runs = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds / 2:
+        a @ a
+        runs += 1
+    flops = runs * 2 * 512**3 / (time.perf_counter() - start)
+    big = np.ones(16 * 2**20 // 4, dtype=np.float32)
+    start, copies = time.perf_counter(), 0
+    while time.perf_counter() - start < seconds / 2:
+        big.copy()
+        copies += 1
+    bandwidth = copies * 2 * big.nbytes / (time.perf_counter() - start)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return Device(
+        "CPU", memory, flops / 1e12, bandwidth / 1e9, "measured now: numpy matmul and copy", is_gpu=False
+    )
+
+
+def training_device(gpu_name: str | None = None) -> Device:
+    """The device a plan is for: a named GPU from the table, else this machine's GPU (its free
+    memory is the limit), else this machine's CPU, measured."""
+    if gpu_name:
+        device = gpu_by_name(gpu_name)
+        if device is None:
+            raise RecipeError(f"unknown GPU '{gpu_name}'; known: {', '.join(GPUS)}")
+        return device
+    gpus = detect_gpus()
+    if not gpus:
+        return probe_cpu()
+    gpu = gpus[0]
+    known = gpu_by_name(gpu.name)
+    if known is None:
+        raise RecipeError(
+            f"this machine's GPU '{gpu.name}' is not in the speed table; plan for the closest with "
+            f"--gpu NAME (known: {', '.join(GPUS)})"
+        )
+    return Device(gpu.name, gpu.free_gib * 1024**3, known.bf16_tflops, known.bandwidth_gbs, known.source)
 
 
 def _hub_reachable(timeout_seconds: float = 3.0) -> bool:
@@ -79,10 +119,15 @@ def resolve_model_config(recipe: Recipe) -> dict | None:
     if name == TINY_MODEL_NAME:
         return dict(TINY_CONFIG)
     local = Path(name).expanduser()
-    config_path = local / "config.json" if local.is_dir() else _hub_cached_config(name)
+    config_path = local / "config.json" if local.is_dir() else hub_cached_file(name, "config.json")
     if config_path is None or not config_path.is_file():
         return None
     return json.loads(config_path.read_text())
+
+
+def planning_config(recipe: Recipe) -> dict | None:
+    """The model's shape for planning: its config.json on disk, or the shipped copy of a known model's."""
+    return resolve_model_config(recipe) or shipped_config(recipe.model.name)
 
 
 def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 UNSET = "(unset)"  # a value one side of a diff does not have
@@ -36,7 +36,7 @@ class ModelSection(_Section):
     )
     load_in_4bit: bool = Field(True, description="Quantize the frozen base weights to 4-bit NF4 (QLoRA).")
     max_seq_length: Annotated[int, Field(gt=0, le=131072)] = Field(
-        2048, description="Longest sequence in tokens; longer rows are truncated by the trainer."
+        2048, description="Longest sequence in tokens; data.overlong says what happens to longer rows."
     )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; 'auto' picks bfloat16 where the GPU supports it, else float16."
@@ -46,6 +46,12 @@ class ModelSection(_Section):
         "unsloth",
         description="Recompute activations in the backward pass: 'unsloth' also offloads them to CPU memory.",
     )
+
+    @field_validator("gradient_checkpointing", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        # YAML 1.1 (PyYAML) reads a bare `off` as false; that is what the user wrote.
+        return "off" if value is False else value
 
 
 class LoraSection(_Section):
@@ -225,6 +231,18 @@ class TrainSection(_Section):
         return self
 
 
+class BudgetSection(_Section):
+    max_memory_gib: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Refuse a run whose predicted peak GPU memory exceeds this (GiB)."
+    )
+    max_step_seconds: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Refuse a run whose predicted time per optimizer step exceeds this."
+    )
+    max_hours: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="Refuse a run whose predicted total training time exceeds this."
+    )
+
+
 class OutputSection(_Section):
     dir: str = Field("runs", description="Runs are saved under DIR/<recipe name>/<timestamp>-<hash>/.")
 
@@ -245,6 +263,9 @@ class Recipe(_Section):
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
+    budget: BudgetSection = Field(
+        default_factory=BudgetSection, description="Limits checked before launch (GPU memory always is)."
+    )
     output: OutputSection = Field(default_factory=OutputSection)
     parent: ParentRecord | None = Field(None, description="Lineage, written by `runner.py copy`.")
 
