@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,15 +31,19 @@ BNB_NESTED_BLOCKSIZE = 256
 # Per quantized tensor: the 16-entry NF4 code (fp32), the 256-entry nested code (fp32), the offset.
 BNB_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 
-# Bytes of optimizer state per trainable parameter (two moments).
-OPTIMIZER_STATE_BYTES = {
-    "adamw_torch": 8.0,
-    "adamw_torch_fused": 8.0,
-    "paged_adamw_32bit": 8.0,
-    # bitsandbytes 8-bit blockwise: 1 B per moment plus one fp32 absmax per 256 values each.
-    "adamw_8bit": 2.0 + 2 * 4 / 256,
-    "paged_adamw_8bit": 2.0 + 2 * 4 / 256,
-}
+# Bytes per trainable (LoRA) parameter. On a GPU, PEFT creates adapters in fp32 on a 4-bit base; on
+# the CPU, Unsloth's fallback trainer holds the adapters, their gradients and AdamW's moments in
+# bf16 (measured: tests/test_train.py checks both paths' bytes against the live model).
+ADAPTER_BYTES = {True: 4, False: 2}  # by on_gpu
+
+
+def optimizer_state_bytes(optim: str, adapter_bytes: int) -> float:
+    """Optimizer state per trainable parameter: AdamW keeps two moments in the parameters' dtype;
+    bitsandbytes' 8-bit AdamW one byte each plus one fp32 absmax per 256 values each."""
+    if "8bit" in optim:
+        return 2.0 + 2 * 4 / 256
+    return 2.0 * adapter_bytes
+
 
 # What measurement decides. Each value: (number, where it comes from). The GPU issue replaces the
 # estimates with fitted values; until then the margins printed with every prediction say so.
@@ -86,14 +91,32 @@ GPUS = {
 }
 
 
+# Table keys by what a GPU's name contains (lowercase, letters and digits only), most specific first:
+# nvidia-smi says e.g. "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3", "NVIDIA GeForce RTX 4090".
+_NAME_PATTERNS = (
+    ("h200", "h200"),
+    ("h100pcie", "h100-pcie"),
+    ("h100", "h100"),
+    ("a10040gb", "a100-40gb"),
+    ("a100pcie40gb", "a100-40gb"),
+    ("a100sxm440gb", "a100-40gb"),
+    ("a100", "a100-80gb"),
+    ("a10g", "a10g"),
+    ("4090", "rtx-4090"),
+    ("3090", "rtx-3090"),
+)
+
+
 def gpu_by_name(name: str) -> Device | None:
-    """A table entry from a user's spelling ('RTX 4090', 'rtx-4090', 'NVIDIA H100 80GB HBM3', ...)."""
-    key = name.lower().replace("nvidia", "").replace("geforce", "").strip().replace(" ", "-")
-    if key in GPUS:
-        return GPUS[key]
-    for table_key, device in sorted(GPUS.items(), key=lambda kv: -len(kv[0])):
-        if table_key.replace("-", "") in key.replace("-", ""):
-            return device
+    """A table entry from a user's or nvidia-smi's spelling ('rtx-4090', 'NVIDIA A100-SXM4-80GB', ...)."""
+    if name in GPUS:
+        return GPUS[name]
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    for pattern, table_key in _NAME_PATTERNS:
+        if pattern in key:
+            return GPUS[table_key]
+    if re.fullmatch(r"(nvidia)?l4", key):  # not the L40
+        return GPUS["l4"]
     return None
 
 
@@ -252,13 +275,13 @@ def predict_memory(
     optim = effective_optimizer(recipe.train.optim, on_gpu)
     linear, kept = weight_bytes(shapes, recipe.model.load_in_4bit, dtype_bytes)
     trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
-    # PEFT keeps LoRA weights in fp32 on a quantized base; their gradients match.
+    adapter = ADAPTER_BYTES[on_gpu]
     terms = {
         "4-bit base weights" if recipe.model.load_in_4bit else "base weights": linear,
         "embeddings, lm_head, norms": kept,
-        "LoRA parameters": trainable * 4.0,
-        "LoRA gradients": trainable * 4.0,
-        f"optimizer state ({optim})": trainable * OPTIMIZER_STATE_BYTES[optim],
+        "LoRA parameters": trainable * adapter,
+        "LoRA gradients": trainable * adapter,
+        f"optimizer state ({optim})": trainable * optimizer_state_bytes(optim, adapter),
         f"activations ({recipe.model.gradient_checkpointing} checkpointing)": tokens_per_micro_batch
         * activation_bytes_per_token(shapes, recipe.model.gradient_checkpointing, dtype_bytes),
         "logits and loss (chunked)": logits_bytes(shapes, tokens_per_micro_batch, chunked=True),
@@ -498,7 +521,7 @@ def suggest(
         tried("model.gradient_checkpointing=unsloth", with_("model", gradient_checkpointing="unsloth"))
     if recipe.lora.r > 8:
         tried(f"lora.r={recipe.lora.r // 2}", with_("lora", r=recipe.lora.r // 2))
-    if OPTIMIZER_STATE_BYTES[train.optim] > 4:
+    if "8bit" not in train.optim:
         tried("train.optim=adamw_8bit", with_("train", optim="adamw_8bit"))
     if not recipe.data.packing and work.lengths and device.is_gpu:
         packed = count_packed_sequences(work.lengths, model.max_seq_length)

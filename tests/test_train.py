@@ -117,6 +117,39 @@ def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
     assert [row["labels"] for row in theirs.train_dataset] == [example.labels for example in ours]
 
 
+def test_static_memory_terms_equal_the_bytes_of_the_loaded_and_trained_model(trained):
+    """The budget's weight, LoRA and optimizer terms, byte for byte, against what Unsloth loaded
+    (4-bit through bitsandbytes' CPU backend, fp32 on this CPU) and what the optimizer holds."""
+    from finetune.budget import Shapes, predict_memory
+    from finetune.tiny_model import TINY_CONFIG
+
+    recipe, trainer, *_ = trained
+    model = trainer.model
+    quantized = kept = lora = 0
+    for name, param in model.named_parameters():
+        size = param.numel() * param.element_size()
+        state = getattr(param, "quant_state", None)
+        if state is not None:
+            extra = [state.absmax, state.code, state.state2.absmax, state.state2.code]
+            quantized += size + sum(t.numel() * t.element_size() for t in extra) + 4  # + fp32 offset
+        elif "lora_" in name:
+            lora += size
+        else:
+            kept += size
+    # CPU: fp32 frozen weights, bf16 adapters; the CPU fallback swaps 8-bit AdamW for fused AdamW.
+    terms = predict_memory(recipe, Shapes.from_config(TINY_CONFIG), 1, dtype_bytes=4, on_gpu=False).terms
+    assert quantized == terms["4-bit base weights"]
+    assert kept == terms["embeddings, lm_head, norms"]
+    assert lora == terms["LoRA parameters"] == terms["LoRA gradients"]
+    moments = sum(
+        t.numel() * t.element_size()
+        for state in trainer.optimizer.state.values()
+        for key, t in state.items()
+        if key in ("exp_avg", "exp_avg_sq")
+    )
+    assert moments == terms["optimizer state (adamw_torch_fused)"]
+
+
 def test_saved_adapter_reloads_with_the_trained_weights_and_generates(trained):
     recipe, _, _, _, after, run_dir = trained
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()

@@ -1,0 +1,177 @@
+"""Budgets before launch: the static memory terms exactly, the gate, its suggestions, the CLI's exit 3."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune import budget
+from finetune.budget import GIB, GPUS, Shapes, Workload, gpu_by_name, plan_budget, shipped_config, suggest
+from finetune.recipe import load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+LLAMA_8B = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
+ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def test_llama_8b_counts_from_the_shipped_config():
+    shapes = Shapes.from_config(LLAMA_8B)
+    assert budget.count_parameters(LLAMA_8B) == 8_030_261_248
+    assert shapes.linear_parameters == 6_979_321_856 and shapes.embedding_parameters == 1_050_673_152
+    assert budget.lora_parameters(shapes, 16, ALL_SEVEN) == 41_943_040
+
+
+def test_llama_8b_counts_against_the_model_instantiated_on_the_meta_device():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == budget.count_parameters(LLAMA_8B)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_SEVEN))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == budget.lora_parameters(Shapes.from_config(LLAMA_8B), 16, ALL_SEVEN) == 41_943_040
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (512, 128), (4096, 1024), (300, 7)])
+def test_nf4_bytes_equal_what_bitsandbytes_stores(shape):
+    """Data, absmax, nested absmax, both codes and the offset, as bitsandbytes builds them."""
+    import bitsandbytes.functional as F
+    import torch
+
+    weight = torch.randn(shape, dtype=torch.float32)
+    for nested, predicted in ((True, budget.nf4_bytes), (False, budget.nf4_bytes_single_quant)):
+        data, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        tensors = [data, state.absmax, state.code]
+        if nested:
+            tensors += [state.state2.absmax, state.state2.code, torch.as_tensor(state.offset)]
+        stored = sum(t.numel() * t.element_size() for t in tensors)
+        assert stored == predicted(weight.numel()), (shape, nested)
+
+
+def _work(lengths=None, steps=100):
+    return Workload(lengths, 200, False, steps)
+
+
+def test_the_flagship_fits_a_24_gb_card_and_says_why():
+    recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
+    plan = plan_budget(recipe, Shapes.from_config(LLAMA_8B), GPUS["rtx-4090"], _work([4096] * 10))
+    terms = plan.memory.terms
+    assert terms["4-bit base weights"] == 32 * sum(
+        budget.nf4_bytes(i * o) for i, o in Shapes.from_config(LLAMA_8B).projections().values()
+    )
+    # bf16 embeddings + lm_head + norms: 2 B each
+    assert terms["embeddings, lm_head, norms"] == 2 * (1_050_673_152 + 65 * 4096)
+    assert terms["LoRA parameters"] == 4 * budget.lora_parameters(Shapes.from_config(LLAMA_8B), 32, ALL_SEVEN)
+    assert plan.memory.tokens_per_micro_batch == 2 * 4096
+    assert plan.ok and 5 * GIB < plan.memory.total < 24 * GIB
+    assert plan.time.step_seconds > 0 and plan.time.total_seconds == pytest.approx(
+        100 * plan.time.step_seconds
+    )
+
+
+def test_every_budget_limit_is_checked_and_a_failure_comes_with_changes_that_fit():
+    recipe = load_recipe(
+        ROOT / "recipes" / "code-gen.yaml",
+        [
+            "budget.max_memory_gib=20",
+            "budget.max_step_seconds=1000",
+            "budget.max_hours=1000",
+            "train.per_device_train_batch_size=8",
+            "train.gradient_accumulation_steps=2",
+            "model.gradient_checkpointing=standard",
+            "train.optim=adamw_torch",
+        ],
+    )
+    shapes, device, work = Shapes.from_config(LLAMA_8B), GPUS["a100-80gb"], _work([4096] * 10)
+    plan = plan_budget(recipe, shapes, device, work)
+    assert [v.what for v in plan.verdicts] == [
+        "peak memory (+10%) on A100 80GB",
+        "peak memory (budget)",
+        "seconds per step",
+        "total hours",
+    ]
+    assert [v.ok for v in plan.verdicts] == [True, False, True, True] and not plan.ok
+    ideas = suggest(recipe, shapes, device, work)
+    # The largest micro-batch that fits, with the effective batch kept (8 x 2 = 16).
+    assert ideas[0].startswith(
+        "fits: train.per_device_train_batch_size=4 train.gradient_accumulation_steps=4 "
+        "(the same effective batch)"
+    )
+    assert any(i.startswith("fits: model.gradient_checkpointing=unsloth") for i in ideas)
+    assert any("train.optim=adamw_8bit" in i for i in ideas) and any("lora.r=16" in i for i in ideas)
+    smaller = load_recipe(
+        ROOT / "recipes" / "code-gen.yaml",
+        [
+            "budget.max_memory_gib=20",
+            "train.per_device_train_batch_size=4",
+            "train.gradient_accumulation_steps=4",
+        ],
+    )
+    assert plan_budget(smaller, shapes, device, work).ok  # the suggestion holds
+
+
+def test_a_shorter_max_seq_length_is_suggested_with_the_rows_it_would_cut():
+    recipe = load_recipe(
+        ROOT / "recipes" / "code-gen.yaml", ["budget.max_memory_gib=8", "model.gradient_checkpointing=off"]
+    )
+    lengths = [500] * 95 + [4000] * 5
+    ideas = suggest(recipe, Shapes.from_config(LLAMA_8B), GPUS["h100"], _work(lengths))
+    assert any("model.max_seq_length=500" in i and "5 of 100 rows are longer" in i for i in ideas), ideas
+
+
+def test_gpu_names_as_users_and_nvidia_smi_spell_them():
+    assert gpu_by_name("RTX 4090") is gpu_by_name("NVIDIA GeForce RTX 4090") is GPUS["rtx-4090"]
+    assert gpu_by_name("NVIDIA H100 80GB HBM3") is GPUS["h100"]
+    assert gpu_by_name("NVIDIA A100-SXM4-80GB") is GPUS["a100-80gb"]
+    assert gpu_by_name("NVIDIA A100-PCIE-40GB") is GPUS["a100-40gb"]
+    assert gpu_by_name("NVIDIA H100 PCIe") is GPUS["h100-pcie"] and gpu_by_name("NVIDIA L4") is GPUS["l4"]
+    assert gpu_by_name("NVIDIA L40S") is None and gpu_by_name("Voodoo 2") is None
+
+
+def run(*args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    code = (
+        "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
+        "print('heavy:', [m for m in ('torch', 'transformers', 'trl', 'unsloth') if m in sys.modules]);"
+        "sys.exit(code)"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+def test_plan_json_for_a_gpu_this_machine_lacks_imports_nothing_heavy():
+    out = run("plan", "recipes/code-gen.yaml", "--json", "--gpu", "rtx-3090")
+    assert out.returncode == 0, out.stderr
+    document = json.loads(out.stdout.splitlines()[0])
+    plan = document["budget"]
+    assert plan["device"] == "RTX 3090" and plan["ok"] is True
+    assert plan["memory_total_bytes"] == pytest.approx(sum(plan["memory_bytes"].values()))
+    assert plan["memory_upper_bytes"] == pytest.approx(plan["memory_total_bytes"] * 1.1)
+    assert {"step_seconds", "total_hours", "verdicts", "tokens_per_micro_batch"} <= set(plan)
+    assert out.stdout.splitlines()[1] == "heavy: []"
+
+
+def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
+    out = run("recipes/smoke.yaml", "budget.max_memory_gib=0.01")
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    assert "FAIL peak memory (budget)" in out.stdout
+    assert "over budget: recipes/smoke.yaml is predicted not to fit" in out.stderr
+    assert "--force launches anyway" in out.stderr
+    assert "heavy: []" in out.stdout
+    full = run(
+        "plan", "recipes/code-gen.yaml", "--gpu", "rtx-3090", "--full-length", "budget.max_hours=0.0001"
+    )
+    assert full.returncode == 3 and "FAIL total hours" in full.stdout
+    assert "largest micro-batch 8192 tokens" in full.stdout  # 2 x max_seq_length 4096
+
+
+def test_unknown_gpu_name_is_a_clear_error():
+    out = run("plan", "recipes/code-gen.yaml", "--gpu", "voodoo-2")
+    assert out.returncode == 2 and "unknown GPU 'voodoo-2'; known: rtx-3090" in out.stderr
