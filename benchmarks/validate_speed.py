@@ -1,7 +1,8 @@
 """How long the light commands take, next to the import they avoid.
 
-`validate`, `list` and `show` import nothing heavy, so they answer in a fraction of the time that
-`import unsloth` alone takes. Prints each command's median wall time over a few runs and its ratio
+`validate`, `list`, `show` and `plan` import nothing heavy, so they answer in a fraction of the time
+that `import unsloth` alone takes (`plan` without --json also draws lr_schedule.png with matplotlib).
+Prints each command's median wall time over a few runs and its ratio
 to `python -c "import unsloth"`, measured side by side in this one run.
 
     .venv/bin/python benchmarks/validate_speed.py
@@ -21,6 +22,25 @@ COMMANDS = {
     "runner.py validate recipes/*.yaml": [sys.executable, "runner.py", "validate", *RECIPES],
     "runner.py list": [sys.executable, "runner.py", "list"],
     "runner.py show recipes/code-gen.yaml": [sys.executable, "runner.py", "show", "recipes/code-gen.yaml"],
+    "runner.py plan code-gen --gpu rtx-4090 --json": [
+        sys.executable,
+        "runner.py",
+        "plan",
+        "recipes/code-gen.yaml",
+        "--gpu",
+        "rtx-4090",
+        "--json",
+    ],
+    "runner.py plan code-gen --gpu rtx-4090 (+png)": [
+        sys.executable,
+        "runner.py",
+        "plan",
+        "recipes/code-gen.yaml",
+        "--gpu",
+        "rtx-4090",
+        "--png",
+        "/tmp/lr.png",
+    ],
     'python -c "import unsloth"': [sys.executable, "-c", "import unsloth"],
 }
 
@@ -39,9 +59,9 @@ def main() -> None:
         name: median_seconds(cmd, runs=1 if "unsloth" in name else 5) for name, cmd in COMMANDS.items()
     }
     baseline = results['python -c "import unsloth"']
-    print(f"{'command':<40} {'median s':>9} {'vs import unsloth':>18}")
+    print(f"{'command':<48} {'median s':>9} {'vs import unsloth':>18}")
     for name, seconds in results.items():
-        print(f"{name:<40} {seconds:>9.2f} {seconds / baseline:>17.3f}x")
+        print(f"{name:<48} {seconds:>9.2f} {seconds / baseline:>17.3f}x")
 
 
 if __name__ == "__main__":

@@ -80,7 +80,7 @@ def test_runner_script_is_the_same_cli():
 
 
 def test_hub_model_not_in_cache_while_offline_is_refused(monkeypatch):
-    monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA H100", 80.0)])
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA H100", 80.0, 79.0)])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
     with pytest.raises(RecipeError, match=r"^Model not reachable: .* HF_HUB_OFFLINE is set"):
