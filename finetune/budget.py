@@ -543,3 +543,84 @@ def suggest(
             Workload(work.lengths, packed, True, count_optimizer_steps(packed, train)),
         )
     return ideas
+
+
+# ---- Measured against predicted -------------------------------------------------------------------
+
+
+class BudgetExceeded(Exception):
+    """A measurement (the probe) broke a limit; the message says which, and by how much."""
+
+
+def measured_verdicts(
+    recipe: Recipe,
+    plan: BudgetPlan,
+    step_seconds: float | None,
+    peak_reserved: float | None,
+    total_steps: int,
+) -> list[Verdict]:
+    """The budget's limits against what a probe measured (peak reserved plus the CUDA context)."""
+    verdicts = []
+    if peak_reserved is not None:
+        used = (peak_reserved + constant("cuda_context_bytes")) / GIB
+        verdicts.append(
+            Verdict(f"measured memory on {plan.device.name}", used, plan.device.memory_bytes / GIB, "GiB")
+        )
+        if recipe.budget.max_memory_gib is not None:
+            verdicts.append(Verdict("measured memory (budget)", used, recipe.budget.max_memory_gib, "GiB"))
+    if step_seconds is not None:
+        if recipe.budget.max_step_seconds is not None:
+            verdicts.append(
+                Verdict("measured seconds per step", step_seconds, recipe.budget.max_step_seconds, "s")
+            )
+        if recipe.budget.max_hours is not None:
+            hours = step_seconds * total_steps / 3600
+            verdicts.append(Verdict("measured total hours", hours, recipe.budget.max_hours, "h"))
+    return verdicts
+
+
+def calibration_record(plan: BudgetPlan, measured: dict, model: str, recipe_name: str) -> dict:
+    """Predicted next to measured, as every run saves it (budget.json) for `runner.py calibration`."""
+    step = measured.get("median_step_seconds")
+    reserved = measured.get("peak_reserved_bytes")
+    record = {
+        "recipe": recipe_name,
+        "model": model,
+        "device": plan.device.name,
+        "tokens_per_micro_batch": plan.memory.tokens_per_micro_batch,
+        "predicted": budget_as_dict(plan),
+        "measured": measured,
+        "step_error": None if not step else plan.time.step_seconds / step - 1,
+        "memory_error": None,
+    }
+    if reserved is not None and plan.device.is_gpu:
+        record["memory_error"] = plan.memory.total / (reserved + constant("cuda_context_bytes")) - 1
+    return record
+
+
+def calibration_table(records: list[dict]) -> list[str]:
+    """One line per run: predicted and measured step time and memory, with the relative errors."""
+    lines = [
+        f"{'recipe':<14} {'device':<12} {'tokens/mb':>9} {'step pred':>10} {'step meas':>10} {'err':>7}"
+        f" {'mem pred':>9} {'mem meas':>9} {'err':>7}"
+    ]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.0%}"
+
+    for r in records:
+        measured = r["measured"]
+        reserved = measured.get("peak_reserved_bytes")
+        memory = "-" if reserved is None else f"{(reserved + constant('cuda_context_bytes')) / GIB:.2f}"
+        step = measured.get("median_step_seconds")
+        lines.append(
+            f"{r['recipe']:<14} {r['device']:<12} {r['tokens_per_micro_batch']:>9}"
+            f" {r['predicted']['step_seconds']:>10.3f} {'-' if step is None else f'{step:.3f}':>10}"
+            f" {pct(r['step_error']):>7} {r['predicted']['memory_total_bytes'] / GIB:>9.2f} {memory:>9}"
+            f" {pct(r['memory_error']):>7}"
+        )
+    for key, label in (("step_error", "step time"), ("memory_error", "peak memory")):
+        errors = [abs(r[key]) for r in records if r[key] is not None]
+        if errors:
+            lines.append(f"{label}: mean |error| {sum(errors) / len(errors):.0%} over {len(errors)} runs")
+    return lines

@@ -18,12 +18,16 @@ from rich.table import Table
 
 from finetune.budget import (
     GPUS,
+    BudgetExceeded,
     BudgetPlan,
     Device,
     Shapes,
     Workload,
     budget_as_dict,
+    calibration_record,
+    calibration_table,
     describe_budget,
+    measured_verdicts,
     plan_budget,
     suggest,
 )
@@ -55,7 +59,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_USER_ERROR = 2
 EXIT_OVER_BUDGET = 3
 EXIT_INTERRUPTED = 130
-VERBS = ("train", "plan", "validate", "show", "list", "copy", "diff", "schema")
+VERBS = ("train", "plan", "validate", "show", "list", "copy", "diff", "calibration", "schema")
 
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
 
@@ -83,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
     train.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     train.add_argument("--force", action="store_true", help="launch even when the budget check fails")
+    train.add_argument(
+        "--probe",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a few real steps on the longest micro-batch first, checked against the budget "
+        "(default: on with a GPU)",
+    )
 
     plan = verbs.add_parser(
         "plan",
@@ -119,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     diff = verbs.add_parser("diff", help="what a recipe changes relative to its parent, after resolution")
     diff.add_argument("recipe")
+
+    calibration = verbs.add_parser(
+        "calibration", help="predicted vs measured memory and step time of past runs"
+    )
+    calibration.add_argument("runs", nargs="?", type=Path, default=Path("runs"), help="folder of runs")
 
     schema = verbs.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead")
@@ -226,7 +242,38 @@ def cmd_plan(
     return 0
 
 
-def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False) -> int:
+def _probe_checker(recipe: Recipe, budget: BudgetPlan | None, total_steps: int, force: bool):
+    """What the probe's measurement is held to; raises BudgetExceeded unless --force."""
+
+    def check(measured) -> None:
+        step = measured.median_step_seconds
+        where = "the worst-case micro-batch"
+        console.print(
+            f"probe: {len(measured.step_seconds)} steps on {where}, {step:.2f} s per step"
+            + (
+                f", peak {measured.peak_reserved / 2**30:.2f} GiB reserved"
+                if measured.peak_reserved is not None
+                else ""
+            ),
+            markup=False,
+        )
+        if budget is None:
+            return
+        verdicts = measured_verdicts(recipe, budget, step, measured.peak_reserved, total_steps)
+        for verdict in verdicts:
+            console.print(verdict.line(), markup=False)
+        failed = [v.line() for v in verdicts if not v.ok]
+        if failed and not force:
+            raise BudgetExceeded("; ".join(failed))
+        if failed:
+            err_console.print(
+                "[yellow]warning:[/yellow] --force: training although the probe broke the budget"
+            )
+
+    return check
+
+
+def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe: bool | None = None) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
@@ -261,13 +308,36 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False) -> int
     document["budget"] = budget_as_dict(budget) if budget else None
     (run_dir / "plan.json").write_text(json.dumps(document) + "\n")
     plot_schedule(plan, run_dir / "lr_schedule.png")
-    result = train.train(recipe, conversations, eval_conversations, run_dir)
+    # By default the probe runs on a GPU, where memory is the limit that ends runs.
+    probing = bool(gpus) if probe is None else probe
+    checker = _probe_checker(recipe, budget, plan.total_steps, force) if probing else None
+    result = train.train(recipe, conversations, eval_conversations, run_dir, checker)
     logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
     plot_schedule(plan, run_dir / "lr_schedule.png", logged)
+    if budget is not None:
+        record = calibration_record(budget, result.measured.as_dict(), recipe.model.name, name)
+        (run_dir / "budget.json").write_text(json.dumps(record, indent=2) + "\n")
+        step = result.measured.median_step_seconds
+        if step:
+            console.print(
+                f"step time: {step:.3f} s measured (median after warm-up), "
+                f"{budget.time.step_seconds:.3f} s predicted ({record['step_error']:+.0%})",
+                markup=False,
+            )
     console.print(
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "
         f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; adapter saved to {result.adapter_dir}"
     )
+    return 0
+
+
+def cmd_calibration(folder: Path) -> int:
+    """Predicted against measured, over every run under ``folder`` that saved a budget.json."""
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("**/budget.json"))]
+    if not records:
+        raise RecipeError(f"no run under '{folder}' has a budget.json yet; train a recipe first")
+    for line in calibration_table(records):
+        console.print(line, markup=False)
     return 0
 
 
@@ -357,7 +427,7 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
         args.overrides = [*args.overrides, *extra]
     try:
         if args.verb == "train":
-            return cmd_train(args.recipe, args.overrides, args.force)
+            return cmd_train(args.recipe, args.overrides, args.force, args.probe)
         if args.verb == "plan":
             return cmd_plan(args.recipe, args.overrides, args.json, args.png, args.gpu, args.full_length)
         if args.verb == "validate":
@@ -370,10 +440,18 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
             return cmd_copy(args.source, args.destination)
         if args.verb == "diff":
             return cmd_diff(args.recipe)
+        if args.verb == "calibration":
+            return cmd_calibration(args.runs)
         return cmd_schema(args.output)
     except RecipeError as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return EXIT_USER_ERROR
+    except BudgetExceeded as exc:
+        err_console.print(
+            f"[bold red]over budget (measured):[/bold red] {escape(str(exc))}; stopped before training. "
+            "--force trains anyway."
+        )
+        return EXIT_OVER_BUDGET
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/yellow]")
         return EXIT_INTERRUPTED

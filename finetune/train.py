@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import torch
 import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import ProgressCallback
+from transformers import ProgressCallback, TrainerCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
@@ -33,6 +35,29 @@ _GRADIENT_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
 
 
 @dataclass
+class Measured:
+    """What a run (or a probe) really used: the numbers predictions are checked against."""
+
+    step_seconds: list[float]  # wall time of every optimizer step
+    peak_allocated: int | None  # bytes, PyTorch's CUDA allocator; None on the CPU
+    peak_reserved: int | None
+
+    @property
+    def median_step_seconds(self) -> float | None:
+        """Median after warm-up (the first two steps compile kernels and fill caches)."""
+        steady = self.step_seconds[2:] or self.step_seconds
+        return statistics.median(steady) if steady else None
+
+    def as_dict(self) -> dict:
+        return {
+            "median_step_seconds": self.median_step_seconds,
+            "step_seconds": self.step_seconds,
+            "peak_allocated_bytes": self.peak_allocated,
+            "peak_reserved_bytes": self.peak_reserved,
+        }
+
+
+@dataclass
 class TrainResult:
     steps: int
     first_loss: float
@@ -40,6 +65,34 @@ class TrainResult:
     seconds: float
     adapter_dir: Path
     log_history: list[dict]
+    measured: Measured
+
+
+class _StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels, not just their launch
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def _measure(trainer: SFTTrainer) -> Measured:
+    """Train with a step timer and fresh peak-memory counters."""
+    timer = _StepTimer()
+    trainer.add_callback(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    trainer.remove_callback(timer)
+    if torch.cuda.is_available():
+        return Measured(timer.seconds, torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
+    return Measured(timer.seconds, None, None)
 
 
 def model_path(recipe: Recipe) -> str:
@@ -202,20 +255,62 @@ def _install_own_scheduler(trainer: SFTTrainer, train: TrainSection) -> None:
     trainer.create_scheduler = create_scheduler
 
 
+def probe(
+    model, tokenizer, recipe: Recipe, examples: list[Example], run_dir: Path, steps: int = 3
+) -> Measured:
+    """A few real optimizer steps on the worst case, every micro-batch made of the longest rows,
+    then the LoRA weights are put back: the run starts as if the probe had not happened."""
+    batch = recipe.train.per_device_train_batch_size
+    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch]
+    probe_examples = longest * (recipe.train.gradient_accumulation_steps * steps)
+    train_settings = recipe.train.model_copy(
+        update={
+            "max_steps": steps,
+            "warmup_steps": 0,
+            "warmup_ratio": None,
+            "lr_scheduler_type": "constant",
+            **dict.fromkeys(("min_lr", "min_lr_rate", "power", "decay_ratio", "step_size", "gamma")),
+            "eval_steps": None,
+            "save_steps": None,
+            "logging_steps": steps,
+        }
+    )
+    probe_recipe = recipe.model_copy(update={"train": train_settings})
+    saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    trainer = build_trainer(model, tokenizer, probe_examples, probe_recipe, run_dir / "probe")
+    trainer.remove_callback(_LossProgress)
+    measured = _measure(trainer)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in saved:
+                p.copy_(saved[name])
+    del trainer
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return measured
+
+
 def train(
-    recipe: Recipe, conversations: list[Conversation], eval_conversations: list[Conversation], run_dir: Path
+    recipe: Recipe,
+    conversations: list[Conversation],
+    eval_conversations: list[Conversation],
+    run_dir: Path,
+    check_probe: Callable[[Measured], None] | None = None,
 ) -> TrainResult:
-    """Load, add LoRA, train, and save the adapter and tokenizer into ``run_dir/adapter``."""
+    """Load, add LoRA, optionally probe (``check_probe`` raises to stop the run), train, and save the
+    adapter and tokenizer into ``run_dir/adapter``."""
     model, tokenizer = load_model(recipe)
     model = add_lora(model, recipe)
     examples = prepare_examples(recipe, conversations).examples
+    if check_probe is not None:
+        check_probe(probe(model, tokenizer, recipe, examples, run_dir))
     eval_prepared = prepare_examples(recipe, eval_conversations)
     for line in eval_prepared.report(recipe.model.max_seq_length):
         print(f"eval data: {line}")
     eval_examples = eval_prepared.examples
     trainer = build_trainer(model, tokenizer, examples, recipe, run_dir / "checkpoints", eval_examples)
     start = time.perf_counter()
-    trainer.train()
+    measured = _measure(trainer)
     seconds = time.perf_counter() - start
     adapter_dir = run_dir / "adapter"
     model.save_pretrained(adapter_dir)
@@ -230,6 +325,7 @@ def train(
         seconds=seconds,
         adapter_dir=adapter_dir,
         log_history=history,
+        measured=measured,
     )
 
 

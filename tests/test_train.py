@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import train
+from finetune import budget, cli, train
 from finetune.data import load_conversations
 from finetune.recipe import load_recipe
+from finetune.tiny_model import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -205,6 +206,57 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
         plan["lr_per_step"], rel=1e-12
     )
     assert (run_dir / "lr_schedule.png").read_bytes()[:4] == b"\x89PNG"
+    # Predicted next to measured, for `runner.py calibration`.
+    record = json.loads((run_dir / "budget.json").read_text())
+    assert record["recipe"] == "smoke" and record["device"] == "CPU"
+    assert len(record["measured"]["step_seconds"]) == 4 and record["measured"]["median_step_seconds"] > 0
+    assert record["step_error"] == pytest.approx(
+        record["predicted"]["step_seconds"] / record["measured"]["median_step_seconds"] - 1
+    )
+    assert "step time: " in out.stdout and "measured (median after warm-up)" in out.stdout
+    table = subprocess.run(
+        [sys.executable, "runner.py", "calibration", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert table.returncode == 0 and "smoke" in table.stdout.splitlines()[1]
+    assert "step time: mean |error|" in table.stdout
+
+
+def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
+    """A probe runs real steps on the longest rows, reports them against the budget, and leaves the
+    run exactly as it would have been: the first logged loss equals a run without a probe."""
+    common = ["recipes/smoke.yaml", "train.max_steps=4", f"output.dir={tmp_path}"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def run(*extra):
+        return subprocess.run(
+            [sys.executable, "runner.py", *common, *extra], cwd=ROOT, capture_output=True, text=True, env=env
+        )
+
+    probed = run("--probe", "budget.max_step_seconds=1000")
+    assert probed.returncode == 0, probed.stderr[-3000:]
+    assert "probe: 3 steps on the worst-case micro-batch" in probed.stdout
+    assert "PASS measured seconds per step" in probed.stdout
+    # A probe slower than the limit stops the run (exit 3 in main); --force only warns.
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_step_seconds=2"])
+    plan = budget.plan_budget(
+        recipe,
+        budget.Shapes.from_config(TINY_CONFIG),
+        budget.GPUS["h100"],
+        budget.Workload([100] * 40, 40, False, 30),
+    )
+    slow = train.Measured([5.0, 5.0, 5.0], 10 * 2**30, 11 * 2**30)
+    with pytest.raises(
+        budget.BudgetExceeded, match=r"FAIL measured seconds per step: 5.00 s \(limit 2.00 s\)"
+    ):
+        cli._probe_checker(recipe, plan, 30, force=False)(slow)
+    cli._probe_checker(recipe, plan, 30, force=True)(slow)  # warns, does not raise
+    plain = run()
+    first = [
+        [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()][0]["loss"]
+        for d in sorted((tmp_path / "smoke").iterdir())
+        if (d / "log.jsonl").is_file()
+    ]
+    assert plain.returncode == 0 and len(first) == 2 and first[0] == first[1]
 
 
 def test_sft_config_carries_every_schedule_setting(tmp_path):
