@@ -95,11 +95,25 @@ def training_device(gpu_name: str | None = None) -> Device:
     if not gpus:
         return probe_cpu()
     gpu = gpus[0]
+    # This GPU's real speed, measured once a day in a child process (torch stays out of `plan`);
+    # the datasheet figures when the measurement cannot be had.
+    from finetune.device_probe import cached_measurement
+    from finetune.tiny_model import cache_root
+
+    measured = cached_measurement("cuda", gpu.name, cache_root() / "device-probes")
     known = gpu_by_name(gpu.name)
+    if measured is not None:
+        return Device(
+            gpu.name,
+            gpu.free_gib * 1024**3,
+            measured["tflops"],
+            measured["bandwidth_gbs"],
+            "measured: torch bf16 matmul and copy on this GPU",
+        )
     if known is None:
         raise RecipeError(
-            f"this machine's GPU '{gpu.name}' is not in the speed table; plan for the closest with "
-            f"--gpu NAME (known: {', '.join(GPUS)})"
+            f"this machine's GPU '{gpu.name}' could not be measured and is not in the speed table; "
+            f"plan for the closest with --gpu NAME (known: {', '.join(GPUS)})"
         )
     return Device(gpu.name, gpu.free_gib * 1024**3, known.bf16_tflops, known.bandwidth_gbs, known.source)
 

@@ -1,0 +1,69 @@
+"""Measure a device's matmul throughput and memory bandwidth with torch, in a child process.
+
+`plan` stays free of torch: it runs ``python -m finetune.device_probe cuda`` once per GPU model and
+caches the answer for a day (``~/.cache/finetune/device-probes``). The same code measures the CPU
+(``cpu``), which is how the tests exercise it on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CACHE_SECONDS = 24 * 3600
+
+
+def measure(device: str, seconds: float = 0.5) -> dict:
+    """Best-of-trials dense matmul TFLOP/s (bf16 on a GPU, fp32 on the CPU) and copy GB/s."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    n = 4096 if device == "cuda" else 512
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    big = torch.empty(256 * 2**20 if device == "cuda" else 16 * 2**20, dtype=torch.uint8, device=device)
+
+    def best(work, amount: float) -> float:
+        work()  # warm-up: kernel selection, allocation
+        rates, deadline = [], time.perf_counter() + seconds / 2
+        while time.perf_counter() < deadline or len(rates) < 3:
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            work()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            rates.append(amount / (time.perf_counter() - start))
+        return max(rates)
+
+    flops = best(lambda: a @ b, 2 * n**3)
+    bandwidth = best(lambda: big.clone(), 2 * big.numel())
+    return {"tflops": flops / 1e12, "bandwidth_gbs": bandwidth / 1e9, "measured_at": time.time()}
+
+
+def cached_measurement(device: str, name: str, cache_dir: Path) -> dict | None:
+    """The measurement of this device model, from the cache or a child process; None if it fails."""
+    cache = cache_dir / f"{device}-{''.join(c if c.isalnum() else '-' for c in name)}.json"
+    if cache.is_file():
+        found = json.loads(cache.read_text())
+        if time.time() - found["measured_at"] < CACHE_SECONDS:
+            return found
+    out = subprocess.run(
+        [sys.executable, "-m", "finetune.device_probe", device], capture_output=True, text=True, timeout=300
+    )
+    if out.returncode != 0:
+        return None
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(found))
+    tmp.replace(cache)
+    return found
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else "cpu")))
