@@ -157,7 +157,7 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
 
 def training_data(recipe: Recipe) -> tuple[list[Conversation], DataPlan]:
     """The training rows, and what the trainer will make of them (token lengths, drops, packing)."""
-    conversations = load_conversations(recipe.data.train, recipe.data.format)
+    conversations = load_conversations(recipe.data.train, recipe.data.format, recipe.data.columns)
     return conversations, plan_data(
         conversations,
         recipe.model.name,
@@ -278,7 +278,7 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
     conversations, data = training_data(recipe)
-    eval_conversations = load_conversations(recipe.data.eval, recipe.data.format)
+    eval_conversations = load_conversations(recipe.data.eval, recipe.data.format, recipe.data.columns)
     plan = checked_plan(recipe, data.sequences, str(path))
     device = training_device()
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device)
@@ -346,8 +346,8 @@ def cmd_validate(recipe_args: list[str]) -> int:
     for arg in recipe_args:
         try:
             recipe = load_recipe(find_recipe(arg))
-            conversations = load_conversations(recipe.data.train, recipe.data.format)
-            load_conversations(recipe.data.eval, recipe.data.format)
+            conversations = load_conversations(recipe.data.train, recipe.data.format, recipe.data.columns)
+            load_conversations(recipe.data.eval, recipe.data.format, recipe.data.columns)
             checked_plan(recipe, len(conversations), arg)
         except RecipeError as exc:
             failed += 1

@@ -8,6 +8,7 @@ indentation, tabs and trailing newlines.
 
 from __future__ import annotations
 
+import gzip
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,16 +21,46 @@ ROLES = {"system", "user", "assistant"}
 
 @dataclass(frozen=True)
 class Conversation:
+    """One training row. Chat rows have ``messages`` (rendered by the chat template); raw rows
+    (prompt/completion, plain text) have ``segments``: (text, trained) pieces joined as they are."""
+
     source: str  # file:line, for every message about this row
-    messages: list[dict[str, str]]
+    messages: list[dict[str, str]] | None = None
+    segments: list[tuple[str, bool]] | None = None
+
+
+FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+# What each format's rows must hold, in the order auto-detection tries them.
+_REQUIRED = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt_completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+_SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs from a .jsonl file, or (index + 1, row) from a .json list."""
+    """(line number, row) pairs from a .jsonl file, or (index + 1, row) from a .json list; either
+    may be gzip-compressed (.jsonl.gz, .json.gz)."""
     if not path.is_file():
         raise RecipeError(f"data file '{path}' does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
+    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
+    kind = suffixes[0] if suffixes else ""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
+    if kind == ".json":
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -37,7 +68,7 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
         if not isinstance(rows, list):
             raise RecipeError(f"{path}: a .json data file must hold a list of rows")
         numbered = list(enumerate(rows, start=1))
-    elif path.suffix == ".jsonl":
+    elif kind == ".jsonl":
         numbered = []
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
@@ -47,7 +78,10 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             except json.JSONDecodeError as exc:
                 raise RecipeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
     else:
-        raise RecipeError(f"data file '{path}': unsupported extension '{path.suffix}' (use .jsonl or .json)")
+        raise RecipeError(
+            f"data file '{path}': unsupported extension '{''.join(suffixes)}' "
+            "(use .jsonl or .json, optionally .gz)"
+        )
     for number, row in numbered:
         if not isinstance(row, dict):
             raise RecipeError(f"{path}:{number}: each row must be a JSON object")
@@ -57,11 +91,39 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
-    if "messages" in row:
-        return "messages"
-    if "instruction" in row and "output" in row:
-        return "alpaca"
-    return None
+    return next((fmt for fmt, keys in _REQUIRED.items() if all(k in row for k in keys)), None)
+
+
+def sharegpt_to_messages(turns: Any, where: str) -> list[dict[str, str]]:
+    """ShareGPT's from/value turns as OpenAI-style messages (human -> user, gpt -> assistant)."""
+    if not isinstance(turns, list) or not turns:
+        raise RecipeError(f"{where}: 'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise RecipeError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+        role = _SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise RecipeError(
+                f"{where}: conversations[{i}] is from '{turn['from']}'; use one of {sorted(_SHAREGPT_ROLES)}"
+            )
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def _raw_segments(row: dict[str, Any], fmt: str, where: str) -> list[tuple[str, bool]]:
+    """prompt + completion (only the completion trained), or a plain text trained whole."""
+    keys = _REQUIRED[fmt]
+    for key in keys:
+        if not isinstance(row[key], str):
+            raise RecipeError(f"{where}: '{key}' must be a string")
+    if fmt == "text":
+        if not row["text"]:
+            raise RecipeError(f"{where}: 'text' is empty, so nothing would be trained")
+        return [(row["text"], True)]
+    if not row["completion"]:
+        raise RecipeError(f"{where}: 'completion' is empty, so nothing would be trained")
+    return [(row["prompt"], False), (row["completion"], True)]
 
 
 def alpaca_to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
@@ -89,23 +151,36 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     return messages
 
 
-def load_conversations(files: list[str], row_format: str = "auto") -> list[Conversation]:
-    """Every row of every file, as chat messages with the row's file:line."""
+def load_conversations(
+    files: list[str], row_format: str = "auto", columns: dict[str, str] | None = None
+) -> list[Conversation]:
+    """Every row of every file, with its file:line: chat messages, or raw text segments.
+    ``columns`` maps our field names to the dataset's (e.g. completion: canonical_solution)."""
     conversations = []
     for name in files:
         path = Path(name)
         for number, row in read_rows(path):
             where = f"{path}:{number}"
+            if columns:
+                row = {**row, **{ours: row[theirs] for ours, theirs in columns.items() if theirs in row}}
             fmt = row_format if row_format != "auto" else detect_format(row)
-            if fmt == "messages" and "messages" in row:
-                conversations.append(Conversation(where, _check_messages(row["messages"], where)))
-            elif fmt == "alpaca" and "instruction" in row and "output" in row:
-                converted = alpaca_to_messages(row)
-                conversations.append(Conversation(where, _check_messages(converted, where)))
-            else:
-                expected = "'messages'" if fmt == "messages" else "'instruction' and 'output'"
+            if fmt is None or not all(key in row for key in _REQUIRED[fmt]):
                 found = ", ".join(sorted(row)) or "nothing"
-                if fmt is None:
-                    expected = "'messages' (chat) or 'instruction' and 'output' (alpaca)"
-                raise RecipeError(f"{where}: expected {expected} but the row has {found}")
+                wanted = (
+                    " or ".join(
+                        f"{' and '.join(repr(k) for k in keys)} ({f})" for f, keys in _REQUIRED.items()
+                    )
+                    if fmt is None
+                    else " and ".join(repr(k) for k in _REQUIRED[fmt])
+                )
+                raise RecipeError(f"{where}: expected {wanted} but the row has {found}")
+            if fmt == "messages":
+                conversations.append(Conversation(where, _check_messages(row["messages"], where)))
+            elif fmt == "sharegpt":
+                messages = sharegpt_to_messages(row["conversations"], where)
+                conversations.append(Conversation(where, _check_messages(messages, where)))
+            elif fmt == "alpaca":
+                conversations.append(Conversation(where, _check_messages(alpaca_to_messages(row), where)))
+            else:
+                conversations.append(Conversation(where, segments=_raw_segments(row, fmt, where)))
     return conversations

