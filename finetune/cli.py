@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from finetune.audit import audit, trained_runs
 from finetune.budget import (
     GPUS,
     BudgetExceeded,
@@ -32,9 +33,9 @@ from finetune.budget import (
     suggest,
 )
 from finetune.data import Conversation, load_conversations
-from finetune.plots import plot_schedule
+from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, planning_config, training_device
-from finetune.prepare import DataPlan, plan_data
+from finetune.prepare import DataPlan, find_tokenizer, plan_data, prepare
 from finetune.recipe import (
     UNSET,
     Recipe,
@@ -59,7 +60,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_USER_ERROR = 2
 EXIT_OVER_BUDGET = 3
 EXIT_INTERRUPTED = 130
-VERBS = ("train", "plan", "validate", "show", "list", "copy", "diff", "calibration", "schema")
+VERBS = ("train", "plan", "data", "validate", "show", "list", "copy", "diff", "calibration", "schema")
 
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
 
@@ -130,6 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     diff = verbs.add_parser("diff", help="what a recipe changes relative to its parent, after resolution")
     diff.add_argument("recipe")
+
+    data = verbs.add_parser(
+        "data",
+        help="audit the training data: lengths, trained tokens, EOS, duplicates, rendered examples",
+        epilog=_settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    data.add_argument("recipe")
+    data.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    data.add_argument("--show", type=int, default=2, help="render this many rows with trained tokens marked")
+    data.add_argument(
+        "--png", type=Path, default=Path("token_lengths.png"), help="where to write the histogram"
+    )
 
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"
@@ -341,6 +355,45 @@ def cmd_calibration(folder: Path) -> int:
     return 0
 
 
+def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int:
+    """The audit: what will be trained, row by row, before anything is."""
+    from rich.text import Text
+
+    path = find_recipe(recipe_arg)
+    recipe = load_recipe(path, overrides)
+    conversations = load_conversations(recipe.data.train, recipe.data.format, recipe.data.columns)
+    tokenizer = find_tokenizer(recipe.model.name)
+    if tokenizer is None:
+        raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
+    prepared = prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)
+    result = audit(prepared, len(conversations), tokenizer.eos_id, recipe.model.max_seq_length)
+    console.print(f"tokenizer: {tokenizer.origin}", markup=False)
+    for line in result.lines():
+        console.print(line, markup=False)
+    console.print(
+        f"histogram: {plot_lengths(prepared.lengths, recipe.model.max_seq_length, png)}", markup=False
+    )
+    # Trained tokens in bold green on a terminal; between [[ and ]] when piped or without colour.
+    marks = ("", "") if console.is_terminal and not console.no_color else ("[[", "]]")
+    for example in prepared.examples[:show]:
+        console.rule(f"{example.source}  (trained tokens {'highlighted' if not marks[0] else 'in [[ ]]'})")
+        text = Text()
+        for ids, trained in trained_runs(example):
+            piece = tokenizer.tokenizer.decode(ids, skip_special_tokens=False)
+            text.append(
+                f"{marks[0]}{piece}{marks[1]}" if trained else piece, style="bold green" if trained else "dim"
+            )
+        console.print(text)
+    if prepared.dropped_untrained:
+        err_console.print(
+            f"[bold red]error:[/bold red] {len(prepared.dropped_untrained)} rows would train no token "
+            f"after truncation ({escape(', '.join(prepared.dropped_untrained[:3]))}); raise "
+            "model.max_seq_length or set data.overlong: drop"
+        )
+        return EXIT_USER_ERROR
+    return 0
+
+
 def cmd_validate(recipe_args: list[str]) -> int:
     failed = 0
     for arg in recipe_args:
@@ -440,6 +493,8 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
             return cmd_copy(args.source, args.destination)
         if args.verb == "diff":
             return cmd_diff(args.recipe)
+        if args.verb == "data":
+            return cmd_data(args.recipe, args.overrides, args.show, args.png)
         if args.verb == "calibration":
             return cmd_calibration(args.runs)
         return cmd_schema(args.output)

@@ -48,3 +48,24 @@ def plot_schedule(plan: SchedulePlan, path: Path, logged: list[tuple[int, float]
     fig.tight_layout()
     fig.savefig(path)
     return path
+
+
+def plot_lengths(lengths: list[int], max_seq_length: int, path: Path) -> Path:
+    """Histogram of token lengths per row, with max_seq_length marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="tab:blue")
+    ax.axvline(
+        max_seq_length, color="tab:red", linestyle="--", linewidth=1, label=f"max_seq_length {max_seq_length}"
+    )
+    ax.set_xlabel("tokens per row (after the length policy)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"{len(lengths)} rows, longest {max(lengths) if lengths else 0} tokens")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
