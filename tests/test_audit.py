@@ -1,9 +1,8 @@
 """The data audit: numbers about what will be trained, and the `data` verb that prints them."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+from cli_helpers import run_cli
 
 from finetune.audit import audit, percentile, trained_runs
 from finetune.data import Conversation, load_conversations
@@ -44,30 +43,18 @@ def test_duplicates_and_rows_that_never_learn_to_stop():
     assert any("duplicate rows in 1 groups (f:1 = f:2)" in line for line in result.lines())
 
 
-def run(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = (
-        "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
-        "print('heavy:', [m for m in ('torch', 'transformers', 'trl', 'unsloth') if m in sys.modules]);"
-        "sys.exit(code)"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-
-
 def test_data_verb_prints_the_audit_and_marks_trained_tokens(tmp_path):
     png = tmp_path / "lengths.png"
-    out = run("data", "recipes/smoke.yaml", "--show", "1", "--png", str(png))
+    out = run_cli("data", "recipes/smoke.yaml", "--show", "1", "--png", str(png))
     assert out.returncode == 0, out.stderr
     assert "rows: 40 read, 40 kept" in out.stdout and "tokens per row: p50" in out.stdout
     answer = CHAT[0].messages[-1]["content"].strip()
     assert f"<|end_header_id|>\n\n[[{answer}<|eot_id|>]]" in out.stdout  # only the answer is marked
-    assert png.read_bytes()[:4] == b"\x89PNG" and "heavy: []" in out.stdout
+    assert png.read_bytes()[:4] == b"\x89PNG" and "heavy imports: []" in out.stdout
 
 
 def test_data_verb_refuses_rows_that_would_train_nothing(tmp_path):
-    out = run(
+    out = run_cli(
         "data",
         "recipes/smoke.yaml",
         "model.max_seq_length=52",

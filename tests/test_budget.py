@@ -1,12 +1,10 @@
 """Budgets before launch: the static memory terms exactly, the gate, its suggestions, the CLI's exit 3."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from finetune import budget
 from finetune.budget import GIB, GPUS, Shapes, Workload, gpu_by_name, plan_budget, shipped_config, suggest
@@ -134,20 +132,8 @@ def test_gpu_names_as_users_and_nvidia_smi_spell_them():
     assert gpu_by_name("NVIDIA L40S") is None and gpu_by_name("Voodoo 2") is None
 
 
-def run(*args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    code = (
-        "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
-        "print('heavy:', [m for m in ('torch', 'transformers', 'trl', 'unsloth') if m in sys.modules]);"
-        "sys.exit(code)"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-
-
 def test_plan_json_for_a_gpu_this_machine_lacks_imports_nothing_heavy():
-    out = run("plan", "recipes/code-gen.yaml", "--json", "--gpu", "rtx-3090")
+    out = run_cli("plan", "recipes/code-gen.yaml", "--json", "--gpu", "rtx-3090")
     assert out.returncode == 0, out.stderr
     document = json.loads(out.stdout.splitlines()[0])
     plan = document["budget"]
@@ -155,17 +141,17 @@ def test_plan_json_for_a_gpu_this_machine_lacks_imports_nothing_heavy():
     assert plan["memory_total_bytes"] == pytest.approx(sum(plan["memory_bytes"].values()))
     assert plan["memory_upper_bytes"] == pytest.approx(plan["memory_total_bytes"] * 1.1)
     assert {"step_seconds", "total_hours", "verdicts", "tokens_per_micro_batch"} <= set(plan)
-    assert out.stdout.splitlines()[1] == "heavy: []"
+    assert out.stdout.splitlines()[1] == "heavy imports: []"
 
 
 def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
-    out = run("recipes/smoke.yaml", "budget.max_memory_gib=0.01")
+    out = run_cli("recipes/smoke.yaml", "budget.max_memory_gib=0.01")
     assert out.returncode == 3 and "Traceback" not in out.stderr
     assert "FAIL peak memory (budget)" in out.stdout
     assert "over budget: recipes/smoke.yaml is predicted not to fit" in out.stderr
     assert "--force launches anyway" in out.stderr
-    assert "heavy: []" in out.stdout
-    full = run(
+    assert "heavy imports: []" in out.stdout
+    full = run_cli(
         "plan", "recipes/code-gen.yaml", "--gpu", "rtx-3090", "--full-length", "budget.max_hours=0.0001"
     )
     assert full.returncode == 3 and "FAIL total hours" in full.stdout
@@ -173,5 +159,5 @@ def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
 
 
 def test_unknown_gpu_name_is_a_clear_error():
-    out = run("plan", "recipes/code-gen.yaml", "--gpu", "voodoo-2")
+    out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "voodoo-2")
     assert out.returncode == 2 and "unknown GPU 'voodoo-2'; known: rtx-3090" in out.stderr

@@ -1,35 +1,17 @@
 """What a user sees when a run cannot start: one sentence, a non-zero exit, no traceback."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from finetune import preflight
 from finetune.budget import count_parameters
 from finetune.recipe import RecipeError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# Runs the CLI in a fresh interpreter, then reports whether the refusal happened before any heavy import.
-_RUN_AND_REPORT_IMPORTS = (
-    "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
-    "heavy = [m for m in ('torch', 'unsloth', 'transformers', 'trl') if m in sys.modules];"
-    "print('heavy imports:', heavy); sys.exit(code)"
-)
-
-
-def run_cli(*args, env_extra=None):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", **(env_extra or {})}
-    return subprocess.run(
-        [sys.executable, "-c", _RUN_AND_REPORT_IMPORTS, *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
 
 
 def test_flagship_without_gpu_fails_at_once_with_one_sentence():
