@@ -10,6 +10,7 @@ import argparse
 import hashlib
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -32,7 +33,7 @@ from finetune.budget import (
     plan_budget,
     suggest,
 )
-from finetune.data import Conversation, load_conversations
+from finetune.data import Conversation, load_conversations, skipped_report
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, planning_config, training_device
 from finetune.prepare import DataPlan, find_tokenizer, plan_data, prepare
@@ -169,10 +170,17 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             run_dir = base.with_name(f"{base.name}-{n}")
 
 
+def read_data(recipe: Recipe, files: list[str]) -> tuple[list[Conversation], list[str]]:
+    """Rows of these files, and the report line about bad rows skipped (when the recipe skips them)."""
+    skipped: list[str] | None = [] if recipe.data.bad_rows == "skip" else None
+    rows = load_conversations(files, recipe.data.format, recipe.data.columns, skipped)
+    return rows, skipped_report(skipped or [])
+
+
 def training_data(recipe: Recipe) -> tuple[list[Conversation], DataPlan]:
     """The training rows, and what the trainer will make of them (token lengths, drops, packing)."""
-    conversations = load_conversations(recipe.data.train, recipe.data.format, recipe.data.columns)
-    return conversations, plan_data(
+    conversations, skipped = read_data(recipe, recipe.data.train)
+    plan = plan_data(
         conversations,
         recipe.model.name,
         recipe.data,
@@ -180,6 +188,7 @@ def training_data(recipe: Recipe) -> tuple[list[Conversation], DataPlan]:
         recipe.data.train,
         on_gpu=bool(detect_gpus()),
     )
+    return conversations, replace(plan, report=skipped + plan.report)
 
 
 def data_as_dict(data: DataPlan) -> dict:
@@ -292,7 +301,9 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
     conversations, data = training_data(recipe)
-    eval_conversations = load_conversations(recipe.data.eval, recipe.data.format, recipe.data.columns)
+    eval_conversations, eval_skipped = read_data(recipe, recipe.data.eval)
+    for line in eval_skipped:
+        err_console.print(f"[yellow]eval data:[/yellow] {escape(line)}")
     plan = checked_plan(recipe, data.sequences, str(path))
     device = training_device()
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device)
@@ -361,14 +372,14 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
 
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
-    conversations = load_conversations(recipe.data.train, recipe.data.format, recipe.data.columns)
+    conversations, skipped = read_data(recipe, recipe.data.train)
     tokenizer = find_tokenizer(recipe.model.name)
     if tokenizer is None:
         raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
     prepared = prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)
     result = audit(prepared, len(conversations), tokenizer.eos_id, recipe.model.max_seq_length)
     console.print(f"tokenizer: {tokenizer.origin}", markup=False)
-    for line in result.lines():
+    for line in skipped + result.lines():
         console.print(line, markup=False)
     console.print(
         f"histogram: {plot_lengths(prepared.lengths, recipe.model.max_seq_length, png)}", markup=False
@@ -399,8 +410,10 @@ def cmd_validate(recipe_args: list[str]) -> int:
     for arg in recipe_args:
         try:
             recipe = load_recipe(find_recipe(arg))
-            conversations = load_conversations(recipe.data.train, recipe.data.format, recipe.data.columns)
-            load_conversations(recipe.data.eval, recipe.data.format, recipe.data.columns)
+            conversations, skipped = read_data(recipe, recipe.data.train)
+            read_data(recipe, recipe.data.eval)
+            for line in skipped:
+                err_console.print(f"[yellow]warning:[/yellow] {escape(arg)}: {escape(line)}")
             checked_plan(recipe, len(conversations), arg)
         except RecipeError as exc:
             failed += 1

@@ -47,11 +47,13 @@ _SHAREGPT_ROLES = {
 }
 
 
-def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs from a .jsonl file, or (index + 1, row) from a .json list; either
-    may be gzip-compressed (.jsonl.gz, .json.gz)."""
+    may be gzip-compressed (.jsonl.gz, .json.gz). A malformed line stops with its file:line, or,
+    given a ``skipped`` list, is recorded there and passed over."""
     if not path.is_file():
         raise RecipeError(f"data file '{path}' does not exist")
+    skipped_before = len(skipped) if skipped is not None else 0
     suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
     kind = suffixes[0] if suffixes else ""
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
@@ -76,18 +78,30 @@ def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
             try:
                 numbered.append((number, json.loads(line)))
             except json.JSONDecodeError as exc:
-                raise RecipeError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+                _bad_row(f"{path}:{number}: not valid JSON ({exc.msg})", skipped)
     else:
         raise RecipeError(
             f"data file '{path}': unsupported extension '{''.join(suffixes)}' "
             "(use .jsonl or .json, optionally .gz)"
         )
+    objects = []
     for number, row in numbered:
-        if not isinstance(row, dict):
-            raise RecipeError(f"{path}:{number}: each row must be a JSON object")
-    if not numbered:
-        raise RecipeError(f"data file '{path}' has no rows")
-    return numbered
+        if isinstance(row, dict):
+            objects.append((number, row))
+        else:
+            _bad_row(f"{path}:{number}: each row must be a JSON object", skipped)
+    if not objects:
+        bad = len(skipped) - skipped_before if skipped is not None else 0
+        raise RecipeError(
+            f"data file '{path}' has no rows" + (f" that could be read ({bad} bad)" if bad else "")
+        )
+    return objects
+
+
+def _bad_row(message: str, skipped: list[str] | None) -> None:
+    if skipped is None:
+        raise RecipeError(message)
+    skipped.append(message)
 
 
 def detect_format(row: dict[str, Any]) -> str | None:
@@ -152,35 +166,53 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
 
 
 def load_conversations(
-    files: list[str], row_format: str = "auto", columns: dict[str, str] | None = None
+    files: list[str],
+    row_format: str = "auto",
+    columns: dict[str, str] | None = None,
+    skipped: list[str] | None = None,
 ) -> list[Conversation]:
     """Every row of every file, with its file:line: chat messages, or raw text segments.
-    ``columns`` maps our field names to the dataset's (e.g. completion: canonical_solution)."""
+    ``columns`` maps our field names to the dataset's (e.g. completion: canonical_solution). A bad
+    row stops with its file:line, or, given a ``skipped`` list, is recorded there and passed over."""
     conversations = []
     for name in files:
         path = Path(name)
-        for number, row in read_rows(path):
-            where = f"{path}:{number}"
-            if columns:
-                row = {**row, **{ours: row[theirs] for ours, theirs in columns.items() if theirs in row}}
-            fmt = row_format if row_format != "auto" else detect_format(row)
-            if fmt is None or not all(key in row for key in _REQUIRED[fmt]):
-                found = ", ".join(sorted(row)) or "nothing"
-                wanted = (
-                    " or ".join(
-                        f"{' and '.join(repr(k) for k in keys)} ({f})" for f, keys in _REQUIRED.items()
-                    )
-                    if fmt is None
-                    else " and ".join(repr(k) for k in _REQUIRED[fmt])
-                )
-                raise RecipeError(f"{where}: expected {wanted} but the row has {found}")
-            if fmt == "messages":
-                conversations.append(Conversation(where, _check_messages(row["messages"], where)))
-            elif fmt == "sharegpt":
-                messages = sharegpt_to_messages(row["conversations"], where)
-                conversations.append(Conversation(where, _check_messages(messages, where)))
-            elif fmt == "alpaca":
-                conversations.append(Conversation(where, _check_messages(alpaca_to_messages(row), where)))
-            else:
-                conversations.append(Conversation(where, segments=_raw_segments(row, fmt, where)))
+        for number, row in read_rows(path, skipped):
+            try:
+                conversations.append(_conversation(row, f"{path}:{number}", row_format, columns))
+            except RecipeError as exc:
+                _bad_row(str(exc), skipped)
+    if files and not conversations:
+        raise RecipeError(f"no row of {', '.join(files)} could be read ({len(skipped or [])} skipped as bad)")
     return conversations
+
+
+def skipped_report(skipped: list[str]) -> list[str]:
+    """The line every plan and run prints about rows skipped as malformed (none when none were)."""
+    if not skipped:
+        return []
+    more = f"; and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+    return [f"{len(skipped)} bad rows skipped (data.bad_rows: skip): {skipped[0]}{more}"]
+
+
+def _conversation(
+    row: dict[str, Any], where: str, row_format: str, columns: dict[str, str] | None
+) -> Conversation:
+    if columns:
+        row = {**row, **{ours: row[theirs] for ours, theirs in columns.items() if theirs in row}}
+    fmt = row_format if row_format != "auto" else detect_format(row)
+    if fmt is None or not all(key in row for key in _REQUIRED[fmt]):
+        found = ", ".join(sorted(row)) or "nothing"
+        wanted = (
+            " or ".join(f"{' and '.join(repr(k) for k in keys)} ({f})" for f, keys in _REQUIRED.items())
+            if fmt is None
+            else " and ".join(repr(k) for k in _REQUIRED[fmt])
+        )
+        raise RecipeError(f"{where}: expected {wanted} but the row has {found}")
+    if fmt == "messages":
+        return Conversation(where, _check_messages(row["messages"], where))
+    if fmt == "sharegpt":
+        return Conversation(where, _check_messages(sharegpt_to_messages(row["conversations"], where), where))
+    if fmt == "alpaca":
+        return Conversation(where, _check_messages(alpaca_to_messages(row), where))
+    return Conversation(where, segments=_raw_segments(row, fmt, where))

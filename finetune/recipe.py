@@ -98,6 +98,10 @@ class DataSection(_Section):
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on assistant turns only (prompts are masked)."
     )
+    bad_rows: Literal["error", "skip"] = Field(
+        "error",
+        description="A malformed row (bad JSON, missing fields): stop naming it, or skip it and count it.",
+    )
     overlong: Literal["drop", "truncate", "error"] = Field(
         "drop",
         description="Rows longer than model.max_seq_length tokens: drop, truncate (keep the start) or error.",

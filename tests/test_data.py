@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import alpaca_to_messages, load_conversations
+from finetune.data import alpaca_to_messages, load_conversations, skipped_report
 from finetune.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,3 +118,39 @@ def test_non_utf8_bytes_are_named_by_line(tmp_path):
     path.write_bytes(good + b"\n" + b'{"text": "caf\xe9"}\n')
     with pytest.raises(RecipeError, match=rf"^{path}:2: not valid UTF-8 \(byte 0xe9\)"):
         load_conversations([str(path)])
+
+
+def test_bad_rows_can_be_skipped_and_are_always_counted(tmp_path):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    path.write_text("\n".join([good, "{not json", json.dumps([1, 2]), json.dumps({"body": 1}), good]) + "\n")
+    skipped = []
+    rows = load_conversations([str(path)], skipped=skipped)
+    assert [r.source for r in rows] == [f"{path}:1", f"{path}:5"]
+    assert [s.split(": ", 1)[0] for s in skipped] == [f"{path}:2", f"{path}:3", f"{path}:4"]
+    assert skipped_report(skipped) == [
+        f"3 bad rows skipped (data.bad_rows: skip): {path}:2: not valid JSON "
+        "(Expecting property name enclosed in double quotes); and 2 more"
+    ]
+    with pytest.raises(RecipeError, match=rf"^{path}:2: not valid JSON"):
+        load_conversations([str(path)])  # the default stops at the first bad row
+    path.write_text("{not json\n")
+    with pytest.raises(RecipeError, match="could be read"):
+        load_conversations([str(path)], skipped=[])
+
+
+def test_plan_reports_skipped_rows(tmp_path):
+    from cli_helpers import run_cli
+
+    data = tmp_path / "d.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})
+    data.write_text("\n".join([good] * 8 + ["{oops"]) + "\n")
+    args = ["plan", "recipes/smoke.yaml", f"data.train={data}", "train.max_steps=10", "--json"]
+    assert run_cli(*args).returncode == 2  # data.bad_rows defaults to error
+    out = run_cli(*args, "data.bad_rows=skip")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout.splitlines()[0])["data"]["report"]
+    assert report == [
+        f"1 bad rows skipped (data.bad_rows: skip): {data}:9: "
+        "not valid JSON (Expecting property name enclosed in double quotes)"
+    ]
