@@ -33,7 +33,7 @@ from finetune.budget import (
     plan_budget,
     suggest,
 )
-from finetune.data import Conversation, load_conversations, skipped_report
+from finetune.data import Conversation, hold_out, load_conversations, skipped_report
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, planning_config, training_device
 from finetune.prepare import DataPlan, find_tokenizer, plan_data, prepare
@@ -177,9 +177,24 @@ def read_data(recipe: Recipe, files: list[str]) -> tuple[list[Conversation], lis
     return rows, skipped_report(skipped or [])
 
 
-def training_data(recipe: Recipe) -> tuple[list[Conversation], DataPlan]:
-    """The training rows, and what the trainer will make of them (token lengths, drops, packing)."""
-    conversations, skipped = read_data(recipe, recipe.data.train)
+def split_data(recipe: Recipe) -> tuple[list[Conversation], list[Conversation], list[str]]:
+    """(train rows, eval rows, report lines): eval from its own files, or held out of the training rows."""
+    rows, skipped = read_data(recipe, recipe.data.train)
+    if recipe.data.eval_fraction is not None:
+        rows, eval_rows = hold_out(rows, recipe.data.eval_fraction, recipe.train.seed)
+        return (
+            rows,
+            eval_rows,
+            skipped + [f"{len(eval_rows)} rows held out for eval (seed {recipe.train.seed})"],
+        )
+    eval_rows, eval_skipped = read_data(recipe, recipe.data.eval)
+    return rows, eval_rows, skipped + [f"eval data: {line}" for line in eval_skipped]
+
+
+def training_data(recipe: Recipe) -> tuple[list[Conversation], list[Conversation], DataPlan]:
+    """Train and eval rows, and what the trainer will make of the training rows (token lengths,
+    drops, packing)."""
+    conversations, eval_conversations, notes = split_data(recipe)
     plan = plan_data(
         conversations,
         recipe.model.name,
@@ -188,7 +203,7 @@ def training_data(recipe: Recipe) -> tuple[list[Conversation], DataPlan]:
         recipe.data.train,
         on_gpu=bool(detect_gpus()),
     )
-    return conversations, replace(plan, report=skipped + plan.report)
+    return conversations, eval_conversations, replace(plan, report=notes + plan.report)
 
 
 def data_as_dict(data: DataPlan) -> dict:
@@ -245,7 +260,7 @@ def cmd_plan(
 ) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
-    _, data = training_data(recipe)
+    _, _, data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
     device = training_device(gpu)
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device, full_length)
@@ -300,10 +315,7 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
-    conversations, data = training_data(recipe)
-    eval_conversations, eval_skipped = read_data(recipe, recipe.data.eval)
-    for line in eval_skipped:
-        err_console.print(f"[yellow]eval data:[/yellow] {escape(line)}")
+    conversations, eval_conversations, data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path))
     device = training_device()
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device)
@@ -372,7 +384,7 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
 
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
-    conversations, skipped = read_data(recipe, recipe.data.train)
+    conversations, _, skipped = split_data(recipe)
     tokenizer = find_tokenizer(recipe.model.name)
     if tokenizer is None:
         raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
@@ -410,10 +422,9 @@ def cmd_validate(recipe_args: list[str]) -> int:
     for arg in recipe_args:
         try:
             recipe = load_recipe(find_recipe(arg))
-            conversations, skipped = read_data(recipe, recipe.data.train)
-            read_data(recipe, recipe.data.eval)
+            conversations, _, skipped = split_data(recipe)
             for line in skipped:
-                err_console.print(f"[yellow]warning:[/yellow] {escape(arg)}: {escape(line)}")
+                err_console.print(f"{escape(arg)}: {escape(line)}")
             checked_plan(recipe, len(conversations), arg)
         except RecipeError as exc:
             failed += 1
@@ -433,7 +444,7 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
         f"# effective batch: {effective} sequences per optimizer step "
         f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
     )
-    _, data = training_data(recipe)
+    _, _, data = training_data(recipe)
     for line in data.describe() + describe_plan(checked_plan(recipe, data.sequences, str(path))):
         console.print(f"# {line}", markup=False)
     return 0

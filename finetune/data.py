@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,3 +218,17 @@ def _conversation(
     if fmt == "alpaca":
         return Conversation(where, _check_messages(alpaca_to_messages(row), where))
     return Conversation(where, segments=_raw_segments(row, fmt, where))
+
+
+def hold_out(
+    rows: list[Conversation], fraction: float, seed: int
+) -> tuple[list[Conversation], list[Conversation]]:
+    """(train, eval): a seeded random ``fraction`` of the rows (at least one) held out for evaluation,
+    both keeping file order. The same rows, fraction and seed always give the same split."""
+    count = max(1, math.ceil(len(rows) * fraction))
+    if count >= len(rows):
+        raise RecipeError(
+            f"data.eval_fraction {fraction} of {len(rows)} rows would leave nothing to train on"
+        )
+    held = set(random.Random(seed).sample(range(len(rows)), count))
+    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]

@@ -95,6 +95,9 @@ class DataSection(_Section):
         description="Held-out file or files for evaluation loss, in the same formats as train.",
         json_schema_extra=_one_or_more_paths,
     )
+    eval_fraction: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="Hold out this seeded random share of the training rows for eval (instead of eval)."
+    )
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on assistant turns only (prompts are masked)."
     )
@@ -110,6 +113,12 @@ class DataSection(_Section):
         False,
         description="Pack short rows into max_seq_length sequences (attention stays within each row).",
     )
+
+    @model_validator(mode="after")
+    def _one_eval_source(self) -> DataSection:
+        if self.eval and self.eval_fraction is not None:
+            raise ValueError("set eval (files) or eval_fraction, not both")
+        return self
 
     @field_validator("columns")
     @classmethod
@@ -299,8 +308,10 @@ class Recipe(_Section):
 
     @model_validator(mode="after")
     def _eval_has_data(self) -> Recipe:
-        if self.train.eval_steps is not None and not self.data.eval:
-            raise ValueError("train.eval_steps is set but data.eval names no evaluation data")
+        if self.train.eval_steps is not None and not self.data.eval and self.data.eval_fraction is None:
+            raise ValueError(
+                "train.eval_steps is set but neither data.eval nor data.eval_fraction gives eval data"
+            )
         return self
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import alpaca_to_messages, load_conversations, skipped_report
+from finetune.data import alpaca_to_messages, hold_out, load_conversations, skipped_report
 from finetune.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,3 +154,16 @@ def test_plan_reports_skipped_rows(tmp_path):
         f"1 bad rows skipped (data.bad_rows: skip): {data}:9: "
         "not valid JSON (Expecting property name enclosed in double quotes)"
     ]
+
+
+def test_held_out_eval_rows_are_seeded_and_disjoint():
+    rows = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
+    train, held = hold_out(rows, 0.1, seed=7)
+    assert len(held) == 4 and len(train) == 36 and not {r.source for r in train} & {r.source for r in held}
+    assert hold_out(rows, 0.1, seed=7) == (train, held)  # the same split every time
+    assert hold_out(rows, 0.1, seed=8)[1] != held
+    assert [r.source for r in train] == sorted(
+        (r.source for r in train), key=lambda s: int(s.rsplit(":", 1)[1])
+    )
+    with pytest.raises(RecipeError, match="would leave nothing to train on"):
+        hold_out(rows[:1], 0.5, seed=0)

@@ -145,6 +145,24 @@ BAD = [
         "train.warmup_ratio: Input should be less than 1",
     ),
     (
+        "eval-steps-without-eval-data",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5",
+        "train.eval_steps is set but neither data.eval nor data.eval_fraction gives eval data",
+    ),
+    (
+        "two-eval-sources",
+        "  train: data_samples/code_chat.jsonl",
+        "  train: data_samples/code_chat.jsonl\n  eval: data_samples/code_alpaca.jsonl\n  eval_fraction: 0.1",
+        "set eval (files) or eval_fraction, not both",
+    ),
+    (
+        "unknown-column",
+        "  train: data_samples/code_chat.jsonl",
+        "  train: data_samples/code_chat.jsonl\n  columns: {answer: output}",
+        "columns: 'answer' is not a field we read",
+    ),
+    (
         "min-lr-missing",
         "  max_steps: 20",
         "  lr_scheduler_type: cosine_with_min_lr",
