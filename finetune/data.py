@@ -8,7 +8,9 @@ indentation, tabs and trailing newlines.
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import math
 import random
@@ -31,6 +33,7 @@ class Conversation:
     segments: list[tuple[str, bool]] | None = None
 
 
+READABLE = (".jsonl", ".json", ".csv", ".parquet")
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # What each format's rows must hold, in the order auto-detection tries them.
 _REQUIRED = {
@@ -49,6 +52,14 @@ _SHAREGPT_ROLES = {
 }
 
 
+def data_kind(path: Path) -> str:
+    """'.jsonl', '.json', '.csv' or '.parquet' (the first three also gzip-compressed), else ''."""
+    if path.suffix == ".gz":
+        inner = path.suffixes[-2] if len(path.suffixes) > 1 else ""
+        return inner if inner in (".jsonl", ".json", ".csv") else ""
+    return path.suffix if path.suffix in READABLE else ""
+
+
 def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) pairs from a .jsonl file, or (index + 1, row) from a .json list; either
     may be gzip-compressed (.jsonl.gz, .json.gz). A malformed line stops with its file:line, or,
@@ -56,36 +67,26 @@ def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, d
     if not path.is_file():
         raise RecipeError(f"data file '{path}' does not exist")
     skipped_before = len(skipped) if skipped is not None else 0
-    suffixes = path.suffixes[-2:] if path.suffix == ".gz" else path.suffixes[-1:]
-    kind = suffixes[0] if suffixes else ""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
-    if kind == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rows, list):
-            raise RecipeError(f"{path}: a .json data file must hold a list of rows")
-        numbered = list(enumerate(rows, start=1))
-    elif kind == ".jsonl":
-        numbered = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                numbered.append((number, json.loads(line)))
-            except json.JSONDecodeError as exc:
-                _bad_row(f"{path}:{number}: not valid JSON ({exc.msg})", skipped)
-    else:
+    kind = data_kind(path)
+    if kind not in READABLE:
         raise RecipeError(
-            f"data file '{path}': unsupported extension '{''.join(suffixes)}' "
-            "(use .jsonl or .json, optionally .gz)"
+            f"data file '{path}': unsupported extension '{''.join(path.suffixes[-2:])}' "
+            "(use .jsonl, .json or .csv, optionally .gz, or .parquet)"
         )
+    if kind == ".parquet":
+        import pyarrow.parquet as pq  # light (no torch); parquet keeps nested chat messages as lists
+
+        try:
+            table = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for a corrupt file; all mean the same
+            raise RecipeError(f"{path}: not a readable parquet file ({exc})") from None
+        # A column is null in rows that lack it (one table, one schema): such keys are absent.
+        numbered = [
+            (number, {k: v for k, v in row.items() if v is not None})
+            for number, row in enumerate(table, start=1)
+        ]
+    else:
+        numbered = _text_rows(path, kind, skipped)
     objects = []
     for number, row in numbered:
         if isinstance(row, dict):
@@ -98,6 +99,51 @@ def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, d
             f"data file '{path}' has no rows" + (f" that could be read ({bad} bad)" if bad else "")
         )
     return objects
+
+
+def _text_rows(path: Path, kind: str, skipped: list[str] | None) -> list[tuple[int, Any]]:
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise RecipeError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
+    if kind == ".csv":
+        # One row per record, numbered by the line it ends on; quoted fields may span lines.
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        return [(reader.line_num, row) for row in reader]
+    if kind == ".json":
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise RecipeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rows, list):
+            raise RecipeError(f"{path}: a .json data file must hold a list of rows")
+        return list(enumerate(rows, start=1))
+    numbered = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            numbered.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            _bad_row(f"{path}:{number}: not valid JSON ({exc.msg})", skipped)
+    return numbered
+
+
+def expand_files(names: list[str]) -> list[Path]:
+    """Data files as named; a folder stands for every readable file below it, in sorted order."""
+    paths = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and data_kind(p) in READABLE)
+            if not found:
+                raise RecipeError(f"data folder '{path}' holds no .jsonl, .json, .csv or .parquet file")
+            paths += found
+        else:
+            paths.append(path)
+    return paths
 
 
 def _bad_row(message: str, skipped: list[str] | None) -> None:
@@ -177,8 +223,7 @@ def load_conversations(
     ``columns`` maps our field names to the dataset's (e.g. completion: canonical_solution). A bad
     row stops with its file:line, or, given a ``skipped`` list, is recorded there and passed over."""
     conversations = []
-    for name in files:
-        path = Path(name)
+    for path in expand_files(files):
         for number, row in read_rows(path, skipped):
             try:
                 conversations.append(_conversation(row, f"{path}:{number}", row_format, columns))

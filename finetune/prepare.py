@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from finetune.data import Conversation
+from finetune.data import Conversation, expand_files
 from finetune.recipe import DataSection, RecipeError
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch's cross-entropy ignore_index)
@@ -365,10 +365,10 @@ class DataPlan:
         return [line, *self.report]
 
 
-def _file_digest(paths: list[str]) -> str:
+def _file_digest(names: list[str]) -> str:
     digest = hashlib.sha256()
-    for name in paths:
-        digest.update(name.encode() + b"\0" + Path(name).read_bytes() + b"\0")
+    for path in expand_files(names):
+        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 

@@ -79,7 +79,7 @@ def _one_or_more_paths(schema: dict[str, Any]) -> None:
 class DataSection(_Section):
     train: list[str] = Field(
         min_length=1,
-        description="Training file or files (.jsonl/.json), relative to the working directory.",
+        description="Training files or folders (.jsonl, .json, .csv, optionally .gz; .parquet).",
         json_schema_extra=_one_or_more_paths,
     )
     format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
@@ -92,7 +92,7 @@ class DataSection(_Section):
     )
     eval: list[str] = Field(
         default_factory=list,
-        description="Held-out file or files for evaluation loss, in the same formats as train.",
+        description="Evaluation files or folders for the eval loss, in the same formats as train.",
         json_schema_extra=_one_or_more_paths,
     )
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] | None = Field(

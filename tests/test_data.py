@@ -167,3 +167,36 @@ def test_held_out_eval_rows_are_seeded_and_disjoint():
     )
     with pytest.raises(RecipeError, match="would leave nothing to train on"):
         hold_out(rows[:1], 0.5, seed=0)
+
+
+def test_csv_parquet_and_folders(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "data"
+    (folder / "more").mkdir(parents=True)
+    (folder / "a.csv").write_text(
+        'instruction,input,output\nSay hi,,"def hi():\n\treturn ""hi""\n"\nAdd,1 2,3\n', newline=""
+    )
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "  a\n"}]
+    mixed = [{"messages": chat, "text": None}, {"messages": None, "text": "t"}]  # one schema, nulls
+    pq.write_table(pa.Table.from_pylist(mixed), folder / "more" / "b.parquet")
+    (folder / "notes.txt").write_text("not data")
+    rows = load_conversations([str(folder)])
+    assert [r.source for r in rows] == [
+        f"{folder}/a.csv:4",  # a quoted field over three lines: numbered by the line the record ends on
+        f"{folder}/a.csv:5",
+        f"{folder}/more/b.parquet:1",
+        f"{folder}/more/b.parquet:2",
+    ]
+    assert rows[0].messages[1]["content"] == 'def hi():\n\treturn "hi"\n'  # byte exact through CSV quoting
+    assert rows[1].messages[0]["content"] == "Add\n\n1 2"
+    assert rows[2].messages == chat and rows[3].segments == [("t", True)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RecipeError, match="holds no .jsonl, .json, .csv or .parquet file"):
+        load_conversations([str(tmp_path / "empty")])
+    (folder / "bad.parquet").write_bytes(b"PAR1 nope")
+    with pytest.raises(RecipeError, match="not a readable parquet file"):
+        load_conversations([str(folder / "bad.parquet")])
+    with pytest.raises(RecipeError, match=r"unsupported extension '.txt'"):
+        load_conversations([str(folder / "notes.txt")])
