@@ -493,9 +493,17 @@ def suggest(
 
     def tried(label: str, changed: Recipe, changed_work: Workload = work, note: str = "") -> None:
         plan = plan_budget(changed, shapes, device, changed_work, dtype_bytes)
+        better = (
+            plan.memory.upper < current.memory.upper
+            or plan.time.step_seconds < current.time.step_seconds
+            or plan.time.total_seconds < current.time.total_seconds
+        )
+        if not (plan.ok or better):
+            return  # a change that improves nothing is no suggestion
         effect = (
             f"peak {current.memory.upper / GIB:.1f} -> {plan.memory.upper / GIB:.1f} GiB, "
-            f"step {current.time.step_seconds:.2f} -> {plan.time.step_seconds:.2f} s"
+            f"step {current.time.step_seconds:.2f} -> {plan.time.step_seconds:.2f} s, "
+            f"total {current.time.total_seconds / 3600:.2f} -> {plan.time.total_seconds / 3600:.2f} h"
         )
         ideas.append(f"{'fits' if plan.ok else 'helps'}: {label} ({effect}{note})")
 

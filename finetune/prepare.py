@@ -116,6 +116,7 @@ class ChatTokenizer:
         self._template = env.from_string(self.chat_template)
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The template's text; a template that rejects the conversation raises jinja2's TemplateError."""
         return self._template.render(
             messages=messages,
             tools=None,
@@ -252,8 +253,15 @@ def _raw_example(tokenizer: ChatTokenizer, conversation: Conversation, responses
 
 def _chat_text(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns."""
+    from jinja2.exceptions import TemplateError
+
     messages = conversation.messages
-    text = tokenizer.render(messages)
+    try:
+        text = tokenizer.render(messages)
+    except TemplateError as exc:  # e.g. a template that allows no system message, or strict alternation
+        raise RecipeError(
+            f"{conversation.source}: the chat template rejects this conversation: {exc}"
+        ) from None
     # Each assistant turn is the text the template adds after the prompt that asks for it.
     spans = []
     for i, message in enumerate(messages):

@@ -161,3 +161,30 @@ def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
 def test_unknown_gpu_name_is_a_clear_error():
     out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "voodoo-2")
     assert out.returncode == 2 and "unknown GPU 'voodoo-2'; known: rtx-3090" in out.stderr
+
+
+def test_device_probe_measures_with_torch_in_a_child_process_and_caches(tmp_path):
+    """The path a GPU takes (`cuda`), run on the CPU here: a child process measures, the cache answers."""
+    from finetune.device_probe import cached_measurement
+
+    first = cached_measurement("cpu", "This CPU", tmp_path)
+    assert first is not None and first["tflops"] > 0 and first["bandwidth_gbs"] > 0
+    (cache,) = tmp_path.glob("cpu-This-CPU.json")
+    assert cached_measurement("cpu", "This CPU", tmp_path) == first  # from the cache, not re-measured
+    stale = {**first, "measured_at": first["measured_at"] - 2 * 24 * 3600}
+    cache.write_text(json.dumps(stale))
+    assert cached_measurement("cpu", "This CPU", tmp_path)["measured_at"] > stale["measured_at"]
+
+
+def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_measured_speed(monkeypatch, tmp_path):
+    from finetune import device_probe, preflight
+
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    gpu = preflight.Gpu("NVIDIA GeForce RTX 4090", 24.0, 20.5)
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [gpu])
+    measured = {"tflops": 150.0, "bandwidth_gbs": 900.0, "measured_at": 0}
+    monkeypatch.setattr(device_probe, "cached_measurement", lambda *a: measured)
+    device = preflight.training_device()
+    assert (device.memory_bytes, device.bf16_tflops, device.bandwidth_gbs) == (20.5 * GIB, 150.0, 900.0)
+    monkeypatch.setattr(device_probe, "cached_measurement", lambda *a: None)
+    assert preflight.training_device().bf16_tflops == GPUS["rtx-4090"].bf16_tflops  # the datasheet

@@ -166,3 +166,18 @@ def test_plain_text_is_trained_whole_with_eos(tokenizer):
     assert example.labels[0] == IGNORE_INDEX  # BOS is context, not a target
     assert example.labels[1:] == example.input_ids[1:] and example.input_ids[-1] == tokenizer.eos_id
     assert tokenizer.tokenizer.decode(example.input_ids[1:-1]) == "x = 1\n\ty = 2\n"
+
+
+def test_a_template_that_rejects_a_conversation_names_the_row(tokenizer):
+    from dataclasses import replace
+
+    strict = replace(
+        tokenizer,
+        chat_template="{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system role') }}"
+        "{% endif %}x",
+    )
+    row = Conversation("f:9", [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}])
+    with pytest.raises(
+        RecipeError, match="^f:9: the chat template rejects this conversation: no system role$"
+    ):
+        prepare([row], strict, DataSection(train=["x"]), 100)
