@@ -385,7 +385,7 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     conversations, _, skipped = split_data(recipe)
-    tokenizer = find_tokenizer(recipe.model.name)
+    tokenizer = find_tokenizer(recipe.model.name, recipe.data.chat_template)
     if tokenizer is None:
         raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
     prepared = prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)

@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -196,9 +196,34 @@ def hub_cached_file(repo_id: str, filename: str) -> Path | None:
     return found if found.is_file() else None
 
 
-def find_tokenizer(model_name: str) -> ChatTokenizer | None:
+TEMPLATES_DIR = Path(__file__).parent / "templates"
+
+
+def resolve_chat_template(name: str) -> str:
+    """A shipped template by name (finetune/templates/NAME.jinja) or a .jinja file by path."""
+    shipped = TEMPLATES_DIR / f"{name}.jinja"
+    path = shipped if shipped.is_file() else Path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
+        raise RecipeError(f"data.chat_template '{name}' is neither a shipped template ({known}) nor a file")
+    return path.read_text(encoding="utf-8")
+
+
+def find_tokenizer(model_name: str, chat_template: str | None = None) -> ChatTokenizer | None:
     """The recipe model's tokenizer, from disk only: a local folder, the Hugging Face cache, or the
-    built-in Llama 3 one. None when it cannot be had without a download."""
+    built-in Llama 3 one; None when it cannot be had without a download. ``chat_template`` (a
+    shipped name or a file) replaces the tokenizer's own template."""
+    found = _find_tokenizer(model_name)
+    if found is None or chat_template is None:
+        return found
+    return replace(
+        found,
+        chat_template=resolve_chat_template(chat_template),
+        origin=f"{found.origin}, template {chat_template}",
+    )
+
+
+def _find_tokenizer(model_name: str) -> ChatTokenizer | None:
     from finetune.tiny_model import TINY_MODEL_NAME
 
     local = Path(model_name)
@@ -407,6 +432,7 @@ def plan_data(
             _PREPARE_VERSION,
             model_name,
             _tokenizer_stamp(model_name),
+            resolve_chat_template(data.chat_template) if data.chat_template else None,
             data.model_dump(mode="json"),
             max_seq_length,
             _file_digest(files),
@@ -423,7 +449,7 @@ def plan_data(
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
         return DataPlan(**{**cached, "packing": packing, "report": cached["report"] + notes})
-    tokenizer = find_tokenizer(model_name)
+    tokenizer = find_tokenizer(model_name, data.chat_template)
     if tokenizer is None:
         return DataPlan(
             rows=len(conversations),

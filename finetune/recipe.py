@@ -98,6 +98,10 @@ class DataSection(_Section):
     eval_fraction: Annotated[float, Field(gt=0, lt=1)] | None = Field(
         None, description="Hold out this seeded random share of the training rows for eval (instead of eval)."
     )
+    chat_template: str | None = Field(
+        None,
+        description="A shipped template (llama-3.1-instruct-exact) or a .jinja file; default: the model's.",
+    )
     train_on_responses_only: bool = Field(
         True, description="Compute the loss on assistant turns only (prompts are masked)."
     )

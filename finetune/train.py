@@ -26,7 +26,7 @@ from unsloth import FastLanguageModel
 
 from finetune import schedule
 from finetune.data import Conversation
-from finetune.prepare import Example, Prepared, find_tokenizer, prepare
+from finetune.prepare import Example, Prepared, find_tokenizer, prepare, resolve_chat_template
 from finetune.recipe import Recipe, RecipeError, TrainSection
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -191,7 +191,7 @@ class _LossProgress(ProgressCallback):
 
 def prepare_examples(recipe: Recipe, conversations: list[Conversation]) -> Prepared:
     """Token ids and labels with the model's own tokenizer files (on disk once the model is loaded)."""
-    tokenizer = find_tokenizer(model_path(recipe))
+    tokenizer = find_tokenizer(model_path(recipe), recipe.data.chat_template)
     if tokenizer is None:
         raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
     return prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)
@@ -301,6 +301,8 @@ def train(
     adapter and tokenizer into ``run_dir/adapter``."""
     model, tokenizer = load_model(recipe)
     model = add_lora(model, recipe)
+    if recipe.data.chat_template:  # saved with the adapter, so inference renders as training did
+        tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template)
     examples = prepare_examples(recipe, conversations).examples
     if check_probe is not None:
         check_probe(probe(model, tokenizer, recipe, examples, run_dir))

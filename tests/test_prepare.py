@@ -181,3 +181,21 @@ def test_a_template_that_rejects_a_conversation_names_the_row(tokenizer):
         RecipeError, match="^f:9: the chat template rejects this conversation: no system role$"
     ):
         prepare([row], strict, DataSection(train=["x"]), 100)
+
+
+def test_the_exact_template_keeps_code_whitespace_that_metas_template_trims():
+    row = Conversation(
+        "f:1", [{"role": "user", "content": "indent it"}, {"role": "assistant", "content": "\treturn x\n\n"}]
+    )
+    data = DataSection(train=["x"])
+    default = find_tokenizer("tiny-llama-3")
+    exact = find_tokenizer("tiny-llama-3", "llama-3.1-instruct-exact")
+    assert trained_segments(default, prepare([row], default, data, 100).examples[0]) == ["return x<|eot_id|>"]
+    assert trained_segments(exact, prepare([row], exact, data, 100).examples[0]) == [
+        "\treturn x\n\n<|eot_id|>"
+    ]
+    assert "template llama-3.1-instruct-exact" in exact.origin
+    with pytest.raises(
+        RecipeError, match="neither a shipped template .*llama-3.1-instruct-exact.* nor a file"
+    ):
+        find_tokenizer("tiny-llama-3", "nope")

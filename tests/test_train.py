@@ -175,6 +175,7 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
             "recipes/smoke.yaml",
             "train.max_steps=4",
             f"output.dir={tmp_path}",
+            "data.chat_template=llama-3.1-instruct-exact",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -193,7 +194,11 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["overrides"] == [
         "train.max_steps=4",
         f"output.dir={tmp_path}",
+        "data.chat_template=llama-3.1-instruct-exact",
     ]
+    # The template the data was rendered with travels with the adapter, for inference.
+    exact = (ROOT / "finetune" / "templates" / "llama-3.1-instruct-exact.jinja").read_text()
+    assert (run_dir / "adapter" / "chat_template.jinja").read_text() == exact
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4]
     # The schedule preview is printed and saved before training, and the logged LRs follow it.
