@@ -33,7 +33,7 @@ from finetune.budget import (
     plan_budget,
     suggest,
 )
-from finetune.data import Conversation, hold_out, load_conversations, skipped_report
+from finetune.data import Conversation, hold_out, load_conversations, mix, mixing_report, skipped_report
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, planning_config, training_device
 from finetune.prepare import DataPlan, find_tokenizer, plan_data, prepare
@@ -179,16 +179,16 @@ def read_data(recipe: Recipe, files: list[str]) -> tuple[list[Conversation], lis
 
 def split_data(recipe: Recipe) -> tuple[list[Conversation], list[Conversation], list[str]]:
     """(train rows, eval rows, report lines): eval from its own files, or held out of the training rows."""
-    rows, skipped = read_data(recipe, recipe.data.train)
+    rows, notes = read_data(recipe, recipe.data.train)
     if recipe.data.eval_fraction is not None:
+        # Held out before mixing, so no eval row is also a (repeated) training row.
         rows, eval_rows = hold_out(rows, recipe.data.eval_fraction, recipe.train.seed)
-        return (
-            rows,
-            eval_rows,
-            skipped + [f"{len(eval_rows)} rows held out for eval (seed {recipe.train.seed})"],
-        )
-    eval_rows, eval_skipped = read_data(recipe, recipe.data.eval)
-    return rows, eval_rows, skipped + [f"eval data: {line}" for line in eval_skipped]
+        notes = notes + [f"{len(eval_rows)} rows held out for eval (seed {recipe.train.seed})"]
+    else:
+        eval_rows, eval_skipped = read_data(recipe, recipe.data.eval)
+        notes = notes + [f"eval data: {line}" for line in eval_skipped]
+    mixed = mix(rows, recipe.data.weights, recipe.train.seed) if recipe.data.weights else rows
+    return mixed, eval_rows, notes + mixing_report(rows, mixed, recipe.data.weights)
 
 
 def training_data(recipe: Recipe) -> tuple[list[Conversation], list[Conversation], DataPlan]:

@@ -277,3 +277,30 @@ def hold_out(
         )
     held = set(random.Random(seed).sample(range(len(rows)), count))
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+
+
+def mix(rows: list[Conversation], weights: dict[str, float], seed: int) -> list[Conversation]:
+    """Rows of each weighted source repeated ``weight`` times: the whole part as copies, the fraction
+    as a seeded random share of its rows (1.5 = every row once plus a random half again; 0.25 = a
+    random quarter). A folder's weight applies to every file in it; unweighted sources keep 1.0."""
+    weight_of = {str(path): w for entry, w in weights.items() for path in expand_files([entry])}
+    by_file: dict[str, list[Conversation]] = {}
+    for row in rows:
+        by_file.setdefault(row.source.rsplit(":", 1)[0], []).append(row)
+    rng = random.Random(seed)
+    mixed = []
+    for file, group in by_file.items():
+        weight = weight_of.get(file, 1.0)
+        copies, fraction = int(weight), weight - int(weight)
+        extra = sorted(rng.sample(range(len(group)), round(fraction * len(group))))
+        mixed += group * copies + [group[i] for i in extra]
+    return mixed
+
+
+def mixing_report(
+    rows: list[Conversation], mixed: list[Conversation], weights: dict[str, float]
+) -> list[str]:
+    if not weights:
+        return []
+    parts = ", ".join(f"{entry} x{w:g}" for entry, w in weights.items())
+    return [f"mixing {parts}: {len(rows)} rows became {len(mixed)}"]

@@ -357,7 +357,7 @@ def count_packed_sequences(lengths: list[int], seq_length: int) -> int:
 
 
 # Bump when preparation changes what it produces, so cached summaries are not trusted across it.
-_PREPARE_VERSION = "1"
+_PREPARE_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -436,6 +436,8 @@ def plan_data(
             data.model_dump(mode="json"),
             max_seq_length,
             _file_digest(files),
+            # Which rows, in which order: held-out eval rows and mixing weights change them.
+            hashlib.sha256("\n".join(c.source for c in conversations).encode()).hexdigest(),
         ],
         sort_keys=True,
     )

@@ -86,6 +86,10 @@ class DataSection(_Section):
         "auto",
         description="Row format: messages, sharegpt, alpaca, prompt_completion or text; 'auto' detects it.",
     )
+    weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict,
+        description="Per train entry, how many times its rows count, e.g. {data/rare.jsonl: 2.0}.",
+    )
     columns: dict[str, str] = Field(
         default_factory=dict,
         description="Our field names to the dataset's, e.g. {completion: canonical_solution}.",
@@ -122,6 +126,13 @@ class DataSection(_Section):
     def _one_eval_source(self) -> DataSection:
         if self.eval and self.eval_fraction is not None:
             raise ValueError("set eval (files) or eval_fraction, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _weights_name_train_entries(self) -> DataSection:
+        for entry in self.weights:
+            if entry not in self.train:
+                raise ValueError(f"weights: '{entry}' is not one of data.train ({', '.join(self.train)})")
         return self
 
     @field_validator("columns")

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import alpaca_to_messages, hold_out, load_conversations, skipped_report
+from finetune.data import alpaca_to_messages, hold_out, load_conversations, mix, mixing_report, skipped_report
 from finetune.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -200,3 +200,36 @@ def test_csv_parquet_and_folders(tmp_path):
         load_conversations([str(folder / "bad.parquet")])
     with pytest.raises(RecipeError, match=r"unsupported extension '.txt'"):
         load_conversations([str(folder / "notes.txt")])
+
+
+def test_weighted_mixing_repeats_and_samples_sources(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    for path, n in ((a, 4), (b, 8)):
+        path.write_text("".join(json.dumps({"text": f"{path.stem}{i}"}) + "\n" for i in range(n)))
+    rows = load_conversations([str(a), str(b)])
+    mixed = mix(rows, {str(a): 2.0, str(b): 0.5}, seed=0)
+    from_a = [r for r in mixed if r.source.startswith(str(a))]
+    from_b = [r for r in mixed if r.source.startswith(str(b))]
+    assert len(from_a) == 8 and {r.source for r in from_a} == {r.source for r in rows[:4]}  # each twice
+    assert len(from_b) == 4 and len({r.source for r in from_b}) == 4  # a random half, no repeats
+    assert mix(rows, {str(a): 2.0, str(b): 0.5}, seed=0) == mixed  # seeded
+    assert mix(rows, {str(b): 1.25}, seed=1)[:4] == rows[:4] and len(mix(rows, {str(b): 1.25}, seed=1)) == 14
+    assert mixing_report(rows, mixed, {str(a): 2.0}) == [f"mixing {a} x2: 12 rows became 12"]
+
+
+def test_weights_must_name_training_sources_and_reach_the_plan(tmp_path):
+    from cli_helpers import run_cli
+
+    out = run_cli(
+        "plan",
+        "recipes/smoke.yaml",
+        "train.max_steps=null",
+        "--json",
+        "data.weights={data_samples/code_chat.jsonl: 1.5}",
+    )
+    assert out.returncode == 0, out.stderr
+    plan = json.loads(out.stdout.splitlines()[0])
+    assert plan["data"]["rows"] == 60 and plan["total_steps"] == 15  # 60 rows, 2 per micro-batch, 2 per step
+    assert plan["data"]["report"] == ["mixing data_samples/code_chat.jsonl x1.5: 40 rows became 60"]
+    bad = run_cli("plan", "recipes/smoke.yaml", "data.weights={other.jsonl: 2}")
+    assert bad.returncode == 2 and "weights: 'other.jsonl' is not one of data.train" in bad.stderr
