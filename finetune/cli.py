@@ -35,7 +35,7 @@ from finetune.budget import (
 )
 from finetune.data import Conversation, hold_out, load_conversations, mix, mixing_report, skipped_report
 from finetune.plots import plot_lengths, plot_schedule
-from finetune.preflight import check_can_start, detect_gpus, planning_config, training_device
+from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, planning_config, training_device
 from finetune.prepare import DataPlan, find_tokenizer, plan_data, prepare
 from finetune.recipe import (
     UNSET,
@@ -262,6 +262,12 @@ def cmd_plan(
     recipe = load_recipe(path, overrides)
     _, _, data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
+    if gpu is None and not detect_gpus() and not fits_a_cpu(recipe):
+        # A plan for this CPU would describe a run the runner refuses; plan for the usual 24 GB card.
+        gpu = "rtx-4090"
+        err_console.print(
+            "note: no GPU here and this model needs one: planned for an RTX 4090; --gpu NAME for another"
+        )
     device = training_device(gpu)
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device, full_length)
     fails = budget is not None and not budget.ok

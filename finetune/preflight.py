@@ -146,6 +146,12 @@ def planning_config(recipe: Recipe) -> dict | None:
     return resolve_model_config(recipe) or shipped_config(recipe.model.name)
 
 
+def fits_a_cpu(recipe: Recipe) -> bool:
+    """Small enough to train on a CPU (the tiny model and the like); unknown shapes are not."""
+    config = planning_config(recipe)
+    return config is not None and count_parameters(config) <= CPU_MAX_PARAMETERS
+
+
 def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
     """Refuse, with one sentence, a run that cannot start here; return the GPUs it will use."""
     name = recipe.model.name

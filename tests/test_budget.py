@@ -188,3 +188,12 @@ def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_measured_spee
     assert (device.memory_bytes, device.bf16_tflops, device.bandwidth_gbs) == (20.5 * GIB, 150.0, 900.0)
     monkeypatch.setattr(device_probe, "cached_measurement", lambda *a: None)
     assert preflight.training_device().bf16_tflops == GPUS["rtx-4090"].bf16_tflops  # the datasheet
+
+
+def test_a_gpu_model_planned_on_a_machine_without_gpu_gets_the_usual_24_gb_card():
+    out = run_cli("plan", "recipes/code-gen.yaml", "--json")
+    assert out.returncode == 0, out.stderr
+    assert "no GPU here and this model needs one: planned for an RTX 4090" in out.stderr
+    assert json.loads(out.stdout.splitlines()[0])["budget"]["device"] == "RTX 4090"
+    tiny = run_cli("plan", "recipes/smoke.yaml", "--json")
+    assert json.loads(tiny.stdout.splitlines()[0])["budget"]["device"] == "CPU" and "note" not in tiny.stderr
