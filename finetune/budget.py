@@ -224,6 +224,8 @@ def nf4_bytes_single_quant(num_weights: int) -> int:
 class MemoryPlan:
     terms: dict[str, float]  # name -> bytes, in the order printed
     tokens_per_micro_batch: int
+    # The 4-bit weights as they would be without double quantization (None for a 16-bit base).
+    single_quant_weights: float | None = None
 
     @property
     def total(self) -> float:
@@ -294,7 +296,10 @@ def predict_memory(
     if on_gpu:  # PyTorch's CUDA caching allocator and the CUDA context; a CPU run has neither
         terms["allocator overhead"] = allocated * constant("allocator_overhead")
         terms["CUDA context"] = constant("cuda_context_bytes")
-    return MemoryPlan(terms, tokens_per_micro_batch)
+    single = None
+    if recipe.model.load_in_4bit:
+        single = shapes.layers * sum(nf4_bytes_single_quant(i * o) for i, o in shapes.projections().values())
+    return MemoryPlan(terms, tokens_per_micro_batch, single)
 
 
 # ---- Tokens per micro-batch ----------------------------------------------------------------------
@@ -441,6 +446,8 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
     memory = plan.memory
     lines = [f"memory on {plan.device.name}, largest micro-batch {memory.tokens_per_micro_batch} tokens:"]
     lines += [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in memory.terms.items()]
+    if memory.single_quant_weights is not None:  # Unsloth always double-quantizes; this is what it saves
+        lines.insert(2, f"    (without double quantization: {memory.single_quant_weights / GIB:.2f} GiB)")
     margin = constant("memory_margin")
     lines.append(
         f"  {'total':<42} {memory.total / GIB:8.2f} GiB  (+/-{margin:.0%}: "
@@ -467,6 +474,7 @@ def budget_as_dict(plan: BudgetPlan) -> dict:
     return {
         "device": plan.device.name,
         "memory_bytes": dict(plan.memory.terms),
+        "single_quant_weights_bytes": plan.memory.single_quant_weights,
         "memory_total_bytes": plan.memory.total,
         "memory_margin": constant("memory_margin"),
         "memory_upper_bytes": plan.memory.upper,

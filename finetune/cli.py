@@ -72,6 +72,16 @@ def _settings_help() -> str:
     return "\n".join(lines)
 
 
+def _recipe_verb(verbs, name: str, help: str) -> argparse.ArgumentParser:
+    """A verb that takes a recipe and overrides, with every setting listed in its --help."""
+    parser = verbs.add_parser(
+        name, help=help, epilog=_settings_help(), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
+    parser.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner.py",
@@ -80,14 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    train = verbs.add_parser(
-        "train",
-        help="train a recipe (the default verb)",
-        epilog=_settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train.add_argument("recipe", help="recipe file, or the name of a shipped recipe")
-    train.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    train = _recipe_verb(verbs, "train", "train a recipe (the default verb)")
     train.add_argument("--force", action="store_true", help="launch even when the budget check fails")
     train.add_argument(
         "--probe",
@@ -97,14 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on with a GPU)",
     )
 
-    plan = verbs.add_parser(
-        "plan",
-        help="preview steps, LR schedule, memory and time against the budget (exit 3 when over)",
-        epilog=_settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    plan = _recipe_verb(
+        verbs, "plan", "preview steps, LR schedule, memory and time against the budget (exit 3 when over)"
     )
-    plan.add_argument("recipe")
-    plan.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     plan.add_argument("--json", action="store_true", help="print the plan as JSON, with the LR of every step")
     plan.add_argument("--png", type=Path, default=Path("lr_schedule.png"), help="where to write the plot")
     plan.add_argument("--gpu", help=f"plan for this GPU instead of this machine's ({', '.join(GPUS)})")
@@ -115,14 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = verbs.add_parser("validate", help="check recipes and their data without training")
     validate.add_argument("recipes", nargs="+", help="recipe files or shipped names")
 
-    show = verbs.add_parser(
-        "show",
-        help="print the resolved recipe and the numbers derived from it",
-        epilog=_settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    show.add_argument("recipe")
-    show.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
+    _recipe_verb(verbs, "show", "print the resolved recipe and the numbers derived from it")
 
     verbs.add_parser("list", help="the shipped recipes with their purpose and version")
 
@@ -133,14 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     diff = verbs.add_parser("diff", help="what a recipe changes relative to its parent, after resolution")
     diff.add_argument("recipe")
 
-    data = verbs.add_parser(
-        "data",
-        help="audit the training data: lengths, trained tokens, EOS, duplicates, rendered examples",
-        epilog=_settings_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    data = _recipe_verb(
+        verbs, "data", "audit the training data: lengths, trained tokens, EOS, duplicates, rendered examples"
     )
-    data.add_argument("recipe")
-    data.add_argument("overrides", nargs="*", help=_OVERRIDES_HELP)
     data.add_argument("--show", type=int, default=2, help="render this many rows with trained tokens marked")
     data.add_argument(
         "--png", type=Path, default=Path("token_lengths.png"), help="where to write the histogram"

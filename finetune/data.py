@@ -34,7 +34,6 @@ class Conversation:
 
 
 READABLE = (".jsonl", ".json", ".csv", ".parquet")
-FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 # What each format's rows must hold, in the order auto-detection tries them.
 _REQUIRED = {
     "messages": ("messages",),

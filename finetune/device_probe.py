@@ -52,12 +52,18 @@ def cached_measurement(device: str, name: str, cache_dir: Path) -> dict | None:
         found = json.loads(cache.read_text())
         if time.time() - found["measured_at"] < CACHE_SECONDS:
             return found
-    out = subprocess.run(
-        [sys.executable, "-m", "finetune.device_probe", device], capture_output=True, text=True, timeout=300
-    )
-    if out.returncode != 0:
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "finetune.device_probe", device],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):  # hung, or printed no measurement
+        found = None
+    if found is None:
         return None
-    found = json.loads(out.stdout.strip().splitlines()[-1])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(found))

@@ -16,7 +16,7 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -472,6 +472,6 @@ def plan_data(
     )
     cache_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(plan.__dict__))
+    tmp.write_text(json.dumps(asdict(plan)))
     tmp.replace(cache_file)
-    return DataPlan(**{**plan.__dict__, "report": plan.report + notes})
+    return replace(plan, report=plan.report + notes)

@@ -66,6 +66,10 @@ def test_the_flagship_fits_a_24_gb_card_and_says_why():
     # bf16 embeddings + lm_head + norms: 2 B each
     assert terms["embeddings, lm_head, norms"] == 2 * (1_050_673_152 + 65 * 4096)
     assert terms["LoRA parameters"] == 4 * budget.lora_parameters(Shapes.from_config(LLAMA_8B), 32, ALL_SEVEN)
+    assert plan.memory.single_quant_weights == 32 * sum(
+        budget.nf4_bytes_single_quant(i * o) for i, o in Shapes.from_config(LLAMA_8B).projections().values()
+    )
+    assert plan.memory.single_quant_weights > terms["4-bit base weights"]
     assert plan.memory.tokens_per_micro_batch == 2 * 4096
     assert plan.ok and 5 * GIB < plan.memory.total < 24 * GIB
     assert plan.time.step_seconds > 0 and plan.time.total_seconds == pytest.approx(
@@ -197,3 +201,18 @@ def test_a_gpu_model_planned_on_a_machine_without_gpu_gets_the_usual_24_gb_card(
     assert json.loads(out.stdout.splitlines()[0])["budget"]["device"] == "RTX 4090"
     tiny = run_cli("plan", "recipes/smoke.yaml", "--json")
     assert json.loads(tiny.stdout.splitlines()[0])["budget"]["device"] == "CPU" and "note" not in tiny.stderr
+
+
+def test_a_device_probe_that_hangs_or_prints_nothing_falls_back_to_none(tmp_path, monkeypatch):
+    import subprocess
+
+    from finetune import device_probe
+
+    def hang(*args, **kwargs):
+        raise subprocess.TimeoutExpired(args[0], 300)
+
+    monkeypatch.setattr(device_probe.subprocess, "run", hang)
+    assert device_probe.cached_measurement("cuda", "Some GPU", tmp_path) is None
+    silent = subprocess.CompletedProcess([], 0, stdout="", stderr="")
+    monkeypatch.setattr(device_probe.subprocess, "run", lambda *a, **k: silent)
+    assert device_probe.cached_measurement("cuda", "Some GPU", tmp_path) is None
