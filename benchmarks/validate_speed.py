@@ -1,7 +1,7 @@
 """How long the light commands take, next to the import they avoid.
 
 `validate`, `list`, `show` and `plan` import nothing heavy, so they answer in a fraction of the time
-that `import unsloth` alone takes (`plan` without --json also draws lr_schedule.png with matplotlib).
+that `import unsloth` alone takes (`plan` without --json also draws lr_schedule.png, with Pillow).
 Prints each command's median wall time over a few runs and its ratio
 to `python -c "import unsloth"`, measured side by side in this one run.
 

@@ -1,13 +1,18 @@
 """Budgets before launch: the static memory terms exactly, the gate, its suggestions, the CLI's exit 3."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import PIL.Image
 import pytest
 from cli_helpers import run_cli
 
 from finetune import budget
 from finetune.budget import GIB, GPUS, Shapes, Workload, gpu_by_name, plan_budget, shipped_config, suggest
+from finetune.plots import nice_ticks
 from finetune.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -146,6 +151,34 @@ def test_plan_json_for_a_gpu_this_machine_lacks_imports_nothing_heavy():
     assert plan["memory_upper_bytes"] == pytest.approx(plan["memory_total_bytes"] * 1.1)
     assert {"step_seconds", "total_hours", "verdicts", "tokens_per_micro_batch"} <= set(plan)
     assert out.stdout.splitlines()[1] == "heavy imports: []"
+
+
+def test_plan_with_its_png_imports_neither_torch_nor_matplotlib(tmp_path):
+    # What keeps `plan` under a second (benchmarks/validate_speed.py times it): matplotlib's import
+    # alone costs most of a second here, so the LR chart is drawn with Pillow.
+    png = tmp_path / "lr.png"
+    code = (
+        "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
+        "print('imported:', sorted(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "plan", "recipes/code-gen.yaml", "--gpu", "rtx-4090", "--png", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    assert "imported: []" in out.stdout
+    image = PIL.Image.open(png)
+    assert image.format == "PNG" and image.size == (900, 500)
+
+
+def test_chart_ticks_are_round_numbers_that_cover_the_data():
+    assert nice_ticks(301, count=8) == [0, 50, 100, 150, 200, 250, 300, 350]
+    assert nice_ticks(2.1e-4) == pytest.approx([0, 5e-5, 1e-4, 1.5e-4, 2e-4, 2.5e-4])
+    assert nice_ticks(6) == [0, 2, 4, 6]
+    assert nice_ticks(0) == [0.0, 1.0]
 
 
 def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
