@@ -1,16 +1,19 @@
 """The data audit (`runner.py data RECIPE`): what will be trained, before anything is.
 
-Pure Python over the prepared examples: counts, the token-length distribution, the share of each
+Pure Python over the prepared examples, read once: counts, the token-length distribution, the share of each
 row that is trained, rows that train nothing or never show the model how to stop, and duplicates.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from finetune.prepare import IGNORE_INDEX, Example, Prepared
+from finetune.prepare import IGNORE_INDEX, Example
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -63,24 +66,30 @@ def percentile(sorted_values: list, p: int):
     return sorted_values[rank - 1]
 
 
-def audit(prepared: Prepared, rows: int, eos_id: int, max_seq_length: int) -> Audit:
-    examples = prepared.examples
-    lengths = sorted(len(e.input_ids) for e in examples)
-    fractions = sorted(e.trained_tokens / len(e.input_ids) for e in examples)
-    missing_eos = [e.source for e in examples if _last_trained(e) != eos_id]
+def audit(examples: Iterable[Example], rows: int, report: list[str], eos_id: int) -> Audit:
+    """The audit of the kept rows, read once (they may not fit in memory: only their lengths, trained
+    shares and a digest each are kept); ``report`` says what preparation dropped or truncated."""
+    lengths, fractions, missing_eos, trained = [], [], [], 0
     groups = defaultdict(list)
     for e in examples:
-        groups[tuple(e.input_ids)].append(e.source)
+        lengths.append(len(e.input_ids))
+        fractions.append(e.trained_tokens / len(e.input_ids))
+        trained += e.trained_tokens
+        if _last_trained(e) != eos_id:
+            missing_eos.append(e.source)
+        groups[hashlib.blake2b(array("l", e.input_ids).tobytes(), digest_size=16).digest()].append(e.source)
+    lengths.sort()
+    fractions.sort()
     return Audit(
         rows=rows,
-        kept=len(examples),
+        kept=len(lengths),
         length_percentiles={p: percentile(lengths, p) for p in PERCENTILES},
         trained_fraction_percentiles={p: percentile(fractions, p) for p in (0, 50, 100)},
-        trained_tokens=sum(e.trained_tokens for e in examples),
+        trained_tokens=trained,
         total_tokens=sum(lengths),
         missing_eos=missing_eos,
         duplicates=[group for group in groups.values() if len(group) > 1],
-        report=prepared.report(max_seq_length),
+        report=report,
     )
 
 

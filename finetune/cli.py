@@ -10,7 +10,6 @@ import argparse
 import hashlib
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
@@ -33,10 +32,9 @@ from finetune.budget import (
     plan_budget,
     suggest,
 )
-from finetune.data import Conversation, hold_out, load_conversations, mix, mixing_report, skipped_report
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, planning_config, training_device
-from finetune.prepare import DataPlan, find_tokenizer, plan_data, prepare
+from finetune.prepare import locate_tokenizer
 from finetune.recipe import (
     UNSET,
     Recipe,
@@ -53,6 +51,7 @@ from finetune.recipe import (
     shipped_recipes,
 )
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
+from finetune.store import DataPlan, count_rows, open_store, plan_data
 
 # soft_wrap: never break a message or a path across lines, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True)
@@ -156,40 +155,10 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             run_dir = base.with_name(f"{base.name}-{n}")
 
 
-def read_data(recipe: Recipe, files: list[str]) -> tuple[list[Conversation], list[str]]:
-    """Rows of these files, and the report line about bad rows skipped (when the recipe skips them)."""
-    skipped: list[str] | None = [] if recipe.data.bad_rows == "skip" else None
-    rows = load_conversations(files, recipe.data.format, recipe.data.columns, skipped)
-    return rows, skipped_report(skipped or [])
-
-
-def split_data(recipe: Recipe) -> tuple[list[Conversation], list[Conversation], list[str]]:
-    """(train rows, eval rows, report lines): eval from its own files, or held out of the training rows."""
-    rows, notes = read_data(recipe, recipe.data.train)
-    if recipe.data.eval_fraction is not None:
-        # Held out before mixing, so no eval row is also a (repeated) training row.
-        rows, eval_rows = hold_out(rows, recipe.data.eval_fraction, recipe.train.seed)
-        notes = notes + [f"{len(eval_rows)} rows held out for eval (seed {recipe.train.seed})"]
-    else:
-        eval_rows, eval_skipped = read_data(recipe, recipe.data.eval)
-        notes = notes + [f"eval data: {line}" for line in eval_skipped]
-    mixed = mix(rows, recipe.data.weights, recipe.train.seed) if recipe.data.weights else rows
-    return mixed, eval_rows, notes + mixing_report(rows, mixed, recipe.data.weights)
-
-
-def training_data(recipe: Recipe) -> tuple[list[Conversation], list[Conversation], DataPlan]:
-    """Train and eval rows, and what the trainer will make of the training rows (token lengths,
-    drops, packing)."""
-    conversations, eval_conversations, notes = split_data(recipe)
-    plan = plan_data(
-        conversations,
-        recipe.model.name,
-        recipe.data,
-        recipe.model.max_seq_length,
-        recipe.data.train,
-        on_gpu=bool(detect_gpus()),
-    )
-    return conversations, eval_conversations, replace(plan, report=notes + plan.report)
+def training_data(recipe: Recipe) -> DataPlan:
+    """What the trainer will make of the training rows (token lengths, drops, packing), from the
+    prepared-data store (built now if these inputs were never prepared)."""
+    return plan_data(recipe, on_gpu=bool(detect_gpus()))
 
 
 def data_as_dict(data: DataPlan) -> dict:
@@ -246,7 +215,7 @@ def cmd_plan(
 ) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
-    _, _, data = training_data(recipe)
+    data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
     if gpu is None and not detect_gpus() and not fits_a_cpu(recipe):
         # A plan for this CPU would describe a run the runner refuses; plan for the usual 24 GB card.
@@ -307,15 +276,14 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
-    conversations, eval_conversations, data = training_data(recipe)
+    data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path))
     device = training_device()
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device)
     where = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     name = recipe_name(path)
     console.print(
-        f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {where}, "
-        f"{len(conversations)} conversations"
+        f"[bold]{name}[/bold] {recipe.version}: {recipe.model.name} on {where}, {data.rows} conversations"
     )
     for line in data.describe() + describe_plan(plan) + budget_lines:
         console.print(line, markup=False)
@@ -340,7 +308,7 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     # By default the probe runs on a GPU, where memory is the limit that ends runs.
     probing = bool(gpus) if probe is None else probe
     checker = _probe_checker(recipe, budget, plan.total_steps, force) if probing else None
-    result = train.train(recipe, conversations, eval_conversations, run_dir, checker)
+    result = train.train(recipe, run_dir, checker)
     logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
     plot_schedule(plan, run_dir / "lr_schedule.png", logged)
     if budget is not None:
@@ -376,21 +344,22 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
 
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
-    conversations, _, skipped = split_data(recipe)
-    tokenizer = find_tokenizer(recipe.model.name, recipe.data.chat_template)
-    if tokenizer is None:
+    source = locate_tokenizer(recipe.model.name)
+    if source is None:
         raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
-    prepared = prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)
-    result = audit(prepared, len(conversations), tokenizer.eos_id, recipe.model.max_seq_length)
-    console.print(f"tokenizer: {tokenizer.origin}", markup=False)
-    for line in skipped + result.lines():
+    store = open_store(recipe, source)
+    summary = store.summary
+    tokenizer = source.load()
+    result = audit(store.examples(), summary["rows"], summary["report"], tokenizer.eos_id)
+    console.print(f"tokenizer: {summary['tokenizer']}", markup=False)
+    for line in result.lines():
         console.print(line, markup=False)
     console.print(
-        f"histogram: {plot_lengths(prepared.lengths, recipe.model.max_seq_length, png)}", markup=False
+        f"histogram: {plot_lengths(summary['lengths'], recipe.model.max_seq_length, png)}", markup=False
     )
     # Trained tokens in bold green on a terminal; between [[ and ]] when piped or without colour.
     marks = ("", "") if console.is_terminal and not console.no_color else ("[[", "]]")
-    for example in prepared.examples[:show]:
+    for example in store.examples(limit=show):
         console.rule(f"{example.source}  (trained tokens {'highlighted' if not marks[0] else 'in [[ ]]'})")
         text = Text()
         for ids, trained in trained_runs(example):
@@ -399,10 +368,11 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
                 f"{marks[0]}{piece}{marks[1]}" if trained else piece, style="bold green" if trained else "dim"
             )
         console.print(text)
-    if prepared.dropped_untrained:
+    untrained = summary["dropped_untrained"]
+    if untrained:
         err_console.print(
-            f"[bold red]error:[/bold red] {len(prepared.dropped_untrained)} rows would train no token "
-            f"after truncation ({escape(', '.join(prepared.dropped_untrained[:3]))}); raise "
+            f"[bold red]error:[/bold red] {len(untrained)} rows would train no token "
+            f"after truncation ({escape(', '.join(untrained[:3]))}); raise "
             "model.max_seq_length or set data.overlong: drop"
         )
         return EXIT_USER_ERROR
@@ -414,15 +384,15 @@ def cmd_validate(recipe_args: list[str]) -> int:
     for arg in recipe_args:
         try:
             recipe = load_recipe(find_recipe(arg))
-            conversations, _, skipped = split_data(recipe)
-            for line in skipped:
+            rows, report = count_rows(recipe)
+            for line in report:
                 err_console.print(f"{escape(arg)}: {escape(line)}")
-            checked_plan(recipe, len(conversations), arg)
+            checked_plan(recipe, rows, arg)
         except RecipeError as exc:
             failed += 1
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
             continue
-        console.print(f"[green]ok[/green] {arg} ({recipe.version}, {len(conversations)} training rows)")
+        console.print(f"[green]ok[/green] {arg} ({recipe.version}, {rows} training rows)")
     return EXIT_USER_ERROR if failed else 0
 
 
@@ -436,7 +406,7 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
         f"# effective batch: {effective} sequences per optimizer step "
         f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
     )
-    _, _, data = training_data(recipe)
+    data = training_data(recipe)
     for line in data.describe() + describe_plan(checked_plan(recipe, data.sequences, str(path))):
         console.print(f"# {line}", markup=False)
     return 0

@@ -1,9 +1,10 @@
 """Reading training rows and turning them into chat conversations.
 
-Pure Python (no torch, no datasets): rows are checked before the model is loaded, and a bad row is
-reported with its file and line. Every supported format becomes OpenAI-style ``messages``, which
-the tokenizer's chat template then renders. Content is passed through byte for byte: code keeps its
-indentation, tabs and trailing newlines.
+Pure Python (no torch; `datasets` only for a recipe that names a Hugging Face dataset): rows are
+streamed and checked before the model is loaded, and a bad row is reported with its file and line.
+Every supported format becomes OpenAI-style ``messages``, which the tokenizer's chat template then
+renders. Content is passed through byte for byte: code keeps its indentation, tabs and trailing
+newlines.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import io
 import json
 import math
 import random
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,9 +63,20 @@ def data_kind(path: Path) -> str:
 
 
 def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) pairs from a .jsonl file, or (index + 1, row) from a .json list; either
-    may be gzip-compressed (.jsonl.gz, .json.gz). A malformed line stops with its file:line, or,
-    given a ``skipped`` list, is recorded there and passed over."""
+    """Every row of one file, as iter_rows yields them."""
+    return list(iter_rows(path, skipped))
+
+
+def iter_rows(
+    path: Path | HubSplit, skipped: list[str] | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) pairs from a .jsonl or .csv file, (index + 1, row) from a .json list or a
+    .parquet file; the first three may be gzip-compressed. Streamed: a .jsonl, .csv or .parquet file
+    of any size is read a line or a batch at a time (a .json list is parsed whole). A malformed line
+    stops with its file:line, or, given a ``skipped`` list, is recorded there and passed over."""
+    if isinstance(path, HubSplit):
+        yield from _hub_rows(path)
+        return
     if not path.is_file():
         raise RecipeError(f"data file '{path}' does not exist")
     skipped_before = len(skipped) if skipped is not None else 0
@@ -72,70 +86,148 @@ def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, d
             f"data file '{path}': unsupported extension '{''.join(path.suffixes[-2:])}' "
             "(use .jsonl, .json or .csv, optionally .gz, or .parquet)"
         )
-    if kind == ".parquet":
-        import pyarrow.parquet as pq  # light (no torch); parquet keeps nested chat messages as lists
-
-        try:
-            table = pq.read_table(path).to_pylist()
-        except Exception as exc:  # pyarrow raises several types for a corrupt file; all mean the same
-            raise RecipeError(f"{path}: not a readable parquet file ({exc})") from None
-        # A column is null in rows that lack it (one table, one schema): such keys are absent.
-        numbered = [
-            (number, {k: v for k, v in row.items() if v is not None})
-            for number, row in enumerate(table, start=1)
-        ]
-    else:
-        numbered = _text_rows(path, kind, skipped)
-    objects = []
-    for number, row in numbered:
+    readers = {".parquet": _parquet_rows, ".csv": _csv_rows, ".json": _json_rows, ".jsonl": _jsonl_rows}
+    found = False
+    for number, row in readers[kind](path, skipped):
         if isinstance(row, dict):
-            objects.append((number, row))
+            found = True
+            yield number, row
         else:
             _bad_row(f"{path}:{number}: each row must be a JSON object", skipped)
-    if not objects:
+    if not found:
         bad = len(skipped) - skipped_before if skipped is not None else 0
         raise RecipeError(
             f"data file '{path}' has no rows" + (f" that could be read ({bad} bad)" if bad else "")
         )
-    return objects
 
 
-def _text_rows(path: Path, kind: str, skipped: list[str] | None) -> list[tuple[int, Any]]:
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
+
+
+def _not_utf8(path: Path, line: int, exc: UnicodeDecodeError) -> RecipeError:
+    return RecipeError(f"{path}:{line}: not valid UTF-8 (byte {exc.object[exc.start]:#04x})")
+
+
+def _jsonl_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:
+    with _open_binary(path) as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise _not_utf8(path, number, exc) from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                _bad_row(f"{path}:{number}: not valid JSON ({exc.msg})", skipped)
+                continue
+            yield number, row
+
+
+def _json_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:
+    with _open_binary(path) as file:
+        raw = file.read()
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{path}:{line}: not valid UTF-8 (byte {raw[exc.start]:#04x})") from None
-    if kind == ".csv":
-        # One row per record, numbered by the line it ends on; quoted fields may span lines.
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        return [(reader.line_num, row) for row in reader]
-    if kind == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise RecipeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-        if not isinstance(rows, list):
-            raise RecipeError(f"{path}: a .json data file must hold a list of rows")
-        return list(enumerate(rows, start=1))
-    numbered = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            numbered.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            _bad_row(f"{path}:{number}: not valid JSON ({exc.msg})", skipped)
-    return numbered
+        raise _not_utf8(path, raw[: exc.start].count(b"\n") + 1, exc) from None
+    try:
+        rows = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+    if not isinstance(rows, list):
+        raise RecipeError(f"{path}: a .json data file must hold a list of rows")
+    yield from enumerate(rows, start=1)
 
 
-def expand_files(names: list[str]) -> list[Path]:
-    """Data files as named; a folder stands for every readable file below it, in sorted order."""
-    paths = []
+def _csv_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:
+    # One row per record, numbered by the line it ends on; quoted fields may span lines.
+    with _open_binary(path) as file:
+        text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+        reader = csv.DictReader(text)
+        try:
+            for row in reader:
+                yield reader.line_num, row
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(path, reader.line_num + 1, exc) from None
+
+
+def _hub_rows(source: HubSplit) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Rows of a hub dataset split: downloaded and cached by `datasets` (memory-mapped Arrow files),
+    or, offline, taken from that cache."""
+    try:
+        dataset = load_hub_split(source)
+    except Exception as exc:  # datasets raises many types (offline, unknown name or split, auth)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise RecipeError(
+            f"'{source.name}' is not a local file or folder, and as a Hugging Face dataset ({source}) "
+            f"it could not be loaded: {first_line}"
+            + (
+                " (the hub is not reachable and the dataset is not in the local cache)"
+                if "offline" in first_line.lower()
+                else ""
+            )
+        ) from None
+    for number, row in enumerate(dataset, start=1):
+        yield number, {k: v for k, v in row.items() if v is not None}
+
+
+def load_hub_split(source: HubSplit):
+    from datasets import load_dataset  # 2 s to import; only a recipe naming a hub dataset pays it
+
+    return load_dataset(source.name, split=source.split)
+
+
+def _parquet_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:
+    import pyarrow.parquet as pq  # light (no torch); parquet keeps nested chat messages as lists
+
+    number = 0
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+        for batch in batches:
+            for row in batch.to_pylist():
+                number += 1
+                # A column is null in rows that lack it (one table, one schema): such keys are absent.
+                yield number, {k: v for k, v in row.items() if v is not None}
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid and kin: a corrupt or truncated file
+        raise RecipeError(f"{path}: not a readable parquet file ({exc})") from None
+
+
+# owner/name, or owner/name[split]: a dataset on the Hugging Face hub (or in its local cache).
+_HUB_NAME = re.compile(r"([A-Za-z0-9][\w.-]*/[\w.-]+)(?:\[([\w.-]+)\])?")
+
+
+@dataclass(frozen=True)
+class HubSplit:
+    """One split of a Hugging Face dataset, named in a recipe as owner/name or owner/name[split]."""
+
+    name: str
+    split: str
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.split}]"
+
+
+def hub_split(entry: str, default_split: str = "train") -> HubSplit | None:
+    """The hub dataset an entry names, or None when it names a local path (or looks like one)."""
+    match = _HUB_NAME.fullmatch(entry)
+    if match is None or Path(entry).exists() or data_kind(Path(match.group(1))) or Path(entry).is_absolute():
+        return None
+    return HubSplit(match.group(1), match.group(2) or default_split)
+
+
+def expand_files(names: list[str], default_split: str = "train") -> list[Path | HubSplit]:
+    """Data sources as named; a folder stands for every readable file below it, in sorted order; a
+    name that is not on disk and reads owner/name[split] is a Hugging Face dataset."""
+    paths: list[Path | HubSplit] = []
     for name in names:
         path = Path(name)
-        if path.is_dir():
+        hub = hub_split(name, default_split)
+        if hub is not None:
+            paths.append(hub)
+        elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and data_kind(p) in READABLE)
             if not found:
                 raise RecipeError(f"data folder '{path}' holds no .jsonl, .json, .csv or .parquet file")
@@ -218,19 +310,33 @@ def load_conversations(
     columns: dict[str, str] | None = None,
     skipped: list[str] | None = None,
 ) -> list[Conversation]:
-    """Every row of every file, with its file:line: chat messages, or raw text segments.
-    ``columns`` maps our field names to the dataset's (e.g. completion: canonical_solution). A bad
-    row stops with its file:line, or, given a ``skipped`` list, is recorded there and passed over."""
-    conversations = []
-    for path in expand_files(files):
-        for number, row in read_rows(path, skipped):
+    """Every row of every source, in memory (see iter_conversations)."""
+    return list(iter_conversations(files, row_format, columns, skipped))
+
+
+def iter_conversations(
+    files: list[str],
+    row_format: str = "auto",
+    columns: dict[str, str] | None = None,
+    skipped: list[str] | None = None,
+    default_split: str = "train",
+) -> Iterator[Conversation]:
+    """Every row of every source, with its file:line: chat messages, or raw text segments; streamed
+    a row at a time. ``columns`` maps our field names to the dataset's (e.g. completion:
+    canonical_solution). A bad row stops with its file:line, or, given a ``skipped`` list, is
+    recorded there and passed over."""
+    found = False
+    for path in expand_files(files, default_split):
+        for number, row in iter_rows(path, skipped):
             try:
-                conversations.append(_conversation(row, f"{path}:{number}", row_format, columns))
+                conversation = _conversation(row, f"{path}:{number}", row_format, columns)
             except RecipeError as exc:
                 _bad_row(str(exc), skipped)
-    if files and not conversations:
+                continue
+            found = True
+            yield conversation
+    if files and not found:
         raise RecipeError(f"no row of {', '.join(files)} could be read ({len(skipped or [])} skipped as bad)")
-    return conversations
 
 
 def skipped_report(skipped: list[str]) -> list[str]:
@@ -264,28 +370,30 @@ def _conversation(
     return Conversation(where, segments=_raw_segments(row, fmt, where))
 
 
-def hold_out(
-    rows: list[Conversation], fraction: float, seed: int
-) -> tuple[list[Conversation], list[Conversation]]:
-    """(train, eval): a seeded random ``fraction`` of the rows (at least one) held out for evaluation,
-    both keeping file order. The same rows, fraction and seed always give the same split."""
-    count = max(1, math.ceil(len(rows) * fraction))
-    if count >= len(rows):
-        raise RecipeError(
-            f"data.eval_fraction {fraction} of {len(rows)} rows would leave nothing to train on"
-        )
-    held = set(random.Random(seed).sample(range(len(rows)), count))
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+def hold_out(count: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices: a seeded random ``fraction`` of ``count`` rows (at least one) held
+    out for evaluation, both in file order. The same count, fraction and seed give the same split."""
+    held_count = max(1, math.ceil(count * fraction))
+    if held_count >= count:
+        raise RecipeError(f"data.eval_fraction {fraction} of {count} rows would leave nothing to train on")
+    held = set(random.Random(seed).sample(range(count), held_count))
+    return [i for i in range(count) if i not in held], sorted(held)
 
 
-def mix(rows: list[Conversation], weights: dict[str, float], seed: int) -> list[Conversation]:
-    """Rows of each weighted source repeated ``weight`` times: the whole part as copies, the fraction
-    as a seeded random share of its rows (1.5 = every row once plus a random half again; 0.25 = a
-    random quarter). A folder's weight applies to every file in it; unweighted sources keep 1.0."""
+def source_file(source: str) -> str:
+    """The file (or hub split) part of a row's file:line."""
+    return source.rsplit(":", 1)[0]
+
+
+def mix(files: list[str], weights: dict[str, float], seed: int) -> list[int]:
+    """Row indices, given each row's file, with the rows of each weighted source repeated ``weight``
+    times: the whole part as copies, the fraction as a seeded random share of its rows (1.5 = every
+    row once plus a random half again; 0.25 = a random quarter). A folder's weight applies to every
+    file in it; unweighted sources keep 1.0."""
     weight_of = {str(path): w for entry, w in weights.items() for path in expand_files([entry])}
-    by_file: dict[str, list[Conversation]] = {}
-    for row in rows:
-        by_file.setdefault(row.source.rsplit(":", 1)[0], []).append(row)
+    by_file: dict[str, list[int]] = {}
+    for index, file in enumerate(files):
+        by_file.setdefault(file, []).append(index)
     rng = random.Random(seed)
     mixed = []
     for file, group in by_file.items():
@@ -296,10 +404,8 @@ def mix(rows: list[Conversation], weights: dict[str, float], seed: int) -> list[
     return mixed
 
 
-def mixing_report(
-    rows: list[Conversation], mixed: list[Conversation], weights: dict[str, float]
-) -> list[str]:
+def mixing_report(rows: int, mixed: int, weights: dict[str, float]) -> list[str]:
     if not weights:
         return []
     parts = ", ".join(f"{entry} x{w:g}" for entry, w in weights.items())
-    return [f"mixing {parts}: {len(rows)} rows became {len(mixed)}"]
+    return [f"mixing {parts}: {rows} rows became {mixed}"]

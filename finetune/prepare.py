@@ -16,11 +16,11 @@ import os
 import re
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
-from finetune.data import Conversation, expand_files
+from finetune.data import Conversation
 from finetune.recipe import DataSection, RecipeError
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch's cross-entropy ignore_index)
@@ -48,6 +48,17 @@ class Prepared:
     dropped_too_long: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     dropped_untrained: list[str] = field(default_factory=list)
+
+    def record(self, example: Example, status: str) -> None:
+        """Keep a trained row, or note a dropped one under what happened to it."""
+        if status in (KEPT, TRUNCATED):
+            self.examples.append(example)
+        if status in (TRUNCATED, UNTRAINED):
+            self.truncated.append(example.source)
+        if status == TOO_LONG:
+            self.dropped_too_long.append(example.source)
+        if status == UNTRAINED:
+            self.dropped_untrained.append(example.source)
 
     @property
     def lengths(self) -> list[int]:
@@ -114,6 +125,14 @@ class ChatTokenizer:
         env.globals["raise_exception"] = _raise_template_error
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(self.chat_template)
+
+    # Sent to datasets.map's worker processes: the compiled template does not pickle; recompile it.
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_template"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__post_init__()
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The template's text; a template that rejects the conversation raises jinja2's TemplateError."""
@@ -209,12 +228,54 @@ def resolve_chat_template(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def find_tokenizer(model_name: str, chat_template: str | None = None) -> ChatTokenizer | None:
+@dataclass(frozen=True)
+class TokenizerSource:
+    """Where a model's tokenizer files are, found without loading them."""
+
+    origin: str
+    directory: Path | None  # None: the built-in Llama 3.1 tokenizer, written on first load
+
+    def digest(self) -> str:
+        """Changes whenever the files (or the built-in tokenizer's definition) do."""
+        from finetune.tiny_model import tokenizer_digest
+
+        if self.directory is None:
+            return f"built-in-{tokenizer_digest()}"
+        digest = hashlib.sha256()
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            file = self.directory / name
+            digest.update(name.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"") + b"\0")
+        return digest.hexdigest()
+
+    def load(self) -> ChatTokenizer:
+        return load_tokenizer_dir(self.directory or llama3_tokenizer_dir(), self.origin)
+
+
+def locate_tokenizer(model_name: str) -> TokenizerSource | None:
     """The recipe model's tokenizer, from disk only: a local folder, the Hugging Face cache, or the
-    built-in Llama 3 one; None when it cannot be had without a download. ``chat_template`` (a
-    shipped name or a file) replaces the tokenizer's own template."""
-    found = _find_tokenizer(model_name)
-    if found is None or chat_template is None:
+    built-in Llama 3 one; None when it cannot be had without a download."""
+    from finetune.tiny_model import TINY_MODEL_NAME
+
+    local = Path(model_name)
+    if (local / "tokenizer.json").is_file():
+        return TokenizerSource(str(local), local)
+    if model_name != TINY_MODEL_NAME and not local.exists():
+        cached = hub_cached_file(model_name, "tokenizer.json")
+        if cached is not None:
+            return TokenizerSource(f"{model_name} (local Hugging Face cache)", cached.parent)
+    if model_name == TINY_MODEL_NAME or _LLAMA3_NAME.search(model_name):
+        return TokenizerSource("Llama 3.1 Instruct (built in)", None)
+    return None
+
+
+def find_tokenizer(model_name: str, chat_template: str | None = None) -> ChatTokenizer | None:
+    """The recipe model's tokenizer (see locate_tokenizer), loaded. ``chat_template`` (a shipped
+    name or a file) replaces the tokenizer's own template."""
+    source = locate_tokenizer(model_name)
+    if source is None:
+        return None
+    found = source.load()
+    if chat_template is None:
         return found
     return replace(
         found,
@@ -223,41 +284,58 @@ def find_tokenizer(model_name: str, chat_template: str | None = None) -> ChatTok
     )
 
 
-def _find_tokenizer(model_name: str) -> ChatTokenizer | None:
-    from finetune.tiny_model import TINY_MODEL_NAME
-
-    local = Path(model_name)
-    if (local / "tokenizer.json").is_file():
-        return load_tokenizer_dir(local, str(local))
-    if model_name != TINY_MODEL_NAME and not local.exists():
-        cached = hub_cached_file(model_name, "tokenizer.json")
-        if cached is not None:
-            return load_tokenizer_dir(cached.parent, f"{model_name} (local Hugging Face cache)")
-    if model_name == TINY_MODEL_NAME or _LLAMA3_NAME.search(model_name):
-        return load_tokenizer_dir(llama3_tokenizer_dir(), "Llama 3.1 Instruct (built in)")
-    return None
-
-
 def tokenize_conversation(
     tokenizer: ChatTokenizer, conversation: Conversation, responses_only: bool
 ) -> Example:
     """input_ids and labels of one conversation; with ``responses_only`` only the assistant turns
     (their text and the end-of-turn token after it) are trained, every one of them."""
-    if conversation.segments is not None:
-        return _raw_example(tokenizer, conversation, responses_only)
-    text, spans = _chat_text(tokenizer, conversation)
-    encoding = tokenizer.encode(text)
+    (result,) = tokenize_conversations(tokenizer, [conversation], responses_only)
+    if isinstance(result, RecipeError):
+        raise result
+    return result
+
+
+def tokenize_conversations(
+    tokenizer: ChatTokenizer, conversations: list[Conversation], responses_only: bool
+) -> list[Example | RecipeError]:
+    """tokenize_conversation for many rows at once: the texts are encoded in one batch (the Rust
+    tokenizer spreads a batch over the cores). A row the template rejects gets its error instead."""
+    chat = [(k, c) for k, c in enumerate(conversations) if c.segments is None]
+    results: list[Example | RecipeError | None] = [None] * len(conversations)
+    rendered = []
+    for k, conversation in chat:
+        try:
+            rendered.append((k, *_chat_text(tokenizer, conversation)))
+        except RecipeError as exc:
+            results[k] = exc
+    encodings = tokenizer.tokenizer.encode_batch([text for _, text, _ in rendered], add_special_tokens=False)
+    for (k, _text, spans), encoding in zip(rendered, encodings, strict=True):
+        results[k] = _chat_example(conversations[k].source, encoding, spans, responses_only)
+    raw = [(k, c) for k, c in enumerate(conversations) if c.segments is not None]
+    pieces = [piece for _, c in raw for piece, _ in c.segments]
+    piece_ids = iter(tokenizer.tokenizer.encode_batch(pieces, add_special_tokens=False) if pieces else [])
+    for k, conversation in raw:
+        encoded = [(next(piece_ids).ids, trained) for _, trained in conversation.segments]
+        results[k] = _raw_example(tokenizer, conversation.source, encoded, responses_only)
+    return results
+
+
+def _chat_example(source: str, encoding, spans: list[tuple[int, int]], responses_only: bool) -> Example:
     ids = list(encoding.ids)
     if not responses_only:
-        return Example(conversation.source, ids, list(ids))
+        return Example(source, ids, list(ids))
+    # A token is trained when it starts inside an assistant turn; token starts only ever increase.
+    starts = [start for start, _end in encoding.offsets]
     labels = [IGNORE_INDEX] * len(ids)
-    for k, (start, _end) in enumerate(encoding.offsets):
-        if any(lo <= start < hi for lo, hi in spans):
-            labels[k] = ids[k]
-    return Example(conversation.source, ids, labels)
+    for lo, hi in spans:
+        first, end = bisect.bisect_left(starts, lo), bisect.bisect_left(starts, hi)
+        labels[first:end] = ids[first:end]
+    return Example(source, ids, labels)
 
 
-def _raw_example(tokenizer: ChatTokenizer, conversation: Conversation, responses_only: bool) -> Example:
+def _raw_example(
+    tokenizer: ChatTokenizer, source: str, encoded: list[tuple[list[int], bool]], responses_only: bool
+) -> Example:
     """BOS, each segment tokenized on its own, then EOS (trained, so the model learns to stop).
 
     Tokenizing the prompt apart from the completion is what inference does (the prompt alone is
@@ -267,13 +345,12 @@ def _raw_example(tokenizer: ChatTokenizer, conversation: Conversation, responses
     bos = tokenizer.special_tokens.get("bos_token")
     ids = [tokenizer.tokenizer.token_to_id(bos)] if bos else []
     labels = [IGNORE_INDEX] * len(ids)
-    for piece, trained in conversation.segments:
-        piece_ids = list(tokenizer.encode(piece).ids)
+    for piece_ids, trained in encoded:
         ids += piece_ids
         labels += piece_ids if trained or not responses_only else [IGNORE_INDEX] * len(piece_ids)
     ids.append(tokenizer.eos_id)
     labels.append(tokenizer.eos_id)
-    return Example(conversation.source, ids, labels)
+    return Example(source, ids, labels)
 
 
 def _chat_text(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
@@ -303,37 +380,44 @@ def _chat_text(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[st
     return text, spans
 
 
+# What the length policy did with a row: kept whole or truncated (both trained), or dropped.
+KEPT, TRUNCATED, TOO_LONG, UNTRAINED = "kept", "truncated", "too long", "untrained"
+
+
+def length_policy(example: Example, max_seq_length: int, overlong: str) -> tuple[Example, str]:
+    """The row as trained and what happened to it (KEPT, TRUNCATED, TOO_LONG or UNTRAINED)."""
+    if len(example.input_ids) <= max_seq_length:
+        return example, KEPT
+    if overlong == "error":
+        raise RecipeError(
+            f"{example.source}: {len(example.input_ids)} tokens, longer than max_seq_length "
+            f"{max_seq_length}; raise model.max_seq_length, or set data.overlong: drop or truncate"
+        )
+    if overlong == "drop":
+        return example, TOO_LONG
+    # Keep the start, as transformers does; the end of the answer (and its EOS) is lost.
+    example = Example(example.source, example.input_ids[:max_seq_length], example.labels[:max_seq_length])
+    return example, TRUNCATED if example.trained_tokens else UNTRAINED
+
+
 def prepare(
     conversations: list[Conversation], tokenizer: ChatTokenizer, data: DataSection, max_seq_length: int
 ) -> Prepared:
-    """Tokenize, then apply the recipe's policy to rows longer than ``max_seq_length``."""
+    """Tokenize, then apply the recipe's policy to rows longer than ``max_seq_length`` (in memory;
+    finetune.store does the same over datasets of any size, on disk)."""
     prepared = Prepared(examples=[])
-    for conversation in conversations:
-        example = tokenize_conversation(tokenizer, conversation, data.train_on_responses_only)
-        if len(example.input_ids) > max_seq_length:
-            if data.overlong == "error":
-                raise RecipeError(
-                    f"{example.source}: {len(example.input_ids)} tokens, longer than max_seq_length "
-                    f"{max_seq_length}; raise model.max_seq_length, or set data.overlong: drop or truncate"
-                )
-            if data.overlong == "drop":
-                prepared.dropped_too_long.append(example.source)
-                continue
-            # Keep the start, as transformers does; the end of the answer (and its EOS) is lost.
-            example = Example(
-                example.source, example.input_ids[:max_seq_length], example.labels[:max_seq_length]
-            )
-            prepared.truncated.append(example.source)
-            if example.trained_tokens == 0:
-                prepared.dropped_untrained.append(example.source)
-                continue
-        prepared.examples.append(example)
+    for result in tokenize_conversations(tokenizer, conversations, data.train_on_responses_only):
+        if isinstance(result, RecipeError):
+            raise result
+        example, status = length_policy(result, max_seq_length, data.overlong)
+        prepared.record(example, status)
     if conversations and not prepared.examples:
-        raise RecipeError(
-            f"{conversations[0].source.rsplit(':', 1)[0]}: no row is left to train on; "
-            + "; ".join(prepared.report(max_seq_length))
-        )
+        raise nothing_left_error(conversations[0].source, prepared.report(max_seq_length))
     return prepared
+
+
+def nothing_left_error(source: str, report: list[str]) -> RecipeError:
+    return RecipeError(f"{source.rsplit(':', 1)[0]}: no row is left to train on; " + "; ".join(report))
 
 
 def count_packed_sequences(lengths: list[int], seq_length: int) -> int:
@@ -354,124 +438,3 @@ def count_packed_sequences(lengths: list[int], seq_length: int) -> int:
         if room - length > 0:
             bisect.insort(room_sizes, room - length)
     return count
-
-
-# Bump when preparation changes what it produces, so cached summaries are not trusted across it.
-_PREPARE_VERSION = "2"
-
-
-@dataclass(frozen=True)
-class DataPlan:
-    """What the training data will be, as far as planning needs it."""
-
-    rows: int  # rows in the training files
-    lengths: list[int] | None  # token length of every row that is trained on; None without a tokenizer
-    report: list[str]  # rows dropped or truncated, one line per kind
-    tokenizer: str  # where the tokenizer came from, or why there is none
-    packing: bool
-    max_seq_length: int
-
-    @property
-    def sequences(self) -> int:
-        """Sequences the trainer iterates over: rows kept, or the packed sequences made from them."""
-        if self.lengths is None:
-            return self.rows
-        if self.packing:
-            return count_packed_sequences(self.lengths, self.max_seq_length)
-        return len(self.lengths)
-
-    def describe(self) -> list[str]:
-        if self.lengths is None:
-            return [
-                f"data: {self.rows} rows; token lengths unknown ({self.tokenizer}), rows counted as sequences"
-            ]
-        ordered = sorted(self.lengths)
-        median = ordered[len(ordered) // 2] if ordered else 0
-        line = f"data: {self.rows} rows, {len(self.lengths)} trained"
-        if ordered:
-            line += f", {ordered[0]}-{ordered[-1]} tokens (median {median})"
-        if self.packing and self.lengths:
-            fill = sum(self.lengths) / (self.sequences * self.max_seq_length)
-            line += (
-                f"; packed into {self.sequences} sequences of {self.max_seq_length} tokens ({fill:.0%} full)"
-            )
-        return [line, *self.report]
-
-
-def _file_digest(names: list[str]) -> str:
-    digest = hashlib.sha256()
-    for path in expand_files(names):
-        digest.update(str(path).encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def _tokenizer_stamp(model_name: str) -> list:
-    """Identifies a local tokenizer's files cheaply (a hub name is keyed by its name alone)."""
-    from finetune.tiny_model import tokenizer_digest
-
-    local = Path(model_name)
-    files = [local / "tokenizer.json", local / "tokenizer_config.json", local / "chat_template.jinja"]
-    stamps = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
-    return [tokenizer_digest(), stamps]
-
-
-def plan_data(
-    conversations: list[Conversation],
-    model_name: str,
-    data: DataSection,
-    max_seq_length: int,
-    files: list[str],
-    on_gpu: bool = True,
-) -> DataPlan:
-    """Token lengths and row counts of the training data, cached on the inputs' content (loading the
-    128k-token tokenizer alone takes a second; a cached plan takes milliseconds)."""
-    from finetune.tiny_model import cache_root
-
-    key = json.dumps(
-        [
-            _PREPARE_VERSION,
-            model_name,
-            _tokenizer_stamp(model_name),
-            resolve_chat_template(data.chat_template) if data.chat_template else None,
-            data.model_dump(mode="json"),
-            max_seq_length,
-            _file_digest(files),
-            # Which rows, in which order: held-out eval rows and mixing weights change them.
-            hashlib.sha256("\n".join(c.source for c in conversations).encode()).hexdigest(),
-        ],
-        sort_keys=True,
-    )
-    # Unsloth turns packing off on the CPU (without FlashAttention, packed rows would attend to
-    # each other), so a CPU run trains the rows unpacked.
-    packing = data.packing and on_gpu
-    notes = ["packing is off on the CPU: Unsloth needs FlashAttention to keep packed rows apart"] * (
-        data.packing and not on_gpu
-    )
-    cache_file = cache_root() / "data-plans" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
-    if cache_file.is_file():
-        cached = json.loads(cache_file.read_text())
-        return DataPlan(**{**cached, "packing": packing, "report": cached["report"] + notes})
-    tokenizer = find_tokenizer(model_name, data.chat_template)
-    if tokenizer is None:
-        return DataPlan(
-            rows=len(conversations),
-            lengths=None,
-            report=notes,
-            tokenizer=f"no tokenizer for {model_name} on disk",
-            packing=packing,
-            max_seq_length=max_seq_length,
-        )
-    prepared = prepare(conversations, tokenizer, data, max_seq_length)
-    plan = DataPlan(
-        rows=len(conversations),
-        lengths=prepared.lengths,
-        report=prepared.report(max_seq_length),
-        tokenizer=tokenizer.origin,
-        packing=packing,
-        max_seq_length=max_seq_length,
-    )
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(asdict(plan)))
-    tmp.replace(cache_file)
-    return replace(plan, report=plan.report + notes)

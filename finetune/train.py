@@ -25,9 +25,9 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from finetune import schedule
-from finetune.data import Conversation
-from finetune.prepare import Example, Prepared, find_tokenizer, prepare, resolve_chat_template
+from finetune.prepare import Example, locate_tokenizer, resolve_chat_template
 from finetune.recipe import Recipe, RecipeError, TrainSection
+from finetune.store import Store, open_store
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -189,33 +189,39 @@ class _LossProgress(ProgressCallback):
         self.training_bar.write(line)
 
 
-def prepare_examples(recipe: Recipe, conversations: list[Conversation]) -> Prepared:
-    """Token ids and labels with the model's own tokenizer files (on disk once the model is loaded)."""
-    tokenizer = find_tokenizer(model_path(recipe), recipe.data.chat_template)
-    if tokenizer is None:
+def prepared_data(recipe: Recipe) -> Store:
+    """The prepared rows, tokenized with the model's own tokenizer files (on disk once the model is
+    loaded): the store the plan used when those are the files it planned with, else a new one."""
+    source = locate_tokenizer(model_path(recipe))
+    if source is None:
         raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
-    return prepare(conversations, tokenizer, recipe.data, recipe.model.max_seq_length)
+    return open_store(recipe, source)
 
 
-def _token_dataset(examples: list[Example]) -> Dataset | None:
-    # Finished input_ids and labels: TRL sees "input_ids" and skips its own tokenizing and masking.
-    if not examples:
-        return None
+def examples_dataset(examples: list[Example]) -> Dataset:
+    """Examples held in memory as the trainer's dataset."""
     return Dataset.from_dict(
         {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
     )
 
 
+def _trainer_rows(dataset: Dataset | None) -> Dataset | None:
+    # Finished input_ids and labels: TRL sees "input_ids" and skips its own tokenizing and masking.
+    if dataset is None or not len(dataset):
+        return None
+    return dataset.select_columns(["input_ids", "labels"])
+
+
 def build_trainer(
-    model, tokenizer, examples: list[Example], recipe: Recipe, output_dir: Path, eval_examples: list = ()
+    model, tokenizer, dataset: Dataset, recipe: Recipe, output_dir: Path, eval_dataset: Dataset | None = None
 ) -> SFTTrainer:
     """SFTTrainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
     max_seq_length sequences, and attention stays within each example (position ids restart)."""
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
-        train_dataset=_token_dataset(examples),
-        eval_dataset=_token_dataset(list(eval_examples)),
+        train_dataset=_trainer_rows(dataset),
+        eval_dataset=_trainer_rows(eval_dataset),
         args=build_sft_config(recipe, output_dir),
     )
     _install_own_scheduler(trainer, recipe.train)
@@ -256,13 +262,14 @@ def _install_own_scheduler(trainer: SFTTrainer, train: TrainSection) -> None:
 
 
 def probe(
-    model, tokenizer, recipe: Recipe, examples: list[Example], run_dir: Path, steps: int = 3
+    model, tokenizer, recipe: Recipe, dataset: Dataset, lengths: list[int], run_dir: Path, steps: int = 3
 ) -> Measured:
-    """A few real optimizer steps on the worst case, every micro-batch made of the longest rows,
-    then the LoRA weights are put back: the run starts as if the probe had not happened."""
+    """A few real optimizer steps on the worst case, every micro-batch made of the longest rows of
+    ``dataset`` (whose token ``lengths`` are given), then the LoRA weights are put back: the run
+    starts as if the probe had not happened."""
     batch = recipe.train.per_device_train_batch_size
-    longest = sorted(examples, key=lambda e: len(e.input_ids), reverse=True)[:batch]
-    probe_examples = longest * (recipe.train.gradient_accumulation_steps * steps)
+    longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:batch]
+    probe_rows = dataset.select(longest * (recipe.train.gradient_accumulation_steps * steps))
     train_settings = recipe.train.model_copy(
         update={
             "max_steps": steps,
@@ -277,7 +284,7 @@ def probe(
     )
     probe_recipe = recipe.model_copy(update={"train": train_settings})
     saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    trainer = build_trainer(model, tokenizer, probe_examples, probe_recipe, run_dir / "probe")
+    trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe")
     trainer.remove_callback(_LossProgress)
     measured = _measure(trainer)
     with torch.no_grad():
@@ -291,11 +298,7 @@ def probe(
 
 
 def train(
-    recipe: Recipe,
-    conversations: list[Conversation],
-    eval_conversations: list[Conversation],
-    run_dir: Path,
-    check_probe: Callable[[Measured], None] | None = None,
+    recipe: Recipe, run_dir: Path, check_probe: Callable[[Measured], None] | None = None
 ) -> TrainResult:
     """Load, add LoRA, optionally probe (``check_probe`` raises to stop the run), train, and save the
     adapter and tokenizer into ``run_dir/adapter``."""
@@ -303,14 +306,11 @@ def train(
     model = add_lora(model, recipe)
     if recipe.data.chat_template:  # saved with the adapter, so inference renders as training did
         tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template)
-    examples = prepare_examples(recipe, conversations).examples
+    store = prepared_data(recipe)
+    dataset = store.dataset("train")
     if check_probe is not None:
-        check_probe(probe(model, tokenizer, recipe, examples, run_dir))
-    eval_prepared = prepare_examples(recipe, eval_conversations)
-    for line in eval_prepared.report(recipe.model.max_seq_length):
-        print(f"eval data: {line}")
-    eval_examples = eval_prepared.examples
-    trainer = build_trainer(model, tokenizer, examples, recipe, run_dir / "checkpoints", eval_examples)
+        check_probe(probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir))
+    trainer = build_trainer(model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"))
     start = time.perf_counter()
     measured = _measure(trainer)
     seconds = time.perf_counter() - start

@@ -1,0 +1,430 @@
+"""The prepared training data on disk: read, tokenized and masked once, reused while nothing changed.
+
+A store is a folder in the cache named by a key over everything that decides its content: the
+bytes of every data file (or a hub dataset's fingerprint), the tokenizer's files, the chat template,
+the recipe's data section, max_seq_length and, where rows are drawn at random, the seed. A second
+plan, audit or run with the same inputs opens the store (memory-mapped Arrow files) instead of
+preparing again; any change to the inputs gives a new key.
+
+Building one streams: rows are read a line at a time into an Arrow file on disk, then tokenized
+by `datasets.map` in batches (in several processes for large data), so memory stays bounded
+whatever the size of the data. The summary beside the data (row counts, token lengths, what was
+dropped and why) is plain JSON: planning reads it without importing `datasets`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from finetune.data import (
+    HubSplit,
+    expand_files,
+    hold_out,
+    iter_conversations,
+    load_hub_split,
+    mix,
+    mixing_report,
+    skipped_report,
+    source_file,
+)
+from finetune.prepare import (
+    KEPT,
+    TOO_LONG,
+    TRUNCATED,
+    Example,
+    Prepared,
+    TokenizerSource,
+    count_packed_sequences,
+    length_policy,
+    locate_tokenizer,
+    nothing_left_error,
+    resolve_chat_template,
+    tokenize_conversations,
+)
+from finetune.recipe import Recipe, RecipeError
+
+# Bump when preparation changes what it produces, so stores built before are not trusted.
+STORE_VERSION = "3"
+KEEP_STORES = 8  # the most recently used stores kept in the cache; older ones are deleted
+_WRITE_BATCH = 1000  # rows per Arrow record batch while reading: bounds memory while streaming
+_ROWS_PER_PROCESS = 5000  # below this, starting worker processes costs more than it saves
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the training data will be, as far as planning needs it."""
+
+    rows: int  # training rows, after any held-out eval rows and mixing
+    lengths: list[int] | None  # token length of every row that is trained on; None without a tokenizer
+    report: list[str]  # rows skipped, held out, mixed, dropped or truncated, one line per kind
+    tokenizer: str  # where the tokenizer came from, or why there is none
+    packing: bool
+    max_seq_length: int
+
+    @property
+    def sequences(self) -> int:
+        """Sequences the trainer iterates over: rows kept, or the packed sequences made from them."""
+        if self.lengths is None:
+            return self.rows
+        if self.packing:
+            return count_packed_sequences(self.lengths, self.max_seq_length)
+        return len(self.lengths)
+
+    def describe(self) -> list[str]:
+        if self.lengths is None:
+            return [
+                f"data: {self.rows} rows; token lengths unknown ({self.tokenizer}), rows counted as sequences"
+            ]
+        ordered = sorted(self.lengths)
+        median = ordered[len(ordered) // 2] if ordered else 0
+        line = f"data: {self.rows} rows, {len(self.lengths)} trained"
+        if ordered:
+            line += f", {ordered[0]}-{ordered[-1]} tokens (median {median})"
+        if self.packing and self.lengths:
+            fill = sum(self.lengths) / (self.sequences * self.max_seq_length)
+            line += (
+                f"; packed into {self.sequences} sequences of {self.max_seq_length} tokens ({fill:.0%} full)"
+            )
+        return [line, *self.report]
+
+
+@dataclass(frozen=True)
+class Store:
+    """One prepared dataset: ``summary`` (JSON) and the train and eval rows (Arrow, via datasets)."""
+
+    directory: Path
+    summary: dict
+
+    def dataset(self, split: str = "train"):
+        """input_ids, labels and source of every kept row (None when there is no such split)."""
+        from datasets import load_from_disk
+
+        path = self.directory / split
+        return load_from_disk(str(path)) if path.is_dir() else None
+
+    def examples(self, split: str = "train", limit: int | None = None):
+        """The kept rows as Examples, read a batch at a time."""
+        dataset = self.dataset(split)
+        if dataset is None:
+            return
+        if limit is not None:
+            dataset = dataset.select(range(min(limit, len(dataset))))
+        for batch in dataset.iter(batch_size=1000):
+            for source, ids, labels in zip(batch["source"], batch["input_ids"], batch["labels"], strict=True):
+                yield Example(source, ids, labels)
+
+
+def cache_dir() -> Path:
+    from finetune.tiny_model import cache_root
+
+    return cache_root() / "prepared"
+
+
+def _digest_file(path: Path) -> str:
+    import xxhash  # a dependency of datasets; ten times sha256's speed, for files of any size
+
+    digest = xxhash.xxh3_128()
+    with path.open("rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _source_digest(source: Path | HubSplit) -> list[str]:
+    if isinstance(source, HubSplit):
+        return [str(source), load_hub_split(source)._fingerprint]
+    if not source.is_file():
+        raise RecipeError(f"data file '{source}' does not exist")
+    return [str(source), _digest_file(source)]
+
+
+def store_key(recipe: Recipe, tokenizer: TokenizerSource) -> str:
+    """A digest of everything that decides what preparation produces."""
+    import xxhash
+
+    data = recipe.data
+    drawn = data.eval_fraction is not None or bool(data.weights)  # the seed picks rows only then
+    key = [
+        STORE_VERSION,
+        tokenizer.digest(),
+        resolve_chat_template(data.chat_template) if data.chat_template else None,
+        data.model_dump(mode="json"),
+        recipe.model.max_seq_length,
+        recipe.train.seed if drawn else None,
+        [_source_digest(s) for s in expand_files(data.train)],
+        [_source_digest(s) for s in expand_files(data.eval, default_split="test")],
+    ]
+    return xxhash.xxh3_128(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def open_store(recipe: Recipe, tokenizer: TokenizerSource) -> Store:
+    """The prepared data for this recipe and tokenizer: from the cache, or prepared now and cached."""
+    directory = cache_dir() / store_key(recipe, tokenizer)
+    summary_file = directory / "summary.json"
+    if summary_file.is_file():
+        os.utime(summary_file)  # marks it recently used, so pruning keeps it
+        return Store(directory, json.loads(summary_file.read_text()))
+    return _build(recipe, tokenizer, directory)
+
+
+def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
+    """Token lengths and row counts of the training data, from the store (a cached plan takes
+    milliseconds and imports nothing heavy); rows are only counted when no tokenizer is on disk."""
+    # Unsloth turns packing off on the CPU (without FlashAttention, packed rows would attend to
+    # each other), so a CPU run trains the rows unpacked.
+    packing = recipe.data.packing and on_gpu
+    notes = ["packing is off on the CPU: Unsloth needs FlashAttention to keep packed rows apart"] * (
+        recipe.data.packing and not on_gpu
+    )
+    source = locate_tokenizer(recipe.model.name)
+    if source is None:
+        rows, report = count_rows(recipe)
+        return DataPlan(
+            rows=rows,
+            lengths=None,
+            report=report + notes,
+            tokenizer=f"no tokenizer for {recipe.model.name} on disk",
+            packing=packing,
+            max_seq_length=recipe.model.max_seq_length,
+        )
+    summary = open_store(recipe, source).summary
+    return DataPlan(
+        rows=summary["rows"],
+        lengths=summary["lengths"],
+        report=summary["report"] + notes,
+        tokenizer=summary["tokenizer"],
+        packing=packing,
+        max_seq_length=recipe.model.max_seq_length,
+    )
+
+
+def count_rows(recipe: Recipe) -> tuple[int, list[str]]:
+    """Training rows (after hold-out and mixing) and the report lines, reading every train and eval
+    row (so bad ones are found) without tokenizing any."""
+    data = recipe.data
+    skipped: list[str] | None = [] if data.bad_rows == "skip" else None
+    files = [
+        source_file(c.source) for c in iter_conversations(data.train, data.format, data.columns, skipped)
+    ]
+    indices, _, report = _select(files, recipe)
+    eval_skipped: list[str] | None = [] if data.bad_rows == "skip" else None
+    for _ in iter_conversations(data.eval, data.format, data.columns, eval_skipped, default_split="test"):
+        pass
+    eval_report = [f"eval data: {line}" for line in skipped_report(eval_skipped or [])]
+    return len(indices), skipped_report(skipped or []) + report + eval_report
+
+
+def _select(files: list[str], recipe: Recipe) -> tuple[list[int], list[int], list[str]]:
+    """(training row indices after holding out eval rows and mixing, held-out row indices, the
+    lines that say so), given each row's file."""
+    data, seed = recipe.data, recipe.train.seed
+    indices, held, report = list(range(len(files))), [], []
+    if data.eval_fraction is not None:
+        # Held out before mixing, so no eval row is also a (repeated) training row.
+        indices, held = hold_out(len(files), data.eval_fraction, seed)
+        report.append(f"{len(held)} rows held out for eval (seed {seed})")
+    if data.weights:
+        mixed = mix([files[i] for i in indices], data.weights, seed)
+        report += mixing_report(len(indices), len(mixed), data.weights)
+        indices = [indices[i] for i in mixed]
+    return indices, held, report
+
+
+_RAW_FIELDS = ("source", "messages", "segments")
+
+
+def _raw_schema():
+    import pyarrow as pa
+
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    segment = pa.struct([("text", pa.string()), ("trained", pa.bool_())])
+    return pa.schema(
+        [("source", pa.string()), ("messages", pa.list_(message)), ("segments", pa.list_(segment))]
+    )
+
+
+def _write_raw(entries: list[str], recipe: Recipe, path: Path, default_split: str) -> tuple[int, list[str]]:
+    """Stream every row of these sources into an Arrow file; (rows written, skipped-row messages)."""
+    import pyarrow as pa
+
+    data = recipe.data
+    skipped: list[str] | None = [] if data.bad_rows == "skip" else None
+    schema = _raw_schema()
+    rows, batch = 0, []
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        conversations = iter_conversations(entries, data.format, data.columns, skipped, default_split)
+        for conversation in conversations:
+            segments = conversation.segments
+            batch.append(
+                {
+                    "source": conversation.source,
+                    "messages": conversation.messages,
+                    "segments": None
+                    if segments is None
+                    else [{"text": t, "trained": k} for t, k in segments],
+                }
+            )
+            if len(batch) == _WRITE_BATCH:
+                writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+                rows, batch = rows + len(batch), []
+        if batch:
+            writer.write_batch(pa.RecordBatch.from_pylist(batch, schema=schema))
+            rows += len(batch)
+    return rows, skipped or []
+
+
+def _tokenize_batch(batch: dict, tokenizer, responses_only: bool, max_seq_length: int, overlong: str) -> dict:
+    """datasets.map over raw rows: input_ids, labels, the length policy's verdict, and any error."""
+    from finetune.data import Conversation
+
+    conversations = [
+        Conversation(
+            source, messages, None if segments is None else [(s["text"], s["trained"]) for s in segments]
+        )
+        for source, messages, segments in zip(
+            batch["source"], batch["messages"], batch["segments"], strict=True
+        )
+    ]
+    out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "error": []}
+    for result in tokenize_conversations(tokenizer, conversations, responses_only):
+        if isinstance(result, RecipeError):
+            example, status, error = None, "error", str(result)
+        else:
+            # "error" for long rows is raised by the parent, naming the first one in file order.
+            example, status = length_policy(
+                result, max_seq_length, "drop" if overlong == "error" else overlong
+            )
+            error = ""
+        trained = status in (KEPT, TRUNCATED)
+        out["input_ids"].append(example.input_ids if trained else [])
+        out["labels"].append(example.labels if trained else [])
+        out["length"].append(len(result.input_ids) if example is not None else 0)
+        out["status"].append(status)
+        out["error"].append(error)
+    return out
+
+
+def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object, Prepared]:
+    """Tokenized kept rows (a Dataset) and what happened to the others. ``fingerprint`` names the
+    result for datasets, which would otherwise hash the whole tokenizer to make one up."""
+    from datasets import Features, List, Value
+
+    data, max_seq_length = recipe.data, recipe.model.max_seq_length
+    processes = min(os.cpu_count() or 1, max(1, len(raw) // _ROWS_PER_PROCESS))
+    features = Features(
+        {
+            "source": Value("string"),
+            "input_ids": List(Value("int32")),
+            "labels": List(Value("int32")),
+            "length": Value("int32"),
+            "status": Value("string"),
+            "error": Value("string"),
+        }
+    )
+    tokenized = raw.map(
+        _tokenize_batch,
+        batched=True,
+        batch_size=256,
+        num_proc=processes if processes > 1 else None,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "responses_only": data.train_on_responses_only,
+            "max_seq_length": max_seq_length,
+            "overlong": data.overlong,
+        },
+        remove_columns=["messages", "segments"],
+        features=features,
+        desc="tokenizing",
+        new_fingerprint=fingerprint,
+    )
+    statuses, sources = tokenized["status"], tokenized["source"]
+    prepared = Prepared(examples=[])
+    for k, status in enumerate(statuses):
+        if status == "error":
+            raise RecipeError(tokenized[k]["error"])
+        if status == TOO_LONG and data.overlong == "error":
+            length = tokenized[k]["length"]
+            length_policy(Example(sources[k], [0] * length, [0] * length), max_seq_length, "error")  # raises
+        if status != KEPT:
+            prepared.record(Example(sources[k], [], []), status)
+    kept = [k for k, status in enumerate(statuses) if status in (KEPT, TRUNCATED)]
+    return tokenized.select(kept).select_columns(["source", "input_ids", "labels"]), prepared
+
+
+def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -> Store:
+    from datasets import Dataset, disable_progress_bars, enable_progress_bars
+
+    data, max_seq_length = recipe.data, recipe.model.max_seq_length
+    tokenizer = tokenizer_source.load()
+    if data.chat_template:
+        tokenizer = replace(tokenizer, chat_template=resolve_chat_template(data.chat_template))
+        origin = f"{tokenizer.origin}, template {data.chat_template}"
+    else:
+        origin = tokenizer.origin
+    work = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        rows, skipped = _write_raw(data.train, recipe, work / "raw-train.arrow", "train")
+        raw = Dataset.from_file(str(work / "raw-train.arrow"))
+        quiet = rows < 10 * _ROWS_PER_PROCESS  # progress bars only where preparing takes a while
+        if quiet:
+            disable_progress_bars()
+        try:
+            files = [source_file(source) for source in raw["source"]]
+            indices, held, selection_report = _select(files, recipe)
+            report = skipped_report(skipped) + selection_report
+            train, prepared = _tokenize(raw.select(indices), tokenizer, recipe, f"{directory.name}-train")
+            if indices and not len(train):
+                raise nothing_left_error(raw[0]["source"], prepared.report(max_seq_length))
+            train.save_to_disk(str(work / "train"))
+            eval_report: list[str] = []
+            eval_raw = None
+            if data.eval_fraction is not None:
+                eval_raw = raw.select(held)
+            elif data.eval:
+                _, eval_skipped = _write_raw(data.eval, recipe, work / "raw-eval.arrow", "test")
+                eval_raw = Dataset.from_file(str(work / "raw-eval.arrow"))
+                eval_report += skipped_report(eval_skipped)
+            if eval_raw is not None:
+                evaluation, eval_prepared = _tokenize(eval_raw, tokenizer, recipe, f"{directory.name}-eval")
+                eval_report += eval_prepared.report(max_seq_length)
+                evaluation.save_to_disk(str(work / "eval"))
+            summary = {
+                "rows": len(indices),
+                "lengths": [len(ids) for ids in train["input_ids"]],
+                "report": report + prepared.report(max_seq_length) + [f"eval data: {r}" for r in eval_report],
+                "dropped_untrained": prepared.dropped_untrained,
+                "eval_rows": 0 if eval_raw is None else len(eval_raw),
+                "tokenizer": origin,
+                "tokenizer_digest": tokenizer_source.digest(),
+            }
+        finally:
+            if quiet:
+                enable_progress_bars()
+        for name in ("raw-train.arrow", "raw-eval.arrow"):
+            (work / name).unlink(missing_ok=True)
+        for leftover in work.glob("cache-*.arrow"):  # datasets.map's intermediate files
+            leftover.unlink()
+        (work / "summary.json").write_text(json.dumps(summary))
+        try:
+            work.rename(directory)
+        except OSError:  # another process built the same store first: use its copy
+            shutil.rmtree(work, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    _prune(directory)
+    return Store(directory, json.loads((directory / "summary.json").read_text()))
+
+
+def _prune(keep: Path) -> None:
+    """Delete all but the KEEP_STORES most recently used stores (a store can be gigabytes)."""
+    stores = [d for d in cache_dir().iterdir() if (d / "summary.json").is_file() and d != keep]
+    stores.sort(key=lambda d: (d / "summary.json").stat().st_mtime, reverse=True)
+    for old in stores[KEEP_STORES - 1 :]:
+        shutil.rmtree(old, ignore_errors=True)
