@@ -155,29 +155,24 @@ def _csv_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]
 
 
 def _hub_rows(source: HubSplit) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Rows of a hub dataset split: downloaded and cached by `datasets` (memory-mapped Arrow files),
-    or, offline, taken from that cache."""
-    try:
-        dataset = load_hub_split(source)
-    except Exception as exc:  # datasets raises many types (offline, unknown name or split, auth)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise RecipeError(
-            f"'{source.name}' is not a local file or folder, and as a Hugging Face dataset ({source}) "
-            f"it could not be loaded: {first_line}"
-            + (
-                " (the hub is not reachable and the dataset is not in the local cache)"
-                if "offline" in first_line.lower()
-                else ""
-            )
-        ) from None
-    for number, row in enumerate(dataset, start=1):
+    for number, row in enumerate(load_hub_split(source), start=1):
         yield number, {k: v for k, v in row.items() if v is not None}
 
 
 def load_hub_split(source: HubSplit):
+    """A hub dataset split: downloaded and cached by `datasets` (memory-mapped Arrow files), or,
+    offline, taken from that cache."""
     from datasets import load_dataset  # 2 s to import; only a recipe naming a hub dataset pays it
 
-    return load_dataset(source.name, split=source.split)
+    try:
+        return load_dataset(source.name, split=source.split)
+    except Exception as exc:  # datasets raises many types (offline, unknown name or split, auth)
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = " (the hub is not reachable and the dataset is not in the local cache)"
+        raise RecipeError(
+            f"'{source.name}' is not a local file or folder, and as a Hugging Face dataset ({source}) "
+            f"it could not be loaded: {first_line}" + (offline if "offline" in first_line.lower() else "")
+        ) from None
 
 
 def _parquet_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:

@@ -308,9 +308,10 @@ def _tokenize_batch(batch: dict, tokenizer, responses_only: bool, max_seq_length
     return out
 
 
-def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object, Prepared]:
-    """Tokenized kept rows (a Dataset) and what happened to the others. ``fingerprint`` names the
-    result for datasets, which would otherwise hash the whole tokenizer to make one up."""
+def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object, Prepared, list[int]]:
+    """Tokenized kept rows (a Dataset), what happened to the others, and the kept rows' lengths.
+    ``fingerprint`` names the result for datasets, which would otherwise hash the whole tokenizer to
+    make one up."""
     from datasets import Features, List, Value
 
     data, max_seq_length = recipe.data, recipe.model.max_seq_length
@@ -341,18 +342,19 @@ def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object,
         desc="tokenizing",
         new_fingerprint=fingerprint,
     )
-    statuses, sources = tokenized["status"], tokenized["source"]
+    statuses, sources, lengths = tokenized["status"], tokenized["source"], tokenized["length"]
     prepared = Prepared(examples=[])
     for k, status in enumerate(statuses):
         if status == "error":
             raise RecipeError(tokenized[k]["error"])
         if status == TOO_LONG and data.overlong == "error":
-            length = tokenized[k]["length"]
+            length = lengths[k]
             length_policy(Example(sources[k], [0] * length, [0] * length), max_seq_length, "error")  # raises
         if status != KEPT:
             prepared.record(Example(sources[k], [], []), status)
     kept = [k for k, status in enumerate(statuses) if status in (KEPT, TRUNCATED)]
-    return tokenized.select(kept).select_columns(["source", "input_ids", "labels"]), prepared
+    kept_lengths = [min(lengths[k], max_seq_length) for k in kept]
+    return tokenized.select(kept).select_columns(["source", "input_ids", "labels"]), prepared, kept_lengths
 
 
 def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -> Store:
@@ -378,7 +380,9 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
             files = [source_file(source) for source in raw["source"]]
             indices, held, selection_report = _select(files, recipe)
             report = skipped_report(skipped) + selection_report
-            train, prepared = _tokenize(raw.select(indices), tokenizer, recipe, f"{directory.name}-train")
+            train, prepared, lengths = _tokenize(
+                raw.select(indices), tokenizer, recipe, f"{directory.name}-train"
+            )
             if indices and not len(train):
                 raise nothing_left_error(raw[0]["source"], prepared.report(max_seq_length))
             train.save_to_disk(str(work / "train"))
@@ -391,12 +395,14 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                 eval_raw = Dataset.from_file(str(work / "raw-eval.arrow"))
                 eval_report += skipped_report(eval_skipped)
             if eval_raw is not None:
-                evaluation, eval_prepared = _tokenize(eval_raw, tokenizer, recipe, f"{directory.name}-eval")
+                evaluation, eval_prepared, _ = _tokenize(
+                    eval_raw, tokenizer, recipe, f"{directory.name}-eval"
+                )
                 eval_report += eval_prepared.report(max_seq_length)
                 evaluation.save_to_disk(str(work / "eval"))
             summary = {
                 "rows": len(indices),
-                "lengths": [len(ids) for ids in train["input_ids"]],
+                "lengths": lengths,
                 "report": report + prepared.report(max_seq_length) + [f"eval data: {r}" for r in eval_report],
                 "dropped_untrained": prepared.dropped_untrained,
                 "eval_rows": 0 if eval_raw is None else len(eval_raw),

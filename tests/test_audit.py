@@ -22,7 +22,7 @@ def test_nearest_rank_percentiles():
 def test_audit_of_the_sample_data():
     tokenizer = find_tokenizer("tiny-llama-3")
     prepared = prepare(CHAT, tokenizer, DataSection(train=["x"]), 1024)
-    result = audit(prepared, len(CHAT), tokenizer.eos_id, 1024)
+    result = audit(prepared.examples, len(CHAT), prepared.report(1024), tokenizer.eos_id)
     lengths = sorted(len(e.input_ids) for e in prepared.examples)
     assert result.rows == result.kept == 40 and result.length_percentiles[100] == lengths[-1]
     assert result.trained_tokens == sum(e.trained_tokens for e in prepared.examples)
@@ -37,7 +37,7 @@ def test_duplicates_and_rows_that_never_learn_to_stop():
     same = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo " * 60}]
     rows = [Conversation("f:1", same), Conversation("f:2", same), CHAT[0]]
     prepared = prepare(rows, tokenizer, DataSection(train=["x"], overlong="truncate"), 64)
-    result = audit(prepared, 3, tokenizer.eos_id, 64)
+    result = audit(prepared.examples, 3, prepared.report(64), tokenizer.eos_id)
     assert result.duplicates == [["f:1", "f:2"]]
     assert result.missing_eos[:2] == ["f:1", "f:2"]  # truncated before the <|eot_id|>
     assert any("duplicate rows in 1 groups (f:1 = f:2)" in line for line in result.lines())

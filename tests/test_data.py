@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import alpaca_to_messages, hold_out, load_conversations, mix, mixing_report, skipped_report
+from finetune.data import (
+    alpaca_to_messages,
+    hold_out,
+    load_conversations,
+    mix,
+    mixing_report,
+    skipped_report,
+    source_file,
+)
 from finetune.recipe import RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -157,16 +165,14 @@ def test_plan_reports_skipped_rows(tmp_path):
 
 
 def test_held_out_eval_rows_are_seeded_and_disjoint():
-    rows = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
-    train, held = hold_out(rows, 0.1, seed=7)
-    assert len(held) == 4 and len(train) == 36 and not {r.source for r in train} & {r.source for r in held}
-    assert hold_out(rows, 0.1, seed=7) == (train, held)  # the same split every time
-    assert hold_out(rows, 0.1, seed=8)[1] != held
-    assert [r.source for r in train] == sorted(
-        (r.source for r in train), key=lambda s: int(s.rsplit(":", 1)[1])
-    )
+    train, held = hold_out(40, 0.1, seed=7)
+    assert len(held) == 4 and len(train) == 36 and not set(train) & set(held)
+    assert set(train) | set(held) == set(range(40))
+    assert hold_out(40, 0.1, seed=7) == (train, held)  # the same split every time
+    assert hold_out(40, 0.1, seed=8)[1] != held
+    assert train == sorted(train) and held == sorted(held)  # file order
     with pytest.raises(RecipeError, match="would leave nothing to train on"):
-        hold_out(rows[:1], 0.5, seed=0)
+        hold_out(1, 0.5, seed=0)
 
 
 def test_csv_parquet_and_folders(tmp_path):
@@ -206,15 +212,18 @@ def test_weighted_mixing_repeats_and_samples_sources(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path, n in ((a, 4), (b, 8)):
         path.write_text("".join(json.dumps({"text": f"{path.stem}{i}"}) + "\n" for i in range(n)))
-    rows = load_conversations([str(a), str(b)])
-    mixed = mix(rows, {str(a): 2.0, str(b): 0.5}, seed=0)
-    from_a = [r for r in mixed if r.source.startswith(str(a))]
-    from_b = [r for r in mixed if r.source.startswith(str(b))]
-    assert len(from_a) == 8 and {r.source for r in from_a} == {r.source for r in rows[:4]}  # each twice
-    assert len(from_b) == 4 and len({r.source for r in from_b}) == 4  # a random half, no repeats
-    assert mix(rows, {str(a): 2.0, str(b): 0.5}, seed=0) == mixed  # seeded
-    assert mix(rows, {str(b): 1.25}, seed=1)[:4] == rows[:4] and len(mix(rows, {str(b): 1.25}, seed=1)) == 14
-    assert mixing_report(rows, mixed, {str(a): 2.0}) == [f"mixing {a} x2: 12 rows became 12"]
+    files = [source_file(r.source) for r in load_conversations([str(a), str(b)])]
+    mixed = mix(files, {str(a): 2.0, str(b): 0.5}, seed=0)
+    from_a = [i for i in mixed if files[i] == str(a)]
+    from_b = [i for i in mixed if files[i] == str(b)]
+    assert sorted(from_a) == [0, 0, 1, 1, 2, 2, 3, 3]  # each row of a twice
+    assert len(from_b) == 4 and len(set(from_b)) == 4 and set(from_b) < set(range(4, 12))  # half of b
+    assert mix(files, {str(a): 2.0, str(b): 0.5}, seed=0) == mixed  # seeded
+    assert (
+        mix(files, {str(b): 1.25}, seed=1)[:12] == list(range(12))
+        and len(mix(files, {str(b): 1.25}, seed=1)) == 14
+    )
+    assert mixing_report(12, len(mixed), {str(a): 2.0}) == [f"mixing {a} x2: 12 rows became 12"]
 
 
 def test_weights_must_name_training_sources_and_reach_the_plan(tmp_path):

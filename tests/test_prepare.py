@@ -1,15 +1,14 @@
 """Data preparation without torch: rendering, trained-token masks, the long-row policy, packing counts."""
 
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from finetune.data import Conversation, load_conversations
-from finetune.prepare import IGNORE_INDEX, count_packed_sequences, find_tokenizer, plan_data, prepare
-from finetune.recipe import DataSection, RecipeError
+from finetune.prepare import IGNORE_INDEX, count_packed_sequences, find_tokenizer, prepare
+from finetune.recipe import DataSection, RecipeError, load_recipe
+from finetune.store import plan_data
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
@@ -99,42 +98,22 @@ def test_packing_count_equals_trls_best_fit_decreasing_packer():
         assert count_packed_sequences(lengths, 1024) == len(packed), lengths
 
 
-def test_plan_data_is_cached_and_imports_nothing_heavy(tmp_path):
-    code = (
-        "import sys, time\n"
-        "from finetune.data import load_conversations\n"
-        "from finetune.prepare import plan_data\n"
-        "from finetune.recipe import DataSection\n"
-        "files = ['data_samples/code_chat.jsonl']\n"
-        "rows = load_conversations(files)\n"
-        "start = time.perf_counter()\n"
-        "plan = plan_data(rows, 'tiny-llama-3', DataSection(train=files), 1024, files)\n"
-        "print(len(plan.lengths), plan.sequences, round(time.perf_counter() - start, 3))\n"
-        "assert not {'torch', 'transformers', 'trl', 'unsloth'} & set(sys.modules)\n"
-    )
-    env = {"FINETUNE_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"}
-    first = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert first.returncode == 0, first.stderr
-    second = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert second.returncode == 0, second.stderr
-    assert first.stdout.split()[:2] == second.stdout.split()[:2] == ["40", "40"]
-    assert list((tmp_path / "data-plans").glob("*.json"))  # the second run read this, not the tokenizer
+def smoke_recipe(*overrides):
+    return load_recipe(ROOT / "recipes" / "smoke.yaml", list(overrides))
 
 
 def test_plan_data_without_a_tokenizer_counts_rows(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
-    files = [str(ROOT / "data_samples" / "code_chat.jsonl")]
     for name in (str(tmp_path / "no-such-model"), "someone/unknown-model"):
-        plan = plan_data(CHAT, name, DataSection(train=files), 1024, files)
+        plan = plan_data(smoke_recipe(f"model.name={name}"))
         assert plan.lengths is None and plan.sequences == 40
     assert "token lengths unknown" in plan.describe()[0]
 
 
 def test_packing_is_planned_off_on_the_cpu():
-    files = [str(ROOT / "data_samples" / "code_chat.jsonl")]
-    data = DataSection(train=files, packing=True)
-    on_cpu = plan_data(CHAT, "tiny-llama-3", data, 1024, files, on_gpu=False)
-    on_gpu = plan_data(CHAT, "tiny-llama-3", data, 1024, files, on_gpu=True)
+    recipe = smoke_recipe("data.packing=true", "model.max_seq_length=1024")
+    on_cpu = plan_data(recipe, on_gpu=False)
+    on_gpu = plan_data(recipe, on_gpu=True)
     assert on_cpu.sequences == 40 and "packing is off on the CPU" in on_cpu.report[-1]
     assert on_gpu.sequences == count_packed_sequences(on_gpu.lengths, 1024) < 40
     assert "packed into" in on_gpu.describe()[0]

@@ -8,9 +8,9 @@ from transformers import TrainerCallback
 
 from finetune import train
 from finetune.data import load_conversations
-from finetune.prepare import plan_data
 from finetune.recipe import load_recipe
 from finetune.schedule import plan_schedule
+from finetune.store import plan_data
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -34,11 +34,14 @@ def model_and_tokenizer():
     return train.add_lora(model, recipe), tokenizer
 
 
-def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples):
+def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples=None):
     model, tokenizer = model_and_tokenizer
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.logging_steps=1", *overrides])
-    examples = train.prepare_examples(recipe, CONVERSATIONS[:num_examples]).examples
-    trainer = train.build_trainer(model, tokenizer, examples, recipe, tmp_path)
+    # The rows as a run gets them (from the prepared-data store); the first num_examples if given.
+    dataset = train.prepared_data(recipe).dataset("train")
+    if num_examples is not None:
+        dataset = dataset.select(range(num_examples))
+    trainer = train.build_trainer(model, tokenizer, dataset, recipe, tmp_path)
     recorder = _RecordLr()
     trainer.add_callback(recorder)
     trainer.train()
@@ -94,12 +97,10 @@ def test_step_count_after_dropping_and_packing_matches_the_trainer(
         *data_settings,
     ]
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
-    # Unsloth keeps packing off on the CPU (see prepare.plan_data): there the plan must say so and
+    # Unsloth keeps packing off on the CPU (see store.plan_data): there the plan must say so and
     # count unpacked rows; on a GPU the packed sequences.
     on_gpu = torch.cuda.is_available()
-    data = plan_data(
-        CONVERSATIONS, recipe.model.name, recipe.data, recipe.model.max_seq_length, recipe.data.train, on_gpu
-    )
+    data = plan_data(recipe, on_gpu)
     if expected_report:
         assert any(expected_report in line for line in data.report), data.report
     if recipe.data.packing and not on_gpu:
@@ -107,7 +108,7 @@ def test_step_count_after_dropping_and_packing_matches_the_trainer(
     else:
         assert data.sequences < len(CONVERSATIONS)  # rows dropped, or packed several to a sequence
     plan = plan_schedule(data.sequences, recipe.train)
-    _, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides, len(CONVERSATIONS))
+    _, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides)
     assert len(trainer.train_dataset) == data.sequences
     assert [len(row) for row in trainer.train_dataset["input_ids"]] == data.lengths or data.packing
     assert plan.total_steps == trainer.state.max_steps == trainer.state.global_step == len(lrs)

@@ -39,13 +39,9 @@ def trained(tmp_path_factory):
     model, tokenizer = train.load_model(recipe)
     model = train.add_lora(model, recipe)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    store = train.prepared_data(recipe)
     trainer = train.build_trainer(
-        model,
-        tokenizer,
-        train.prepare_examples(recipe, load_conversations(recipe.data.train)).examples,
-        recipe,
-        run_dir,
-        train.prepare_examples(recipe, load_conversations(recipe.data.eval)).examples,
+        model, tokenizer, store.dataset("train"), recipe, run_dir, store.dataset("eval")
     )
     trainer.train()
     after = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -101,14 +97,14 @@ def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
 
     recipe, trainer, tokenizer, *_ = trained
     conversations = load_conversations(recipe.data.train)
-    ours = train.prepare_examples(recipe, conversations).examples
+    ours = list(train.prepared_data(recipe).examples())
     ids = [
         tokenizer.apply_chat_template(c.messages, tokenize=True, return_dict=True)["input_ids"]
         for c in conversations
     ]
     assert ids == [example.input_ids for example in ours]  # same tokens as transformers' own rendering
     no_eval = recipe.model_copy(update={"train": recipe.train.model_copy(update={"eval_steps": None})})
-    theirs = train.build_trainer(trainer.model, tokenizer, ours, no_eval, tmp_path)
+    theirs = train.build_trainer(trainer.model, tokenizer, train.examples_dataset(ours), no_eval, tmp_path)
     theirs.train_dataset = Dataset.from_dict({"input_ids": ids, "labels": [list(i) for i in ids]})
     theirs = train_on_responses_only(
         theirs,
