@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the finetune package, when run as benchmarks/prepare_speed.py
 MAX_LENGTH = 4096
 
 

@@ -10,7 +10,6 @@ launch, and they are exactly what the trainer sees: it has nothing left to decid
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 import re
@@ -241,11 +240,16 @@ class TokenizerSource:
 
         if self.directory is None:
             return f"built-in-{tokenizer_digest()}"
-        digest = hashlib.sha256()
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            file = self.directory / name
-            digest.update(name.encode() + b"\0" + (file.read_bytes() if file.is_file() else b"") + b"\0")
-        return digest.hexdigest()
+        from finetune.fingerprint import content_digest
+
+        files = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+        return json.dumps(
+            [
+                [name, content_digest(self.directory / name)]
+                for name in files
+                if (self.directory / name).is_file()
+            ]
+        )
 
     def load(self) -> ChatTokenizer:
         return load_tokenizer_dir(self.directory or llama3_tokenizer_dir(), self.origin)

@@ -31,6 +31,7 @@ from finetune.data import (
     skipped_report,
     source_file,
 )
+from finetune.fingerprint import content_digest
 from finetune.prepare import (
     KEPT,
     TOO_LONG,
@@ -124,22 +125,12 @@ def cache_dir() -> Path:
     return cache_root() / "prepared"
 
 
-def _digest_file(path: Path) -> str:
-    import xxhash  # a dependency of datasets; ten times sha256's speed, for files of any size
-
-    digest = xxhash.xxh3_128()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _source_digest(source: Path | HubSplit) -> list[str]:
     if isinstance(source, HubSplit):
         return [str(source), load_hub_split(source)._fingerprint]
     if not source.is_file():
         raise RecipeError(f"data file '{source}' does not exist")
-    return [str(source), _digest_file(source)]
+    return [str(source), content_digest(source)]
 
 
 def store_key(recipe: Recipe, tokenizer: TokenizerSource) -> str:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_cli
 
-from finetune import store
+from finetune import fingerprint, store
 from finetune.data import load_conversations
 from finetune.prepare import TokenizerSource, find_tokenizer, llama3_tokenizer_dir, locate_tokenizer, prepare
 from finetune.recipe import RecipeError, load_recipe
@@ -220,3 +220,22 @@ def test_hub_dataset_names_are_read_from_the_local_hugging_face_cache(tmp_path):
         "'someorg/missing' is not a local file or folder, and as a Hugging Face dataset "
         "(someorg/missing[train]) it could not be loaded" in missing.stderr
     )
+
+
+def test_content_digests_are_remembered_until_the_file_changes(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "rows.jsonl"
+    data.write_bytes(b'{"text": "a"}\n')
+    first = fingerprint.content_digest(data)
+    assert first == fingerprint.file_digest(data)
+
+    def no_hashing(path):
+        raise AssertionError("hashed again")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(fingerprint, "file_digest", no_hashing)
+        assert fingerprint.content_digest(data) == first  # unchanged file: from the memo
+        data.write_bytes(b'{"text": "b"}\n')  # same size, new content (and mtime)
+        with pytest.raises(AssertionError, match="hashed again"):
+            fingerprint.content_digest(data)
+    assert fingerprint.content_digest(data) != first
