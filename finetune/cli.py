@@ -7,9 +7,7 @@ start here is refused, in about a second, with one sentence per problem and exit
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import time
 from pathlib import Path
 
 from rich.console import Console
@@ -50,6 +48,7 @@ from finetune.recipe import (
     recipe_name,
     shipped_recipes,
 )
+from finetune.run import make_run_dir, read_run, write_atomic, write_json
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 from finetune.store import DataPlan, count_rows, open_store, plan_data
 
@@ -60,7 +59,19 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_USER_ERROR = 2
 EXIT_OVER_BUDGET = 3
 EXIT_INTERRUPTED = 130
-VERBS = ("train", "plan", "data", "validate", "show", "list", "copy", "diff", "calibration", "schema")
+VERBS = (
+    "train",
+    "plan",
+    "data",
+    "validate",
+    "show",
+    "list",
+    "copy",
+    "diff",
+    "resume",
+    "calibration",
+    "schema",
+)
 
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
 
@@ -131,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--png", type=Path, default=Path("token_lengths.png"), help="where to write the histogram"
     )
 
+    resume = verbs.add_parser("resume", help="continue a stopped run from its latest sound checkpoint")
+    resume.add_argument("run_dir", type=Path, help="the run folder (runs/<recipe>/<timestamp>-<hash>)")
+    resume.add_argument("--force", action="store_true", help="resume although the data or tokenizer changed")
+
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"
     )
@@ -139,20 +154,6 @@ def build_parser() -> argparse.ArgumentParser:
     schema = verbs.add_parser("schema", help="print the recipe JSON Schema (for editors)")
     schema.add_argument("--output", type=Path, help="write it to this file instead")
     return parser
-
-
-def make_run_dir(recipe: Recipe, name: str) -> Path:
-    """A new folder runs/<recipe>/<timestamp>-<hash>; a run never reuses another run's folder."""
-    digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:6]
-    base = Path(recipe.output.dir) / name / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
-    run_dir, n = base, 1
-    while True:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=False)
-            return run_dir
-        except FileExistsError:
-            n += 1
-            run_dir = base.with_name(f"{base.name}-{n}")
 
 
 def training_data(recipe: Recipe) -> DataPlan:
@@ -297,23 +298,46 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
     run_dir = make_run_dir(recipe, name)
-    (run_dir / "recipe.yaml").write_text(dump_recipe(recipe))
+    write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     # The resolved recipe already holds the overridden values; this records how they got there.
-    run_info = {"recipe": str(path), "overrides": overrides, "version": recipe.version}
-    (run_dir / "run.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    write_json(run_dir / "run.json", {"recipe": str(path), "overrides": overrides, "version": recipe.version})
     document = {**plan_as_dict(plan), "data": data_as_dict(data)}
     document["budget"] = budget_as_dict(budget) if budget else None
-    (run_dir / "plan.json").write_text(json.dumps(document) + "\n")
+    write_atomic(run_dir / "plan.json", json.dumps(document) + "\n")
     plot_schedule(plan, run_dir / "lr_schedule.png")
     # By default the probe runs on a GPU, where memory is the limit that ends runs.
     probing = bool(gpus) if probe is None else probe
     checker = _probe_checker(recipe, budget, plan.total_steps, force) if probing else None
     result = train.train(recipe, run_dir, checker)
+    return _after_training(recipe, name, run_dir, plan, budget, result)
+
+
+def cmd_resume(run_dir: Path, force: bool) -> int:
+    """Continue a run from its latest sound checkpoint, with the recipe it was started with."""
+    read_run(run_dir)  # a clear error when this is not a run folder
+    recipe = load_recipe(run_dir / "recipe.yaml")
+    check_can_start(recipe, str(run_dir))
+    plan = checked_plan(recipe, training_data(recipe).sequences, str(run_dir), quiet=True)
+    console.print(f"resuming {run_dir}", markup=False)
+
+    from finetune import train  # heavy: unsloth, torch, transformers, trl
+
+    result = train.train(recipe, run_dir, resume=True, force=force)
+    return _after_training(recipe, run_dir.parent.name, run_dir, plan, None, result)
+
+
+def _after_training(recipe: Recipe, name: str, run_dir: Path, plan: SchedulePlan, budget, result) -> int:
     logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
     plot_schedule(plan, run_dir / "lr_schedule.png", logged)
+    if result.interrupted_by:
+        err_console.print(
+            f"[yellow]{result.interrupted_by}:[/yellow] stopped after step {result.steps} with a checkpoint; "
+            f"continue with: python runner.py resume {escape(str(run_dir))}"
+        )
+        return EXIT_INTERRUPTED
     if budget is not None:
         record = calibration_record(budget, result.measured.as_dict(), recipe.model.name, name)
-        (run_dir / "budget.json").write_text(json.dumps(record, indent=2) + "\n")
+        write_json(run_dir / "budget.json", record)
         step = result.measured.median_step_seconds
         if step:
             console.print(
@@ -481,6 +505,8 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
             return cmd_diff(args.recipe)
         if args.verb == "data":
             return cmd_data(args.recipe, args.overrides, args.show, args.png)
+        if args.verb == "resume":
+            return cmd_resume(args.run_dir, args.force)
         if args.verb == "calibration":
             return cmd_calibration(args.runs)
         return cmd_schema(args.output)

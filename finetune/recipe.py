@@ -235,7 +235,10 @@ class TrainSection(_Section):
         1, description="Print the loss every N optimizer steps."
     )
     save_steps: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="Save a checkpoint every N optimizer steps; none when unset."
+        None, description="Save a checkpoint every N optimizer steps; every 10% of training when unset."
+    )
+    save_total_limit: Annotated[int, Field(gt=0)] = Field(
+        2, description="Checkpoints kept in the run folder (the oldest are deleted)."
     )
     eval_steps: Annotated[int, Field(gt=0)] | None = Field(
         None, description="Compute the loss on data.eval every N optimizer steps; never when unset."

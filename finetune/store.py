@@ -152,6 +152,26 @@ def store_key(recipe: Recipe, tokenizer: TokenizerSource) -> str:
     return xxhash.xxh3_128(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
+def _text_digest(text: str) -> str:
+    import xxhash
+
+    return xxhash.xxh3_128(text.encode()).hexdigest()
+
+
+def data_fingerprints(recipe: Recipe, tokenizer: TokenizerSource) -> dict[str, str]:
+    """Each input of the prepared data by content, flat, for a run's manifest and a resume's check."""
+    data = recipe.data
+    sources = expand_files(data.train) + expand_files(data.eval, default_split="test")
+    return {
+        **{f"data {name}": digest for name, digest in map(_source_digest, sources)},
+        "tokenizer": tokenizer.digest(),
+        "chat template": _text_digest(resolve_chat_template(data.chat_template))
+        if data.chat_template
+        else "the tokenizer's",
+        "prepared data": store_key(recipe, tokenizer),
+    }
+
+
 def open_store(recipe: Recipe, tokenizer: TokenizerSource) -> Store:
     """The prepared data for this recipe and tokenizer: from the cache, or prepared now and cached."""
     directory = cache_dir() / store_key(recipe, tokenizer)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -19,7 +20,9 @@ import torch
 import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.tensorboard import SummaryWriter
 from transformers import ProgressCallback, TrainerCallback
+from transformers.integrations import TensorBoardCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
@@ -27,7 +30,17 @@ from unsloth import FastLanguageModel
 from finetune import schedule
 from finetune.prepare import Example, locate_tokenizer, resolve_chat_template
 from finetune.recipe import Recipe, RecipeError, TrainSection
-from finetune.store import Store, open_store
+from finetune.run import (
+    fingerprint_changes,
+    latest_checkpoint,
+    manifest,
+    read_run,
+    redact,
+    seal_checkpoint,
+    write_atomic,
+    write_json,
+)
+from finetune.store import Store, data_fingerprints, open_store
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -66,6 +79,7 @@ class TrainResult:
     adapter_dir: Path
     log_history: list[dict]
     measured: Measured
+    interrupted_by: str | None = None  # the signal that stopped the run early, after a checkpoint
 
 
 class _StepTimer(TrainerCallback):
@@ -82,13 +96,13 @@ class _StepTimer(TrainerCallback):
         self.seconds.append(time.perf_counter() - self._start)
 
 
-def _measure(trainer: SFTTrainer) -> Measured:
+def _measure(trainer: SFTTrainer, resume_from: Path | None = None) -> Measured:
     """Train with a step timer and fresh peak-memory counters."""
     timer = _StepTimer()
     trainer.add_callback(timer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.remove_callback(timer)
     if torch.cuda.is_available():
         return Measured(timer.seconds, torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
@@ -129,8 +143,9 @@ def add_lora(model, recipe: Recipe):
     )
 
 
-def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
-    """Map the recipe onto SFTConfig, setting every field we rely on (library defaults move)."""
+def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFTConfig:
+    """Map the recipe onto SFTConfig, setting every field we rely on (library defaults move).
+    ``save``: checkpoints, into ``output_dir``."""
     train = recipe.train
     warmup = train.warmup_steps if train.warmup_steps is not None else (train.warmup_ratio or 0.0)
     return SFTConfig(
@@ -155,8 +170,10 @@ def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
         data_seed=train.seed,
         logging_steps=train.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if train.save_steps else "no",
-        save_steps=train.save_steps or 500,
+        save_strategy="steps" if save else "no",
+        # A float below 1 is a share of the total steps for transformers: every 10% by default.
+        save_steps=train.save_steps or 0.1,
+        save_total_limit=train.save_total_limit,
         eval_strategy="steps" if train.eval_steps else "no",
         eval_steps=train.eval_steps,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
@@ -164,7 +181,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path) -> SFTConfig:
         packing=recipe.data.packing,
         packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
         dataset_num_proc=1,
-        report_to="none",
+        report_to="none",  # TensorBoard is added by build_trainer, writing where we say
         disable_tqdm=False,
     )
 
@@ -187,6 +204,97 @@ class _LossProgress(ProgressCallback):
         if "grad_norm" in logs:
             line += f"  grad_norm {logs['grad_norm']:.3f}"
         self.training_bar.write(line)
+
+
+TRAINING_DTYPES = "finetune-dtypes.json"  # in each checkpoint: the dtype each trainable weight had
+
+
+class _SealCheckpoints(TrainerCallback):
+    """Seal each checkpoint once the trainer has written all of it (see run.seal_checkpoint), with
+    the dtypes the trainable weights had (see _RestoreTrainingDtypes)."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            dtypes = {
+                n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad
+            }
+            write_json(checkpoint / TRAINING_DTYPES, dtypes)
+            seal_checkpoint(checkpoint)
+
+
+class _RestoreTrainingDtypes(TrainerCallback):
+    """Make a resumed run continue exactly where the checkpoint left it.
+
+    Unsloth's CPU trainer trains the LoRA weights (and so the AdamW moments) in bf16, but a
+    checkpoint stores them as fp32 and loading it leaves them fp32, and the model's top module in
+    eval mode: the resumed run would compute every later step slightly differently. Before the
+    first resumed step, the weights and their optimizer state get back the dtypes they had.
+    """
+
+    def __init__(self, model, checkpoint: Path):
+        self.model = model
+        path = checkpoint / TRAINING_DTYPES
+        self.dtypes = json.loads(path.read_text()) if path.is_file() else {}
+        self.done = False
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.done:
+            return
+        self.done = True
+        self.model.train()
+        for name, param in self.model.named_parameters():
+            dtype = getattr(torch, self.dtypes.get(name, ""), None)
+            if dtype is None or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            moments = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for key, value in moments.items():
+                if torch.is_floating_point(value) and value.shape == param.shape:
+                    moments[key] = value.to(dtype)
+
+
+class _LogFile(TrainerCallback):
+    """Every log entry appended to log.jsonl as it happens, so a run that dies keeps its log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            with self.path.open("a") as file:
+                file.write(redact(json.dumps({**logs, "step": state.global_step})) + "\n")
+
+
+class _StopOnSignal(TrainerCallback):
+    """Ctrl-C or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.
+    A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"\n{self.signal_name}: saving a checkpoint after this step (again to stop at once)", flush=True
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
 
 
 def prepared_data(recipe: Recipe) -> Store:
@@ -213,7 +321,13 @@ def _trainer_rows(dataset: Dataset | None) -> Dataset | None:
 
 
 def build_trainer(
-    model, tokenizer, dataset: Dataset, recipe: Recipe, output_dir: Path, eval_dataset: Dataset | None = None
+    model,
+    tokenizer,
+    dataset: Dataset,
+    recipe: Recipe,
+    output_dir: Path,
+    eval_dataset: Dataset | None = None,
+    save: bool = False,
 ) -> SFTTrainer:
     """SFTTrainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
     max_seq_length sequences, and attention stays within each example (position ids restart)."""
@@ -222,8 +336,15 @@ def build_trainer(
         processing_class=tokenizer,
         train_dataset=_trainer_rows(dataset),
         eval_dataset=_trainer_rows(eval_dataset),
-        args=build_sft_config(recipe, output_dir),
+        args=build_sft_config(recipe, output_dir, save),
     )
+    if save:
+        trainer.add_callback(_SealCheckpoints())
+        # transformers 5 takes TensorBoard's folder only from an environment variable; a writer of
+        # our own puts the events in the run folder without changing the process's environment.
+        trainer.add_callback(
+            TensorBoardCallback(SummaryWriter(log_dir=str(output_dir.parent / "tensorboard")))
+        )
     _install_own_scheduler(trainer, recipe.train)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(_LossProgress())
@@ -284,7 +405,7 @@ def probe(
     )
     probe_recipe = recipe.model_copy(update={"train": train_settings})
     saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-    trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe")
+    trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe", save=False)
     trainer.remove_callback(_LossProgress)
     measured = _measure(trainer)
     with torch.no_grad():
@@ -298,27 +419,46 @@ def probe(
 
 
 def train(
-    recipe: Recipe, run_dir: Path, check_probe: Callable[[Measured], None] | None = None
+    recipe: Recipe,
+    run_dir: Path,
+    check_probe: Callable[[Measured], None] | None = None,
+    resume: bool = False,
+    force: bool = False,
 ) -> TrainResult:
     """Load, add LoRA, optionally probe (``check_probe`` raises to stop the run), train, and save the
-    adapter and tokenizer into ``run_dir/adapter``."""
+    adapter and tokenizer into ``run_dir/adapter``. ``resume``: continue ``run_dir`` from its
+    latest sound checkpoint, refusing when the data or tokenizer changed since (unless ``force``)."""
+    checkpoint = _checkpoint_to_resume(recipe, run_dir, force) if resume else None
     model, tokenizer = load_model(recipe)
     model = add_lora(model, recipe)
     if recipe.data.chat_template:  # saved with the adapter, so inference renders as training did
         tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template)
     store = prepared_data(recipe)
+    if not resume:
+        write_json(run_dir / "manifest.json", manifest(recipe, run_fingerprints(recipe), _device()))
     dataset = store.dataset("train")
     if check_probe is not None:
         check_probe(probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir))
-    trainer = build_trainer(model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"))
+    trainer = build_trainer(
+        model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"), save=True
+    )
+    log_file = run_dir / "log.jsonl"
+    _keep_log_until(log_file, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    trainer.add_callback(_LogFile(log_file))
+    if checkpoint is not None:
+        trainer.add_callback(_RestoreTrainingDtypes(model, checkpoint))
+    stopper = _StopOnSignal()
+    trainer.add_callback(stopper)
     start = time.perf_counter()
-    measured = _measure(trainer)
+    with stopper:
+        measured = _measure(trainer, resume_from=checkpoint)
     seconds = time.perf_counter() - start
-    adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir)
-    tokenizer.save_pretrained(adapter_dir)
     history = trainer.state.log_history
-    (run_dir / "log.jsonl").write_text("".join(json.dumps(entry) + "\n" for entry in history))
+    write_atomic(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
+    adapter_dir = run_dir / "adapter"
+    if stopper.signal_name is None:
+        model.save_pretrained(adapter_dir)
+        tokenizer.save_pretrained(adapter_dir)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     return TrainResult(
         steps=trainer.state.global_step,
@@ -328,7 +468,55 @@ def train(
         adapter_dir=adapter_dir,
         log_history=history,
         measured=measured,
+        interrupted_by=stopper.signal_name,
     )
+
+
+def run_fingerprints(recipe: Recipe) -> dict:
+    """What the run's inputs were, by content: checked again by a resume."""
+    source = locate_tokenizer(model_path(recipe))
+    if source is None:
+        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+    return data_fingerprints(recipe, source)
+
+
+def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, force: bool) -> Path:
+    recorded = read_run(run_dir)["fingerprints"]
+    changes = fingerprint_changes(recorded, run_fingerprints(recipe))
+    if changes and not force:
+        raise RecipeError(
+            f"{run_dir}: the inputs changed since the run started, so resuming would not continue the "
+            f"same run ({'; '.join(changes)}); --force resumes anyway"
+        )
+    for line in changes:
+        print(f"warning: --force: resuming although {line}")
+    checkpoint, skipped = latest_checkpoint(run_dir)
+    for line in skipped:
+        print(line)
+    if checkpoint is None:
+        raise RecipeError(f"{run_dir}: no complete checkpoint to resume from")
+    print(f"resuming from {checkpoint.name}")
+    return checkpoint
+
+
+def _keep_log_until(log_file: Path, step: int) -> None:
+    """A resumed run logs again from its checkpoint on: drop what was logged after it."""
+    if not log_file.is_file():
+        return
+    kept = [line for line in log_file.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    write_atomic(log_file, "".join(line + "\n" for line in kept))
+
+
+def _device() -> dict:
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "cuda": torch.version.cuda,
+        }
+    return {"type": "cpu", "threads": torch.get_num_threads()}
 
 
 def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bool = True):

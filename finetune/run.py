@@ -1,0 +1,184 @@
+"""The run folder: how a run explains itself afterwards and what a resume trusts (no torch).
+
+runs/<recipe>/<timestamp>-<hash>/ holds the resolved recipe, the plan, the environment manifest,
+the training log, TensorBoard events, checkpoints and the adapter. Files are written atomically
+(a temporary file, then a rename), so a crash leaves either the old file or the new one, never half
+of one; a checkpoint counts only once its seal (the size and digest of every file in it) is written,
+after the trainer has finished writing the checkpoint itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+from finetune.fingerprint import file_digest
+from finetune.recipe import Recipe, RecipeError, dump_recipe
+
+SEAL = "finetune-seal.json"  # written into a checkpoint folder once the checkpoint is complete
+PACKAGES = (
+    "unsloth",
+    "unsloth_zoo",
+    "torch",
+    "transformers",
+    "trl",
+    "peft",
+    "datasets",
+    "accelerate",
+    "bitsandbytes",
+    "xformers",
+    "tokenizers",
+    "pydantic",
+)
+# Names of environment variables whose values must never be written anywhere in a run folder.
+_SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
+
+
+def write_atomic(path: Path, text: str) -> Path:
+    """Write text so that readers see the old content or the new, never a part."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(redact(text))
+    tmp.replace(path)
+    return path
+
+
+def write_json(path: Path, document) -> Path:
+    return write_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def secrets() -> list[str]:
+    """Values of the environment's secret-looking variables (HF_TOKEN and the like)."""
+    return [value for name, value in os.environ.items() if _SECRET_NAME.search(name) and len(value) >= 8]
+
+
+def redact(text: str) -> str:
+    for value in secrets():
+        text = text.replace(value, "<redacted>")
+    return text
+
+
+def make_run_dir(recipe: Recipe, name: str) -> Path:
+    """A new folder runs/<recipe>/<timestamp>-<hash>; a run never reuses another run's folder."""
+    digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:6]
+    base = Path(recipe.output.dir) / name / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
+    run_dir, n = base, 1
+    while True:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=False)
+            return run_dir
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+
+
+def _git_commit() -> str | None:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else None
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def manifest(recipe: Recipe, fingerprints: dict, device: dict) -> dict:
+    """What a run ran on and with: enough to explain it, reproduce it, and check a resume."""
+    return {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
+        "fingerprints": fingerprints,
+        "device": device,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "project_commit": _git_commit(),
+        "command": sys.argv,
+    }
+
+
+def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
+    """One line per input that is not what the run was started with."""
+    return [
+        f"{key}: was {recorded.get(key)}, now {current.get(key)}"
+        for key in sorted(set(recorded) | set(current))
+        if recorded.get(key) != current.get(key)
+    ]
+
+
+def seal_checkpoint(checkpoint: Path) -> None:
+    """Record the size and digest of every file, written last: a checkpoint without a valid seal is
+    one the trainer did not finish writing (or one damaged since)."""
+    files = {
+        str(p.relative_to(checkpoint)): [p.stat().st_size, file_digest(p)]
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != SEAL
+    }
+    write_json(checkpoint / SEAL, {"files": files})
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why this checkpoint cannot be trusted, or None when its seal matches every file."""
+    seal = checkpoint / SEAL
+    if not seal.is_file():
+        return "not sealed (the run stopped while writing it)"
+    try:
+        files = json.loads(seal.read_text())["files"]
+    except (ValueError, KeyError):
+        return "its seal is unreadable"
+    for name, (size, digest) in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != size or file_digest(path) != digest:
+            return f"{name} differs from when it was saved"
+    return None
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint that passes its integrity check, and a line for each newer one skipped."""
+    folder = run_dir / "checkpoints"
+    found = sorted(
+        (p for p in folder.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
+    skipped = []
+    for checkpoint in found:
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint, skipped
+        skipped.append(f"skipped {checkpoint.name}: {problem}")
+    return None, skipped
+
+
+def read_run(run_dir: Path) -> dict:
+    """The manifest of an existing run folder; a clear error when it is not one."""
+    path = run_dir / "manifest.json"
+    if not path.is_file():
+        raise RecipeError(f"'{run_dir}' is not a run folder (no manifest.json)")
+    return json.loads(path.read_text())

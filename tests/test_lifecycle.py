@@ -1,0 +1,154 @@
+"""The run folder over a run's life: manifest, sealed checkpoints, exact resume after SIGKILL, a clean
+stop on Ctrl-C or SIGTERM, refusal to resume changed inputs, and no secret written anywhere."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune.run import SEAL, checkpoint_problem, latest_checkpoint, redact, seal_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "hf_plantedSecretToken0123456789"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "HF_TOKEN": SECRET}
+
+
+def start(*args, output: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "runner.py", *args, f"output.dir={output}"],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run_folder(output: Path) -> Path:
+    (run_dir,) = (output / "smoke").iterdir()
+    return run_dir
+
+
+def wait_for(condition, process: subprocess.Popen, seconds: float = 300):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+def logged(run_dir: Path, key: str) -> dict[int, float]:
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {entry["step"]: entry[key] for entry in entries if key in entry}
+
+
+def resume(run_dir: Path, *flags) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "runner.py", "resume", str(run_dir), *flags],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_path):
+    recipe = ["recipes/smoke.yaml", "train.max_steps=12", "train.save_steps=4"]
+    whole = start(*recipe, output=tmp_path / "whole")
+    assert whole.wait() == 0, whole.communicate()[1][-3000:]
+    killed = start(*recipe, output=tmp_path / "killed")
+    wait_for(lambda: list((tmp_path / "killed").glob(f"smoke/*/checkpoints/checkpoint-8/{SEAL}")), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    run_dir = run_folder(tmp_path / "killed")
+    assert not (run_dir / "adapter").exists()  # it really died mid-training
+
+    resumed = resume(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-8" in resumed.stdout
+    expected = run_folder(tmp_path / "whole")
+    # Bit for bit on this CPU: every step's loss and LR, before and after the kill.
+    assert logged(run_dir, "loss") == logged(expected, "loss") and len(logged(run_dir, "loss")) == 12
+    assert logged(run_dir, "learning_rate") == logged(expected, "learning_rate")
+    planned = json.loads((run_dir / "plan.json").read_text())["lr_per_step"]
+    assert list(logged(run_dir, "learning_rate").values()) == pytest.approx(planned, rel=1e-12)
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    # What the run folder explains, and what it must never hold.
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["packages"]["unsloth"] == "2026.10.9" and manifest["project_commit"]
+    assert {"tokenizer", "prepared data", "data data_samples/code_chat.jsonl"} <= set(
+        manifest["fingerprints"]
+    )
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    for folder in (run_dir, expected):
+        for path in folder.rglob("*"):
+            assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path):
+    data = tmp_path / "train.jsonl"
+    shutil.copy(ROOT / "data_samples" / "code_chat.jsonl", data)
+    run = start("recipes/smoke.yaml", f"data.train={data}", output=tmp_path)
+    wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 2, run)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr[-3000:]
+    run_dir = run_folder(tmp_path)
+    stopped = max(logged(run_dir, "loss"))
+    assert stopped < 30 and "Traceback" not in stderr
+    assert f"stopped after step {stopped} with a checkpoint" in stderr
+    assert f"continue with: python runner.py resume {run_dir}" in stderr
+    checkpoint, skipped = latest_checkpoint(run_dir)
+    assert checkpoint.name == f"checkpoint-{stopped}" and skipped == []
+
+    data.write_text(data.read_text().replace("def ", "def  ", 1))
+    refused = resume(run_dir)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "the inputs changed since the run started" in refused.stderr
+    assert f"data {data}: was " in refused.stderr and "--force resumes anyway" in refused.stderr
+
+
+def logged_or_empty(output: Path) -> list[str]:
+    """Loss lines the running trainer has finished writing so far."""
+    logs = list(output.glob("smoke/*/log.jsonl"))
+    return [line for line in logs[0].read_text().split("\n")[:-1] if '"loss"' in line] if logs else []
+
+
+def test_resume_skips_checkpoints_that_fail_their_integrity_check(tmp_path):
+    folder = tmp_path / "checkpoints"
+    for step in (2, 4, 6):
+        checkpoint = folder / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter_model.safetensors").write_bytes(bytes([step]) * 100)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        if step < 6:  # the newest was never sealed: the run died while writing it
+            seal_checkpoint(checkpoint)
+    assert checkpoint_problem(folder / "checkpoint-6") == "not sealed (the run stopped while writing it)"
+    assert latest_checkpoint(tmp_path) == (
+        folder / "checkpoint-4",
+        ["skipped checkpoint-6: not sealed (the run stopped while writing it)"],
+    )
+    (folder / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"\0" * 100)  # same size
+    (folder / "checkpoint-2" / "trainer_state.json").unlink()
+    checkpoint, skipped = latest_checkpoint(tmp_path)
+    assert checkpoint is None and skipped[1:] == [
+        "skipped checkpoint-4: adapter_model.safetensors differs from when it was saved",
+        "skipped checkpoint-2: trainer_state.json is missing",
+    ]
+
+
+def test_secret_values_are_redacted_from_what_runs_write(monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # not a secret: left alone
+    text = f"argv: --token {SECRET} key={'k' * 40} offline=1"
+    assert redact(text) == "argv: --token <redacted> key=<redacted> offline=1"
