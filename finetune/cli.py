@@ -16,6 +16,7 @@ from rich.table import Table
 
 from finetune.audit import audit, trained_runs
 from finetune.budget import (
+    GIB,
     GPUS,
     BudgetExceeded,
     BudgetPlan,
@@ -48,7 +49,7 @@ from finetune.recipe import (
     recipe_name,
     shipped_recipes,
 )
-from finetune.run import make_run_dir, read_run, write_atomic, write_json
+from finetune.run import OutOfMemory, latest_checkpoint, make_run_dir, read_run, write_atomic, write_json
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 from finetune.store import DataPlan, count_rows, open_store, plan_data
 
@@ -58,6 +59,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 EXIT_OVER_BUDGET = 3
+EXIT_DIVERGED = 4
 EXIT_INTERRUPTED = 130
 VERBS = (
     "train",
@@ -308,8 +310,37 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     # By default the probe runs on a GPU, where memory is the limit that ends runs.
     probing = bool(gpus) if probe is None else probe
     checker = _probe_checker(recipe, budget, plan.total_steps, force) if probing else None
-    result = train.train(recipe, run_dir, checker)
+    try:
+        result = train.train(recipe, run_dir, checker)
+    except OutOfMemory as oom:
+        return _report_out_of_memory(recipe, data, plan, device, budget, run_dir, oom)
     return _after_training(recipe, name, run_dir, plan, budget, result)
+
+
+def _report_out_of_memory(recipe, data, plan, device, budget, run_dir: Path, oom: OutOfMemory) -> int:
+    """What ran out, against what was predicted, and changes predicted to need a fifth less memory."""
+    saved = f"saved {oom.checkpoint.name}" if oom.checkpoint else "no step had finished, nothing to save"
+    peak = f"{oom.peak_bytes / GIB:.2f} GiB" if oom.peak_bytes is not None else "not measured on the CPU"
+    lines = [f"out of memory at step {oom.step} ({oom.tokens} tokens in the micro-batch); {saved}"]
+    lines.append(f"peak memory measured: {peak}")
+    ideas: list[str] = []
+    if budget is not None:
+        lines.append(
+            f"predicted: {budget.memory.total / GIB:.2f} GiB (upper {budget.memory.upper / GIB:.2f} GiB)"
+        )
+        tighter = recipe.budget.model_copy(update={"max_memory_gib": 0.8 * budget.memory.upper / GIB})
+        _, _, ideas = budget_check(recipe.model_copy(update={"budget": tighter}), data, plan, device)
+    for line in lines:
+        err_console.print(f"[bold red]error:[/bold red] {escape(line)}" if line is lines[0] else escape(line))
+    if ideas:
+        err_console.print("changes predicted to need at least a fifth less memory:")
+        for idea in ideas:
+            err_console.print(f"  {escape(idea)}")
+    if oom.checkpoint:
+        err_console.print(
+            f"after changing the recipe, start a new run; this one is in {escape(str(run_dir))}"
+        )
+    return EXIT_OVER_BUDGET
 
 
 def cmd_resume(run_dir: Path, force: bool) -> int:
@@ -322,7 +353,13 @@ def cmd_resume(run_dir: Path, force: bool) -> int:
 
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
-    result = train.train(recipe, run_dir, resume=True, force=force)
+    try:
+        result = train.train(recipe, run_dir, resume=True, force=force)
+    except OutOfMemory as oom:
+        device = training_device()
+        data = training_data(recipe)
+        budget, _, _ = budget_check(recipe, data, plan, device)
+        return _report_out_of_memory(recipe, data, plan, device, budget, run_dir, oom)
     return _after_training(recipe, run_dir.parent.name, run_dir, plan, None, result)
 
 
@@ -335,6 +372,16 @@ def _after_training(recipe: Recipe, name: str, run_dir: Path, plan: SchedulePlan
             f"continue with: python runner.py resume {escape(str(run_dir))}"
         )
         return EXIT_INTERRUPTED
+    if result.diverged:
+        checkpoint, _ = latest_checkpoint(run_dir)
+        kept = (
+            f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved before it"
+        )
+        err_console.print(
+            f"[bold red]diverged:[/bold red] {escape(result.diverged)}; stopped, and no adapter was saved; "
+            f"{escape(kept)}. A lower train.learning_rate or train.max_grad_norm usually helps."
+        )
+        return EXIT_DIVERGED
     if budget is not None:
         record = calibration_record(budget, result.measured.as_dict(), recipe.model.name, name)
         write_json(run_dir / "budget.json", record)

@@ -243,6 +243,15 @@ class TrainSection(_Section):
     eval_steps: Annotated[int, Field(gt=0)] | None = Field(
         None, description="Compute the loss on data.eval every N optimizer steps; never when unset."
     )
+    divergence_patience: Annotated[int, Field(gt=0)] = Field(
+        3,
+        description="Stop after this many logged steps in a row with a NaN/inf loss or an exploding "
+        "gradient norm (the last good checkpoint is kept).",
+    )
+    grad_norm_limit: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="A gradient norm above this counts as exploding; unset: 100x its running median.",
+    )
     per_device_eval_batch_size: Annotated[int, Field(gt=0)] = Field(
         2, description="Sequences per eval batch."
     )

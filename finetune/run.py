@@ -42,6 +42,14 @@ PACKAGES = (
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
 
 
+class OutOfMemory(Exception):
+    """The GPU ran out of memory during training; what was saved and what was going on."""
+
+    def __init__(self, step: int, tokens: int | None, peak_bytes: int | None, checkpoint: Path | None):
+        super().__init__(f"out of memory at step {step}")
+        self.step, self.tokens, self.peak_bytes, self.checkpoint = step, tokens, peak_bytes, checkpoint
+
+
 def write_atomic(path: Path, text: str) -> Path:
     """Write text so that readers see the old content or the new, never a part."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from finetune import schedule
 from finetune.prepare import Example, locate_tokenizer, resolve_chat_template
 from finetune.recipe import Recipe, RecipeError, TrainSection
 from finetune.run import (
+    OutOfMemory,
     fingerprint_changes,
     latest_checkpoint,
     manifest,
@@ -42,6 +44,7 @@ from finetune.run import (
 )
 from finetune.store import Store, data_fingerprints, open_store
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
+from finetune.watch import Watch
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _GRADIENT_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
@@ -80,6 +83,8 @@ class TrainResult:
     log_history: list[dict]
     measured: Measured
     interrupted_by: str | None = None  # the signal that stopped the run early, after a checkpoint
+    diverged: str | None = None  # why the watchdog stopped the run (finetune.watch)
+    spikes: list[dict] = field(default_factory=list)  # loss spikes, warned of as they happened
 
 
 class _StepTimer(TrainerCallback):
@@ -182,6 +187,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
         dataset_num_proc=1,
         report_to="none",  # TensorBoard is added by build_trainer, writing where we say
+        logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
         disable_tqdm=False,
     )
 
@@ -295,6 +301,73 @@ class _StopOnSignal(TrainerCallback):
         if self.signal_name is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+class _Watchdog(TrainerCallback):
+    """Stops a diverging run before it saves a bad checkpoint; warns of loss spikes (finetune.watch)."""
+
+    def __init__(self, train_settings: TrainSection):
+        self.watch = Watch(train_settings.divergence_patience, train_settings.grad_norm_limit)
+        self.stopped: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        spikes = len(self.watch.spikes)
+        reason = self.watch.observe(state.global_step, logs["loss"], logs.get("grad_norm"))
+        for spike in self.watch.spikes[spikes:]:
+            print(
+                f"\nwarning: loss spike at step {spike['step']}: {spike['loss']:.4f}, "
+                f"{spike['loss'] / spike['running_median']:.1f}x the running median",
+                flush=True,
+            )
+        if self.watch.is_bad():
+            control.should_save = False  # never checkpoint a state that may be the diverged one
+        if reason is not None:
+            self.stopped = reason
+            control.should_training_stop = True
+
+
+class _BatchTokens:
+    """Wraps the trainer's training step: the token count of the micro-batch in flight (for the
+    out-of-memory report), and the tests' injected faults."""
+
+    def __init__(self, trainer: SFTTrainer):
+        self.tokens: int | None = None
+        inner = trainer.training_step
+        fault = _injected_fault()
+
+        def training_step(model, inputs, num_items_in_batch=None):
+            self.tokens = int(inputs["input_ids"].numel())
+            step = trainer.state.global_step + 1
+            if fault == ("oom", step):
+                raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
+            loss = inner(model, inputs, num_items_in_batch)
+            if fault is not None and fault[0] == "nan" and step >= fault[1]:
+                loss = loss * float("nan")
+            return loss
+
+        trainer.training_step = training_step
+
+
+def _injected_fault() -> tuple[str, int] | None:
+    """FINETUNE_INJECT_FAULT=oom@N or nan@N: the tests' way to make step N run out of memory or
+    diverge, so the handling of both is exercised without a GPU or a bad recipe."""
+    value = os.environ.get("FINETUNE_INJECT_FAULT", "")
+    kind, _, step = value.partition("@")
+    return (kind, int(step)) if kind in ("oom", "nan") and step.isdigit() else None
+
+
+def _save_after_oom(trainer: SFTTrainer) -> Path | None:
+    """A sealed checkpoint of the last completed step (the failed step changed no weight)."""
+    if trainer.state.global_step == 0:
+        return None
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # room to write from
+    trainer._save_checkpoint(trainer.model, trial=None)
+    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+    _SealCheckpoints().on_save(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    return checkpoint if checkpoint.is_dir() else None
 
 
 def prepared_data(recipe: Recipe) -> Store:
@@ -449,14 +522,23 @@ def train(
         trainer.add_callback(_RestoreTrainingDtypes(model, checkpoint))
     stopper = _StopOnSignal()
     trainer.add_callback(stopper)
+    watchdog = _Watchdog(recipe.train)
+    trainer.add_callback(watchdog)
+    batch = _BatchTokens(trainer)
     start = time.perf_counter()
-    with stopper:
-        measured = _measure(trainer, resume_from=checkpoint)
+    try:
+        with stopper:
+            measured = _measure(trainer, resume_from=checkpoint)
+    except torch.OutOfMemoryError:
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        raise OutOfMemory(
+            trainer.state.global_step + 1, batch.tokens, peak, _save_after_oom(trainer)
+        ) from None
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     write_atomic(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     adapter_dir = run_dir / "adapter"
-    if stopper.signal_name is None:
+    if stopper.signal_name is None and watchdog.stopped is None:
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
     losses = [entry["loss"] for entry in history if "loss" in entry]
@@ -469,6 +551,8 @@ def train(
         log_history=history,
         measured=measured,
         interrupted_by=stopper.signal_name,
+        diverged=watchdog.stopped,
+        spikes=watchdog.watch.spikes,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from finetune.run import SEAL, checkpoint_problem, latest_checkpoint, redact, seal_checkpoint
+from finetune.watch import Watch
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "hf_plantedSecretToken0123456789"
@@ -152,3 +153,64 @@ def test_secret_values_are_redacted_from_what_runs_write(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # not a secret: left alone
     text = f"argv: --token {SECRET} key={'k' * 40} offline=1"
     assert redact(text) == "argv: --token <redacted> key=<redacted> offline=1"
+
+
+def test_the_watch_stops_on_nan_or_exploding_gradients_and_flags_spikes():
+    watch = Watch(patience=2)
+    for step in range(1, 8):
+        assert watch.observe(step, 2.0 + 0.01 * step, 1.0) is None
+    assert watch.observe(8, 9.0, 1.0) is None and watch.spikes == [
+        {"step": 8, "loss": 9.0, "running_median": pytest.approx(2.04)}
+    ]
+    assert watch.observe(9, float("nan"), 1.0) is None and watch.is_bad()  # one bad step: patience
+    assert watch.observe(10, 2.0, 1.0) is None and not watch.is_bad()  # a good step resets it
+    assert watch.observe(11, 2.0, 150.0) is None  # 150x the median gradient norm
+    assert watch.observe(12, float("inf"), 1.0) == (
+        "the gradient norm 150 is above 100 at step 11, and 1 more bad steps in a row; "
+        "the last good step was 10"
+    )
+    assert (
+        Watch(patience=1, grad_norm_limit=5.0)
+        .observe(1, 1.0, 6.0)
+        .startswith("the gradient norm 6 is above 5")
+    )
+
+
+def run_with_fault(fault: str, output: Path, *overrides) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "runner.py", "recipes/smoke.yaml", f"output.dir={output}", *overrides],
+        cwd=ROOT,
+        env={**ENV, "FINETUNE_INJECT_FAULT": fault},
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.mark.slow
+def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = run_with_fault("nan@6", tmp_path, "train.max_steps=20", "train.save_steps=2")
+    assert out.returncode == 4, out.stderr[-3000:]
+    run_dir = run_folder(tmp_path)
+    assert (
+        "diverged: the loss is nan at step 6, and 2 more bad steps in a row; the last good step was 5"
+        in " ".join(out.stderr.split())
+    )
+    assert f"the last good checkpoint is {run_dir / 'checkpoints' / 'checkpoint-4'}" in " ".join(
+        out.stderr.split()
+    )
+    assert latest_checkpoint(run_dir)[0].name == "checkpoint-4" and not (run_dir / "adapter").exists()
+    assert max(logged(run_dir, "loss")) == 8  # stopped at the third bad step
+
+
+@pytest.mark.slow
+def test_out_of_memory_is_caught_saved_and_explained(tmp_path):
+    out = run_with_fault("oom@4", tmp_path, "train.max_steps=10")
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    run_dir = run_folder(tmp_path)
+    stderr = " ".join(out.stderr.split())
+    assert (
+        "error: out of memory at step 4 (" in stderr
+        and "tokens in the micro-batch); saved checkpoint-3" in stderr
+    )
+    assert "peak memory measured: not measured on the CPU" in stderr and "predicted: " in stderr
+    assert latest_checkpoint(run_dir)[0].name == "checkpoint-3"
