@@ -49,6 +49,7 @@ from finetune.recipe import (
     recipe_name,
     shipped_recipes,
 )
+from finetune.report import write_report
 from finetune.run import OutOfMemory, latest_checkpoint, make_run_dir, read_run, write_atomic, write_json
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 from finetune.store import DataPlan, count_rows, open_store, plan_data
@@ -392,6 +393,10 @@ def _after_training(recipe: Recipe, name: str, run_dir: Path, plan: SchedulePlan
                 f"{budget.time.step_seconds:.3f} s predicted ({record['step_error']:+.0%})",
                 markup=False,
             )
+    report, lines = write_report(run_dir, result.log_history, result.seconds, result.spikes)
+    for line in lines:
+        console.print(line, markup=False)
+    console.print(f"report: {report}", markup=False)
     console.print(
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "
         f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; adapter saved to {result.adapter_dir}"

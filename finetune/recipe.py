@@ -307,6 +307,10 @@ class BudgetSection(_Section):
 
 class OutputSection(_Section):
     dir: str = Field("runs", description="Runs are saved under DIR/<recipe name>/<timestamp>-<hash>/.")
+    samples: Annotated[int, Field(ge=0)] = Field(
+        3, description="Held-out prompts answered (greedy) before and after training, for the report."
+    )
+    sample_tokens: Annotated[int, Field(gt=0)] = Field(64, description="Tokens generated per sample.")
 
 
 class ParentRecord(_Section):

@@ -29,7 +29,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from finetune import schedule
-from finetune.prepare import Example, locate_tokenizer, resolve_chat_template
+from finetune.prepare import IGNORE_INDEX, Example, locate_tokenizer, resolve_chat_template
 from finetune.recipe import Recipe, RecipeError, TrainSection
 from finetune.run import (
     OutOfMemory,
@@ -188,6 +188,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         dataset_num_proc=1,
         report_to="none",  # TensorBoard is added by build_trainer, writing where we say
         logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
+        include_num_input_tokens_seen="non_padding",  # trained tokens per second, for the report
         disable_tqdm=False,
     )
 
@@ -507,8 +508,13 @@ def train(
     if recipe.data.chat_template:  # saved with the adapter, so inference renders as training did
         tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template)
     store = prepared_data(recipe)
+    samples_file = run_dir / "samples.json"
     if not resume:
         write_json(run_dir / "manifest.json", manifest(recipe, run_fingerprints(recipe), _device()))
+        samples = generate_samples(
+            model, tokenizer, store, recipe.output.samples, recipe.output.sample_tokens
+        )
+        write_json(samples_file, [{**s, "before": s.pop("completion")} for s in samples])
     dataset = store.dataset("train")
     if check_probe is not None:
         check_probe(probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir))
@@ -541,6 +547,11 @@ def train(
     if stopper.signal_name is None and watchdog.stopped is None:
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
+        before = json.loads(samples_file.read_text()) if samples_file.is_file() else []
+        after = generate_samples(model, tokenizer, store, len(before), recipe.output.sample_tokens)
+        write_json(
+            samples_file, [{**b, "after": a["completion"]} for b, a in zip(before, after, strict=True)]
+        )
     losses = [entry["loss"] for entry in history if "loss" in entry]
     return TrainResult(
         steps=trainer.state.global_step,
@@ -554,6 +565,37 @@ def train(
         diverged=watchdog.stopped,
         spikes=watchdog.watch.spikes,
     )
+
+
+def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens: int) -> list[dict]:
+    """Greedy completions of the first ``count`` held-out prompts (training rows when there is no
+    eval data): each prompt is its row up to the first trained token."""
+    if count == 0:
+        return []
+    split = "eval" if store.dataset("eval") is not None else "train"
+    samples = []
+    FastLanguageModel.for_inference(model)
+    # Generation must not move the random streams training draws from.
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        for example in store.examples(split, limit=count):
+            first = next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)
+            prompt = torch.tensor([example.input_ids[:first]], device=model.device)
+            generated = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+            )
+            samples.append(
+                {
+                    "source": example.source,
+                    "prompt": tokenizer.decode(example.input_ids[:first]),
+                    "completion": tokenizer.decode(generated[0][first:], skip_special_tokens=True),
+                }
+            )
+    FastLanguageModel.for_training(model)
+    return samples
 
 
 def run_fingerprints(recipe: Recipe) -> dict:

@@ -220,6 +220,17 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     )
     assert table.returncode == 0 and "smoke" in table.stdout.splitlines()[1]
     assert "step time: mean |error|" in table.stdout
+    # The report: figures from the log, curves, and held-out prompts answered before and after.
+    report = (run_dir / "report.md").read_text()
+    losses = [entry["loss"] for entry in logged if "loss" in entry]
+    assert f"train loss: first {losses[0]:.4f}, final {losses[-1]:.4f}, best {min(losses):.4f}" in report
+    assert f"report: {run_dir / 'report.md'}" in out.stdout
+    assert (run_dir / "loss_curve.png").read_bytes()[:4] == b"\x89PNG" and "](loss_curve.png)" in report
+    samples = json.loads((run_dir / "samples.json").read_text())
+    assert [s["source"] for s in samples] == [f"data_samples/code_chat.jsonl:{k}" for k in (1, 2, 3)]
+    assert all(s["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n") for s in samples)
+    assert all(s["before"] and s["after"] and s["after"] in report for s in samples)
+    assert "trained tokens/s" in report and (run_dir / "manifest.json").is_file()
 
 
 def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
