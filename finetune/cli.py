@@ -72,6 +72,8 @@ VERBS = (
     "copy",
     "diff",
     "resume",
+    "export",
+    "generate",
     "calibration",
     "schema",
 )
@@ -148,6 +150,15 @@ def build_parser() -> argparse.ArgumentParser:
     resume = verbs.add_parser("resume", help="continue a stopped run from its latest sound checkpoint")
     resume.add_argument("run_dir", type=Path, help="the run folder (runs/<recipe>/<timestamp>-<hash>)")
     resume.add_argument("--force", action="store_true", help="resume although the data or tokenizer changed")
+
+    export = verbs.add_parser("export", help="merge a finished run's adapter into a 16-bit model")
+    export.add_argument("run_dir", type=Path, help="the run folder")
+    export.add_argument("--out", type=Path, help="where to save it (default: RUN_DIR/merged)")
+
+    generate = verbs.add_parser("generate", help="stream a finished run's answer to a prompt")
+    generate.add_argument("run_dir", type=Path, help="the run folder")
+    generate.add_argument("--prompt", required=True, help="the user message")
+    generate.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens")
 
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"
@@ -559,6 +570,19 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
             return cmd_data(args.recipe, args.overrides, args.show, args.png)
         if args.verb == "resume":
             return cmd_resume(args.run_dir, args.force)
+        if args.verb == "export":
+            read_run(args.run_dir)  # a clear error before the heavy import
+            from finetune import train  # heavy: unsloth, torch, transformers
+
+            out = train.export(args.run_dir, args.out or args.run_dir / "merged")
+            console.print(f"merged 16-bit model saved to {out}", markup=False)
+            return 0
+        if args.verb == "generate":
+            read_run(args.run_dir)  # a clear error before the heavy import
+            from finetune import train  # heavy: unsloth, torch, transformers
+
+            train.generate_from_run(args.run_dir, args.prompt, args.max_new_tokens)
+            return 0
         if args.verb == "calibration":
             return cmd_calibration(args.runs)
         return cmd_schema(args.output)
