@@ -7,6 +7,7 @@ validated) makes that order hold everywhere.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from unsloth import FastLanguageModel
 
 from finetune import schedule
 from finetune.prepare import IGNORE_INDEX, Example, locate_tokenizer, resolve_chat_template
-from finetune.recipe import Recipe, RecipeError, TrainSection
+from finetune.recipe import Recipe, RecipeError, TrainSection, dump_recipe
 from finetune.run import (
     OutOfMemory,
     fingerprint_changes,
@@ -603,7 +604,8 @@ def run_fingerprints(recipe: Recipe) -> dict:
     source = locate_tokenizer(model_path(recipe))
     if source is None:
         raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
-    return data_fingerprints(recipe, source)
+    recipe_digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:16]
+    return {"recipe": recipe_digest, **data_fingerprints(recipe, source)}
 
 
 def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, force: bool) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from finetune.report import write_report
 from finetune.run import SEAL, checkpoint_problem, latest_checkpoint, redact, seal_checkpoint
 from finetune.watch import Watch
 
@@ -111,11 +112,33 @@ def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path
     checkpoint, skipped = latest_checkpoint(run_dir)
     assert checkpoint.name == f"checkpoint-{stopped}" and skipped == []
 
+    recipe_file = run_dir / "recipe.yaml"
+    original = recipe_file.read_text()
+    recipe_file.write_text(original.replace("learning_rate: 0.01", "learning_rate: 0.02"))
+    edited = resume(run_dir)
+    assert edited.returncode == 2 and "recipe: was " in edited.stderr
+    recipe_file.write_text(original)
+
     data.write_text(data.read_text().replace("def ", "def  ", 1))
     refused = resume(run_dir)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "the inputs changed since the run started" in refused.stderr
     assert f"data {data}: was " in refused.stderr and "--force resumes anyway" in refused.stderr
+    forced = resume(run_dir, "--force")
+    assert forced.returncode == 0, forced.stderr[-3000:]
+    assert f"warning: --force: resuming although data {data}: was " in forced.stdout
+    assert max(logged(run_dir, "loss")) == 30 and (run_dir / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    run = start("recipes/smoke.yaml", output=tmp_path)
+    wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
+    run.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130 and "interrupted" in stderr and "stopped after step" not in stderr
 
 
 def logged_or_empty(output: Path) -> list[str]:
@@ -214,3 +237,25 @@ def test_out_of_memory_is_caught_saved_and_explained(tmp_path):
     )
     assert "peak memory measured: not measured on the CPU" in stderr and "predicted: " in stderr
     assert latest_checkpoint(run_dir)[0].name == "checkpoint-3"
+
+
+def test_the_report_lists_spikes_and_data_warnings_beside_the_figures(tmp_path):
+    history = [
+        {"step": k, "loss": loss, "num_input_tokens_seen": 100 * k}
+        for k, loss in enumerate([3.0, 2.5, 9.0, 2.0], 1)
+    ]
+    history.append({"step": 4, "eval_loss": 2.2})
+    (tmp_path / "plan.json").write_text(
+        json.dumps({"data": {"report": ["2 rows truncated to max_seq_length 64"]}})
+    )
+    spikes = [{"step": 3, "loss": 9.0, "running_median": 2.75}]
+    path, lines = write_report(tmp_path, history, 8.0, spikes)
+    report = path.read_text()
+    assert lines[:3] == [
+        "steps: 4 in 8.0 s, 50 trained tokens/s",
+        "train loss: first 3.0000, final 2.0000, best 2.0000 (step 4)",
+        "eval loss: final 2.2000, best 2.2000 (step 4)",
+    ]
+    assert "- loss spike at step 3: 9.0000 (3.3x the running median)" in report
+    assert "- 2 rows truncated to max_seq_length 64" in report
+    assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
