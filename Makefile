@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test smoke canary lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,20 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# Every shipped recipe on the tiny model, checked against tests/smoke_bands.json (GPU if present).
+smoke: setup
+	$(PY) runner.py smoke
+
+# The same smoke against the newest releases of the training stack, in its own environment, so a
+# breaking upstream release shows up as a failed band naming the versions that changed.
+CANARY := .venv-canary
+CANARY_PACKAGES := unsloth unsloth_zoo trl transformers peft datasets accelerate bitsandbytes
+canary:
+	@[ -x $(CANARY)/bin/python ] || $(PYTHON) -m venv $(CANARY)
+	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade $(CANARY_PACKAGES)
+	$(CANARY)/bin/python runner.py smoke --json canary-result.json --output runs/_canary
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -74,6 +74,7 @@ VERBS = (
     "resume",
     "export",
     "generate",
+    "smoke",
     "calibration",
     "schema",
 )
@@ -159,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("run_dir", type=Path, help="the run folder")
     generate.add_argument("--prompt", required=True, help="the user message")
     generate.add_argument("--max-new-tokens", type=int, default=256, help="at most this many tokens")
+
+    smoke = verbs.add_parser(
+        "smoke", help="train every shipped recipe on the tiny model and check it against stored bands"
+    )
+    smoke.add_argument("recipes", nargs="*", help="only these recipes (default: every shipped one)")
+    smoke.add_argument("--update-bands", action="store_true", help="store these results as the bands")
+    smoke.add_argument(
+        "--json", type=Path, default=Path("smoke-result.json"), help="where to write the result"
+    )
+    smoke.add_argument("--output", type=Path, default=Path("runs/_smoke"), help="where the smoke runs go")
 
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"
@@ -415,6 +426,51 @@ def _after_training(recipe: Recipe, name: str, run_dir: Path, plan: SchedulePlan
     return 0
 
 
+def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path) -> int:
+    """Every shipped recipe (or the named ones) in smoke mode, checked against tests/smoke_bands.json."""
+    from finetune import smoke
+
+    paths = [find_recipe(name) for name in names] if names else shipped_recipes()
+    bands = smoke.load_bands()
+    results = [smoke.measure(path, output) for path in paths]
+    if update:
+        updated, changes = smoke.new_bands(results, bands)
+        for line in changes or ["no band changes"]:
+            console.print(line, markup=False)
+        write_json(smoke.BANDS_FILE, updated)
+        console.print(f"bands written to {smoke.BANDS_FILE}", markup=False)
+        return 0
+    checks = [c for figures in results for c in smoke.check(figures, bands)]
+    table = Table(show_edge=False, box=None, pad_edge=False)
+    for column in ("recipe", "check", "band", "measured", ""):
+        table.add_column(column)
+    for c in checks:
+        table.add_row(
+            c.recipe, c.name, c.expected, c.got, "[green]ok[/green]" if c.ok else "[bold red]FAIL[/bold red]"
+        )
+    console.print(table)
+    failed = [c for c in checks if not c.ok]
+    installed = smoke.versions()
+    changed = smoke.drift(installed)
+    if changed:
+        console.print(f"versions differing from the pins: {', '.join(changed)}", markup=False)
+    write_json(
+        json_path,
+        {
+            "ok": not failed,
+            "versions": installed,
+            "differing_from_pins": changed,
+            "results": results,
+            "checks": [vars(c) for c in checks],
+        },
+    )
+    console.print(
+        f"{len(checks) - len(failed)} of {len(checks)} checks within their bands; result in {json_path}",
+        markup=False,
+    )
+    return 1 if failed else 0
+
+
 def cmd_calibration(folder: Path) -> int:
     """Predicted against measured, over every run under ``folder`` that saved a budget.json."""
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("**/budget.json"))]
@@ -583,6 +639,8 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
 
             train.generate_from_run(args.run_dir, args.prompt, args.max_new_tokens)
             return 0
+        if args.verb == "smoke":
+            return cmd_smoke(args.recipes, args.update_bands, args.json, args.output)
         if args.verb == "calibration":
             return cmd_calibration(args.runs)
         return cmd_schema(args.output)

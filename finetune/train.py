@@ -683,6 +683,17 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def mean_loss(model, examples: list[Example]) -> float:
+    """The model's mean loss over these rows' trained tokens, one row at a time."""
+    losses = []
+    with torch.no_grad():
+        for example in examples:
+            ids = torch.tensor([example.input_ids], device=model.device)
+            labels = torch.tensor([example.labels], device=model.device)
+            losses.append(float(model(input_ids=ids, labels=labels).loss))
+    return sum(losses) / len(losses)
+
+
 def generate_from_run(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
     """Stream the trained model's answer to one user message (chat template, greedy) to stdout."""
     from transformers import TextStreamer

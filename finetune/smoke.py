@@ -1,0 +1,222 @@
+"""The smoke test: every shipped recipe, shrunk onto the tiny Llama 3, trained and checked against
+stored bands, so a change in our code or in Unsloth, TRL, transformers, PEFT or bitsandbytes that
+changes what training does shows up as a number outside its band.
+
+A recipe in smoke mode keeps its data, masking, LoRA settings, optimizer and schedule shape, and
+swaps the model for the tiny Llama 3 (random weights, the real tokenizer), a short sequence limit,
+a fixed number of steps and a learning rate large enough to move a random model (at a real
+recipe's 1e-4 the tiny model's loss barely moves, and a band could not tell training from none).
+The checks: the loss at fixed steps (against a reference run, with a tolerance), the trainable
+parameter count, the adapter saved, reloaded and generating, and on a GPU predicted against
+measured peak memory and step time. Bands live in tests/smoke_bands.json, one set per device
+kind, and change only through `runner.py smoke --update-bands`, which prints every difference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from finetune.recipe import Recipe, load_recipe
+from finetune.run import PACKAGES
+
+ROOT = Path(__file__).resolve().parent.parent
+BANDS_FILE = ROOT / "tests" / "smoke_bands.json"
+SMOKE_STEPS = 12
+LOSS_STEPS = (1, 4, 8, 12)  # where the loss is compared with its band
+LOSS_TOLERANCE = {"cpu": 0.01, "cuda": 0.05}  # relative; GPU kernels differ more between versions
+MEMORY_TOLERANCE = 0.10  # the budget targets: peak memory within 10%
+STEP_TOLERANCE = 0.15  # and step time within 15%
+
+
+def smoke_overrides(recipe: Recipe, output_dir: Path) -> list[str]:
+    """What turns a shipped recipe into its smoke version (everything else is kept)."""
+    overrides = [
+        "model.name=tiny-llama-3",
+        f"model.max_seq_length={min(recipe.model.max_seq_length, 1024)}",
+        f"train.max_steps={SMOKE_STEPS}",
+        "train.learning_rate=1.0e-2",
+        "train.logging_steps=1",
+        "budget.max_memory_gib=null",
+        "budget.max_step_seconds=null",
+        "budget.max_hours=null",
+        f"output.dir={output_dir}",
+        "output.samples=1",
+        "output.sample_tokens=8",
+    ]
+    if recipe.train.warmup_steps is not None and recipe.train.warmup_steps >= SMOKE_STEPS:
+        overrides.append("train.warmup_steps=2")
+    return overrides
+
+
+@dataclass
+class Check:
+    recipe: str
+    name: str
+    expected: str
+    got: str
+    ok: bool
+
+
+def versions() -> dict[str, str | None]:
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def pins() -> dict[str, str]:
+    """The exact versions requirements*.txt pin, by normalized package name."""
+    pinned = {}
+    for file in ("requirements.txt", "requirements-unsloth.txt"):
+        for line in (ROOT / file).read_text().splitlines():
+            name, sep, version = line.split("#")[0].strip().partition("==")
+            if sep:
+                pinned[name.lower().replace("-", "_")] = version
+    return pinned
+
+
+def drift(installed: dict[str, str | None]) -> list[str]:
+    """One line per watched package whose installed version is not the pinned one (the canary's news)."""
+    pinned = pins()
+    return [
+        f"{name} {pinned.get(name.lower())} -> {version}"
+        for name, version in installed.items()
+        if pinned.get(name.lower()) not in (None, version)
+    ]
+
+
+def measure(recipe_path: Path, output_dir: Path) -> dict:
+    """Train one recipe in smoke mode and take the figures its bands cover."""
+    from finetune import cli, train  # heavy: unsloth, torch
+    from finetune.preflight import training_device
+    from finetune.run import make_run_dir
+
+    base = load_recipe(recipe_path)
+    recipe = load_recipe(recipe_path, smoke_overrides(base, output_dir))
+    data = cli.training_data(recipe)
+    plan = cli.checked_plan(recipe, data.sequences, str(recipe_path), quiet=True)
+    device = training_device()
+    budget, _, _ = cli.budget_check(recipe, data, plan, device)
+    run_dir = make_run_dir(recipe, recipe_path.stem)
+    start = time.perf_counter()
+    result = train.train(recipe, run_dir)
+    seconds = time.perf_counter() - start
+    losses = {entry["step"]: entry["loss"] for entry in result.log_history if "loss" in entry}
+    reloaded, tokenizer = train.load_adapter(result.adapter_dir, recipe.model.max_seq_length)
+    answer = train.generate(reloaded, tokenizer, "Write a Python function that adds two numbers.", 8)
+    reloaded_loss = train.mean_loss(reloaded, list(train.prepared_data(recipe).examples(limit=4)))
+    figures = {
+        "recipe": recipe_path.stem,
+        "device": device.name,
+        "kind": "cuda" if device.is_gpu else "cpu",
+        "seconds": seconds,
+        "steps": result.steps,
+        "loss": {str(step): losses.get(step) for step in LOSS_STEPS},
+        "trainable_parameters": adapter_parameters(result.adapter_dir),
+        "reloaded_answer": answer,
+        "reloaded_loss": reloaded_loss,
+        "run_dir": str(run_dir),
+    }
+    if device.is_gpu and budget is not None:
+        figures["memory"] = {
+            "predicted": budget.memory.total,
+            "measured": result.measured.peak_reserved,
+        }
+        figures["step_seconds"] = {
+            "predicted": budget.time.step_seconds,
+            "measured": result.measured.median_step_seconds,
+        }
+    return figures
+
+
+def adapter_parameters(adapter_dir: Path) -> int:
+    """Parameters stored in a saved adapter: the LoRA weights that were trained."""
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), framework="numpy") as tensors:
+        return sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
+
+
+def _relative(a: float, b: float) -> float:
+    return abs(a - b) / abs(b) if b else math.inf
+
+
+def check(figures: dict, bands: dict) -> list[Check]:
+    """Each measured figure against its band; a recipe or step without a band is a failure."""
+    name, kind = figures["recipe"], figures["kind"]
+    band = bands.get(kind, {}).get(name)
+    if band is None:
+        return [Check(name, "bands", f"a {kind} band", "none stored (runner.py smoke --update-bands)", False)]
+    checks = []
+    tolerance = LOSS_TOLERANCE[kind]
+    for step, expected in band["loss"].items():
+        got = figures["loss"].get(step)
+        ok = got is not None and math.isfinite(got) and _relative(got, expected) <= tolerance
+        shown = "missing" if got is None else f"{got:.4f}"
+        checks.append(Check(name, f"loss at step {step}", f"{expected:.4f} +/-{tolerance:.0%}", shown, ok))
+    expected = band["trainable_parameters"]
+    got = figures["trainable_parameters"]
+    checks.append(Check(name, "trainable parameters", f"{expected:,}", f"{got:,}", got == expected))
+    # The saved adapter, loaded again: the loss it gives the first rows (a lost or mangled save
+    # gives the untrained model's), and some generated text.
+    expected, got = band.get("reloaded_loss"), figures["reloaded_loss"]
+    ok = expected is not None and math.isfinite(got) and _relative(got, expected) <= tolerance
+    shown = "none stored" if expected is None else f"{expected:.4f} +/-{tolerance:.0%}"
+    checks.append(Check(name, "reloaded adapter's loss", shown, f"{got:.4f}", ok))
+    answer = figures["reloaded_answer"]
+    checks.append(
+        Check(name, "reloaded adapter generates", "some text", repr(answer[:20]), bool(answer.strip()))
+    )
+    for key, tolerance in (("memory", MEMORY_TOLERANCE), ("step_seconds", STEP_TOLERANCE)):
+        if key in figures and figures[key]["measured"]:
+            predicted, measured = figures[key]["predicted"], figures[key]["measured"]
+            error = predicted / measured - 1
+            checks.append(
+                Check(
+                    name,
+                    f"{key} predicted vs measured",
+                    f"+/-{tolerance:.0%}",
+                    f"{error:+.1%}",
+                    abs(error) <= tolerance,
+                )
+            )
+    return checks
+
+
+def new_bands(results: list[dict], bands: dict) -> tuple[dict, list[str]]:
+    """The bands with these results as the reference, and one line per value that changes."""
+    updated = json.loads(json.dumps(bands))
+    changes = []
+    for figures in results:
+        kind, name = figures["kind"], figures["recipe"]
+        new = {
+            "loss": figures["loss"],
+            "trainable_parameters": figures["trainable_parameters"],
+            "reloaded_loss": figures["reloaded_loss"],
+        }
+        old = bands.get(kind, {}).get(name, {})
+        for step, value in new["loss"].items():
+            before = old.get("loss", {}).get(step)
+            if before != value:
+                changes.append(f"{kind} {name} loss at step {step}: {before} -> {value}")
+        if old.get("reloaded_loss") != new["reloaded_loss"]:
+            changes.append(
+                f"{kind} {name} reloaded adapter's loss: {old.get('reloaded_loss')} -> {new['reloaded_loss']}"
+            )
+        if old.get("trainable_parameters") != new["trainable_parameters"]:
+            before, after = old.get("trainable_parameters"), new["trainable_parameters"]
+            changes.append(f"{kind} {name} trainable parameters: {before} -> {after}")
+        updated.setdefault(kind, {})[name] = new
+    return updated, changes
+
+
+def load_bands(path: Path = BANDS_FILE) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
