@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", type=Path, default=Path("smoke-result.json"), help="where to write the result"
     )
     smoke.add_argument("--output", type=Path, default=Path("runs/_smoke"), help="where the smoke runs go")
+    smoke.add_argument("--bands", type=Path, help="the bands file (default: tests/smoke_bands.json)")
 
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"
@@ -426,19 +427,20 @@ def _after_training(recipe: Recipe, name: str, run_dir: Path, plan: SchedulePlan
     return 0
 
 
-def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path) -> int:
-    """Every shipped recipe (or the named ones) in smoke mode, checked against tests/smoke_bands.json."""
+def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, bands_file: Path | None) -> int:
+    """Every shipped recipe (or the named ones) in smoke mode, checked against the stored bands."""
     from finetune import smoke
 
     paths = [find_recipe(name) for name in names] if names else shipped_recipes()
-    bands = smoke.load_bands()
+    bands_file = bands_file or smoke.BANDS_FILE
+    bands = smoke.load_bands(bands_file)
     results = [smoke.measure(path, output) for path in paths]
     if update:
         updated, changes = smoke.new_bands(results, bands)
         for line in changes or ["no band changes"]:
             console.print(line, markup=False)
-        write_json(smoke.BANDS_FILE, updated)
-        console.print(f"bands written to {smoke.BANDS_FILE}", markup=False)
+        write_json(bands_file, updated)
+        console.print(f"bands written to {bands_file}", markup=False)
         return 0
     checks = [c for figures in results for c in smoke.check(figures, bands)]
     table = Table(show_edge=False, box=None, pad_edge=False)
@@ -640,7 +642,7 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
             train.generate_from_run(args.run_dir, args.prompt, args.max_new_tokens)
             return 0
         if args.verb == "smoke":
-            return cmd_smoke(args.recipes, args.update_bands, args.json, args.output)
+            return cmd_smoke(args.recipes, args.update_bands, args.json, args.output, args.bands)
         if args.verb == "calibration":
             return cmd_calibration(args.runs)
         return cmd_schema(args.output)

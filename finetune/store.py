@@ -143,7 +143,7 @@ def store_key(recipe: Recipe, tokenizer: TokenizerSource) -> str:
         STORE_VERSION,
         tokenizer.digest(),
         resolve_chat_template(data.chat_template) if data.chat_template else None,
-        data.model_dump(mode="json"),
+        data.model_dump(mode="json", exclude={"packing"}),  # packing happens in the trainer, after
         recipe.model.max_seq_length,
         recipe.train.seed if drawn else None,
         [_source_digest(s) for s in expand_files(data.train)],

@@ -628,10 +628,18 @@ def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, force: bool) -> Path:
 
 
 def _keep_log_until(log_file: Path, step: int) -> None:
-    """A resumed run logs again from its checkpoint on: drop what was logged after it."""
+    """A resumed run logs again from its checkpoint on: drop what was logged after it (and a last
+    line a killed run may have left half-written)."""
     if not log_file.is_file():
         return
-    kept = [line for line in log_file.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("step", 0) <= step:
+            kept.append(line)
     write_atomic(log_file, "".join(line + "\n" for line in kept))
 
 

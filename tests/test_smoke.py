@@ -84,3 +84,32 @@ def test_every_shipped_recipe_passes_its_smoke_bands_on_this_machine(tmp_path):
     assert [r["recipe"] for r in result["results"]] == [p.stem for p in shipped_recipes()]
     assert result["versions"]["unsloth"] == "2026.10.9" and result["differing_from_pins"] == []
     assert "checks within their bands" in out.stdout and all(c["ok"] for c in result["checks"])
+
+
+@pytest.mark.slow
+def test_a_result_outside_its_band_fails_the_smoke(tmp_path):
+    bands = json.loads(smoke.BANDS_FILE.read_text())
+    bands["cpu"]["smoke"]["loss"]["12"] *= 1.05  # as if training had changed by 5%
+    (tmp_path / "bands.json").write_text(json.dumps(bands))
+    out = subprocess.run(
+        [
+            sys.executable,
+            "runner.py",
+            "smoke",
+            "smoke",
+            "--bands",
+            str(tmp_path / "bands.json"),
+            "--json",
+            str(tmp_path / "result.json"),
+            "--output",
+            str(tmp_path / "runs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert out.returncode == 1 and not result["ok"]
+    assert [c["name"] for c in result["checks"] if not c["ok"]] == ["loss at step 12"]
+    assert "FAIL" in out.stdout and "6 of 7 checks within their bands" in out.stdout

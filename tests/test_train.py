@@ -309,23 +309,19 @@ def test_export_merges_the_adapter_and_generate_streams_an_answer(tmp_path):
     compute what base + adapter computes; and `generate` answering a prompt from the run folder."""
     from transformers import AutoModelForCausalLM
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    trained = subprocess.run(
-        [sys.executable, "runner.py", "recipes/smoke.yaml", "train.max_steps=6", f"output.dir={tmp_path}"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    def runner(*args):
+        return subprocess.run(
+            [sys.executable, "runner.py", *args],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+
+    trained = runner("recipes/smoke.yaml", "train.max_steps=6", f"output.dir={tmp_path}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     (run_dir,) = (tmp_path / "smoke").iterdir()
-    exported = subprocess.run(
-        [sys.executable, "runner.py", "export", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    exported = runner("export", str(run_dir))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"merged 16-bit model saved to {run_dir / 'merged'}" in exported.stdout
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", torch_dtype=torch.float32)
@@ -337,30 +333,9 @@ def test_export_merges_the_adapter_and_generate_streams_an_answer(tmp_path):
     assert (got - want).abs().max() < 0.05  # fp16 rounding of the merged weights
     assert (without - want).abs().max() > 0.5  # and the adapter really is in there
 
-    answered = subprocess.run(
-        [
-            sys.executable,
-            "runner.py",
-            "generate",
-            str(run_dir),
-            "--prompt",
-            "Reverse a list.",
-            "--max-new-tokens",
-            "8",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    answered = runner("generate", str(run_dir), "--prompt", "Reverse a list.", "--max-new-tokens", "8")
     assert answered.returncode == 0 and answered.stdout.strip(), answered.stderr[-3000:]
-    again = subprocess.run(
-        [sys.executable, "runner.py", "export", str(run_dir)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    again = runner("export", str(run_dir))
     assert (
         again.returncode == 2 and "already exists and is not empty; nothing was overwritten" in again.stderr
     )
