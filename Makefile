@@ -44,11 +44,14 @@ smoke: setup
 # The same smoke against the newest releases of the training stack, in its own environment, so a
 # breaking upstream release shows up as a failed band naming the versions that changed.
 CANARY := .venv-canary
-CANARY_PACKAGES := unsloth unsloth_zoo trl transformers peft datasets accelerate bitsandbytes
+# unsloth and unsloth_zoo go in without their declared dependencies, as in `make setup` (see
+# requirements-unsloth.txt): with them pip's resolver falls back to an older unsloth.
+CANARY_PACKAGES := trl transformers peft datasets accelerate bitsandbytes
 canary:
 	@[ -x $(CANARY)/bin/python ] || $(PYTHON) -m venv $(CANARY)
 	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade $(CANARY_PACKAGES)
+	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade --no-deps unsloth unsloth_zoo
 	$(CANARY)/bin/python runner.py smoke --json canary-result.json --output runs/_canary
 
 lint: setup

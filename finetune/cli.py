@@ -434,7 +434,7 @@ def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, ban
     paths = [find_recipe(name) for name in names] if names else shipped_recipes()
     bands_file = bands_file or smoke.BANDS_FILE
     bands = smoke.load_bands(bands_file)
-    results = [smoke.measure(path, output) for path in paths]
+    results = [smoke.measure_or_failure(path, output) for path in paths]
     if update:
         updated, changes = smoke.new_bands(results, bands)
         for line in changes or ["no band changes"]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
-from finetune.recipe import Recipe, load_recipe
+from finetune.recipe import Recipe, RecipeError, load_recipe
 from finetune.run import PACKAGES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +137,21 @@ def measure(recipe_path: Path, output_dir: Path) -> dict:
     return figures
 
 
+def measure_or_failure(recipe_path: Path, output_dir: Path) -> dict:
+    """measure(), or, when the stack fails to import or train at all, that failure as the result:
+    a broken upstream release must show up as a failed check with its versions, not a traceback."""
+    try:
+        return measure(recipe_path, output_dir)
+    except Exception as exc:  # anything the libraries raise is the finding
+        return {"recipe": recipe_path.stem, "kind": _device_kind(), "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _device_kind() -> str:
+    from finetune.preflight import detect_gpus
+
+    return "cuda" if detect_gpus() else "cpu"
+
+
 def adapter_parameters(adapter_dir: Path) -> int:
     """Parameters stored in a saved adapter: the LoRA weights that were trained."""
     from safetensors import safe_open
@@ -152,6 +167,8 @@ def _relative(a: float, b: float) -> float:
 def check(figures: dict, bands: dict) -> list[Check]:
     """Each measured figure against its band; a recipe or step without a band is a failure."""
     name, kind = figures["recipe"], figures["kind"]
+    if "error" in figures:
+        return [Check(name, "trains", "no error", figures["error"].splitlines()[0][:80], False)]
     band = bands.get(kind, {}).get(name)
     if band is None:
         return [Check(name, "bands", f"a {kind} band", "none stored (runner.py smoke --update-bands)", False)]
@@ -196,6 +213,10 @@ def new_bands(results: list[dict], bands: dict) -> tuple[dict, list[str]]:
     updated = json.loads(json.dumps(bands))
     changes = []
     for figures in results:
+        if "error" in figures:
+            raise RecipeError(
+                f"smoke: {figures['recipe']} failed ({figures['error']}); no bands were changed"
+            )
         kind, name = figures["kind"], figures["recipe"]
         new = {
             "loss": figures["loss"],

@@ -41,6 +41,10 @@ def test_a_figure_outside_its_band_fails_and_a_missing_band_is_a_failure():
     assert failed == ["loss at step 12", "trainable parameters"]
     assert not smoke.check(figures(reloaded_loss=12.0), BANDS)[-2].ok  # the save was lost
     assert not smoke.check(figures(reloaded_answer=" "), BANDS)[-1].ok
+    (broken,) = smoke.check(
+        {"recipe": "smoke", "kind": "cpu", "error": "NotImplementedError: You need a GPU."}, BANDS
+    )
+    assert not broken.ok and broken.name == "trains" and broken.got == "NotImplementedError: You need a GPU."
     (missing,) = smoke.check(figures(kind="cuda"), BANDS)
     assert not missing.ok and "--update-bands" in missing.got
     on_gpu = figures(
