@@ -131,6 +131,18 @@ def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path
 
 
 @pytest.mark.slow
+def test_sigterm_also_stops_with_a_checkpoint(tmp_path):
+    run = start("recipes/smoke.yaml", output=tmp_path)
+    wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
+    run.send_signal(signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    run_dir = run_folder(tmp_path)
+    stopped = max(logged(run_dir, "loss"))
+    assert run.returncode == 130 and f"SIGTERM: stopped after step {stopped} with a checkpoint" in stderr
+    assert latest_checkpoint(run_dir)[0].name == f"checkpoint-{stopped}"
+
+
+@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     run = start("recipes/smoke.yaml", output=tmp_path)
     wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
