@@ -372,18 +372,20 @@ def cmd_resume(run_dir: Path, force: bool) -> int:
     read_run(run_dir)  # a clear error when this is not a run folder
     recipe = load_recipe(run_dir / "recipe.yaml")
     check_can_start(recipe, str(run_dir))
-    plan = checked_plan(recipe, training_data(recipe).sequences, str(run_dir), quiet=True)
     console.print(f"resuming {run_dir}", markup=False)
 
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
+    # The inputs are compared with the run's manifest first (in train), so changed data is refused
+    # before anything is prepared from it.
     try:
         result = train.train(recipe, run_dir, resume=True, force=force)
     except OutOfMemory as oom:
-        device = training_device()
-        data = training_data(recipe)
+        data, device = training_data(recipe), training_device()
+        plan = checked_plan(recipe, data.sequences, str(run_dir), quiet=True)
         budget, _, _ = budget_check(recipe, data, plan, device)
         return _report_out_of_memory(recipe, data, plan, device, budget, run_dir, oom)
+    plan = checked_plan(recipe, training_data(recipe).sequences, str(run_dir), quiet=True)
     return _after_training(recipe, run_dir.parent.name, run_dir, plan, None, result)
 
 
