@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test smoke canary lint clean
+.PHONY: setup demo test fuzz smoke canary lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# `make test` replays a fixed set of generated inputs; this draws 20,000 fresh ones per property.
+fuzz: setup
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -k fuzz tests/test_recipe_errors.py
 
 # Every shipped recipe on the tiny model, checked against tests/smoke_bands.json (GPU if present).
 smoke: setup

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -529,18 +530,40 @@ def _section_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _describe_error(error: dict[str, Any], documents: list[_Document], overrides: dict) -> str:
-    path = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.startswith(("function-", "list["))))
+# Pydantic puts its own steps into an error's location ("function-after[check(), Data]", "list[str]");
+# they look like this, and are told apart from a user's key of the same shape by walking the input.
+_VALIDATOR_STEP = re.compile(r"^[a-z][a-z-]*\[.*\]$", re.DOTALL)
+
+
+def _input_path(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
+    """The keys of ``loc`` that the user wrote, without the validator steps pydantic adds."""
+    path, node = [], raw
+    for step in loc:
+        if isinstance(node, dict) and step in node:
+            node = node[step]
+        elif isinstance(node, list) and isinstance(step, int) and 0 <= step < len(node):
+            node = node[step]
+        elif isinstance(step, str) and _VALIDATOR_STEP.match(step):
+            continue
+        else:
+            node = None
+        path.append(step)
+    return tuple(path)
+
+
+def _describe_error(error: dict[str, Any], raw: Any, documents: list[_Document], overrides: dict) -> str:
+    path = _input_path(error["loc"], raw)
     dotted = ".".join(str(p) for p in path) or "(top level)"
     where = _where(path, documents, overrides)
     section = _section_model(path)
     if error["type"] == "extra_forbidden":
         allowed = [f.alias or n for n, f in section.model_fields.items()] if section else []
-        close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6)
+        close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6) if path else []
         hint = f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(allowed)}"
         return f"{where}: unknown key '{dotted}'{hint}"
     if error["type"] == "missing":
-        field = next((f for n, f in section.model_fields.items() if (f.alias or n) == str(path[-1])), None)
+        fields = section.model_fields.items() if section and path else ()
+        field = next((f for n, f in fields if (f.alias or n) == str(path[-1])), None)
         description = f" ({field.description})" if field is not None and field.description else ""
         return f"{where}: '{dotted}' is required{description}"
     message = error["msg"].removeprefix("Value error, ")
@@ -585,7 +608,7 @@ def validate_recipe(
     try:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
-        problems = [_describe_error(e, list(documents), overrides or {}) for e in exc.errors()]
+        problems = [_describe_error(e, raw, list(documents), overrides or {}) for e in exc.errors()]
         raise RecipeError("\n".join(dict.fromkeys(problems))) from None
 
 

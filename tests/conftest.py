@@ -11,6 +11,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# CI's verdict must depend on the code, not on the draw: the default profile replays the same
+# examples every run. `make fuzz` explores fresh ones, many more of them.
+settings.register_profile("ci", derandomize=True, max_examples=300)
+settings.register_profile("explore", derandomize=False, max_examples=20_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 import unsloth  # noqa: E402, F401
 
 from finetune.tiny_model import ensure_tiny_model  # noqa: E402
