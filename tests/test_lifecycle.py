@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -146,10 +147,20 @@ def test_sigterm_also_stops_with_a_checkpoint(tmp_path):
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     run = start("recipes/smoke.yaml", output=tmp_path)
     wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
+    lines = []
+
+    def read_stdout():
+        for line in run.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read_stdout, daemon=True).start()
     run.send_signal(signal.SIGINT)
-    time.sleep(0.2)
+    # The second Ctrl-C goes as soon as the first was handled, well inside the step and its
+    # checkpoint; a fixed sleep raced the step's end (the run could finish its clean stop first).
+    wait_for(lambda: any("saving a checkpoint after this step" in line for line in lines), run, 60)
     run.send_signal(signal.SIGINT)
-    _, stderr = run.communicate(timeout=60)
+    run.wait(timeout=60)
+    stderr = run.stderr.read()
     assert run.returncode == 130 and "interrupted" in stderr and "stopped after step" not in stderr
 
 
