@@ -39,7 +39,7 @@ test: setup
 
 # `make test` replays a fixed set of generated inputs; this draws 20,000 fresh ones per property.
 fuzz: setup
-	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -k fuzz tests/test_recipe_errors.py
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -k fuzz tests/test_recipe_errors.py tests/test_data.py
 
 # Every shipped recipe on the tiny model, checked against tests/smoke_bands.json (GPU if present).
 smoke: setup

@@ -148,7 +148,22 @@ def _csv_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]
         text = io.TextIOWrapper(file, encoding="utf-8", newline="")
         reader = csv.DictReader(text)
         try:
+            header = reader.fieldnames or []
+            twice = next((name for name in header if header.count(name) > 1), None)
+            if twice is not None:  # DictReader would keep only the last of the two columns
+                raise RecipeError(f"{path}:1: the header names the column '{twice}' twice")
             for row in reader:
+                # DictReader files extra fields under None and fills missing ones with None;
+                # either way the record does not match its header, and no field may be lost.
+                extra = row.pop(None, [])
+                missing = sum(value is None for value in row.values())
+                if extra or missing:
+                    fields = len(header) - missing + len(extra)
+                    _bad_row(
+                        f"{path}:{reader.line_num}: {fields} fields where the header has {len(header)}",
+                        skipped,
+                    )
+                    continue
                 yield reader.line_num, row
         except UnicodeDecodeError as exc:
             raise _not_utf8(path, reader.line_num + 1, exc) from None
@@ -250,7 +265,7 @@ def sharegpt_to_messages(turns: Any, where: str) -> list[dict[str, str]]:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise RecipeError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
-        role = _SHAREGPT_ROLES.get(turn["from"])
+        role = _SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise RecipeError(
                 f"{where}: conversations[{i}] is from '{turn['from']}'; use one of {sorted(_SHAREGPT_ROLES)}"
@@ -288,7 +303,7 @@ def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
             raise RecipeError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
-        if message["role"] not in ROLES:
+        if not isinstance(message["role"], str) or message["role"] not in ROLES:
             raise RecipeError(
                 f"{where}: messages[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}"
             )

@@ -309,7 +309,7 @@ def tokenize_conversations(
     rendered = []
     for k, conversation in chat:
         try:
-            rendered.append((k, *_chat_text(tokenizer, conversation)))
+            rendered.append((k, *_chat_text(tokenizer, conversation, responses_only)))
         except RecipeError as exc:
             results[k] = exc
     encodings = tokenizer.tokenizer.encode_batch([text for _, text, _ in rendered], add_special_tokens=False)
@@ -357,8 +357,11 @@ def _raw_example(
     return Example(source, ids, labels)
 
 
-def _chat_text(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns."""
+def _chat_text(
+    tokenizer: ChatTokenizer, conversation: Conversation, responses_only: bool
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and (when only responses are trained) the character spans of its
+    assistant turns."""
     from jinja2.exceptions import TemplateError
 
     messages = conversation.messages
@@ -368,13 +371,23 @@ def _chat_text(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[st
         raise RecipeError(
             f"{conversation.source}: the chat template rejects this conversation: {exc}"
         ) from None
+    if not responses_only:
+        return text, []
     # Each assistant turn is the text the template adds after the prompt that asks for it.
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.render(messages[:i], add_generation_prompt=True)
-        turn = tokenizer.render(messages[: i + 1])
+        try:
+            prompt = tokenizer.render(messages[:i], add_generation_prompt=True)
+            turn = tokenizer.render(messages[: i + 1])
+        except TemplateError as exc:  # e.g. Llama 3's template cannot render the empty prompt before
+            # a conversation that opens with the assistant
+            raise RecipeError(
+                f"{conversation.source}: the chat template cannot render the conversation before "
+                f"messages[{i}] ({exc}), so that assistant turn cannot be located; start the conversation "
+                "with a user or system turn, or set data.train_on_responses_only: false"
+            ) from None
         if not (turn.startswith(prompt) and text.startswith(turn)):
             raise RecipeError(
                 f"{conversation.source}: the chat template does not render this conversation turn by turn, "

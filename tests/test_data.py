@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 from finetune.data import (
     alpaca_to_messages,
@@ -14,7 +16,8 @@ from finetune.data import (
     skipped_report,
     source_file,
 )
-from finetune.recipe import RecipeError
+from finetune.prepare import find_tokenizer, prepare
+from finetune.recipe import DataSection, RecipeError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))
@@ -59,6 +62,8 @@ def test_alpaca_input_joins_the_instruction():
         ({"text": 3}, "'text' must be a string"),
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
+        ({"messages": [{"role": ["user"], "content": "x"}]}, "has role '['user']'"),
+        ({"conversations": [{"from": {"a": 1}, "value": "x"}]}, "conversations[0] is from '{'a': 1}'"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
         (
             {"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "y"}]},
@@ -242,3 +247,86 @@ def test_weights_must_name_training_sources_and_reach_the_plan(tmp_path):
     assert plan["data"]["report"] == ["mixing data_samples/code_chat.jsonl x1.5: 40 rows became 60"]
     bad = run_cli("plan", "recipes/smoke.yaml", "data.weights={other.jsonl: 2}")
     assert bad.returncode == 2 and "weights: 'other.jsonl' is not one of data.train" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("prompt,completion\nx,y,z\n", "d.csv:2: 3 fields where the header has 2"),  # z would be lost
+        ("prompt,completion\nx\n", "d.csv:2: 1 fields where the header has 2"),
+        ("prompt,prompt,completion\nx,y,z\n", "d.csv:1: the header names the column 'prompt' twice"),
+    ],
+)
+def test_a_csv_record_that_does_not_match_its_header_is_a_bad_row(tmp_path, text, message):
+    path = tmp_path / "d.csv"
+    path.write_text(text)
+    with pytest.raises(RecipeError, match=message):
+        load_conversations([str(path)])
+
+
+# Rows shaped like every format we read, with any JSON in any place: whatever a user's file holds,
+# reading and tokenizing it ends in rows or in a RecipeError (one sentence, no traceback).
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda children: (
+        st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3)
+    ),
+    max_leaves=8,
+)
+_role = st.sampled_from(["system", "user", "assistant", "human", "gpt", "tool"]) | _json
+_turn = st.dictionaries(
+    st.sampled_from(["role", "content", "from", "value", "name"]), _role | _json, max_size=4
+)
+_field = st.sampled_from(
+    ["messages", "conversations", "instruction", "input", "output", "prompt", "completion", "text", "id"]
+)
+_row = st.dictionaries(_field, st.lists(_turn, max_size=4) | st.text(max_size=40) | _json, max_size=4)
+
+
+@pytest.fixture(scope="module")
+def llama3():
+    return find_tokenizer("tiny-llama-3")
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_row | _json, min_size=1, max_size=5))
+@example(rows=[{"messages": [{"role": []}]}])  # each of these once raised a TypeError or jinja's error
+@example(rows=[{"conversations": [{"from": {}, "value": "x"}]}])
+@example(rows=[{"messages": [{"role": "assistant", "content": "opens the conversation"}]}])
+def test_fuzzed_rows_are_read_and_tokenized_or_named(tmp_path, llama3, rows):
+    path = tmp_path / "fuzz.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    try:
+        strict = load_conversations([str(path)])
+    except RecipeError as exc:
+        assert str(exc).startswith(f"{path}")
+        strict = None
+    skipped = []
+    try:
+        lenient = load_conversations([str(path)], skipped=skipped)
+    except RecipeError:
+        assert not strict  # only when no row at all could be read
+        return
+    # Nothing silently dropped: every line is a row read or a bad row counted.
+    assert len(lenient) + len(skipped) == len(rows)
+    assert strict is None or strict == lenient
+    try:
+        prepare(lenient, llama3, DataSection(train=[str(path)]), 4096)
+    except RecipeError as exc:
+        assert str(exc).startswith(str(path))
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    text=st.text(alphabet=st.sampled_from('ab,"\n\r\t '), max_size=60),
+    header=st.sampled_from(
+        ["prompt,completion", "text", "instruction,input,output", "messages", "prompt,completion,extra"]
+    ),
+)
+def test_fuzzed_csv_is_read_or_named(tmp_path, text, header):
+    path = tmp_path / "fuzz.csv"
+    path.write_text(f"{header}\n{text}", newline="")
+    try:
+        load_conversations([str(path)], skipped=[])
+    except RecipeError as exc:
+        assert str(exc)

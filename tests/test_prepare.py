@@ -178,3 +178,18 @@ def test_the_exact_template_keeps_code_whitespace_that_metas_template_trims():
         RecipeError, match="neither a shipped template .*llama-3.1-instruct-exact.* nor a file"
     ):
         find_tokenizer("tiny-llama-3", "nope")
+
+
+def test_a_conversation_that_opens_with_the_assistant_is_named_or_trained_whole(tokenizer):
+    # Llama 3's template cannot render the empty prompt before it, so the turn cannot be located.
+    rows = [Conversation("d.jsonl:7", [{"role": "assistant", "content": "Hello! Ask me anything."}])]
+    with pytest.raises(
+        RecipeError, match=r"^d\.jsonl:7: the chat template cannot render the conversation before"
+    ):
+        prepare(rows, tokenizer, DataSection(train=["x"]), 4096)
+    (example,) = prepare(
+        rows, tokenizer, DataSection(train=["x"], train_on_responses_only=False), 4096
+    ).examples
+    assert example.labels == example.input_ids and "Hello! Ask me anything." in tokenizer.tokenizer.decode(
+        example.input_ids
+    )
