@@ -48,8 +48,9 @@ from finetune.prepare import (
 )
 from finetune.recipe import Recipe, RecipeError
 
-# Bump when preparation changes what it produces, so stores built before are not trusted.
-STORE_VERSION = "3"
+# Bump when preparation changes what it produces or refuses, so stores built before are not trusted
+# (4: CSV records that do not match their header are bad rows, no longer read short).
+STORE_VERSION = "4"
 KEEP_STORES = 8  # the most recently used stores kept in the cache; older ones are deleted
 _WRITE_BATCH = 1000  # rows per Arrow record batch while reading: bounds memory while streaming
 _ROWS_PER_PROCESS = 5000  # below this, starting worker processes costs more than it saves
