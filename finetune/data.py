@@ -300,18 +300,28 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise RecipeError(f"{where}: 'messages' must be a non-empty list")
+    cleaned = []
     for i, message in enumerate(messages):
-        if not isinstance(message, dict) or set(message) - {"role", "content"} or "role" not in message:
+        if not isinstance(message, dict) or "role" not in message:
             raise RecipeError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        # Parquet and hub datasets give every message every field of the column's type, mostly null
+        # ("name", "tool_calls"); a null says nothing and is left out. Anything else would be lost.
+        extra = sorted(str(k) for k, v in message.items() if k not in ("role", "content") and v is not None)
+        if extra:
+            raise RecipeError(
+                f"{where}: messages[{i}] has {', '.join(map(repr, extra))} besides 'role' and 'content'; "
+                "only those two are trained on, so remove the rest from the data"
+            )
         if not isinstance(message["role"], str) or message["role"] not in ROLES:
             raise RecipeError(
                 f"{where}: messages[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}"
             )
         if not isinstance(message.get("content"), str):
             raise RecipeError(f"{where}: messages[{i}].content must be a string")
-    if not any(m["role"] == "assistant" for m in messages):
+        cleaned.append({"role": message["role"], "content": message["content"]})
+    if not any(m["role"] == "assistant" for m in cleaned):
         raise RecipeError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
-    return messages
+    return cleaned
 
 
 def load_conversations(

@@ -63,6 +63,10 @@ def test_alpaca_input_joins_the_instruction():
         ({"messages": []}, "'messages' must be a non-empty list"),
         ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
         ({"messages": [{"role": ["user"], "content": "x"}]}, "has role '['user']'"),
+        (
+            {"messages": [{"role": "user", "content": "x", "name": "bob", "weight": 0}]},
+            "messages[0] has 'name', 'weight' besides 'role' and 'content'",
+        ),
         ({"conversations": [{"from": {"a": 1}, "value": "x"}]}, "conversations[0] is from '{'a': 1}'"),
         ({"messages": [{"role": "user", "content": "x"}]}, "no assistant turn"),
         (
@@ -330,3 +334,20 @@ def test_fuzzed_csv_is_read_or_named(tmp_path, text, header):
         load_conversations([str(path)], skipped=[])
     except RecipeError as exc:
         assert str(exc)
+
+
+def test_null_fields_beside_role_and_content_are_left_out(tmp_path, llama3):
+    # As parquet and hub datasets give them: every message has every field of the column's type.
+    chat = [
+        {"role": "user", "content": "q", "name": None, "tool_calls": None},
+        {"role": "assistant", "content": "a", "name": None, "tool_calls": None},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n")
+    (row,) = load_conversations([str(path)])
+    assert row.messages == [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    # Llama 3's template takes any message holding 'tool_calls' for a tool call, even a null one.
+    (example,) = prepare([row], llama3, DataSection(train=[str(path)]), 4096).examples
+    assert llama3.tokenizer.decode(example.input_ids, skip_special_tokens=False).endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>"
+    )
