@@ -321,9 +321,9 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
             return EXIT_OVER_BUDGET
         err_console.print("[yellow]warning:[/yellow] --force: launching although the budget check failed")
 
+    run_dir = make_run_dir(recipe, name)  # before the heavy import: an unusable output.dir fails fast
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
-    run_dir = make_run_dir(recipe, name)
     write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     # The resolved recipe already holds the overridden values; this records how they got there.
     write_json(run_dir / "run.json", {"recipe": str(path), "overrides": overrides, "version": recipe.version})

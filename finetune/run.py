@@ -85,6 +85,10 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
         except FileExistsError:
             n += 1
             run_dir = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
+            raise RecipeError(
+                f"output.dir '{recipe.output.dir}': cannot create the run folder {run_dir} ({exc.strerror})"
+            ) from None
 
 
 def _git_commit() -> str | None:

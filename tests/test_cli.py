@@ -48,6 +48,16 @@ def test_bad_recipe_value_names_the_place():
     )
 
 
+def test_an_unusable_output_dir_is_refused_before_anything_heavy(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("not a folder")
+    out = run_cli("recipes/smoke.yaml", f"output.dir={taken}")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: output.dir '{taken}': cannot create the run folder {taken}/smoke/" in out.stderr
+    assert "(Not a directory)" in out.stderr and "heavy imports: []" in out.stdout
+    assert taken.read_text() == "not a folder"
+
+
 def test_missing_recipe_file():
     out = run_cli("recipes/nope.yaml")
     assert out.returncode == 2
