@@ -50,7 +50,15 @@ from finetune.recipe import (
     shipped_recipes,
 )
 from finetune.report import write_report
-from finetune.run import OutOfMemory, latest_checkpoint, make_run_dir, read_run, write_atomic, write_json
+from finetune.run import (
+    OutOfMemory,
+    finished_adapter,
+    latest_checkpoint,
+    make_run_dir,
+    read_run,
+    write_atomic,
+    write_json,
+)
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 from finetune.store import DataPlan, count_rows, open_store, plan_data
 
@@ -631,14 +639,14 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
         if args.verb == "resume":
             return cmd_resume(args.run_dir, args.force)
         if args.verb == "export":
-            read_run(args.run_dir)  # a clear error before the heavy import
+            finished_adapter(args.run_dir)  # a clear error before the heavy import
             from finetune import train  # heavy: unsloth, torch, transformers
 
             out = train.export(args.run_dir, args.out or args.run_dir / "merged")
             console.print(f"merged 16-bit model saved to {out}", markup=False)
             return 0
         if args.verb == "generate":
-            read_run(args.run_dir)  # a clear error before the heavy import
+            finished_adapter(args.run_dir)  # a clear error before the heavy import
             from finetune import train  # heavy: unsloth, torch, transformers
 
             train.generate_from_run(args.run_dir, args.prompt, args.max_new_tokens)

@@ -21,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from finetune.fingerprint import file_digest
-from finetune.recipe import Recipe, RecipeError, dump_recipe
+from finetune.recipe import Recipe, RecipeError, dump_recipe, load_recipe
 
 SEAL = "finetune-seal.json"  # written into a checkpoint folder once the checkpoint is complete
 PACKAGES = (
@@ -89,6 +89,17 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             raise RecipeError(
                 f"output.dir '{recipe.output.dir}': cannot create the run folder {run_dir} ({exc.strerror})"
             ) from None
+
+
+def finished_adapter(run_dir: Path) -> tuple[Recipe, Path]:
+    """A finished run's recipe and adapter folder; a clear error for anything else."""
+    read_run(run_dir)
+    adapter = run_dir / "adapter"
+    if not (adapter / "adapter_config.json").is_file():
+        raise RecipeError(
+            f"{run_dir}: no adapter yet (the run has not finished; `runner.py resume` it first)"
+        )
+    return load_recipe(run_dir / "recipe.yaml"), adapter
 
 
 def _git_commit() -> str | None:
@@ -193,4 +204,7 @@ def read_run(run_dir: Path) -> dict:
     path = run_dir / "manifest.json"
     if not path.is_file():
         raise RecipeError(f"'{run_dir}' is not a run folder (no manifest.json)")
-    return json.loads(path.read_text())
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # written atomically, so edited by hand
+        raise RecipeError(f"{path}: not valid JSON ({exc}); the run folder's record is damaged") from None

@@ -35,6 +35,7 @@ from finetune.recipe import Recipe, RecipeError, TrainSection, dump_recipe
 from finetune.run import (
     OutOfMemory,
     fingerprint_changes,
+    finished_adapter,
     latest_checkpoint,
     manifest,
     read_run,
@@ -664,25 +665,13 @@ def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bo
     return model, tokenizer
 
 
-def _finished_adapter(run_dir: Path) -> tuple[Recipe, Path]:
-    from finetune.recipe import load_recipe
-
-    read_run(run_dir)
-    adapter = run_dir / "adapter"
-    if not (adapter / "adapter_config.json").is_file():
-        raise RecipeError(
-            f"{run_dir}: no adapter yet (the run has not finished; `runner.py resume` it first)"
-        )
-    return load_recipe(run_dir / "recipe.yaml"), adapter
-
-
 def export(run_dir: Path, out_dir: Path) -> Path:
     """The adapter merged into its base model, saved as 16-bit safetensors that plain transformers
     (or vLLM, llama.cpp's converter, ...) loads without this tool or Unsloth.
 
     On a GPU through Unsloth's merge of the 4-bit base, as the recipe trained it; on a CPU, where
     Unsloth cannot merge into 4-bit weights, into the base model loaded in 16-bit."""
-    recipe, adapter = _finished_adapter(run_dir)
+    recipe, adapter = finished_adapter(run_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise RecipeError(f"'{out_dir}' already exists and is not empty; nothing was overwritten")
     load_in_4bit = recipe.model.load_in_4bit and torch.cuda.is_available()
@@ -706,7 +695,7 @@ def generate_from_run(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
     """Stream the trained model's answer to one user message (chat template, greedy) to stdout."""
     from transformers import TextStreamer
 
-    recipe, adapter = _finished_adapter(run_dir)
+    recipe, adapter = finished_adapter(run_dir)
     model, tokenizer = load_adapter(adapter, recipe.model.max_seq_length, recipe.model.load_in_4bit)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     return generate(model, tokenizer, prompt, max_new_tokens, streamer)

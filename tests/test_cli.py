@@ -58,6 +58,24 @@ def test_an_unusable_output_dir_is_refused_before_anything_heavy(tmp_path):
     assert taken.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("verb", ["generate", "export"])
+def test_generate_and_export_refuse_what_is_not_a_finished_run_at_once(tmp_path, verb):
+    args = ["--prompt", "hi"] if verb == "generate" else []
+    out = run_cli(verb, str(tmp_path), *args)
+    assert (
+        out.returncode == 2
+        and out.stderr.strip() == f"error: '{tmp_path}' is not a run folder (no manifest.json)"
+    )
+    (tmp_path / "manifest.json").write_text('{"packages": ')
+    out = run_cli(verb, str(tmp_path), *args)
+    assert out.returncode == 2 and "manifest.json: not valid JSON" in out.stderr
+    (tmp_path / "manifest.json").write_text("{}")
+    out = run_cli(verb, str(tmp_path), *args)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: {tmp_path}: no adapter yet (the run has not finished" in out.stderr
+    assert "heavy imports: []" in out.stdout
+
+
 def test_missing_recipe_file():
     out = run_cli("recipes/nope.yaml")
     assert out.returncode == 2
