@@ -52,6 +52,7 @@ from finetune.recipe import (
 from finetune.report import write_report
 from finetune.run import (
     OutOfMemory,
+    check_writable,
     finished_adapter,
     latest_checkpoint,
     make_run_dir,
@@ -250,6 +251,8 @@ def cmd_plan(
 ) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
+    if not as_json:
+        check_writable(png, "--png")
     data = training_data(recipe)
     plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
     if gpu is None and not detect_gpus() and not fits_a_cpu(recipe):
@@ -442,7 +445,12 @@ def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, ban
     from finetune import smoke
 
     paths = [find_recipe(name) for name in names] if names else shipped_recipes()
+    if bands_file is not None and not bands_file.is_file() and not update:
+        raise RecipeError(f"--bands '{bands_file}' does not exist; --update-bands writes it")
     bands_file = bands_file or smoke.BANDS_FILE
+    # Both are written after minutes of training: a path that cannot be written fails now.
+    check_writable(bands_file if update else json_path, "--bands" if update else "--json")
+    check_writable(output, "--output", folder=True)
     bands = smoke.load_bands(bands_file)
     results = [smoke.measure_or_failure(path, output) for path in paths]
     if update:
@@ -499,6 +507,7 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
 
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
+    check_writable(png, "--png")
     source = locate_tokenizer(recipe.model.name)
     if source is None:
         raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
@@ -579,7 +588,7 @@ def cmd_list() -> int:
 
 
 def cmd_copy(source: str, destination: Path) -> int:
-    copy_recipe(source, destination)
+    copy_recipe(source, check_writable(destination, "copy destination"))
     console.print(f"Copied {source} to {destination}; edit it, then `python runner.py {destination}`")
     return 0
 
@@ -601,7 +610,7 @@ def cmd_diff(recipe_arg: str) -> int:
 def cmd_schema(output: Path | None) -> int:
     text = json.dumps(json_schema(), indent=2) + "\n"
     if output:
-        output.write_text(text)
+        check_writable(output, "--output").write_text(text)
     else:
         console.print(text, end="", markup=False)
     return 0

@@ -16,6 +16,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -60,6 +61,26 @@ def write_atomic(path: Path, text: str) -> Path:
 
 def write_json(path: Path, document) -> Path:
     return write_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def check_writable(path: Path, what: str, folder: bool = False) -> Path:
+    """Fail now, in one sentence, when a file (or ``folder``) the user named could not be written
+    later (after a smoke of several minutes, say): a file is a folder, or the folder cannot be made
+    or written in. Checked by writing, since permission bits do not tell (root, read-only or
+    virtual filesystems)."""
+    if path.is_dir() and not folder:
+        raise RecipeError(f"{what} '{path}' is a folder; name a file")
+    parent = path if folder else path.parent
+    blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise RecipeError(f"{what} '{path}': '{blocker}' is a file, not a folder")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check."):
+            pass
+    except OSError as exc:
+        raise RecipeError(f"{what} '{path}': cannot write there ({exc.strerror or exc})") from None
+    return path
 
 
 def secrets() -> list[str]:

@@ -76,6 +76,37 @@ def test_generate_and_export_refuse_what_is_not_a_finished_run_at_once(tmp_path,
     assert "heavy imports: []" in out.stdout
 
 
+@pytest.mark.parametrize(
+    "args, what",
+    [
+        (["plan", "recipes/smoke.yaml", "--png", "{blocked}/lr.png"], "--png"),
+        (["data", "recipes/smoke.yaml", "--png", "{blocked}/lengths.png"], "--png"),
+        (["schema", "--output", "{blocked}/schema.json"], "--output"),
+        (["copy", "smoke", "{blocked}/mine.yaml"], "copy destination"),
+        (["smoke", "--json", "{blocked}/result.json", "recipes/smoke.yaml"], "--json"),
+        (["smoke", "--output", "{blocked}/runs", "recipes/smoke.yaml"], "--output"),
+        (["smoke", "--update-bands", "--bands", "{blocked}/bands.json", "recipes/smoke.yaml"], "--bands"),
+    ],
+    ids=["plan-png", "data-png", "schema", "copy", "smoke-json", "smoke-output", "smoke-bands"],
+)
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(tmp_path, args, what):
+    blocked = tmp_path / "a-file"  # a file where a folder would have to be
+    blocked.write_text("mine")
+    out = run_cli(*(arg.format(blocked=blocked) for arg in args))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"error: {what} '{blocked}/" in out.stderr and f"'{blocked}' is a file, not a folder" in out.stderr
+    assert "heavy imports: []" in out.stdout and blocked.read_text() == "mine"
+
+
+def test_a_png_path_that_is_a_folder_and_missing_bands_are_refused(tmp_path):
+    out = run_cli("plan", "recipes/smoke.yaml", "--png", str(tmp_path))
+    assert out.returncode == 2 and f"error: --png '{tmp_path}' is a folder; name a file" in out.stderr
+    out = run_cli("smoke", "--bands", str(tmp_path / "none.json"))
+    assert (
+        out.returncode == 2 and "--update-bands writes it" in out.stderr and "heavy imports: []" in out.stdout
+    )
+
+
 def test_missing_recipe_file():
     out = run_cli("recipes/nope.yaml")
     assert out.returncode == 2
