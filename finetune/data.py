@@ -113,7 +113,7 @@ def _jsonl_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, An
     with _open_binary(path) as lines:
         for number, raw in enumerate(lines, start=1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # a BOM, as Windows tools write
             except UnicodeDecodeError as exc:
                 raise _not_utf8(path, number, exc) from None
             if not line.strip():
@@ -130,7 +130,7 @@ def _json_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any
     with _open_binary(path) as file:
         raw = file.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # with or without a BOM
     except UnicodeDecodeError as exc:
         raise _not_utf8(path, raw[: exc.start].count(b"\n") + 1, exc) from None
     try:
@@ -145,7 +145,8 @@ def _json_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any
 def _csv_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:
     # One row per record, numbered by the line it ends on; quoted fields may span lines.
     with _open_binary(path) as file:
-        text = io.TextIOWrapper(file, encoding="utf-8", newline="")
+        # utf-8-sig: Excel writes a BOM, which would otherwise become part of the first column's name.
+        text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")
         reader = csv.DictReader(text)
         try:
             header = reader.fieldnames or []

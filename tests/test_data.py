@@ -351,3 +351,24 @@ def test_null_fields_beside_role_and_content_are_left_out(tmp_path, llama3):
     assert llama3.tokenizer.decode(example.input_ids, skip_special_tokens=False).endswith(
         "<|start_header_id|>assistant<|end_header_id|>\n\na<|eot_id|>"
     )
+
+
+@pytest.mark.parametrize(
+    "name, body",
+    [
+        ("d.jsonl", '{"prompt": "p", "completion": "c"}\n{"prompt": "q", "completion": "d"}\n'),
+        ("d.json", '[{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": "d"}]'),
+        ("d.csv", "prompt,completion\np,c\nq,d\n"),
+    ],
+)
+def test_a_byte_order_mark_is_read_as_the_encoding_mark_it_is(tmp_path, name, body):
+    # Excel and other Windows tools start UTF-8 files with one; it is not part of the first field.
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    rows = load_conversations([str(path)])
+    assert [r.segments for r in rows] == [[("p", False), ("c", True)], [("q", False), ("d", True)]]
+    # Only at the very start: a BOM on a later line of a .jsonl is content, and not valid JSON.
+    if name == "d.jsonl":
+        path.write_bytes(body.encode() + b"\xef\xbb\xbf" + body.encode())
+        with pytest.raises(RecipeError, match=r"d\.jsonl:3: not valid JSON"):
+            load_conversations([str(path)])
