@@ -52,6 +52,7 @@ from finetune.recipe import (
 from finetune.report import write_report
 from finetune.run import (
     OutOfMemory,
+    check_export_folder,
     check_writable,
     finished_adapter,
     latest_checkpoint,
@@ -648,10 +649,12 @@ def main(argv: list[str]) -> int:  # noqa: C901 (one branch per verb)
         if args.verb == "resume":
             return cmd_resume(args.run_dir, args.force)
         if args.verb == "export":
-            finished_adapter(args.run_dir)  # a clear error before the heavy import
+            out = args.out or args.run_dir / "merged"
+            finished_adapter(args.run_dir)  # clear errors before the heavy import
+            check_export_folder(out)
             from finetune import train  # heavy: unsloth, torch, transformers
 
-            out = train.export(args.run_dir, args.out or args.run_dir / "merged")
+            out = train.export(args.run_dir, out)
             console.print(f"merged 16-bit model saved to {out}", markup=False)
             return 0
         if args.verb == "generate":

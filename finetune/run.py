@@ -123,6 +123,13 @@ def finished_adapter(run_dir: Path) -> tuple[Recipe, Path]:
     return load_recipe(run_dir / "recipe.yaml"), adapter
 
 
+def check_export_folder(out_dir: Path) -> Path:
+    """Where `export` writes: a new or empty folder, so no earlier export is overwritten."""
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise RecipeError(f"'{out_dir}' already exists and is not empty; nothing was overwritten")
+    return check_writable(out_dir, "--out", folder=True)
+
+
 def _git_commit() -> str | None:
     root = Path(__file__).resolve().parent.parent
     try:

@@ -34,6 +34,7 @@ from finetune.prepare import IGNORE_INDEX, Example, locate_tokenizer, resolve_ch
 from finetune.recipe import Recipe, RecipeError, TrainSection, dump_recipe
 from finetune.run import (
     OutOfMemory,
+    check_export_folder,
     fingerprint_changes,
     finished_adapter,
     latest_checkpoint,
@@ -672,8 +673,7 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     On a GPU through Unsloth's merge of the 4-bit base, as the recipe trained it; on a CPU, where
     Unsloth cannot merge into 4-bit weights, into the base model loaded in 16-bit."""
     recipe, adapter = finished_adapter(run_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise RecipeError(f"'{out_dir}' already exists and is not empty; nothing was overwritten")
+    check_export_folder(out_dir)
     load_in_4bit = recipe.model.load_in_4bit and torch.cuda.is_available()
     model, tokenizer = load_adapter(adapter, recipe.model.max_seq_length, load_in_4bit)
     model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")

@@ -107,6 +107,28 @@ def test_a_png_path_that_is_a_folder_and_missing_bands_are_refused(tmp_path):
     )
 
 
+def test_export_refuses_a_used_or_unwritable_folder_before_anything_heavy(tmp_path):
+    run_dir = tmp_path / "run"  # what a finished run holds, as far as the checks look
+    (run_dir / "adapter").mkdir(parents=True)
+    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+    (run_dir / "manifest.json").write_text("{}")
+    (run_dir / "recipe.yaml").write_text((ROOT / "recipes" / "smoke.yaml").read_text())
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "model.safetensors").write_text("an earlier export")
+    taken = tmp_path / "a-file"
+    taken.write_text("mine")
+    for out, message in [
+        (used, f"'{used}' already exists and is not empty; nothing was overwritten"),
+        (taken, f"'{taken}' already exists and is not empty; nothing was overwritten"),
+        (taken / "merged", f"--out '{taken / 'merged'}': '{taken}' is a file, not a folder"),
+    ]:
+        result = run_cli("export", str(run_dir), "--out", str(out))
+        assert result.returncode == 2 and f"error: {message}" in result.stderr
+        assert "heavy imports: []" in result.stdout
+    assert (used / "model.safetensors").read_text() == "an earlier export" and taken.read_text() == "mine"
+
+
 def test_missing_recipe_file():
     out = run_cli("recipes/nope.yaml")
     assert out.returncode == 2
