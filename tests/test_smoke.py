@@ -65,14 +65,15 @@ def test_new_bands_show_every_difference():
     ]
 
 
-@pytest.mark.slow
-def test_every_shipped_recipe_passes_its_smoke_bands_on_this_machine(tmp_path):
+def run_smoke(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """`runner.py smoke ARGS` as a user runs it, with its runs and result under ``tmp_path``."""
     result_file = tmp_path / "result.json"
     out = subprocess.run(
         [
             sys.executable,
             "runner.py",
             "smoke",
+            *args,
             "--json",
             str(result_file),
             "--output",
@@ -83,7 +84,13 @@ def test_every_shipped_recipe_passes_its_smoke_bands_on_this_machine(tmp_path):
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    result = json.loads(result_file.read_text())
+    assert result_file.is_file(), out.stdout[-3000:] + out.stderr[-2000:]
+    return out, json.loads(result_file.read_text())
+
+
+@pytest.mark.slow
+def test_every_shipped_recipe_passes_its_smoke_bands_on_this_machine(tmp_path):
+    out, result = run_smoke(tmp_path)
     assert out.returncode == 0 and result["ok"], out.stdout[-3000:] + out.stderr[-2000:]
     assert [r["recipe"] for r in result["results"]] == [p.stem for p in shipped_recipes()]
     assert result["versions"]["unsloth"] == "2026.10.9" and result["differing_from_pins"] == []
@@ -95,25 +102,7 @@ def test_a_result_outside_its_band_fails_the_smoke(tmp_path):
     bands = json.loads(smoke.BANDS_FILE.read_text())
     bands["cpu"]["smoke"]["loss"]["12"] *= 1.05  # as if training had changed by 5%
     (tmp_path / "bands.json").write_text(json.dumps(bands))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "runner.py",
-            "smoke",
-            "smoke",
-            "--bands",
-            str(tmp_path / "bands.json"),
-            "--json",
-            str(tmp_path / "result.json"),
-            "--output",
-            str(tmp_path / "runs"),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    result = json.loads((tmp_path / "result.json").read_text())
+    out, result = run_smoke(tmp_path, "smoke", "--bands", str(tmp_path / "bands.json"))
     assert out.returncode == 1 and not result["ok"]
     assert [c["name"] for c in result["checks"] if not c["ok"]] == ["loss at step 12"]
     assert "FAIL" in out.stdout and "6 of 7 checks within their bands" in out.stdout
