@@ -21,9 +21,6 @@ from finetune.schedule import count_optimizer_steps
 
 GIB = 1024**3
 
-# Linear layers of a Llama decoder layer, as (name, in features, out features) from the config.
-LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 # bitsandbytes NF4 as Unsloth loads it (bnb_4bit_use_double_quant=True): 4 bits per weight, one
 # absmax per 64 weights, stored as uint8 and itself quantized with one fp32 absmax per 256 blocks.
 BNB_BLOCKSIZE = 64
@@ -60,10 +57,6 @@ CONSTANTS = {
     "memory_margin": (0.10, "the stated target: peak memory within 10%"),
     "time_margin": (0.15, "the stated target: step time within 15%"),
 }
-
-
-# False until the GPU issue has fitted the constants above against measured runs.
-CALIBRATED = False
 
 
 def constant(name: str) -> float:
@@ -461,11 +454,11 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
         f"time: {t.step_seconds:.2f} s per optimizer step (+/-{constant('time_margin'):.0%}), "
         f"{total} in all; {t.flops_per_token / 1e9:.1f} GFLOP per token"
     )
-    if not CALIBRATED:
-        lines.append(
-            "  (the margins are the targets; activations, logits, overheads and speed are not yet "
-            "calibrated on a GPU)"
-        )
+    # Until the constants above are fitted against runs measured on a GPU, the plan says so.
+    lines.append(
+        "  (the margins are the targets; activations, logits, overheads and speed are not yet "
+        "calibrated on a GPU)"
+    )
     lines += [v.line() for v in plan.verdicts]
     return lines
 

@@ -20,20 +20,13 @@ from finetune.budget import (
     GPUS,
     BudgetExceeded,
     BudgetPlan,
-    Device,
-    Shapes,
-    Workload,
-    budget_as_dict,
     calibration_record,
     calibration_table,
-    describe_budget,
     measured_verdicts,
-    plan_budget,
-    suggest,
 )
+from finetune.launch import budget_check, checked_plan, plan_document, training_data
 from finetune.plots import plot_lengths, plot_schedule
-from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, planning_config, training_device
-from finetune.prepare import locate_tokenizer
+from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device
 from finetune.recipe import (
     UNSET,
     Recipe,
@@ -61,8 +54,8 @@ from finetune.run import (
     write_atomic,
     write_json,
 )
-from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
-from finetune.store import DataPlan, count_rows, open_store, plan_data
+from finetune.schedule import SchedulePlan, describe_plan
+from finetune.store import count_rows, data_tokenizer, open_store
 
 # soft_wrap: never break a message or a path across lines, whatever the terminal width.
 console = Console(highlight=False, soft_wrap=True)
@@ -192,50 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def training_data(recipe: Recipe) -> DataPlan:
-    """What the trainer will make of the training rows (token lengths, drops, packing), from the
-    prepared-data store (built now if these inputs were never prepared)."""
-    return plan_data(recipe, on_gpu=bool(detect_gpus()))
-
-
-def data_as_dict(data: DataPlan) -> dict:
-    return {
-        "rows": data.rows,
-        "trained_rows": None if data.lengths is None else len(data.lengths),
-        "sequences": data.sequences,
-        "packing": data.packing,
-        "tokenizer": data.tokenizer,
-        "token_lengths": data.lengths,
-        "report": data.report,
-    }
-
-
-def checked_plan(recipe: Recipe, num_examples: int, source: str, quiet: bool = False) -> SchedulePlan:
-    """The schedule plan; a schedule that would be wrong is refused, a doubtful one gets a warning."""
-    plan = plan_schedule(num_examples, recipe.train)
-    errors, warnings = advise(plan, recipe.train)
-    if errors:
-        raise RecipeError("\n".join(f"{source}: {error}" for error in errors))
-    for warning in [] if quiet else warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(source)}: {escape(warning)}")
-    return plan
-
-
-def budget_check(
-    recipe: Recipe, data: DataPlan, plan: SchedulePlan, device: Device, full_length: bool = False
-) -> tuple[BudgetPlan | None, list[str], list[str]]:
-    """(budget plan, printed lines, suggestions when it fails); no plan when the model's shape is unknown."""
-    config = planning_config(recipe)
-    if config is None:
-        note = f"memory and time: not predicted (no config.json for {recipe.model.name} on disk)"
-        return None, [note], []
-    lengths = None if full_length else data.lengths
-    work = Workload(lengths, data.sequences, data.packing, plan.total_steps)
-    dtype_bytes = 2 if device.is_gpu and recipe.model.dtype != "float32" else 4
-    shapes = Shapes.from_config(config)
-    budget = plan_budget(recipe, shapes, device, work, dtype_bytes)
-    ideas = [] if budget.ok else suggest(recipe, shapes, device, work, dtype_bytes)
-    return budget, describe_budget(budget), ideas
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
 def _print_refusal(source: str, ideas: list[str]) -> None:
@@ -255,7 +207,9 @@ def cmd_plan(
     if not as_json:
         check_writable(png, "--png")
     data = training_data(recipe)
-    plan = checked_plan(recipe, data.sequences, str(path), quiet=as_json)
+    plan, warnings = checked_plan(recipe, data.sequences, str(path))
+    if not as_json:
+        _warn(warnings)
     if gpu is None and not detect_gpus() and not fits_a_cpu(recipe):
         # A plan for this CPU would describe a run the runner refuses; plan for the usual 24 GB card.
         gpu = "rtx-4090"
@@ -266,10 +220,7 @@ def cmd_plan(
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device, full_length)
     fails = budget is not None and not budget.ok
     if as_json:
-        document = {**plan_as_dict(plan), "data": data_as_dict(data)}
-        document["budget"] = budget_as_dict(budget) if budget else None
-        document["suggestions"] = ideas
-        console.print(json.dumps(document), markup=False)
+        console.print(json.dumps(plan_document(data, plan, budget, ideas)), markup=False)
         return EXIT_OVER_BUDGET if fails else 0
     for line in data.describe() + describe_plan(plan) + budget_lines:
         console.print(line, markup=False)
@@ -316,7 +267,8 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
     data = training_data(recipe)
-    plan = checked_plan(recipe, data.sequences, str(path))
+    plan, warnings = checked_plan(recipe, data.sequences, str(path))
+    _warn(warnings)
     device = training_device()
     budget, budget_lines, ideas = budget_check(recipe, data, plan, device)
     where = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
@@ -339,9 +291,7 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     write_atomic(run_dir / "recipe.yaml", dump_recipe(recipe))
     # The resolved recipe already holds the overridden values; this records how they got there.
     write_json(run_dir / "run.json", {"recipe": str(path), "overrides": overrides, "version": recipe.version})
-    document = {**plan_as_dict(plan), "data": data_as_dict(data)}
-    document["budget"] = budget_as_dict(budget) if budget else None
-    write_atomic(run_dir / "plan.json", json.dumps(document) + "\n")
+    write_json(run_dir / "plan.json", plan_document(data, plan, budget))
     plot_schedule(plan, run_dir / "lr_schedule.png")
     # By default the probe runs on a GPU, where memory is the limit that ends runs.
     probing = bool(gpus) if probe is None else probe
@@ -394,10 +344,10 @@ def cmd_resume(run_dir: Path, force: bool) -> int:
         result = train.train(recipe, run_dir, resume=True, force=force)
     except OutOfMemory as oom:
         data, device = training_data(recipe), training_device()
-        plan = checked_plan(recipe, data.sequences, str(run_dir), quiet=True)
+        plan, _ = checked_plan(recipe, data.sequences, str(run_dir))
         budget, _, _ = budget_check(recipe, data, plan, device)
         return _report_out_of_memory(recipe, data, plan, device, budget, run_dir, oom)
-    plan = checked_plan(recipe, training_data(recipe).sequences, str(run_dir), quiet=True)
+    plan, _ = checked_plan(recipe, training_data(recipe).sequences, str(run_dir))
     return _after_training(recipe, run_dir.parent.name, run_dir, plan, None, result)
 
 
@@ -509,7 +459,7 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     check_writable(png, "--png")
-    source = locate_tokenizer(recipe.model.name)
+    source = data_tokenizer(recipe)
     if source is None:
         raise RecipeError(f"{path}: no tokenizer for {recipe.model.name} on disk to audit the data with")
     store = open_store(recipe, source)
@@ -552,7 +502,7 @@ def cmd_validate(recipe_args: list[str]) -> int:
             rows, report = count_rows(recipe)
             for line in report:
                 err_console.print(f"{escape(arg)}: {escape(line)}")
-            checked_plan(recipe, rows, arg)
+            _warn(checked_plan(recipe, rows, arg)[1])
         except RecipeError as exc:
             failed += 1
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
@@ -572,7 +522,9 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
         f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
     )
     data = training_data(recipe)
-    for line in data.describe() + describe_plan(checked_plan(recipe, data.sequences, str(path))):
+    plan, warnings = checked_plan(recipe, data.sequences, str(path))
+    _warn(warnings)
+    for line in data.describe() + describe_plan(plan):
         console.print(f"# {line}", markup=False)
     return 0
 

@@ -62,11 +62,6 @@ def data_kind(path: Path) -> str:
     return path.suffix if path.suffix in READABLE else ""
 
 
-def read_rows(path: Path, skipped: list[str] | None = None) -> list[tuple[int, dict[str, Any]]]:
-    """Every row of one file, as iter_rows yields them."""
-    return list(iter_rows(path, skipped))
-
-
 def iter_rows(
     path: Path | HubSplit, skipped: list[str] | None = None
 ) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -288,22 +288,13 @@ def find_tokenizer(model_name: str, chat_template: str | None = None) -> ChatTok
     )
 
 
-def tokenize_conversation(
-    tokenizer: ChatTokenizer, conversation: Conversation, responses_only: bool
-) -> Example:
-    """input_ids and labels of one conversation; with ``responses_only`` only the assistant turns
-    (their text and the end-of-turn token after it) are trained, every one of them."""
-    (result,) = tokenize_conversations(tokenizer, [conversation], responses_only)
-    if isinstance(result, RecipeError):
-        raise result
-    return result
-
-
 def tokenize_conversations(
     tokenizer: ChatTokenizer, conversations: list[Conversation], responses_only: bool
 ) -> list[Example | RecipeError]:
-    """tokenize_conversation for many rows at once: the texts are encoded in one batch (the Rust
-    tokenizer spreads a batch over the cores). A row the template rejects gets its error instead."""
+    """input_ids and labels of each conversation; with ``responses_only`` only the assistant turns
+    (their text and the end-of-turn token after it) are trained, every one of them. The texts are
+    encoded in one batch (the Rust tokenizer spreads a batch over the cores); a row the template
+    rejects gets its error instead."""
     chat = [(k, c) for k, c in enumerate(conversations) if c.segments is None]
     results: list[Example | RecipeError | None] = [None] * len(conversations)
     rendered = []

@@ -258,7 +258,7 @@ class TrainSection(_Section):
     )
 
     @model_validator(mode="after")
-    def _warmup_fits(self) -> TrainSection:
+    def _check_settings_together(self) -> TrainSection:
         if self.warmup_steps is not None and self.warmup_ratio is not None:
             raise ValueError("set warmup_steps or warmup_ratio, not both")
         if (

@@ -95,16 +95,17 @@ def drift(installed: dict[str, str | None]) -> list[str]:
 
 def measure(recipe_path: Path, output_dir: Path) -> dict:
     """Train one recipe in smoke mode and take the figures its bands cover."""
-    from finetune import cli, train  # heavy: unsloth, torch
+    from finetune import train  # heavy: unsloth, torch
+    from finetune.launch import budget_check, checked_plan, training_data
     from finetune.preflight import training_device
     from finetune.run import make_run_dir
 
     base = load_recipe(recipe_path)
     recipe = load_recipe(recipe_path, smoke_overrides(base, output_dir))
-    data = cli.training_data(recipe)
-    plan = cli.checked_plan(recipe, data.sequences, str(recipe_path), quiet=True)
+    data = training_data(recipe)
+    plan, _ = checked_plan(recipe, data.sequences, str(recipe_path))
     device = training_device()
-    budget, _, _ = cli.budget_check(recipe, data, plan, device)
+    budget, _, _ = budget_check(recipe, data, plan, device)
     run_dir = make_run_dir(recipe, recipe_path.stem)
     start = time.perf_counter()
     result = train.train(recipe, run_dir)

@@ -173,6 +173,14 @@ def data_fingerprints(recipe: Recipe, tokenizer: TokenizerSource) -> dict[str, s
     }
 
 
+def data_tokenizer(recipe: Recipe) -> TokenizerSource | None:
+    """The tokenizer that prepares this recipe's data, for planning, auditing and training alike, so
+    all three open one store: the model's files on disk (a local folder or the Hugging Face cache),
+    else the built-in Llama 3.1 one for Llama 3.x names and the tiny model (whose own files are that
+    same tokenizer, saved)."""
+    return locate_tokenizer(recipe.model.name)
+
+
 def open_store(recipe: Recipe, tokenizer: TokenizerSource) -> Store:
     """The prepared data for this recipe and tokenizer: from the cache, or prepared now and cached."""
     directory = cache_dir() / store_key(recipe, tokenizer)
@@ -192,7 +200,7 @@ def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
     notes = ["packing is off on the CPU: Unsloth needs FlashAttention to keep packed rows apart"] * (
         recipe.data.packing and not on_gpu
     )
-    source = locate_tokenizer(recipe.model.name)
+    source = data_tokenizer(recipe)
     if source is None:
         rows, report = count_rows(recipe)
         return DataPlan(

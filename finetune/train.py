@@ -30,7 +30,7 @@ from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from finetune import schedule
-from finetune.prepare import IGNORE_INDEX, Example, locate_tokenizer, resolve_chat_template
+from finetune.prepare import IGNORE_INDEX, Example, resolve_chat_template
 from finetune.recipe import Recipe, RecipeError, TrainSection, dump_recipe
 from finetune.run import (
     OutOfMemory,
@@ -45,7 +45,7 @@ from finetune.run import (
     write_atomic,
     write_json,
 )
-from finetune.store import Store, data_fingerprints, open_store
+from finetune.store import Store, data_fingerprints, data_tokenizer, open_store
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from finetune.watch import Watch
 
@@ -375,9 +375,8 @@ def _save_after_oom(trainer: SFTTrainer) -> Path | None:
 
 
 def prepared_data(recipe: Recipe) -> Store:
-    """The prepared rows, tokenized with the model's own tokenizer files (on disk once the model is
-    loaded): the store the plan used when those are the files it planned with, else a new one."""
-    source = locate_tokenizer(model_path(recipe))
+    """The prepared rows: the store the plan read (see store.data_tokenizer)."""
+    source = data_tokenizer(recipe)
     if source is None:
         raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
     return open_store(recipe, source)
@@ -603,7 +602,7 @@ def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens:
 
 def run_fingerprints(recipe: Recipe) -> dict:
     """What the run's inputs were, by content: checked again by a resume."""
-    source = locate_tokenizer(model_path(recipe))
+    source = data_tokenizer(recipe)
     if source is None:
         raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
     recipe_digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:16]

@@ -239,3 +239,25 @@ def test_content_digests_are_remembered_until_the_file_changes(tmp_path, monkeyp
         with pytest.raises(AssertionError, match="hashed again"):
             fingerprint.content_digest(data)
     assert fingerprint.content_digest(data) != first
+
+
+@pytest.mark.slow
+def test_plan_then_train_open_one_store_and_tokenize_once(tmp_path, tiny_model_dir):
+    """The run trains on exactly the rows (and token lengths) its plan was made from."""
+    cache = tmp_path / "cache"
+    built_in = llama3_tokenizer_dir()
+    shutil.copytree(built_in, cache / built_in.name)  # copied, not rebuilt
+    shutil.copytree(tiny_model_dir, cache / tiny_model_dir.name)
+    env = {"FINETUNE_CACHE": str(cache)}
+    plan = run_cli("plan", "recipes/smoke.yaml", "--json", env_extra=env)
+    assert plan.returncode == 0, plan.stderr
+    (store_dir,) = (cache / "prepared").iterdir()
+    files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (store_dir / "train").iterdir()}
+    runs = tmp_path / "runs"
+    train = run_cli("recipes/smoke.yaml", "train.max_steps=4", f"output.dir={runs}", env_extra=env)
+    assert train.returncode == 0, train.stderr
+    assert list((cache / "prepared").iterdir()) == [store_dir]
+    # The prepared rows were not written again (TRL may add its own map caches beside them).
+    assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in files} == files
+    (manifest,) = runs.glob("*/*/manifest.json")
+    assert json.loads(manifest.read_text())["fingerprints"]["prepared data"] == store_dir.name
