@@ -1,8 +1,8 @@
 """How a run is put together before anything heavy is imported: its data, schedule and budget (no torch).
 
 `train`, `plan`, `show`, `validate`, `resume` and the nightly smoke all plan through these functions,
-so the numbers a user is shown are the ones the smoke checks. They return what they found (plans,
-warnings, printed lines); presenting it is the command line's job.
+so the predictions the smoke holds to measurements are the ones a user is shown. They return what
+they found (plans, warnings, printed lines); presenting it is the command line's job.
 """
 
 from __future__ import annotations
