@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from finetune.prepare import IGNORE_INDEX, Example
+from finetune.recipe import Recipe, RecipeError
+from finetune.store import data_tokenizer, open_store
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -107,3 +109,31 @@ def trained_runs(example: Example) -> list[tuple[list[int], bool]]:
         else:
             runs.append(([token], trained))
     return runs
+
+
+@dataclass(frozen=True)
+class DataAudit:
+    """What `runner.py data` shows: the audit of every prepared row, and a few rows rendered."""
+
+    tokenizer: str
+    audit: Audit
+    lengths: list[int]
+    untrained: list[str]  # rows that would train no token after truncation
+    shown: list[tuple[str, list[tuple[str, bool]]]]  # (row, its text in trained / untrained pieces)
+
+
+def audit_recipe(recipe: Recipe, where: str, show: int) -> DataAudit:
+    """Audit the recipe's training data as the trainer will see it (the prepared-data store)."""
+    source = data_tokenizer(recipe)
+    if source is None:
+        raise RecipeError(f"{where}: no tokenizer for {recipe.model.name} on disk to audit the data with")
+    store = open_store(recipe, source)
+    summary = store.summary
+    tokenizer = source.load()
+    result = audit(store.examples(), summary["rows"], summary["report"], tokenizer.eos_id)
+    decode = tokenizer.tokenizer.decode
+    shown = [
+        (example.source, [(decode(ids, skip_special_tokens=False), t) for ids, t in trained_runs(example)])
+        for example in store.examples(limit=show)
+    ]
+    return DataAudit(summary["tokenizer"], result, summary["lengths"], summary["dropped_untrained"], shown)

@@ -7,20 +7,39 @@ they found (plans, warnings, printed lines); presenting it is the command line's
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
 from finetune.budget import (
+    GIB,
+    BudgetExceeded,
     BudgetPlan,
     Device,
     Shapes,
     Workload,
     budget_as_dict,
+    calibration_record,
     describe_budget,
+    measured_verdicts,
     plan_budget,
     suggest,
 )
-from finetune.preflight import detect_gpus, planning_config
-from finetune.recipe import Recipe, RecipeError
-from finetune.schedule import SchedulePlan, advise, plan_as_dict, plan_schedule
-from finetune.store import DataPlan, plan_data
+from finetune.plots import plot_schedule
+from finetune.preflight import detect_gpus, planning_config, training_device
+from finetune.recipe import Recipe, RecipeError, dump_recipe, recipe_name
+from finetune.report import write_report
+from finetune.run import (
+    OutOfMemory,
+    fingerprint_changes,
+    latest_checkpoint,
+    make_run_dir,
+    read_run,
+    write_atomic,
+    write_json,
+)
+from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
+from finetune.store import DataPlan, plan_data, run_fingerprints
 
 
 def training_data(recipe: Recipe) -> DataPlan:
@@ -78,3 +97,166 @@ def plan_document(
     if suggestions is not None:
         document["suggestions"] = suggestions
     return document
+
+
+@dataclass
+class Launch:
+    """Everything known about a run before anything heavy is imported: what `plan` prints and what
+    `train`, `resume` and the smoke start from."""
+
+    recipe: Recipe
+    source: str  # the recipe file (or, for a resume, the run folder) that errors name
+    name: str  # the run's folder under output.dir
+    data: DataPlan
+    plan: SchedulePlan
+    device: Device
+    budget: BudgetPlan | None
+    budget_lines: list[str]
+    warnings: list[str]
+    suggestions: list[str]  # changes predicted to fit, when the budget fails
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget is not None and not self.budget.ok
+
+    def lines(self) -> list[str]:
+        return self.data.describe() + describe_plan(self.plan) + self.budget_lines
+
+
+def plan_launch(
+    recipe: Recipe,
+    source: str,
+    name: str | None = None,
+    device: Device | None = None,
+    full_length: bool = False,
+) -> Launch:
+    """Data, schedule, device and budget for one run of the recipe file ``source`` (``name``: its
+    folder under output.dir, the file's stem unless given; ``device``: this machine unless given)."""
+    name = name or recipe_name(source)
+    data = training_data(recipe)
+    plan, warnings = checked_plan(recipe, data.sequences, source)
+    device = device or training_device()
+    budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
+    return Launch(recipe, source, name, data, plan, device, budget, budget_lines, warnings, suggestions)
+
+
+def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list[str]]:
+    """The checkpoint a resume continues from, and the lines to print about it. The run's inputs are
+    compared with its manifest first, so changed inputs are refused (unless ``force``) before
+    anything is prepared from them or anything heavy is imported."""
+    changes = fingerprint_changes(read_run(run_dir)["fingerprints"], run_fingerprints(recipe))
+    if changes and not force:
+        raise RecipeError(
+            f"{run_dir}: the inputs changed since the run started, so resuming would not continue the "
+            f"same run ({'; '.join(changes)}); --force resumes anyway"
+        )
+    lines = [f"warning: --force: resuming although {line}" for line in changes]
+    checkpoint, skipped = latest_checkpoint(run_dir)
+    lines += skipped
+    if checkpoint is None:
+        raise RecipeError(f"{run_dir}: no complete checkpoint to resume from")
+    return checkpoint, [*lines, f"resuming from {checkpoint.name}"]
+
+
+def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Path:
+    """runs/<name>/<timestamp>-<hash> with the resolved recipe, how it was resolved, and the plan;
+    made before the heavy import, so an unusable output.dir fails in a second."""
+    run_dir = make_run_dir(launch.recipe, launch.name)
+    write_atomic(run_dir / "recipe.yaml", dump_recipe(launch.recipe))
+    # The resolved recipe already holds the overridden values; this records how they got there.
+    write_json(
+        run_dir / "run.json",
+        {"recipe": recipe_file, "overrides": overrides, "version": launch.recipe.version},
+    )
+    write_json(run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget))
+    plot_schedule(launch.plan, run_dir / "lr_schedule.png")
+    return run_dir
+
+
+def probe_verdict(launch: Launch, measured, force: bool) -> list[str]:
+    """The probe's measurement held to the budget: the lines to print; raises BudgetExceeded when it
+    breaks the budget, unless ``force``."""
+    peak = measured.peak_reserved
+    lines = [
+        f"probe: {len(measured.step_seconds)} steps on the worst-case micro-batch, "
+        f"{measured.median_step_seconds:.2f} s per step"
+        + (f", peak {peak / GIB:.2f} GiB reserved" if peak is not None else "")
+    ]
+    if launch.budget is None:
+        return lines
+    verdicts = measured_verdicts(
+        launch.recipe, launch.budget, measured.median_step_seconds, peak, launch.plan.total_steps
+    )
+    lines += [verdict.line() for verdict in verdicts]
+    failed = [v.line() for v in verdicts if not v.ok]
+    if failed and not force:
+        raise BudgetExceeded("; ".join(failed))
+    if failed:
+        lines.append("warning: --force: training although the probe broke the budget")
+    return lines
+
+
+def start_run(
+    launch: Launch,
+    run_dir: Path,
+    resume_from: Path | None = None,
+    probe: bool = False,
+    force: bool = False,
+    say: Callable[[str], None] = print,
+):
+    """Import the training stack and train into ``run_dir`` (from ``resume_from``, a checkpoint of
+    it); with ``probe``, a few worst-case steps first, held to the budget (see probe_verdict).
+    Returns train.TrainResult; raises run.OutOfMemory with what was saved."""
+    from finetune import train  # heavy: unsloth, torch, transformers, trl
+
+    def check(measured) -> None:
+        for line in probe_verdict(launch, measured, force):
+            say(line)
+
+    return train.train(launch.recipe, run_dir, check if probe else None, resume_from)
+
+
+def out_of_memory_report(launch: Launch, oom: OutOfMemory, run_dir: Path) -> list[str]:
+    """What ran out against what was predicted, and changes predicted to need a fifth less memory."""
+    saved = f"saved {oom.checkpoint.name}" if oom.checkpoint else "no step had finished, nothing to save"
+    peak = f"{oom.peak_bytes / GIB:.2f} GiB" if oom.peak_bytes is not None else "not measured on the CPU"
+    lines = [f"out of memory at step {oom.step} ({oom.tokens} tokens in the micro-batch); {saved}"]
+    lines.append(f"peak memory measured: {peak}")
+    budget = launch.budget
+    if budget is not None:
+        lines.append(
+            f"predicted: {budget.memory.total / GIB:.2f} GiB (upper {budget.memory.upper / GIB:.2f} GiB)"
+        )
+        recipe = launch.recipe
+        tighter = recipe.budget.model_copy(update={"max_memory_gib": 0.8 * budget.memory.upper / GIB})
+        tighter_recipe = recipe.model_copy(update={"budget": tighter})
+        _, _, ideas = budget_check(tighter_recipe, launch.data, launch.plan, launch.device)
+        if ideas:
+            lines.append("changes predicted to need at least a fifth less memory:")
+            lines += [f"  {idea}" for idea in ideas]
+    if oom.checkpoint:
+        lines.append(f"after changing the recipe, start a new run; this one is in {run_dir}")
+    return lines
+
+
+def finish_run(launch: Launch, run_dir: Path, result) -> list[str]:
+    """After training: the schedule plot with the logged LRs, and for a run that finished, budget.json
+    (predicted against measured) and report.md. Returns the lines to print."""
+    logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
+    plot_schedule(launch.plan, run_dir / "lr_schedule.png", logged)
+    if result.interrupted_by or result.diverged:
+        return []
+    lines = []
+    if launch.budget is not None:
+        record = calibration_record(
+            launch.budget, result.measured.as_dict(), launch.recipe.model.name, launch.name
+        )
+        write_json(run_dir / "budget.json", record)
+        step = result.measured.median_step_seconds
+        if step:
+            lines.append(
+                f"step time: {step:.3f} s measured (median after warm-up), "
+                f"{launch.budget.time.step_seconds:.3f} s predicted ({record['step_error']:+.0%})"
+            )
+    report, report_lines = write_report(run_dir, result.log_history, result.seconds, result.spikes)
+    return [*lines, *report_lines, f"report: {report}"]

@@ -6,6 +6,7 @@ initialising CUDA and waiting on a download. Nothing here imports torch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.budget import GPUS, Device, count_parameters, gpu_by_name, shipped_config
-from finetune.prepare import hub_cached_file
+from finetune.internals import hub_cached_file, hub_snapshot
 from finetune.recipe import Recipe, RecipeError
-from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME
+from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, tiny_model_dir
 
 # Above this size, training on a CPU would take days: refuse and point at the smoke recipe.
 CPU_MAX_PARAMETERS = 500_000_000
@@ -139,6 +140,28 @@ def resolve_model_config(recipe: Recipe) -> dict | None:
     if config_path is None or not config_path.is_file():
         return None
     return json.loads(config_path.read_text())
+
+
+def base_model(recipe: Recipe) -> dict[str, str | None]:
+    """Which base model the recipe's name resolves to here, for a run's manifest and a resume's check:
+    its name, its folder, and its revision: the hub snapshot's commit; for a local folder a digest of
+    config.json and the weight files' names and sizes; for the tiny model its definition's digest."""
+    name = recipe.model.name
+    if name == TINY_MODEL_NAME:
+        folder = tiny_model_dir()
+        return {"name": name, "path": str(folder), "revision": folder.name.rsplit("-", 1)[-1]}
+    local = Path(name).expanduser()
+    if local.is_dir():
+        digest = hashlib.sha256()
+        config = local / "config.json"
+        digest.update(config.read_bytes() if config.is_file() else b"")
+        for weights in sorted(local.glob("*.safetensors*")) + sorted(local.glob("*.bin")):
+            digest.update(f"{weights.name} {weights.stat().st_size}\n".encode())
+        return {"name": name, "path": str(local.resolve()), "revision": "sha256:" + digest.hexdigest()[:16]}
+    snapshot = hub_snapshot(name)
+    if snapshot is None:
+        return {"name": name, "path": None, "revision": None}  # not downloaded yet
+    return {"name": name, "path": str(snapshot[1]), "revision": snapshot[0]}
 
 
 def planning_config(recipe: Recipe) -> dict | None:

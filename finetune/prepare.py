@@ -20,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from finetune.data import Conversation
+from finetune.internals import hub_cached_file
 from finetune.recipe import DataSection, RecipeError
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch's cross-entropy ignore_index)
@@ -194,24 +195,6 @@ def llama3_tokenizer_dir() -> Path:
             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
         )
     return directory
-
-
-def hub_cached_file(repo_id: str, filename: str) -> Path | None:
-    """A file of a hub model already in the local Hugging Face cache, or None.
-
-    Reads the cache layout (models--ORG--NAME/refs/main -> snapshots/REV/FILE) directly: the
-    library's own lookup imports a quarter of a second of modules, which `plan` cannot afford.
-    """
-    from huggingface_hub import constants
-
-    if repo_id.count("/") != 1 or any(part in ("", ".", "..") for part in repo_id.split("/")):
-        return None
-    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
-    ref = repo_dir / "refs" / "main"
-    if not ref.is_file():
-        return None
-    found = repo_dir / "snapshots" / ref.read_text().strip() / filename
-    return found if found.is_file() else None
 
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"

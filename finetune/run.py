@@ -9,7 +9,6 @@ after the trainer has finished writing the checkpoint itself.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -22,7 +21,7 @@ from importlib import metadata
 from pathlib import Path
 
 from finetune.fingerprint import file_digest
-from finetune.recipe import Recipe, RecipeError, dump_recipe, load_recipe
+from finetune.recipe import Recipe, RecipeError, load_recipe, recipe_digest
 
 SEAL = "finetune-seal.json"  # written into a checkpoint folder once the checkpoint is complete
 PACKAGES = (
@@ -96,8 +95,7 @@ def redact(text: str) -> str:
 
 def make_run_dir(recipe: Recipe, name: str) -> Path:
     """A new folder runs/<recipe>/<timestamp>-<hash>; a run never reuses another run's folder."""
-    digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:6]
-    base = Path(recipe.output.dir) / name / f"{time.strftime('%Y%m%d-%H%M%S')}-{digest}"
+    base = Path(recipe.output.dir) / name / f"{time.strftime('%Y%m%d-%H%M%S')}-{recipe_digest(recipe)[:6]}"
     run_dir, n = base, 1
     while True:
         try:
@@ -155,11 +153,12 @@ def _version(package: str) -> str | None:
         return None
 
 
-def manifest(recipe: Recipe, fingerprints: dict, device: dict) -> dict:
+def manifest(recipe: Recipe, fingerprints: dict, device: dict, model: dict) -> dict:
     """What a run ran on and with: enough to explain it, reproduce it, and check a resume."""
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "recipe_sha256": hashlib.sha256(dump_recipe(recipe).encode()).hexdigest(),
+        "recipe_sha256": recipe_digest(recipe),
+        "base_model": model,
         "fingerprints": fingerprints,
         "device": device,
         "python": sys.version.split()[0],
@@ -179,6 +178,22 @@ def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
         for key in sorted(set(recorded) | set(current))
         if recorded.get(key) != current.get(key)
     ]
+
+
+def keep_log_until(log_file: Path, step: int) -> None:
+    """A resumed run logs again from its checkpoint on: drop what was logged after it (and a last
+    line a killed run may have left half-written)."""
+    if not log_file.is_file():
+        return
+    kept = []
+    for line in log_file.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if entry.get("step", 0) <= step:
+            kept.append(line)
+    write_atomic(log_file, "".join(line + "\n" for line in kept))
 
 
 def seal_checkpoint(checkpoint: Path) -> None:

@@ -95,25 +95,25 @@ def drift(installed: dict[str, str | None]) -> list[str]:
 
 def measure(recipe_path: Path, output_dir: Path) -> dict:
     """Train one recipe in smoke mode and take the figures its bands cover."""
-    from finetune import train  # heavy: unsloth, torch
-    from finetune.launch import budget_check, checked_plan, training_data
-    from finetune.preflight import training_device
-    from finetune.run import make_run_dir
+    from finetune import inference  # heavy: unsloth, torch
+    from finetune.launch import finish_run, new_run_folder, plan_launch, start_run
+    from finetune.store import prepared_data
 
-    base = load_recipe(recipe_path)
-    recipe = load_recipe(recipe_path, smoke_overrides(base, output_dir))
-    data = training_data(recipe)
-    plan, _ = checked_plan(recipe, data.sequences, str(recipe_path))
-    device = training_device()
-    budget, _, _ = budget_check(recipe, data, plan, device)
-    run_dir = make_run_dir(recipe, recipe_path.stem)
+    # Planned, trained and finished as `runner.py train` does it, so the run folder holds the same
+    # files (plan.json, budget.json, report.md) and the predictions held to measurements are the same.
+    overrides = smoke_overrides(load_recipe(recipe_path), output_dir)
+    recipe = load_recipe(recipe_path, overrides)
+    launch = plan_launch(recipe, str(recipe_path), recipe_path.stem)
+    device, budget = launch.device, launch.budget
+    run_dir = new_run_folder(launch, str(recipe_path), overrides)
     start = time.perf_counter()
-    result = train.train(recipe, run_dir)
+    result = start_run(launch, run_dir)
     seconds = time.perf_counter() - start
+    finish_run(launch, run_dir, result)
     losses = {entry["step"]: entry["loss"] for entry in result.log_history if "loss" in entry}
-    reloaded, tokenizer = train.load_adapter(result.adapter_dir, recipe.model.max_seq_length)
-    answer = train.generate(reloaded, tokenizer, "Write a Python function that adds two numbers.", 8)
-    reloaded_loss = train.mean_loss(reloaded, list(train.prepared_data(recipe).examples(limit=4)))
+    reloaded, tokenizer = inference.load_adapter(result.adapter_dir, recipe.model.max_seq_length)
+    answer = inference.generate(reloaded, tokenizer, "Write a Python function that adds two numbers.", 8)
+    reloaded_loss = inference.mean_loss(reloaded, list(prepared_data(recipe).examples(limit=4)))
     figures = {
         "recipe": recipe_path.stem,
         "device": device.name,
@@ -209,6 +209,20 @@ def check(figures: dict, bands: dict) -> list[Check]:
     return checks
 
 
+def verdict(results: list[dict], bands: dict) -> tuple[list[Check], dict]:
+    """Every result's checks, and the smoke's result document (checks, figures, installed versions)."""
+    checks = [c for figures in results for c in check(figures, bands)]
+    installed = versions()
+    document = {
+        "ok": all(c.ok for c in checks),
+        "versions": installed,
+        "differing_from_pins": drift(installed),
+        "results": results,
+        "checks": [vars(c) for c in checks],
+    }
+    return checks, document
+
+
 def new_bands(results: list[dict], bands: dict) -> tuple[dict, list[str]]:
     """The bands with these results as the reference, and one line per value that changes."""
     updated = json.loads(json.dumps(bands))
@@ -238,6 +252,13 @@ def new_bands(results: list[dict], bands: dict) -> tuple[dict, list[str]]:
             changes.append(f"{kind} {name} trainable parameters: {before} -> {after}")
         updated.setdefault(kind, {})[name] = new
     return updated, changes
+
+
+def bands_file(path: Path | None, update: bool) -> Path:
+    """The bands file to use (--bands, else the shipped one): one to check against must exist."""
+    if path is not None and not path.is_file() and not update:
+        raise RecipeError(f"--bands '{path}' does not exist; --update-bands writes it")
+    return path or BANDS_FILE
 
 
 def load_bands(path: Path = BANDS_FILE) -> dict:

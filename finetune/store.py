@@ -32,6 +32,8 @@ from finetune.data import (
     source_file,
 )
 from finetune.fingerprint import content_digest
+from finetune.internals import dataset_fingerprint
+from finetune.preflight import base_model
 from finetune.prepare import (
     KEPT,
     TOO_LONG,
@@ -46,7 +48,7 @@ from finetune.prepare import (
     resolve_chat_template,
     tokenize_conversations,
 )
-from finetune.recipe import Recipe, RecipeError
+from finetune.recipe import Recipe, RecipeError, recipe_digest
 
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
 # (4: CSV records that do not match their header are bad rows, no longer read short).
@@ -128,7 +130,7 @@ def cache_dir() -> Path:
 
 def _source_digest(source: Path | HubSplit) -> list[str]:
     if isinstance(source, HubSplit):
-        return [str(source), load_hub_split(source)._fingerprint]
+        return [str(source), dataset_fingerprint(load_hub_split(source))]
     if not source.is_file():
         raise RecipeError(f"data file '{source}' does not exist")
     return [str(source), content_digest(source)]
@@ -170,6 +172,27 @@ def data_fingerprints(recipe: Recipe, tokenizer: TokenizerSource) -> dict[str, s
         if data.chat_template
         else "the tokenizer's",
         "prepared data": store_key(recipe, tokenizer),
+    }
+
+
+def prepared_data(recipe: Recipe) -> Store:
+    """The recipe's prepared rows, from the store the plan read (see data_tokenizer)."""
+    source = data_tokenizer(recipe)
+    if source is None:
+        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+    return open_store(recipe, source)
+
+
+def run_fingerprints(recipe: Recipe) -> dict[str, str]:
+    """What a run's inputs were, by content: recorded in its manifest, checked again by a resume."""
+    source = data_tokenizer(recipe)
+    if source is None:
+        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+    model = base_model(recipe)
+    return {
+        "recipe": recipe_digest(recipe)[:16],
+        "base model": f"{model['name']} at {model['revision'] or 'no downloaded revision'}",
+        **data_fingerprints(recipe, source),
     }
 
 

@@ -1,17 +1,15 @@
-"""Training: the only module that imports unsloth, torch, transformers, trl, peft and datasets.
+"""Training: load the model, add LoRA, build the trainer, train, save.
 
-Unsloth patches transformers, TRL and PEFT when it is imported, so it must be imported before them;
-keeping every heavy import in this one module (imported lazily by the CLI after the recipe has been
-validated) makes that order hold everywhere.
+Unsloth patches transformers, TRL and PEFT when it is imported, so every module that imports them
+(this one, callbacks.py, inference.py) imports unsloth first; the CLI imports this one lazily, after
+the recipe has been validated and the run planned (launch.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -23,31 +21,30 @@ import unsloth  # noqa: F401, I001  (must come first: it patches the libraries b
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
-from transformers import ProgressCallback, TrainerCallback
+from transformers import ProgressCallback
 from transformers.integrations import TensorBoardCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 from unsloth import FastLanguageModel
 
 from finetune import schedule
-from finetune.prepare import IGNORE_INDEX, Example, resolve_chat_template
-from finetune.recipe import Recipe, RecipeError, TrainSection, dump_recipe
-from finetune.run import (
-    OutOfMemory,
-    check_export_folder,
-    fingerprint_changes,
-    finished_adapter,
-    latest_checkpoint,
-    manifest,
-    read_run,
-    redact,
-    seal_checkpoint,
-    write_atomic,
-    write_json,
+from finetune.callbacks import (
+    LogFile,
+    LossProgress,
+    RestoreTrainingDtypes,
+    SealCheckpoints,
+    StepTimer,
+    StopOnSignal,
+    Watchdog,
 )
-from finetune.store import Store, data_fingerprints, data_tokenizer, open_store
+from finetune.inference import generate_samples
+from finetune.internals import save_checkpoint_now
+from finetune.preflight import base_model
+from finetune.prepare import Example, resolve_chat_template
+from finetune.recipe import Recipe, TrainSection
+from finetune.run import OutOfMemory, keep_log_until, manifest, write_atomic, write_json
+from finetune.store import prepared_data, run_fingerprints
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
-from finetune.watch import Watch
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _GRADIENT_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
@@ -90,23 +87,9 @@ class TrainResult:
     spikes: list[dict] = field(default_factory=list)  # loss spikes, warned of as they happened
 
 
-class _StepTimer(TrainerCallback):
-    def __init__(self):
-        self.seconds: list[float] = []
-        self._start = 0.0
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()  # the step's kernels, not just their launch
-        self.seconds.append(time.perf_counter() - self._start)
-
-
-def _measure(trainer: SFTTrainer, resume_from: Path | None = None) -> Measured:
+def _measure(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
     """Train with a step timer and fresh peak-memory counters."""
-    timer = _StepTimer()
+    timer = StepTimer()
     trainer.add_callback(timer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -159,7 +142,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
     return SFTConfig(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
-        # Schedules we build ourselves (see _install_own_scheduler) never reach get_scheduler; the
+        # Schedules we build ourselves (see FinetuneTrainer) never reach get_scheduler; the
         # placeholder keeps SFTConfig's validation happy.
         lr_scheduler_type="constant"
         if train.lr_scheduler_type in schedule.OWN_SCHEDULES
@@ -196,162 +179,49 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
     )
 
 
-class _LossProgress(ProgressCallback):
-    """transformers' progress bar, printing one readable line per logging step instead of a dict."""
+class FinetuneTrainer(SFTTrainer):
+    """TRL's SFTTrainer (Unsloth's, once unsloth is imported: this class is defined after that
+    import) with three additions: the schedules transformers lacks or cannot size
+    (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
+    micro-batch in flight, for the out-of-memory report; and the tests' injected faults."""
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.training_bar is None or not logs:
-            return
-        if "eval_loss" in logs:
-            self.training_bar.write(
-                f"step {state.global_step:>5}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}"
-            )
-        if "loss" not in logs:
-            return
-        line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
-        if "learning_rate" in logs:
-            line += f"  lr {logs['learning_rate']:.3e}"
-        if "grad_norm" in logs:
-            line += f"  grad_norm {logs['grad_norm']:.3f}"
-        self.training_bar.write(line)
+    def __init__(self, *args, train_settings: TrainSection, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_settings = train_settings
+        self.batch_tokens: int | None = None
+        self.fault = _injected_fault()
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        train = self.train_settings
+        if self.lr_scheduler is None and train.lr_scheduler_type in schedule.OWN_SCHEDULES:
+            optimizer = optimizer or self.optimizer
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            if train.lr_scheduler_type == "warmup_stable_decay":
+                self.lr_scheduler = get_wsd_schedule(
+                    optimizer,
+                    num_warmup_steps=warmup,
+                    num_decay_steps=schedule.count_decay_steps(train, num_training_steps),
+                    num_training_steps=num_training_steps,
+                    min_lr_ratio=schedule.floor_rate(train),
+                )
+            else:
+                self.lr_scheduler = LambdaLR(
+                    optimizer, lambda step: schedule.lr_factor(train, step, warmup, num_training_steps)
+                )
+        # The library's method sees a scheduler and keeps it, adding what its subclasses add (Unsloth:
+        # resume fix-ups). Unlike one it built, ours is not rebuilt by a second train() call; each
+        # trainer here trains once.
+        return super().create_scheduler(num_training_steps, optimizer)
 
-TRAINING_DTYPES = "finetune-dtypes.json"  # in each checkpoint: the dtype each trainable weight had
-
-
-class _SealCheckpoints(TrainerCallback):
-    """Seal each checkpoint once the trainer has written all of it (see run.seal_checkpoint), with
-    the dtypes the trainable weights had (see _RestoreTrainingDtypes)."""
-
-    def on_save(self, args, state, control, model=None, **kwargs):
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
-            dtypes = {
-                n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad
-            }
-            write_json(checkpoint / TRAINING_DTYPES, dtypes)
-            seal_checkpoint(checkpoint)
-
-
-class _RestoreTrainingDtypes(TrainerCallback):
-    """Make a resumed run continue exactly where the checkpoint left it.
-
-    Unsloth's CPU trainer trains the LoRA weights (and so the AdamW moments) in bf16, but a
-    checkpoint stores them as fp32 and loading it leaves them fp32, and the model's top module in
-    eval mode: the resumed run would compute every later step slightly differently. Before the
-    first resumed step, the weights and their optimizer state get back the dtypes they had.
-    """
-
-    def __init__(self, model, checkpoint: Path):
-        self.model = model
-        path = checkpoint / TRAINING_DTYPES
-        self.dtypes = json.loads(path.read_text()) if path.is_file() else {}
-        self.done = False
-
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        if self.done:
-            return
-        self.done = True
-        self.model.train()
-        for name, param in self.model.named_parameters():
-            dtype = getattr(torch, self.dtypes.get(name, ""), None)
-            if dtype is None or param.dtype == dtype:
-                continue
-            param.data = param.data.to(dtype)
-            moments = optimizer.state.get(param, {}) if optimizer is not None else {}
-            for key, value in moments.items():
-                if torch.is_floating_point(value) and value.shape == param.shape:
-                    moments[key] = value.to(dtype)
-
-
-class _LogFile(TrainerCallback):
-    """Every log entry appended to log.jsonl as it happens, so a run that dies keeps its log."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
-            with self.path.open("a") as file:
-                file.write(redact(json.dumps({**logs, "step": state.global_step})) + "\n")
-
-
-class _StopOnSignal(TrainerCallback):
-    """Ctrl-C or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.
-    A second Ctrl-C stops at once (KeyboardInterrupt)."""
-
-    def __init__(self):
-        self.signal_name: str | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.signal_name is not None:
-            raise KeyboardInterrupt
-        self.signal_name = signal.Signals(signum).name
-        print(
-            f"\n{self.signal_name}: saving a checkpoint after this step (again to stop at once)", flush=True
-        )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.signal_name is not None:
-            control.should_save = True
-            control.should_training_stop = True
-
-
-class _Watchdog(TrainerCallback):
-    """Stops a diverging run before it saves a bad checkpoint; warns of loss spikes (finetune.watch)."""
-
-    def __init__(self, train_settings: TrainSection):
-        self.watch = Watch(train_settings.divergence_patience, train_settings.grad_norm_limit)
-        self.stopped: str | None = None
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs:
-            return
-        spikes = len(self.watch.spikes)
-        reason = self.watch.observe(state.global_step, logs["loss"], logs.get("grad_norm"))
-        for spike in self.watch.spikes[spikes:]:
-            print(
-                f"\nwarning: loss spike at step {spike['step']}: {spike['loss']:.4f}, "
-                f"{spike['loss'] / spike['running_median']:.1f}x the running median",
-                flush=True,
-            )
-        if self.watch.is_bad():
-            control.should_save = False  # never checkpoint a state that may be the diverged one
-        if reason is not None:
-            self.stopped = reason
-            control.should_training_stop = True
-
-
-class _BatchTokens:
-    """Wraps the trainer's training step: the token count of the micro-batch in flight (for the
-    out-of-memory report), and the tests' injected faults."""
-
-    def __init__(self, trainer: SFTTrainer):
-        self.tokens: int | None = None
-        inner = trainer.training_step
-        fault = _injected_fault()
-
-        def training_step(model, inputs, num_items_in_batch=None):
-            self.tokens = int(inputs["input_ids"].numel())
-            step = trainer.state.global_step + 1
-            if fault == ("oom", step):
-                raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
-            loss = inner(model, inputs, num_items_in_batch)
-            if fault is not None and fault[0] == "nan" and step >= fault[1]:
-                loss = loss * float("nan")
-            return loss
-
-        trainer.training_step = training_step
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.batch_tokens = int(inputs["input_ids"].numel())
+        step = self.state.global_step + 1
+        if self.fault == ("oom", step):
+            raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.fault is not None and self.fault[0] == "nan" and step >= self.fault[1]:
+            loss = loss * float("nan")
+        return loss
 
 
 def _injected_fault() -> tuple[str, int] | None:
@@ -362,24 +232,16 @@ def _injected_fault() -> tuple[str, int] | None:
     return (kind, int(step)) if kind in ("oom", "nan") and step.isdigit() else None
 
 
-def _save_after_oom(trainer: SFTTrainer) -> Path | None:
+def _save_after_oom(trainer: FinetuneTrainer) -> Path | None:
     """A sealed checkpoint of the last completed step (the failed step changed no weight)."""
     if trainer.state.global_step == 0:
         return None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # room to write from
-    trainer._save_checkpoint(trainer.model, trial=None)
+    save_checkpoint_now(trainer)
     checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    _SealCheckpoints().on_save(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    SealCheckpoints().on_save(trainer.args, trainer.state, trainer.control, model=trainer.model)
     return checkpoint if checkpoint.is_dir() else None
-
-
-def prepared_data(recipe: Recipe) -> Store:
-    """The prepared rows: the store the plan read (see store.data_tokenizer)."""
-    source = data_tokenizer(recipe)
-    if source is None:
-        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
-    return open_store(recipe, source)
 
 
 def examples_dataset(examples: list[Example]) -> Dataset:
@@ -404,58 +266,27 @@ def build_trainer(
     output_dir: Path,
     eval_dataset: Dataset | None = None,
     save: bool = False,
-) -> SFTTrainer:
-    """SFTTrainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
+) -> FinetuneTrainer:
+    """The trainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
     max_seq_length sequences, and attention stays within each example (position ids restart)."""
-    trainer = SFTTrainer(
+    trainer = FinetuneTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=_trainer_rows(dataset),
         eval_dataset=_trainer_rows(eval_dataset),
         args=build_sft_config(recipe, output_dir, save),
+        train_settings=recipe.train,
     )
     if save:
-        trainer.add_callback(_SealCheckpoints())
+        trainer.add_callback(SealCheckpoints())
         # transformers 5 takes TensorBoard's folder only from an environment variable; a writer of
         # our own puts the events in the run folder without changing the process's environment.
         trainer.add_callback(
             TensorBoardCallback(SummaryWriter(log_dir=str(output_dir.parent / "tensorboard")))
         )
-    _install_own_scheduler(trainer, recipe.train)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(_LossProgress())
+    trainer.add_callback(LossProgress())
     return trainer
-
-
-def _install_own_scheduler(trainer: SFTTrainer, train: TrainSection) -> None:
-    """Schedules that need the trainer's final step count (WSD's decay length) or that transformers
-    lacks (step, exponential) are built here, when the trainer knows that count, from the same
-    numbers the preview uses."""
-    if train.lr_scheduler_type not in schedule.OWN_SCHEDULES:
-        return
-    library_create_scheduler = trainer.create_scheduler
-
-    def create_scheduler(num_training_steps: int, optimizer=None):
-        if trainer.lr_scheduler is None:
-            optimizer = optimizer or trainer.optimizer
-            warmup = trainer.args.get_warmup_steps(num_training_steps)
-            if train.lr_scheduler_type == "warmup_stable_decay":
-                trainer.lr_scheduler = get_wsd_schedule(
-                    optimizer,
-                    num_warmup_steps=warmup,
-                    num_decay_steps=schedule.count_decay_steps(train, num_training_steps),
-                    num_training_steps=num_training_steps,
-                    min_lr_ratio=schedule.floor_rate(train),
-                )
-            else:
-                trainer.lr_scheduler = LambdaLR(
-                    optimizer, lambda step: schedule.lr_factor(train, step, warmup, num_training_steps)
-                )
-            trainer._created_lr_scheduler = True  # so a second train() call rebuilds it, as transformers does
-        # The library's own method then sees a scheduler and keeps it, adding Unsloth's resume fix-ups.
-        return library_create_scheduler(num_training_steps, optimizer)
-
-    trainer.create_scheduler = create_scheduler
 
 
 def probe(
@@ -482,7 +313,7 @@ def probe(
     probe_recipe = recipe.model_copy(update={"train": train_settings})
     saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe", save=False)
-    trainer.remove_callback(_LossProgress)
+    trainer.remove_callback(LossProgress)
     measured = _measure(trainer)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -498,13 +329,12 @@ def train(
     recipe: Recipe,
     run_dir: Path,
     check_probe: Callable[[Measured], None] | None = None,
-    resume: bool = False,
-    force: bool = False,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
     """Load, add LoRA, optionally probe (``check_probe`` raises to stop the run), train, and save the
-    adapter and tokenizer into ``run_dir/adapter``. ``resume``: continue ``run_dir`` from its
-    latest sound checkpoint, refusing when the data or tokenizer changed since (unless ``force``)."""
-    checkpoint = _checkpoint_to_resume(recipe, run_dir, force) if resume else None
+    adapter and tokenizer into ``run_dir/adapter``. ``checkpoint``: continue ``run_dir`` from this
+    checkpoint of it (launch.resume_point chose it and checked the inputs)."""
+    resume = checkpoint is not None
     model, tokenizer = load_model(recipe)
     model = add_lora(model, recipe)
     if recipe.data.chat_template:  # saved with the adapter, so inference renders as training did
@@ -512,7 +342,9 @@ def train(
     store = prepared_data(recipe)
     samples_file = run_dir / "samples.json"
     if not resume:
-        write_json(run_dir / "manifest.json", manifest(recipe, run_fingerprints(recipe), _device()))
+        # After loading: a hub model is in the cache now, with the revision the run trains.
+        record = manifest(recipe, run_fingerprints(recipe), _device(), base_model(recipe))
+        write_json(run_dir / "manifest.json", record)
         samples = generate_samples(
             model, tokenizer, store, recipe.output.samples, recipe.output.sample_tokens
         )
@@ -524,15 +356,14 @@ def train(
         model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"), save=True
     )
     log_file = run_dir / "log.jsonl"
-    _keep_log_until(log_file, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
-    trainer.add_callback(_LogFile(log_file))
+    keep_log_until(log_file, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    trainer.add_callback(LogFile(log_file))
     if checkpoint is not None:
-        trainer.add_callback(_RestoreTrainingDtypes(model, checkpoint))
-    stopper = _StopOnSignal()
+        trainer.add_callback(RestoreTrainingDtypes(model, checkpoint))
+    stopper = StopOnSignal()
     trainer.add_callback(stopper)
-    watchdog = _Watchdog(recipe.train)
+    watchdog = Watchdog(recipe.train)
     trainer.add_callback(watchdog)
-    batch = _BatchTokens(trainer)
     start = time.perf_counter()
     try:
         with stopper:
@@ -540,7 +371,7 @@ def train(
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         raise OutOfMemory(
-            trainer.state.global_step + 1, batch.tokens, peak, _save_after_oom(trainer)
+            trainer.state.global_step + 1, trainer.batch_tokens, peak, _save_after_oom(trainer)
         ) from None
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
@@ -569,81 +400,6 @@ def train(
     )
 
 
-def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens: int) -> list[dict]:
-    """Greedy completions of the first ``count`` held-out prompts (training rows when there is no
-    eval data): each prompt is its row up to the first trained token."""
-    if count == 0:
-        return []
-    split = "eval" if store.dataset("eval") is not None else "train"
-    samples = []
-    FastLanguageModel.for_inference(model)
-    # Generation must not move the random streams training draws from.
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for example in store.examples(split, limit=count):
-            first = next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)
-            prompt = torch.tensor([example.input_ids[:first]], device=model.device)
-            generated = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-            samples.append(
-                {
-                    "source": example.source,
-                    "prompt": tokenizer.decode(example.input_ids[:first]),
-                    "completion": tokenizer.decode(generated[0][first:], skip_special_tokens=True),
-                }
-            )
-    FastLanguageModel.for_training(model)
-    return samples
-
-
-def run_fingerprints(recipe: Recipe) -> dict:
-    """What the run's inputs were, by content: checked again by a resume."""
-    source = data_tokenizer(recipe)
-    if source is None:
-        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
-    recipe_digest = hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()[:16]
-    return {"recipe": recipe_digest, **data_fingerprints(recipe, source)}
-
-
-def _checkpoint_to_resume(recipe: Recipe, run_dir: Path, force: bool) -> Path:
-    recorded = read_run(run_dir)["fingerprints"]
-    changes = fingerprint_changes(recorded, run_fingerprints(recipe))
-    if changes and not force:
-        raise RecipeError(
-            f"{run_dir}: the inputs changed since the run started, so resuming would not continue the "
-            f"same run ({'; '.join(changes)}); --force resumes anyway"
-        )
-    for line in changes:
-        print(f"warning: --force: resuming although {line}")
-    checkpoint, skipped = latest_checkpoint(run_dir)
-    for line in skipped:
-        print(line)
-    if checkpoint is None:
-        raise RecipeError(f"{run_dir}: no complete checkpoint to resume from")
-    print(f"resuming from {checkpoint.name}")
-    return checkpoint
-
-
-def _keep_log_until(log_file: Path, step: int) -> None:
-    """A resumed run logs again from its checkpoint on: drop what was logged after it (and a last
-    line a killed run may have left half-written)."""
-    if not log_file.is_file():
-        return
-    kept = []
-    for line in log_file.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if entry.get("step", 0) <= step:
-            kept.append(line)
-    write_atomic(log_file, "".join(line + "\n" for line in kept))
-
-
 def _device() -> dict:
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -654,66 +410,3 @@ def _device() -> dict:
             "cuda": torch.version.cuda,
         }
     return {"type": "cpu", "threads": torch.get_num_threads()}
-
-
-def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bool = True):
-    """A trained adapter on its base model, ready for generation."""
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(adapter_dir), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit
-    )
-    FastLanguageModel.for_inference(model)
-    return model, tokenizer
-
-
-def export(run_dir: Path, out_dir: Path) -> Path:
-    """The adapter merged into its base model, saved as 16-bit safetensors that plain transformers
-    (or vLLM, llama.cpp's converter, ...) loads without this tool or Unsloth.
-
-    On a GPU through Unsloth's merge of the 4-bit base, as the recipe trained it; on a CPU, where
-    Unsloth cannot merge into 4-bit weights, into the base model loaded in 16-bit."""
-    recipe, adapter = finished_adapter(run_dir)
-    check_export_folder(out_dir)
-    load_in_4bit = recipe.model.load_in_4bit and torch.cuda.is_available()
-    model, tokenizer = load_adapter(adapter, recipe.model.max_seq_length, load_in_4bit)
-    model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
-    return out_dir
-
-
-def mean_loss(model, examples: list[Example]) -> float:
-    """The model's mean loss over these rows' trained tokens, one row at a time."""
-    losses = []
-    with torch.no_grad():
-        for example in examples:
-            ids = torch.tensor([example.input_ids], device=model.device)
-            labels = torch.tensor([example.labels], device=model.device)
-            losses.append(float(model(input_ids=ids, labels=labels).loss))
-    return sum(losses) / len(losses)
-
-
-def generate_from_run(run_dir: Path, prompt: str, max_new_tokens: int) -> str:
-    """Stream the trained model's answer to one user message (chat template, greedy) to stdout."""
-    from transformers import TextStreamer
-
-    recipe, adapter = finished_adapter(run_dir)
-    model, tokenizer = load_adapter(adapter, recipe.model.max_seq_length, recipe.model.load_in_4bit)
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    return generate(model, tokenizer, prompt, max_new_tokens, streamer)
-
-
-def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, streamer=None) -> str:
-    """Greedy completion of one user turn, rendered with the chat template (and streamed, given a
-    transformers streamer)."""
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    ).to(model.device)
-    output = model.generate(
-        **inputs,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        streamer=streamer,
-        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-    )
-    return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

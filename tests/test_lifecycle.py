@@ -127,7 +127,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path
     assert f"data {data}: was " in refused.stderr and "--force resumes anyway" in refused.stderr
     forced = resume(run_dir, "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
-    assert f"warning: --force: resuming although data {data}: was " in forced.stdout
+    assert f"warning: --force: resuming although data {data}: was " in forced.stderr
     assert max(logged(run_dir, "loss")) == 30 and (run_dir / "report.md").is_file()
 
 

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from finetune.cli import main
-from finetune.recipe import SCHEMA_FILE, file_sha256, json_schema, load_recipe, shipped_recipes
+from finetune.lineage import file_sha256
+from finetune.recipe import SCHEMA_FILE, json_schema, load_recipe, shipped_recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -95,6 +95,11 @@ def test_every_shipped_recipe_passes_its_smoke_bands_on_this_machine(tmp_path):
     assert [r["recipe"] for r in result["results"]] == [p.stem for p in shipped_recipes()]
     assert result["versions"]["unsloth"] == "2026.10.9" and result["differing_from_pins"] == []
     assert "checks within their bands" in out.stdout and all(c["ok"] for c in result["checks"])
+    # Each recipe ran the way `runner.py RECIPE` runs it, so its folder holds what a user's run does.
+    for figures in result["results"]:
+        files = {p.name for p in Path(figures["run_dir"]).iterdir()}
+        expected = {"recipe.yaml", "run.json", "plan.json", "manifest.json", "budget.json", "report.md"}
+        assert expected <= files, (figures["recipe"], sorted(files))
 
 
 @pytest.mark.slow

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import budget, cli, train
+from finetune import budget, inference, launch, train
 from finetune.data import load_conversations
 from finetune.recipe import load_recipe
+from finetune.store import prepared_data
 from finetune.tiny_model import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +40,7 @@ def trained(tmp_path_factory):
     model, tokenizer = train.load_model(recipe)
     model = train.add_lora(model, recipe)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    store = train.prepared_data(recipe)
+    store = prepared_data(recipe)
     trainer = train.build_trainer(
         model, tokenizer, store.dataset("train"), recipe, run_dir, store.dataset("eval")
     )
@@ -97,7 +98,7 @@ def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
 
     recipe, trainer, tokenizer, *_ = trained
     conversations = load_conversations(recipe.data.train)
-    ours = list(train.prepared_data(recipe).examples())
+    ours = list(prepared_data(recipe).examples())
     ids = [
         tokenizer.apply_chat_template(c.messages, tokenize=True, return_dict=True)["input_ids"]
         for c in conversations
@@ -118,7 +119,6 @@ def test_static_memory_terms_equal_the_bytes_of_the_loaded_and_trained_model(tra
     """The budget's weight, LoRA and optimizer terms, byte for byte, against what Unsloth loaded
     (4-bit through bitsandbytes' CPU backend, fp32 on this CPU) and what the optimizer holds."""
     from finetune.budget import Shapes, predict_memory
-    from finetune.tiny_model import TINY_CONFIG
 
     recipe, trainer, *_ = trained
     model = trainer.model
@@ -155,12 +155,12 @@ def test_saved_adapter_reloads_with_the_trained_weights_and_generates(trained):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == recipe.lora.r and config["lora_alpha"] == recipe.lora.alpha
-    model, tokenizer = train.load_adapter(run_dir / "adapter", recipe.model.max_seq_length)
+    model, tokenizer = inference.load_adapter(run_dir / "adapter", recipe.model.max_seq_length)
     reloaded = dict(model.named_parameters())
     for name, value in after.items():
         if "lora_" in name:
             assert torch.equal(reloaded[name].detach().to(value.dtype), value), name
-    text = train.generate(
+    text = inference.generate(
         model, tokenizer, "Write a Python function that reverses a string.", max_new_tokens=8
     )
     assert isinstance(text, str) and len(text) > 0
@@ -253,18 +253,14 @@ def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
     assert "PASS measured seconds per step" in probed.stdout
     # A probe slower than the limit stops the run (exit 3 in main); --force only warns.
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_step_seconds=2"])
-    plan = budget.plan_budget(
-        recipe,
-        budget.Shapes.from_config(TINY_CONFIG),
-        budget.GPUS["h100"],
-        budget.Workload([100] * 40, 40, False, 30),
-    )
+    on_h100 = launch.plan_launch(recipe, "recipes/smoke.yaml", "smoke", budget.GPUS["h100"])
     slow = train.Measured([5.0, 5.0, 5.0], 10 * 2**30, 11 * 2**30)
     with pytest.raises(
-        budget.BudgetExceeded, match=r"FAIL measured seconds per step: 5.00 s \(limit 2.00 s\)"
+        budget.BudgetExceeded, match=r"FAIL measured seconds per step: 5\.00 s \(limit 2\.00 s\)"
     ):
-        cli._probe_checker(recipe, plan, 30, force=False)(slow)
-    cli._probe_checker(recipe, plan, 30, force=True)(slow)  # warns, does not raise
+        launch.probe_verdict(on_h100, slow, force=False)
+    forced = launch.probe_verdict(on_h100, slow, force=True)  # warns, does not raise
+    assert forced[-1] == "warning: --force: training although the probe broke the budget"
     plain = run()
     first = [
         [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()][0]["loss"]
@@ -328,7 +324,7 @@ def test_export_merges_the_adapter_and_generate_streams_an_answer(tmp_path):
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"merged 16-bit model saved to {run_dir / 'merged'}" in exported.stdout
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", torch_dtype=torch.float32)
-    adapted, tokenizer = train.load_adapter(run_dir / "adapter", 1024, load_in_4bit=False)
+    adapted, tokenizer = inference.load_adapter(run_dir / "adapter", 1024, load_in_4bit=False)
     base = AutoModelForCausalLM.from_pretrained(train.model_path(load_recipe(run_dir / "recipe.yaml")))
     ids = tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():

@@ -1,0 +1,169 @@
+"""The trainer callbacks: progress lines, checkpoint seals, the log file, signals, the watchdog.
+
+Imported by train.py only; Unsloth comes first, as in every module that imports transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import torch
+import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
+from transformers import ProgressCallback, TrainerCallback
+
+from finetune.internals import progress_bar
+from finetune.recipe import TrainSection
+from finetune.run import redact, seal_checkpoint, write_json
+from finetune.watch import Watch
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the step's kernels, not just their launch
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+class LossProgress(ProgressCallback):
+    """transformers' progress bar, printing one readable line per logging step instead of a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        bar = progress_bar(self)
+        if bar is None or not logs:
+            return
+        if "eval_loss" in logs:
+            bar.write(f"step {state.global_step:>5}/{state.max_steps}  eval_loss {logs['eval_loss']:.4f}")
+        if "loss" not in logs:
+            return
+        line = f"step {state.global_step:>5}/{state.max_steps}  loss {logs['loss']:.4f}"
+        if "learning_rate" in logs:
+            line += f"  lr {logs['learning_rate']:.3e}"
+        if "grad_norm" in logs:
+            line += f"  grad_norm {logs['grad_norm']:.3f}"
+        bar.write(line)
+
+
+TRAINING_DTYPES = "finetune-dtypes.json"  # in each checkpoint: the dtype each trainable weight had
+
+
+class SealCheckpoints(TrainerCallback):
+    """Seal each checkpoint once the trainer has written all of it (see run.seal_checkpoint), with
+    the dtypes the trainable weights had (see RestoreTrainingDtypes)."""
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            dtypes = {
+                n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad
+            }
+            write_json(checkpoint / TRAINING_DTYPES, dtypes)
+            seal_checkpoint(checkpoint)
+
+
+class RestoreTrainingDtypes(TrainerCallback):
+    """Make a resumed run continue exactly where the checkpoint left it.
+
+    Unsloth's CPU trainer trains the LoRA weights (and so the AdamW moments) in bf16, but a
+    checkpoint stores them as fp32 and loading it leaves them fp32, and the model's top module in
+    eval mode: the resumed run would compute every later step slightly differently. Before the
+    first resumed step, the weights and their optimizer state get back the dtypes they had.
+    """
+
+    def __init__(self, model, checkpoint: Path):
+        self.model = model
+        path = checkpoint / TRAINING_DTYPES
+        self.dtypes = json.loads(path.read_text()) if path.is_file() else {}
+        self.done = False
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if self.done:
+            return
+        self.done = True
+        self.model.train()
+        for name, param in self.model.named_parameters():
+            dtype = getattr(torch, self.dtypes.get(name, ""), None)
+            if dtype is None or param.dtype == dtype:
+                continue
+            param.data = param.data.to(dtype)
+            moments = optimizer.state.get(param, {}) if optimizer is not None else {}
+            for key, value in moments.items():
+                if torch.is_floating_point(value) and value.shape == param.shape:
+                    moments[key] = value.to(dtype)
+
+
+class LogFile(TrainerCallback):
+    """Every log entry appended to log.jsonl as it happens, so a run that dies keeps its log."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            with self.path.open("a") as file:
+                file.write(redact(json.dumps({**logs, "step": state.global_step})) + "\n")
+
+
+class StopOnSignal(TrainerCallback):
+    """Ctrl-C or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.
+    A second Ctrl-C stops at once (KeyboardInterrupt)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(
+            f"\n{self.signal_name}: saving a checkpoint after this step (again to stop at once)", flush=True
+        )
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.signal_name is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class Watchdog(TrainerCallback):
+    """Stops a diverging run before it saves a bad checkpoint; warns of loss spikes (finetune.watch)."""
+
+    def __init__(self, train_settings: TrainSection):
+        self.watch = Watch(train_settings.divergence_patience, train_settings.grad_norm_limit)
+        self.stopped: str | None = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs:
+            return
+        spikes = len(self.watch.spikes)
+        reason = self.watch.observe(state.global_step, logs["loss"], logs.get("grad_norm"))
+        for spike in self.watch.spikes[spikes:]:
+            print(
+                f"\nwarning: loss spike at step {spike['step']}: {spike['loss']:.4f}, "
+                f"{spike['loss'] / spike['running_median']:.1f}x the running median",
+                flush=True,
+            )
+        if self.watch.is_bad():
+            control.should_save = False  # never checkpoint a state that may be the diverged one
+        if reason is not None:
+            self.stopped = reason
+            control.should_training_stop = True

@@ -1,0 +1,58 @@
+"""Every use of a library's private or undocumented API, in one place.
+
+None of these is promised to last. tests/test_internals.py has one test per entry, named after it,
+so a release that removes one fails under that name (`make canary` runs against the newest ones):
+
+- huggingface_hub's cache layout, models--ORG--NAME/refs/main -> snapshots/COMMIT/FILE: read
+  directly because the library's own lookup imports a quarter of a second of modules, which `plan`
+  cannot afford; the snapshot's COMMIT is also the base model's revision in a run's manifest.
+- datasets' ``Dataset._fingerprint``: a hub dataset's content identity, part of the prepared-data
+  store's key.
+- transformers' ``Trainer._save_checkpoint(model, trial)``: a checkpoint written now, after a step
+  ran out of memory (the trainer saves only on its own schedule).
+- transformers' ``ProgressCallback.training_bar``: the progress bar our per-step lines are
+  written through, so they do not tear it.
+
+Nothing here imports torch; the trainer and callback functions take the objects they reach into.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def hub_snapshot(repo_id: str) -> tuple[str, Path] | None:
+    """(commit, folder) of a hub model's snapshot in the local Hugging Face cache, or None."""
+    from huggingface_hub import constants
+
+    if repo_id.count("/") != 1 or any(part in ("", ".", "..") for part in repo_id.split("/")):
+        return None
+    repo_dir = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    if not ref.is_file():
+        return None
+    commit = ref.read_text().strip()
+    folder = repo_dir / "snapshots" / commit
+    return (commit, folder) if folder.is_dir() else None
+
+
+def hub_cached_file(repo_id: str, filename: str) -> Path | None:
+    """A file of a hub model already in the local Hugging Face cache, or None."""
+    snapshot = hub_snapshot(repo_id)
+    found = snapshot[1] / filename if snapshot else None
+    return found if found is not None and found.is_file() else None
+
+
+def dataset_fingerprint(dataset) -> str:
+    """datasets' own digest of a Dataset's content and the transforms that made it."""
+    return dataset._fingerprint
+
+
+def save_checkpoint_now(trainer) -> None:
+    """The checkpoint the trainer would write at its next save step, written now."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def progress_bar(callback):
+    """The tqdm bar of a transformers ProgressCallback while training (None before and after)."""
+    return callback.training_bar

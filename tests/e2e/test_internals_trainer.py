@@ -1,0 +1,36 @@
+"""The trainer-side entries of finetune/internals.py, one test each, named after the API."""
+
+import inspect
+
+from finetune import internals
+
+
+def test_transformers_Trainer_save_checkpoint_takes_model_and_trial():
+    from transformers import Trainer
+
+    parameters = list(inspect.signature(Trainer._save_checkpoint).parameters)
+    assert parameters[:3] == ["self", "model", "trial"]
+
+    class Recorder:  # what save_checkpoint_now hands the method
+        model = object()
+
+        def _save_checkpoint(self, model, trial):
+            self.called = (model, trial)
+
+    trainer = Recorder()
+    internals.save_checkpoint_now(trainer)
+    assert trainer.called == (Recorder.model, None)
+
+
+def test_transformers_ProgressCallback_training_bar(tmp_path):
+    from transformers import ProgressCallback, TrainerControl, TrainerState, TrainingArguments
+
+    callback = ProgressCallback()
+    assert internals.progress_bar(callback) is None  # before training
+    state = TrainerState(max_steps=3, is_world_process_zero=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none")
+    callback.on_train_begin(args, state, TrainerControl())
+    bar = internals.progress_bar(callback)
+    assert bar is not None and hasattr(bar, "write") and bar.total == 3
+    callback.on_train_end(args, state, TrainerControl())
+    assert internals.progress_bar(callback) is None

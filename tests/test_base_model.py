@@ -1,0 +1,56 @@
+"""The base model's identity: recorded in a run's manifest, and a resume refuses a changed one."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from finetune import launch
+from finetune.preflight import base_model
+from finetune.recipe import RecipeError, load_recipe
+from finetune.store import run_fingerprints
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_local_folder_is_identified_by_its_config_and_weight_files(tmp_path):
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"hidden_size": 8}')
+    (folder / "model.safetensors").write_bytes(b"x" * 10)
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", [f"model.name={folder}"])
+    first = base_model(recipe)
+    assert first["path"] == str(folder.resolve()) and first["revision"].startswith("sha256:")
+    assert base_model(recipe) == first  # nothing changed, same identity
+    (folder / "model.safetensors").write_bytes(b"x" * 11)  # other weights
+    resized = base_model(recipe)["revision"]
+    (folder / "config.json").write_text('{"hidden_size": 16}')  # another architecture
+    reconfigured = base_model(recipe)["revision"]
+    assert len({first["revision"], resized, reconfigured}) == 3
+
+
+def test_a_hub_model_is_identified_by_its_cached_snapshot_commit(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["model.name=org/model"])
+    assert base_model(recipe) == {"name": "org/model", "path": None, "revision": None}
+    commit = "a" * 40
+    (tmp_path / "models--org--model" / "refs").mkdir(parents=True)
+    (tmp_path / "models--org--model" / "refs" / "main").write_text(commit)
+    (tmp_path / "models--org--model" / "snapshots" / commit).mkdir(parents=True)
+    found = base_model(recipe)
+    assert found["revision"] == commit and found["path"].endswith(commit)
+
+
+def test_resume_refuses_a_changed_base_model_before_anything_heavy(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
+    recorded = run_fingerprints(recipe)
+    assert recorded["base model"].startswith("tiny-llama-3 at ")
+    recorded["base model"] = "tiny-llama-3 at 0000000000"  # as if the run had trained another build
+    (tmp_path / "manifest.json").write_text(json.dumps({"fingerprints": recorded}))
+    with pytest.raises(RecipeError, match="base model: was tiny-llama-3 at 0000000000, now tiny-llama-3 at "):
+        launch.resume_point(recipe, tmp_path, force=False)
+    # --force resumes anyway (here it then finds no checkpoint), warning of the change.
+    with pytest.raises(RecipeError, match="no complete checkpoint"):
+        launch.resume_point(recipe, tmp_path, force=True)
