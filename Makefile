@@ -12,7 +12,7 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test fuzz smoke canary lint clean
+.PHONY: setup demo test test-fast fuzz smoke canary lint clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# The fast tier: everything but tests/e2e, without torch or Unsloth, on both cores (under 2 minutes).
+test-fast: setup
+	$(PY) -m pytest -n 2 --dist worksteal --ignore=tests/e2e
 
 # `make test` replays a fixed set of generated inputs; this draws 20,000 fresh ones per property.
 fuzz: setup

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from finetune.prepare import IGNORE_INDEX, Example
-from finetune.recipe import Recipe, RecipeError
+from finetune.recipe import Recipe, UserError
 from finetune.store import data_tokenizer, open_store
 
 PERCENTILES = (50, 90, 95, 99, 100)
@@ -126,7 +126,7 @@ def audit_recipe(recipe: Recipe, where: str, show: int) -> DataAudit:
     """Audit the recipe's training data as the trainer will see it (the prepared-data store)."""
     source = data_tokenizer(recipe)
     if source is None:
-        raise RecipeError(f"{where}: no tokenizer for {recipe.model.name} on disk to audit the data with")
+        raise UserError(f"{where}: no tokenizer for {recipe.model.name} on disk to audit the data with")
     store = open_store(recipe, source)
     summary = store.summary
     tokenizer = source.load()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.prepare import count_packed_sequences
-from finetune.recipe import Recipe
+from finetune.recipe import LLAMA_PROJECTIONS, Recipe
 from finetune.schedule import count_optimizer_steps
 
 GIB = 1024**3
@@ -162,15 +162,9 @@ class Shapes:
             self.kv_heads * self.head_dim,
             self.intermediate,
         )
-        return {
-            "q_proj": (h, q),
-            "k_proj": (h, kv),
-            "v_proj": (h, kv),
-            "o_proj": (q, h),
-            "gate_proj": (h, f),
-            "up_proj": (h, f),
-            "down_proj": (f, h),
-        }
+        # q, k, v, o, then gate, up, down (LLAMA_PROJECTIONS' order)
+        shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
+        return dict(zip(LLAMA_PROJECTIONS, shapes, strict=True))
 
     @property
     def linear_parameters(self) -> int:

@@ -14,9 +14,10 @@ import torch
 import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from transformers import ProgressCallback, TrainerCallback
 
+from finetune.files import write_json
 from finetune.internals import progress_bar
 from finetune.recipe import TrainSection
-from finetune.run import redact, seal_checkpoint, write_json
+from finetune.run import redact, seal_checkpoint
 from finetune.watch import Watch
 
 

@@ -17,9 +17,10 @@ from finetune import launch, lineage, run
 from finetune.arguments import parse_args
 from finetune.audit import audit_recipe
 from finetune.budget import BudgetExceeded, calibration_table
+from finetune.files import write_json
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device
-from finetune.recipe import RecipeError, dump_recipe, find_recipe, json_schema, load_recipe, shipped_recipes
+from finetune.recipe import UserError, dump_recipe, find_recipe, json_schema, load_recipe, shipped_recipes
 from finetune.schedule import describe_plan
 from finetune.store import count_rows
 
@@ -169,10 +170,10 @@ def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, ban
     # Both are written after minutes of training: a path that cannot be written fails now.
     run.check_writable(bands_file if update else json_path, "--bands" if update else "--json")
     run.check_writable(output, "--output", folder=True)
-    results = [smoke.measure_or_failure(path, output) for path in paths]
+    results = [smoke.smoke_recipe_or_failure(path, output) for path in paths]
     if update:
         updated, changes = smoke.new_bands(results, smoke.load_bands(bands_file))
-        run.write_json(bands_file, updated)
+        write_json(bands_file, updated)
         _out(*(changes or ["no band changes"]), f"bands written to {bands_file}")
         return 0
     checks, document = smoke.verdict(results, smoke.load_bands(bands_file))
@@ -183,7 +184,7 @@ def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, ban
     )
     if document["differing_from_pins"]:
         _out(f"versions differing from the pins: {', '.join(document['differing_from_pins'])}")
-    run.write_json(json_path, document)
+    write_json(json_path, document)
     passed = sum(c.ok for c in checks)
     _out(f"{passed} of {len(checks)} checks within their bands; result in {json_path}")
     return 0 if document["ok"] else 1
@@ -193,7 +194,7 @@ def cmd_calibration(folder: Path) -> int:
     """Predicted against measured, over every run under ``folder`` that saved a budget.json."""
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("**/budget.json"))]
     if not records:
-        raise RecipeError(f"no run under '{folder}' has a budget.json yet; train a recipe first")
+        raise UserError(f"no run under '{folder}' has a budget.json yet; train a recipe first")
     for line in calibration_table(records):
         _out(line)
     return 0
@@ -234,7 +235,7 @@ def cmd_validate(recipe_args: list[str]) -> int:
             for line in report:
                 err_console.print(f"{escape(arg)}: {escape(line)}")
             _warn(launch.checked_plan(recipe, rows, arg)[1])
-        except RecipeError as exc:
+        except UserError as exc:
             failed += 1
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
             continue
@@ -335,7 +336,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
-    except RecipeError as exc:
+    except UserError as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return EXIT_USER_ERROR
     except BudgetExceeded as exc:

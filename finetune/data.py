@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.recipe import RecipeError
+from finetune.recipe import UserError
 
 ROLES = {"system", "user", "assistant"}
 
@@ -73,11 +73,11 @@ def iter_rows(
         yield from _hub_rows(path)
         return
     if not path.is_file():
-        raise RecipeError(f"data file '{path}' does not exist")
+        raise UserError(f"data file '{path}' does not exist")
     skipped_before = len(skipped) if skipped is not None else 0
     kind = data_kind(path)
     if kind not in READABLE:
-        raise RecipeError(
+        raise UserError(
             f"data file '{path}': unsupported extension '{''.join(path.suffixes[-2:])}' "
             "(use .jsonl, .json or .csv, optionally .gz, or .parquet)"
         )
@@ -91,7 +91,7 @@ def iter_rows(
             _bad_row(f"{path}:{number}: each row must be a JSON object", skipped)
     if not found:
         bad = len(skipped) - skipped_before if skipped is not None else 0
-        raise RecipeError(
+        raise UserError(
             f"data file '{path}' has no rows" + (f" that could be read ({bad} bad)" if bad else "")
         )
 
@@ -100,8 +100,8 @@ def _open_binary(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb")
 
 
-def _not_utf8(path: Path, line: int, exc: UnicodeDecodeError) -> RecipeError:
-    return RecipeError(f"{path}:{line}: not valid UTF-8 (byte {exc.object[exc.start]:#04x})")
+def _not_utf8(path: Path, line: int, exc: UnicodeDecodeError) -> UserError:
+    return UserError(f"{path}:{line}: not valid UTF-8 (byte {exc.object[exc.start]:#04x})")
 
 
 def _jsonl_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]]:
@@ -131,9 +131,9 @@ def _json_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise RecipeError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise UserError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(rows, list):
-        raise RecipeError(f"{path}: a .json data file must hold a list of rows")
+        raise UserError(f"{path}: a .json data file must hold a list of rows")
     yield from enumerate(rows, start=1)
 
 
@@ -147,7 +147,7 @@ def _csv_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, Any]
             header = reader.fieldnames or []
             twice = next((name for name in header if header.count(name) > 1), None)
             if twice is not None:  # DictReader would keep only the last of the two columns
-                raise RecipeError(f"{path}:1: the header names the column '{twice}' twice")
+                raise UserError(f"{path}:1: the header names the column '{twice}' twice")
             for row in reader:
                 # DictReader files extra fields under None and fills missing ones with None;
                 # either way the record does not match its header, and no field may be lost.
@@ -180,7 +180,7 @@ def load_hub_split(source: HubSplit):
     except Exception as exc:  # datasets raises many types (offline, unknown name or split, auth)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         offline = " (the hub is not reachable and the dataset is not in the local cache)"
-        raise RecipeError(
+        raise UserError(
             f"'{source.name}' is not a local file or folder, and as a Hugging Face dataset ({source}) "
             f"it could not be loaded: {first_line}" + (offline if "offline" in first_line.lower() else "")
         ) from None
@@ -198,7 +198,7 @@ def _parquet_rows(path: Path, skipped: list[str] | None) -> Iterator[tuple[int, 
                 # A column is null in rows that lack it (one table, one schema): such keys are absent.
                 yield number, {k: v for k, v in row.items() if v is not None}
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid and kin: a corrupt or truncated file
-        raise RecipeError(f"{path}: not a readable parquet file ({exc})") from None
+        raise UserError(f"{path}: not a readable parquet file ({exc})") from None
 
 
 # owner/name, or owner/name[split]: a dataset on the Hugging Face hub (or in its local cache).
@@ -236,7 +236,7 @@ def expand_files(names: list[str], default_split: str = "train") -> list[Path | 
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.is_file() and data_kind(p) in READABLE)
             if not found:
-                raise RecipeError(f"data folder '{path}' holds no .jsonl, .json, .csv or .parquet file")
+                raise UserError(f"data folder '{path}' holds no .jsonl, .json, .csv or .parquet file")
             paths += found
         else:
             paths.append(path)
@@ -245,7 +245,7 @@ def expand_files(names: list[str], default_split: str = "train") -> list[Path | 
 
 def _bad_row(message: str, skipped: list[str] | None) -> None:
     if skipped is None:
-        raise RecipeError(message)
+        raise UserError(message)
     skipped.append(message)
 
 
@@ -256,14 +256,14 @@ def detect_format(row: dict[str, Any]) -> str | None:
 def sharegpt_to_messages(turns: Any, where: str) -> list[dict[str, str]]:
     """ShareGPT's from/value turns as OpenAI-style messages (human -> user, gpt -> assistant)."""
     if not isinstance(turns, list) or not turns:
-        raise RecipeError(f"{where}: 'conversations' must be a non-empty list")
+        raise UserError(f"{where}: 'conversations' must be a non-empty list")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
-            raise RecipeError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
+            raise UserError(f"{where}: conversations[{i}] must be an object with 'from' and 'value'")
         role = _SHAREGPT_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
-            raise RecipeError(
+            raise UserError(
                 f"{where}: conversations[{i}] is from '{turn['from']}'; use one of {sorted(_SHAREGPT_ROLES)}"
             )
         messages.append({"role": role, "content": turn["value"]})
@@ -275,13 +275,13 @@ def _raw_segments(row: dict[str, Any], fmt: str, where: str) -> list[tuple[str, 
     keys = _REQUIRED[fmt]
     for key in keys:
         if not isinstance(row[key], str):
-            raise RecipeError(f"{where}: '{key}' must be a string")
+            raise UserError(f"{where}: '{key}' must be a string")
     if fmt == "text":
         if not row["text"]:
-            raise RecipeError(f"{where}: 'text' is empty, so nothing would be trained")
+            raise UserError(f"{where}: 'text' is empty, so nothing would be trained")
         return [(row["text"], True)]
     if not row["completion"]:
-        raise RecipeError(f"{where}: 'completion' is empty, so nothing would be trained")
+        raise UserError(f"{where}: 'completion' is empty, so nothing would be trained")
     return [(row["prompt"], False), (row["completion"], True)]
 
 
@@ -295,28 +295,28 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
 
 def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
-        raise RecipeError(f"{where}: 'messages' must be a non-empty list")
+        raise UserError(f"{where}: 'messages' must be a non-empty list")
     cleaned = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
-            raise RecipeError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
         # Parquet and hub datasets give every message every field of the column's type, mostly null
         # ("name", "tool_calls"); a null says nothing and is left out. Anything else would be lost.
         extra = sorted(str(k) for k, v in message.items() if k not in ("role", "content") and v is not None)
         if extra:
-            raise RecipeError(
+            raise UserError(
                 f"{where}: messages[{i}] has {', '.join(map(repr, extra))} besides 'role' and 'content'; "
                 "only those two are trained on, so remove the rest from the data"
             )
         if not isinstance(message["role"], str) or message["role"] not in ROLES:
-            raise RecipeError(
+            raise UserError(
                 f"{where}: messages[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}"
             )
         if not isinstance(message.get("content"), str):
-            raise RecipeError(f"{where}: messages[{i}].content must be a string")
+            raise UserError(f"{where}: messages[{i}].content must be a string")
         cleaned.append({"role": message["role"], "content": message["content"]})
     if not any(m["role"] == "assistant" for m in cleaned):
-        raise RecipeError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
+        raise UserError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
     return cleaned
 
 
@@ -346,13 +346,13 @@ def iter_conversations(
         for number, row in iter_rows(path, skipped):
             try:
                 conversation = _conversation(row, f"{path}:{number}", row_format, columns)
-            except RecipeError as exc:
+            except UserError as exc:
                 _bad_row(str(exc), skipped)
                 continue
             found = True
             yield conversation
     if files and not found:
-        raise RecipeError(f"no row of {', '.join(files)} could be read ({len(skipped or [])} skipped as bad)")
+        raise UserError(f"no row of {', '.join(files)} could be read ({len(skipped or [])} skipped as bad)")
 
 
 def skipped_report(skipped: list[str]) -> list[str]:
@@ -376,7 +376,7 @@ def _conversation(
             if fmt is None
             else " and ".join(repr(k) for k in _REQUIRED[fmt])
         )
-        raise RecipeError(f"{where}: expected {wanted} but the row has {found}")
+        raise UserError(f"{where}: expected {wanted} but the row has {found}")
     if fmt == "messages":
         return Conversation(where, _check_messages(row["messages"], where))
     if fmt == "sharegpt":
@@ -391,7 +391,7 @@ def hold_out(count: int, fraction: float, seed: int) -> tuple[list[int], list[in
     out for evaluation, both in file order. The same count, fraction and seed give the same split."""
     held_count = max(1, math.ceil(count * fraction))
     if held_count >= count:
-        raise RecipeError(f"data.eval_fraction {fraction} of {count} rows would leave nothing to train on")
+        raise UserError(f"data.eval_fraction {fraction} of {count} rows would leave nothing to train on")
     held = set(random.Random(seed).sample(range(count), held_count))
     return [i for i in range(count) if i not in held], sorted(held)
 

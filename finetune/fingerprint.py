@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 from pathlib import Path
+
+from finetune.files import write_atomic
 
 MEMO_ENTRIES = 10_000
 
@@ -56,8 +57,5 @@ def content_digest(path: Path) -> str:
     memo[str(path)] = [stat_key, digest]  # last in order: the oldest entries are dropped first
     for stale in list(memo)[:-MEMO_ENTRIES]:
         del memo[stale]
-    memo_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo_file.with_name(f"{memo_file.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(memo))
-    tmp.replace(memo_file)  # atomic: a concurrent reader sees the old memo or the new one
+    write_atomic(memo_file, json.dumps(memo))  # a concurrent reader sees the old memo or the new one
     return digest

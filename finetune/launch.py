@@ -27,7 +27,7 @@ from finetune.budget import (
 )
 from finetune.plots import plot_schedule
 from finetune.preflight import detect_gpus, planning_config, training_device
-from finetune.recipe import Recipe, RecipeError, dump_recipe, recipe_name
+from finetune.recipe import Recipe, UserError, dump_recipe, recipe_name
 from finetune.report import write_report
 from finetune.run import (
     OutOfMemory,
@@ -35,8 +35,8 @@ from finetune.run import (
     latest_checkpoint,
     make_run_dir,
     read_run,
-    write_atomic,
-    write_json,
+    write_run_file,
+    write_run_json,
 )
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 from finetune.store import DataPlan, plan_data, run_fingerprints
@@ -66,7 +66,7 @@ def checked_plan(recipe: Recipe, num_examples: int, source: str) -> tuple[Schedu
     plan = plan_schedule(num_examples, recipe.train)
     errors, warnings = advise(plan, recipe.train)
     if errors:
-        raise RecipeError("\n".join(f"{source}: {error}" for error in errors))
+        raise UserError("\n".join(f"{source}: {error}" for error in errors))
     return plan, [f"{source}: {warning}" for warning in warnings]
 
 
@@ -146,7 +146,7 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list
     anything is prepared from them or anything heavy is imported."""
     changes = fingerprint_changes(read_run(run_dir)["fingerprints"], run_fingerprints(recipe))
     if changes and not force:
-        raise RecipeError(
+        raise UserError(
             f"{run_dir}: the inputs changed since the run started, so resuming would not continue the "
             f"same run ({'; '.join(changes)}); --force resumes anyway"
         )
@@ -154,7 +154,7 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list
     checkpoint, skipped = latest_checkpoint(run_dir)
     lines += skipped
     if checkpoint is None:
-        raise RecipeError(f"{run_dir}: no complete checkpoint to resume from")
+        raise UserError(f"{run_dir}: no complete checkpoint to resume from")
     return checkpoint, [*lines, f"resuming from {checkpoint.name}"]
 
 
@@ -162,13 +162,13 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
     """runs/<name>/<timestamp>-<hash> with the resolved recipe, how it was resolved, and the plan;
     made before the heavy import, so an unusable output.dir fails in a second."""
     run_dir = make_run_dir(launch.recipe, launch.name)
-    write_atomic(run_dir / "recipe.yaml", dump_recipe(launch.recipe))
+    write_run_file(run_dir / "recipe.yaml", dump_recipe(launch.recipe))
     # The resolved recipe already holds the overridden values; this records how they got there.
-    write_json(
+    write_run_json(
         run_dir / "run.json",
         {"recipe": recipe_file, "overrides": overrides, "version": launch.recipe.version},
     )
-    write_json(run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget))
+    write_run_json(run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget))
     plot_schedule(launch.plan, run_dir / "lr_schedule.png")
     return run_dir
 
@@ -251,7 +251,7 @@ def finish_run(launch: Launch, run_dir: Path, result) -> list[str]:
         record = calibration_record(
             launch.budget, result.measured.as_dict(), launch.recipe.model.name, launch.name
         )
-        write_json(run_dir / "budget.json", record)
+        write_run_json(run_dir / "budget.json", record)
         step = result.measured.median_step_seconds
         if step:
             lines.append(

@@ -12,7 +12,7 @@ from finetune.recipe import (
     SCHEMA_FILE,
     SHIPPED_DIR,
     Recipe,
-    RecipeError,
+    UserError,
     extends_target,
     find_recipe,
     load_recipe,
@@ -32,9 +32,9 @@ def copy_recipe(source: str, destination: Path) -> Path:
     parent_path = find_recipe(source)
     parent = load_recipe(parent_path)
     if destination.exists():
-        raise RecipeError(f"'{destination}' already exists; choose another name (nothing was overwritten)")
+        raise UserError(f"'{destination}' already exists; choose another name (nothing was overwritten)")
     if destination.suffix not in (".yaml", ".yml"):
-        raise RecipeError(f"'{destination}': a recipe file name ends in .yaml")
+        raise UserError(f"'{destination}': a recipe file name ends in .yaml")
     name = parent_path.stem if parent_path.resolve().parent == SHIPPED_DIR else str(parent_path)
     record = (
         "# Copied with `runner.py copy`; `runner.py diff` shows what you changed since.\n"
@@ -83,10 +83,10 @@ def parent_of(path: Path) -> tuple[Path, Recipe, str | None]:
         return parent_path, load_recipe(parent_path), None
     recipe = load_recipe(path)
     if recipe.parent is None:
-        raise RecipeError(f"{path}: has no parent (neither `extends:` nor a `parent:` record from copy)")
+        raise UserError(f"{path}: has no parent (neither `extends:` nor a `parent:` record from copy)")
     parent_path = find_recipe(recipe.parent.name)
     if not parent_path.is_file():
-        raise RecipeError(f"{path}: parent '{recipe.parent.name}' no longer exists")
+        raise UserError(f"{path}: parent '{recipe.parent.name}' no longer exists")
     note = None
     if file_sha256(parent_path) != recipe.parent.sha256:
         current = load_recipe(parent_path).version

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from finetune.budget import GPUS, Device, count_parameters, gpu_by_name, shipped_config
 from finetune.internals import hub_cached_file, hub_snapshot
-from finetune.recipe import Recipe, RecipeError
+from finetune.recipe import Recipe, UserError
 from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, tiny_model_dir
 
 # Above this size, training on a CPU would take days: refuse and point at the smoke recipe.
@@ -58,7 +58,7 @@ def detect_gpus() -> list[Gpu]:
     return gpus
 
 
-def probe_cpu(seconds: float = 0.1) -> Device:
+def cpu_device(seconds: float = 0.1) -> Device:
     """This machine's CPU as a training device: a float32 matmul and a copy, timed (numpy, no torch).
     The best of several short trials, so a busy moment does not pass for the machine's speed."""
     import time
@@ -90,18 +90,18 @@ def training_device(gpu_name: str | None = None) -> Device:
     if gpu_name:
         device = gpu_by_name(gpu_name)
         if device is None:
-            raise RecipeError(f"unknown GPU '{gpu_name}'; known: {', '.join(GPUS)}")
+            raise UserError(f"unknown GPU '{gpu_name}'; known: {', '.join(GPUS)}")
         return device
     gpus = detect_gpus()
     if not gpus:
-        return probe_cpu()
+        return cpu_device()
     gpu = gpus[0]
     # This GPU's real speed, measured once a day in a child process (torch stays out of `plan`);
     # the datasheet figures when the measurement cannot be had.
-    from finetune.device_probe import cached_measurement
+    from finetune.device_speed import cached_measurement
     from finetune.tiny_model import cache_root
 
-    measured = cached_measurement("cuda", gpu.name, cache_root() / "device-probes")
+    measured = cached_measurement("cuda", gpu.name, cache_root() / "device-speed")
     known = gpu_by_name(gpu.name)
     if measured is not None:
         return Device(
@@ -112,7 +112,7 @@ def training_device(gpu_name: str | None = None) -> Device:
             "measured: torch bf16 matmul and copy on this GPU",
         )
     if known is None:
-        raise RecipeError(
+        raise UserError(
             f"this machine's GPU '{gpu.name}' could not be measured and is not in the speed table; "
             f"plan for the closest with --gpu NAME (known: {', '.join(GPUS)})"
         )
@@ -181,12 +181,12 @@ def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
     gpus = detect_gpus()
     local = Path(name).expanduser()
     if name.startswith((".", "/", "~")) and not local.is_dir():
-        raise RecipeError(f"{recipe_path}: model.name '{name}' looks like a local folder but does not exist")
+        raise UserError(f"{recipe_path}: model.name '{name}' looks like a local folder but does not exist")
     config = resolve_model_config(recipe)
     small = config is not None and count_parameters(config) <= CPU_MAX_PARAMETERS
     if not gpus and not small:
         size = f" ({count_parameters(config) / 1e9:.1f}B parameters)" if config else ""
-        raise RecipeError(
+        raise UserError(
             f"No GPU found: {recipe_path} trains {name}{size}, which needs a CUDA GPU; "
             "on this machine try `python runner.py recipes/smoke.yaml`, "
             "which trains a tiny Llama 3 on the CPU."
@@ -195,7 +195,7 @@ def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
         if offline or not _hub_reachable():
             reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
-            raise RecipeError(
+            raise UserError(
                 f"Model not reachable: {recipe_path} uses {name}, "
                 f"which is not in the local Hugging Face cache and {reason}; "
                 f"download it where there is a network (`hf download {name}`) "

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from finetune.data import Conversation
 from finetune.internals import hub_cached_file
-from finetune.recipe import DataSection, RecipeError
+from finetune.recipe import DataSection, UserError
 
 IGNORE_INDEX = -100  # label of a token that is not trained (PyTorch's cross-entropy ignore_index)
 # Models whose tokenizer and chat template are Llama 3.1 Instruct's, built in from `llama-models`:
@@ -168,7 +168,7 @@ def load_tokenizer_dir(directory: Path, origin: str) -> ChatTokenizer:
     if (directory / "chat_template.jinja").is_file():  # transformers 5 saves the template on its own
         template = (directory / "chat_template.jinja").read_text()
     if not template:
-        raise RecipeError(f"the tokenizer in {directory} has no chat template to render conversations with")
+        raise UserError(f"the tokenizer in {directory} has no chat template to render conversations with")
     specials = {
         key: value if isinstance(value, str) else value.get("content")
         for key, value in config.items()
@@ -206,7 +206,7 @@ def resolve_chat_template(name: str) -> str:
     path = shipped if shipped.is_file() else Path(name)
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in TEMPLATES_DIR.glob("*.jinja")))
-        raise RecipeError(f"data.chat_template '{name}' is neither a shipped template ({known}) nor a file")
+        raise UserError(f"data.chat_template '{name}' is neither a shipped template ({known}) nor a file")
     return path.read_text(encoding="utf-8")
 
 
@@ -273,18 +273,18 @@ def find_tokenizer(model_name: str, chat_template: str | None = None) -> ChatTok
 
 def tokenize_conversations(
     tokenizer: ChatTokenizer, conversations: list[Conversation], responses_only: bool
-) -> list[Example | RecipeError]:
+) -> list[Example | UserError]:
     """input_ids and labels of each conversation; with ``responses_only`` only the assistant turns
     (their text and the end-of-turn token after it) are trained, every one of them. The texts are
     encoded in one batch (the Rust tokenizer spreads a batch over the cores); a row the template
     rejects gets its error instead."""
     chat = [(k, c) for k, c in enumerate(conversations) if c.segments is None]
-    results: list[Example | RecipeError | None] = [None] * len(conversations)
+    results: list[Example | UserError | None] = [None] * len(conversations)
     rendered = []
     for k, conversation in chat:
         try:
             rendered.append((k, *_chat_text(tokenizer, conversation, responses_only)))
-        except RecipeError as exc:
+        except UserError as exc:
             results[k] = exc
     encodings = tokenizer.tokenizer.encode_batch([text for _, text, _ in rendered], add_special_tokens=False)
     for (k, _text, spans), encoding in zip(rendered, encodings, strict=True):
@@ -342,7 +342,7 @@ def _chat_text(
     try:
         text = tokenizer.render(messages)
     except TemplateError as exc:  # e.g. a template that allows no system message, or strict alternation
-        raise RecipeError(
+        raise UserError(
             f"{conversation.source}: the chat template rejects this conversation: {exc}"
         ) from None
     if not responses_only:
@@ -357,13 +357,13 @@ def _chat_text(
             turn = tokenizer.render(messages[: i + 1])
         except TemplateError as exc:  # e.g. Llama 3's template cannot render the empty prompt before
             # a conversation that opens with the assistant
-            raise RecipeError(
+            raise UserError(
                 f"{conversation.source}: the chat template cannot render the conversation before "
                 f"messages[{i}] ({exc}), so that assistant turn cannot be located; start the conversation "
                 "with a user or system turn, or set data.train_on_responses_only: false"
             ) from None
         if not (turn.startswith(prompt) and text.startswith(turn)):
-            raise RecipeError(
+            raise UserError(
                 f"{conversation.source}: the chat template does not render this conversation turn by turn, "
                 "so its assistant turns cannot be located; set data.train_on_responses_only: false"
             )
@@ -380,7 +380,7 @@ def length_policy(example: Example, max_seq_length: int, overlong: str) -> tuple
     if len(example.input_ids) <= max_seq_length:
         return example, KEPT
     if overlong == "error":
-        raise RecipeError(
+        raise UserError(
             f"{example.source}: {len(example.input_ids)} tokens, longer than max_seq_length "
             f"{max_seq_length}; raise model.max_seq_length, or set data.overlong: drop or truncate"
         )
@@ -398,7 +398,7 @@ def prepare(
     finetune.store does the same over datasets of any size, on disk)."""
     prepared = Prepared(examples=[])
     for result in tokenize_conversations(tokenizer, conversations, data.train_on_responses_only):
-        if isinstance(result, RecipeError):
+        if isinstance(result, UserError):
             raise result
         example, status = length_policy(result, max_seq_length, data.overlong)
         prepared.record(example, status)
@@ -407,8 +407,8 @@ def prepare(
     return prepared
 
 
-def nothing_left_error(source: str, report: list[str]) -> RecipeError:
-    return RecipeError(f"{source.rsplit(':', 1)[0]}: no row is left to train on; " + "; ".join(report))
+def nothing_left_error(source: str, report: list[str]) -> UserError:
+    return UserError(f"{source.rsplit(':', 1)[0]}: no row is left to train on; " + "; ".join(report))
 
 
 def count_packed_sequences(lengths: list[int], seq_length: int) -> int:

@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SCHEMA_VERSION = 1
 
 
-class RecipeError(Exception):
-    """A problem with the user's recipe; the message is meant to be shown as is, without a traceback."""
+class UserError(Exception):
+    """A mistake of the user's (recipe, data, flags, run folder): its message is one sentence naming
+    what and where, shown as it is, without a traceback, with exit code 2."""
 
 
 class _Section(BaseModel):
@@ -53,12 +54,16 @@ class ModelSection(_Section):
         return "off" if value is False else value
 
 
+# The linear layers of a Llama decoder layer, in the order of its forward pass: attention, then MLP.
+LLAMA_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 class LoraSection(_Section):
     r: Annotated[int, Field(gt=0)] = Field(16, description="LoRA rank.")
     alpha: Annotated[int, Field(gt=0)] = Field(16, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: Annotated[float, Field(ge=0, lt=1)] = Field(0.0, description="Dropout on the LoRA input.")
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        default_factory=lambda: list(LLAMA_PROJECTIONS),
         min_length=1,
         description="Linear layers that get LoRA adapters.",
     )
@@ -374,7 +379,7 @@ def find_recipe(name_or_path: str | Path) -> Path:
         names = [p.stem for p in shipped_recipes()]
         close = difflib.get_close_matches(str(name_or_path), names, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; shipped recipes: {', '.join(names)}"
-        raise RecipeError(f"no recipe named '{name_or_path}'{hint}")
+        raise UserError(f"no recipe named '{name_or_path}'{hint}")
     return shipped
 
 
@@ -399,15 +404,15 @@ def _duplicate_keys(node: yaml.Node, source: str) -> list[str]:
 def read_document(path: Path) -> _Document:
     source = str(path)
     if path.is_dir():
-        raise RecipeError(f"'{source}' is a directory, not a recipe file")
+        raise UserError(f"'{source}' is a directory, not a recipe file")
     if not path.is_file():
-        raise RecipeError(f"recipe file '{source}' does not exist")
+        raise UserError(f"recipe file '{source}' does not exist")
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise RecipeError(f"{source}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
+        raise UserError(f"{source}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         raw = yaml.safe_load(text) if root is not None else None
@@ -417,14 +422,14 @@ def read_document(path: Path) -> _Document:
         problem = getattr(exc, "problem", None) or str(exc)
         if "could not determine a constructor" in problem:
             problem = f"unsupported YAML tag {problem.split('tag ')[-1]}; recipes hold plain values only"
-        raise RecipeError(f"{where}: not valid YAML ({problem})") from None
+        raise UserError(f"{where}: not valid YAML ({problem})") from None
     if root is None:
-        raise RecipeError(f"{source}: the recipe file is empty")
+        raise UserError(f"{source}: the recipe file is empty")
     if not isinstance(raw, dict):
-        raise RecipeError(f"{source}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
+        raise UserError(f"{source}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
     duplicates = _duplicate_keys(root, source)
     if duplicates:
-        raise RecipeError("\n".join(duplicates))
+        raise UserError("\n".join(duplicates))
     return _Document(source, root, raw)
 
 
@@ -442,13 +447,13 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
 def extends_target(extends: Any, child: _Document) -> Path:
     line = _line_of(child.root, ("extends",))
     if not isinstance(extends, str) or not extends:
-        raise RecipeError(f"{child.source}:{line}: extends must name a recipe (e.g. extends: code-gen)")
+        raise UserError(f"{child.source}:{line}: extends must name a recipe (e.g. extends: code-gen)")
     if extends.endswith((".yaml", ".yml")) or "/" in extends:
         return Path(child.source).parent / extends
     try:
         return find_recipe(extends)
-    except RecipeError as exc:
-        raise RecipeError(f"{child.source}:{line}: extends: {exc}") from None
+    except UserError as exc:
+        raise UserError(f"{child.source}:{line}: extends: {exc}") from None
 
 
 def _resolve(path: Path) -> tuple[dict[str, Any], list[_Document]]:
@@ -459,7 +464,7 @@ def _resolve(path: Path) -> tuple[dict[str, Any], list[_Document]]:
         key = path.resolve()
         if key in chain:
             cycle = " -> ".join(str(p) for p in [*chain, key])
-            raise RecipeError(f"{documents[0].source}: extends forms a cycle: {cycle}")
+            raise UserError(f"{documents[0].source}: extends forms a cycle: {cycle}")
         document = read_document(path)
         chain.append(key)
         documents.append(document)
@@ -468,7 +473,7 @@ def _resolve(path: Path) -> tuple[dict[str, Any], list[_Document]]:
         path = extends_target(document.raw["extends"], document)
         if not path.is_file():
             line = _line_of(document.root, ("extends",))
-            raise RecipeError(f"{document.source}:{line}: parent recipe '{path}' does not exist")
+            raise UserError(f"{document.source}:{line}: parent recipe '{path}' does not exist")
     raw: dict[str, Any] = {}
     for document in reversed(documents):
         raw = _merge(raw, {k: v for k, v in document.raw.items() if k != "extends"})
@@ -575,7 +580,7 @@ def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
     key, sep, value = text.partition("=")
     keys = tuple(key.strip().split("."))
     if not sep or len(keys) < 2 or not all(keys):
-        raise RecipeError(f"override '{text}' must look like section.key=value (e.g. train.max_steps=10)")
+        raise UserError(f"override '{text}' must look like section.key=value (e.g. train.max_steps=10)")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -588,7 +593,7 @@ def _apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any, text
     for key in keys[:-1]:
         node = node.setdefault(key, {})
         if not isinstance(node, dict):
-            raise RecipeError(f"override '{text}': '{key}' is a value, not a section")
+            raise UserError(f"override '{text}': '{key}' is a value, not a section")
     node[keys[-1]] = value
 
 
@@ -599,7 +604,7 @@ def validate_recipe(
     source = documents[0].source if documents else "<recipe>"
     schema = raw.get("schema")
     if isinstance(schema, int) and not isinstance(schema, bool) and schema > SCHEMA_VERSION:
-        raise RecipeError(
+        raise UserError(
             f"{source}: recipe schema {schema} is newer than this program understands ({SCHEMA_VERSION}); "
             "update the program"
         )
@@ -607,7 +612,7 @@ def validate_recipe(
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         problems = [_describe_error(e, raw, list(documents), overrides or {}) for e in exc.errors()]
-        raise RecipeError("\n".join(dict.fromkeys(problems))) from None
+        raise UserError("\n".join(dict.fromkeys(problems))) from None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:

@@ -11,7 +11,7 @@ import math
 from pathlib import Path
 
 from finetune.budget import GIB
-from finetune.run import write_atomic
+from finetune.run import write_run_file
 
 
 def _loss_points(history: list[dict], key: str) -> list[tuple[int, float]]:
@@ -143,5 +143,5 @@ def write_report(
                 "```",
                 "",
             ]
-    path = write_atomic(run_dir / "report.md", "\n".join(lines).rstrip() + "\n")
+    path = write_run_file(run_dir / "report.md", "\n".join(lines).rstrip() + "\n")
     return path, console + [f"warning: {w}" for w in warnings[:5]]

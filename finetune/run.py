@@ -20,8 +20,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from finetune.files import write_atomic, write_json
 from finetune.fingerprint import file_digest
-from finetune.recipe import Recipe, RecipeError, load_recipe, recipe_digest
+from finetune.recipe import Recipe, UserError, load_recipe, recipe_digest
 
 SEAL = "finetune-seal.json"  # written into a checkpoint folder once the checkpoint is complete
 PACKAGES = (
@@ -50,16 +51,15 @@ class OutOfMemory(Exception):
         self.step, self.tokens, self.peak_bytes, self.checkpoint = step, tokens, peak_bytes, checkpoint
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    """Write text so that readers see the old content or the new, never a part."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(redact(text))
-    tmp.replace(path)
-    return path
+def write_run_file(path: Path, text: str) -> Path:
+    """A file of a run folder, written atomically and with the environment's secrets redacted: a
+    run folder gets shared and attached to bug reports, and a token in an override, a command line
+    or a log line must not go with it."""
+    return write_atomic(path, redact(text))
 
 
-def write_json(path: Path, document) -> Path:
-    return write_atomic(path, json.dumps(document, indent=2) + "\n")
+def write_run_json(path: Path, document) -> Path:
+    return write_run_file(path, json.dumps(document, indent=2) + "\n")
 
 
 def check_writable(path: Path, what: str, folder: bool = False) -> Path:
@@ -68,17 +68,17 @@ def check_writable(path: Path, what: str, folder: bool = False) -> Path:
     or written in. Checked by writing, since permission bits do not tell (root, read-only or
     virtual filesystems)."""
     if path.is_dir() and not folder:
-        raise RecipeError(f"{what} '{path}' is a folder; name a file")
+        raise UserError(f"{what} '{path}' is a folder; name a file")
     parent = path if folder else path.parent
     blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
-        raise RecipeError(f"{what} '{path}': '{blocker}' is a file, not a folder")
+        raise UserError(f"{what} '{path}': '{blocker}' is a file, not a folder")
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check."):
             pass
     except OSError as exc:
-        raise RecipeError(f"{what} '{path}': cannot write there ({exc.strerror or exc})") from None
+        raise UserError(f"{what} '{path}': cannot write there ({exc.strerror or exc})") from None
     return path
 
 
@@ -105,7 +105,7 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             n += 1
             run_dir = base.with_name(f"{base.name}-{n}")
         except OSError as exc:  # a file where a folder should be, no permission, a read-only disk
-            raise RecipeError(
+            raise UserError(
                 f"output.dir '{recipe.output.dir}': cannot create the run folder {run_dir} ({exc.strerror})"
             ) from None
 
@@ -115,16 +115,14 @@ def finished_adapter(run_dir: Path) -> tuple[Recipe, Path]:
     read_run(run_dir)
     adapter = run_dir / "adapter"
     if not (adapter / "adapter_config.json").is_file():
-        raise RecipeError(
-            f"{run_dir}: no adapter yet (the run has not finished; `runner.py resume` it first)"
-        )
+        raise UserError(f"{run_dir}: no adapter yet (the run has not finished; `runner.py resume` it first)")
     return load_recipe(run_dir / "recipe.yaml"), adapter
 
 
 def check_export_folder(out_dir: Path) -> Path:
     """Where `export` writes: a new or empty folder, so no earlier export is overwritten."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise RecipeError(f"'{out_dir}' already exists and is not empty; nothing was overwritten")
+        raise UserError(f"'{out_dir}' already exists and is not empty; nothing was overwritten")
     return check_writable(out_dir, "--out", folder=True)
 
 
@@ -146,11 +144,16 @@ def _git_commit() -> str | None:
     return f"{commit}{' (with uncommitted changes)' if dirty else ''}" if commit else None
 
 
-def _version(package: str) -> str | None:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
+def installed_versions() -> dict[str, str | None]:
+    """The installed version of each package of the training stack (None: not installed): in every
+    manifest, and what the nightly smoke compares with the pins."""
+    found = {}
+    for name in PACKAGES:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = None
+    return found
 
 
 def manifest(recipe: Recipe, fingerprints: dict, device: dict, model: dict) -> dict:
@@ -165,7 +168,7 @@ def manifest(recipe: Recipe, fingerprints: dict, device: dict, model: dict) -> d
         "platform": platform.platform(),
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": installed_versions(),
         "project_commit": _git_commit(),
         "command": sys.argv,
     }
@@ -193,7 +196,7 @@ def keep_log_until(log_file: Path, step: int) -> None:
             continue
         if entry.get("step", 0) <= step:
             kept.append(line)
-    write_atomic(log_file, "".join(line + "\n" for line in kept))
+    write_run_file(log_file, "".join(line + "\n" for line in kept))
 
 
 def seal_checkpoint(checkpoint: Path) -> None:
@@ -246,8 +249,8 @@ def read_run(run_dir: Path) -> dict:
     """The manifest of an existing run folder; a clear error when it is not one."""
     path = run_dir / "manifest.json"
     if not path.is_file():
-        raise RecipeError(f"'{run_dir}' is not a run folder (no manifest.json)")
+        raise UserError(f"'{run_dir}' is not a run folder (no manifest.json)")
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # written atomically, so edited by hand
-        raise RecipeError(f"{path}: not valid JSON ({exc}); the run folder's record is damaged") from None
+        raise UserError(f"{path}: not valid JSON ({exc}); the run folder's record is damaged") from None

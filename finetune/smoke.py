@@ -18,11 +18,10 @@ import json
 import math
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from finetune.recipe import Recipe, RecipeError, load_recipe
-from finetune.run import PACKAGES
+from finetune.recipe import Recipe, UserError, load_recipe
+from finetune.run import installed_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 BANDS_FILE = ROOT / "tests" / "smoke_bands.json"
@@ -62,16 +61,6 @@ class Check:
     ok: bool
 
 
-def versions() -> dict[str, str | None]:
-    found = {}
-    for name in PACKAGES:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def pins() -> dict[str, str]:
     """The exact versions requirements*.txt pin, by normalized package name."""
     pinned = {}
@@ -93,7 +82,7 @@ def drift(installed: dict[str, str | None]) -> list[str]:
     ]
 
 
-def measure(recipe_path: Path, output_dir: Path) -> dict:
+def smoke_recipe(recipe_path: Path, output_dir: Path) -> dict:
     """Train one recipe in smoke mode and take the figures its bands cover."""
     from finetune import inference  # heavy: unsloth, torch
     from finetune.launch import finish_run, new_run_folder, plan_launch, start_run
@@ -138,11 +127,11 @@ def measure(recipe_path: Path, output_dir: Path) -> dict:
     return figures
 
 
-def measure_or_failure(recipe_path: Path, output_dir: Path) -> dict:
-    """measure(), or, when the stack fails to import or train at all, that failure as the result:
+def smoke_recipe_or_failure(recipe_path: Path, output_dir: Path) -> dict:
+    """smoke_recipe(), or, when the stack fails to import or train at all, that failure as the result:
     a broken upstream release must show up as a failed check with its versions, not a traceback."""
     try:
-        return measure(recipe_path, output_dir)
+        return smoke_recipe(recipe_path, output_dir)
     except Exception as exc:  # anything the libraries raise is the finding
         return {"recipe": recipe_path.stem, "kind": _device_kind(), "error": f"{type(exc).__name__}: {exc}"}
 
@@ -212,7 +201,7 @@ def check(figures: dict, bands: dict) -> list[Check]:
 def verdict(results: list[dict], bands: dict) -> tuple[list[Check], dict]:
     """Every result's checks, and the smoke's result document (checks, figures, installed versions)."""
     checks = [c for figures in results for c in check(figures, bands)]
-    installed = versions()
+    installed = installed_versions()
     document = {
         "ok": all(c.ok for c in checks),
         "versions": installed,
@@ -229,9 +218,7 @@ def new_bands(results: list[dict], bands: dict) -> tuple[dict, list[str]]:
     changes = []
     for figures in results:
         if "error" in figures:
-            raise RecipeError(
-                f"smoke: {figures['recipe']} failed ({figures['error']}); no bands were changed"
-            )
+            raise UserError(f"smoke: {figures['recipe']} failed ({figures['error']}); no bands were changed")
         kind, name = figures["kind"], figures["recipe"]
         new = {
             "loss": figures["loss"],
@@ -257,7 +244,7 @@ def new_bands(results: list[dict], bands: dict) -> tuple[dict, list[str]]:
 def bands_file(path: Path | None, update: bool) -> Path:
     """The bands file to use (--bands, else the shipped one): one to check against must exist."""
     if path is not None and not path.is_file() and not update:
-        raise RecipeError(f"--bands '{path}' does not exist; --update-bands writes it")
+        raise UserError(f"--bands '{path}' does not exist; --update-bands writes it")
     return path or BANDS_FILE
 
 

@@ -48,7 +48,7 @@ from finetune.prepare import (
     resolve_chat_template,
     tokenize_conversations,
 )
-from finetune.recipe import Recipe, RecipeError, recipe_digest
+from finetune.recipe import Recipe, UserError, recipe_digest
 
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
 # (4: CSV records that do not match their header are bad rows, no longer read short).
@@ -132,7 +132,7 @@ def _source_digest(source: Path | HubSplit) -> list[str]:
     if isinstance(source, HubSplit):
         return [str(source), dataset_fingerprint(load_hub_split(source))]
     if not source.is_file():
-        raise RecipeError(f"data file '{source}' does not exist")
+        raise UserError(f"data file '{source}' does not exist")
     return [str(source), content_digest(source)]
 
 
@@ -179,7 +179,7 @@ def prepared_data(recipe: Recipe) -> Store:
     """The recipe's prepared rows, from the store the plan read (see data_tokenizer)."""
     source = data_tokenizer(recipe)
     if source is None:
-        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+        raise UserError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
     return open_store(recipe, source)
 
 
@@ -187,7 +187,7 @@ def run_fingerprints(recipe: Recipe) -> dict[str, str]:
     """What a run's inputs were, by content: recorded in its manifest, checked again by a resume."""
     source = data_tokenizer(recipe)
     if source is None:
-        raise RecipeError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+        raise UserError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
     model = base_model(recipe)
     return {
         "recipe": recipe_digest(recipe)[:16],
@@ -334,7 +334,7 @@ def _tokenize_batch(batch: dict, tokenizer, responses_only: bool, max_seq_length
     ]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": [], "status": [], "error": []}
     for result in tokenize_conversations(tokenizer, conversations, responses_only):
-        if isinstance(result, RecipeError):
+        if isinstance(result, UserError):
             example, status, error = None, "error", str(result)
         else:
             # "error" for long rows is raised by the parent, naming the first one in file order.
@@ -389,7 +389,7 @@ def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object,
     prepared = Prepared(examples=[])
     for k, status in enumerate(statuses):
         if status == "error":
-            raise RecipeError(tokenized[k]["error"])
+            raise UserError(tokenized[k]["error"])
         if status == TOO_LONG and data.overlong == "error":
             length = lengths[k]
             length_policy(Example(sources[k], [0] * length, [0] * length), max_seq_length, "error")  # raises

@@ -42,7 +42,7 @@ from finetune.internals import save_checkpoint_now
 from finetune.preflight import base_model
 from finetune.prepare import Example, resolve_chat_template
 from finetune.recipe import Recipe, TrainSection
-from finetune.run import OutOfMemory, keep_log_until, manifest, write_atomic, write_json
+from finetune.run import OutOfMemory, keep_log_until, manifest, write_run_file, write_run_json
 from finetune.store import prepared_data, run_fingerprints
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -87,7 +87,7 @@ class TrainResult:
     spikes: list[dict] = field(default_factory=list)  # loss spikes, warned of as they happened
 
 
-def _measure(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
+def _timed_train(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
     """Train with a step timer and fresh peak-memory counters."""
     timer = StepTimer()
     trainer.add_callback(timer)
@@ -314,7 +314,7 @@ def probe(
     saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
     trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe", save=False)
     trainer.remove_callback(LossProgress)
-    measured = _measure(trainer)
+    measured = _timed_train(trainer)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in saved:
@@ -344,11 +344,11 @@ def train(
     if not resume:
         # After loading: a hub model is in the cache now, with the revision the run trains.
         record = manifest(recipe, run_fingerprints(recipe), _device(), base_model(recipe))
-        write_json(run_dir / "manifest.json", record)
+        write_run_json(run_dir / "manifest.json", record)
         samples = generate_samples(
             model, tokenizer, store, recipe.output.samples, recipe.output.sample_tokens
         )
-        write_json(samples_file, [{**s, "before": s.pop("completion")} for s in samples])
+        write_run_json(samples_file, [{**s, "before": s.pop("completion")} for s in samples])
     dataset = store.dataset("train")
     if check_probe is not None:
         check_probe(probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir))
@@ -367,7 +367,7 @@ def train(
     start = time.perf_counter()
     try:
         with stopper:
-            measured = _measure(trainer, resume_from=checkpoint)
+            measured = _timed_train(trainer, resume_from=checkpoint)
     except torch.OutOfMemoryError:
         peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         raise OutOfMemory(
@@ -375,14 +375,14 @@ def train(
         ) from None
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
-    write_atomic(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
+    write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     adapter_dir = run_dir / "adapter"
     if stopper.signal_name is None and watchdog.stopped is None:
         model.save_pretrained(adapter_dir)
         tokenizer.save_pretrained(adapter_dir)
         before = json.loads(samples_file.read_text()) if samples_file.is_file() else []
         after = generate_samples(model, tokenizer, store, len(before), recipe.output.sample_tokens)
-        write_json(
+        write_run_json(
             samples_file, [{**b, "after": a["completion"]} for b, a in zip(before, after, strict=True)]
         )
     losses = [entry["loss"] for entry in history if "loss" in entry]

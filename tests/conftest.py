@@ -1,16 +1,18 @@
-"""Shared test setup.
+"""Shared test setup for both tiers.
 
-Unsloth patches transformers, TRL and PEFT when it is imported, and must be imported before them.
-The tests share one process, and some import transformers directly (the tokenizer tests), so the
-import order is fixed here, once, before any test module is collected.
+The fast tier (every test outside tests/e2e) checks the light modules: recipes, schedules, budgets,
+data, the light CLI verbs. It must not import the training stack: in a session that collected no
+end-to-end test, a test that imports torch, unsloth, transformers, trl or peft fails by name (which
+would also mean `plan` and `validate` had become slow). tests/e2e/conftest.py sets up the stack.
 """
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402
 
 # CI's verdict must depend on the code, not on the draw: the default profile replays the same
@@ -18,26 +20,25 @@ from hypothesis import settings  # noqa: E402
 settings.register_profile("ci", derandomize=True, max_examples=300)
 settings.register_profile("explore", derandomize=False, max_examples=20_000)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-import unsloth  # noqa: E402, F401
 
-from finetune.tiny_model import ensure_tiny_model  # noqa: E402
+import pytest  # noqa: E402
 
-
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+HEAVY = ("torch", "unsloth", "transformers", "trl", "peft")
+E2E = "tests/e2e/"
+_only_fast_tier = True  # no end-to-end test collected in this process
 
 
 def pytest_collection_modifyitems(config, items):
-    if _has_cuda():
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+    global _only_fast_tier
+    _only_fast_tier = not any(E2E in Path(item.fspath).as_posix() for item in items)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir():
-    return ensure_tiny_model()
+@pytest.fixture(autouse=True)
+def _fast_tier_leaves_the_training_stack_alone(request):
+    """A fast-tier test that imports the training stack fails, named: in a run of the fast tier
+    alone, nothing else has imported it."""
+    before = {name for name in HEAVY if name in sys.modules}
+    yield
+    if _only_fast_tier and E2E not in Path(request.node.fspath).as_posix():
+        imported = [name for name in HEAVY if name in sys.modules and name not in before]
+        assert not imported, f"the fast tier imported {', '.join(imported)}; move this test to tests/e2e"

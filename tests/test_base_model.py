@@ -7,7 +7,7 @@ import pytest
 
 from finetune import launch
 from finetune.preflight import base_model
-from finetune.recipe import RecipeError, load_recipe
+from finetune.recipe import UserError, load_recipe
 from finetune.store import run_fingerprints
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +49,8 @@ def test_resume_refuses_a_changed_base_model_before_anything_heavy(tmp_path):
     assert recorded["base model"].startswith("tiny-llama-3 at ")
     recorded["base model"] = "tiny-llama-3 at 0000000000"  # as if the run had trained another build
     (tmp_path / "manifest.json").write_text(json.dumps({"fingerprints": recorded}))
-    with pytest.raises(RecipeError, match="base model: was tiny-llama-3 at 0000000000, now tiny-llama-3 at "):
+    with pytest.raises(UserError, match="base model: was tiny-llama-3 at 0000000000, now tiny-llama-3 at "):
         launch.resume_point(recipe, tmp_path, force=False)
     # --force resumes anyway (here it then finds no checkpoint), warning of the change.
-    with pytest.raises(RecipeError, match="no complete checkpoint"):
+    with pytest.raises(UserError, match="no complete checkpoint"):
         launch.resume_point(recipe, tmp_path, force=True)

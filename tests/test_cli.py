@@ -9,7 +9,7 @@ from cli_helpers import run_cli
 
 from finetune import preflight
 from finetune.budget import count_parameters
-from finetune.recipe import RecipeError, load_recipe
+from finetune.recipe import UserError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -146,7 +146,7 @@ def test_hub_model_not_in_cache_while_offline_is_refused(monkeypatch):
     monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA H100", 80.0, 79.0)])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
-    with pytest.raises(RecipeError, match=r"^Model not reachable: .* HF_HUB_OFFLINE is set"):
+    with pytest.raises(UserError, match=r"^Model not reachable: .* HF_HUB_OFFLINE is set"):
         preflight.check_can_start(recipe, "recipes/code-gen.yaml")
 
 
@@ -158,7 +158,7 @@ def test_tiny_model_may_train_on_cpu(monkeypatch):
 
 def test_missing_local_model_folder(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", [f"model.name={tmp_path}/absent"])
-    with pytest.raises(RecipeError, match="looks like a local folder but does not exist"):
+    with pytest.raises(UserError, match="looks like a local folder but does not exist"):
         preflight.check_can_start(recipe, "r.yaml")
 
 

@@ -17,7 +17,7 @@ from finetune.data import (
     source_file,
 )
 from finetune.prepare import find_tokenizer, prepare
-from finetune.recipe import DataSection, RecipeError
+from finetune.recipe import DataSection, UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))
@@ -79,7 +79,7 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path, row, message):
     path = tmp_path / "d.jsonl"
     good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
     path.write_text(json.dumps(good) + "\n\n" + json.dumps(row) + "\n")
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(UserError) as err:
         load_conversations([str(path)])
     assert str(err.value).startswith(f"{path}:3: ") and message in str(err.value)
 
@@ -87,9 +87,9 @@ def test_bad_rows_are_named_by_file_and_line(tmp_path, row, message):
 def test_broken_json_line_and_missing_file(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"messages": [}\n')
-    with pytest.raises(RecipeError, match=r"d\.jsonl:1: not valid JSON"):
+    with pytest.raises(UserError, match=r"d\.jsonl:1: not valid JSON"):
         load_conversations([str(path)])
-    with pytest.raises(RecipeError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         load_conversations([str(tmp_path / "nope.jsonl")])
 
 
@@ -97,7 +97,7 @@ def test_format_can_be_forced(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"instruction": "i", "output": "o"}) + "\n")
     assert load_conversations([str(path)], "alpaca")[0].messages[0]["content"] == "i"
-    with pytest.raises(RecipeError, match="expected 'messages'"):
+    with pytest.raises(UserError, match="expected 'messages'"):
         load_conversations([str(path)], "messages")
 
 
@@ -133,7 +133,7 @@ def test_non_utf8_bytes_are_named_by_line(tmp_path):
     path = tmp_path / "d.jsonl"
     good = json.dumps({"text": "ok"}).encode()
     path.write_bytes(good + b"\n" + b'{"text": "caf\xe9"}\n')
-    with pytest.raises(RecipeError, match=rf"^{path}:2: not valid UTF-8 \(byte 0xe9\)"):
+    with pytest.raises(UserError, match=rf"^{path}:2: not valid UTF-8 \(byte 0xe9\)"):
         load_conversations([str(path)])
 
 
@@ -149,10 +149,10 @@ def test_bad_rows_can_be_skipped_and_are_always_counted(tmp_path):
         f"3 bad rows skipped (data.bad_rows: skip): {path}:2: not valid JSON "
         "(Expecting property name enclosed in double quotes); and 2 more"
     ]
-    with pytest.raises(RecipeError, match=rf"^{path}:2: not valid JSON"):
+    with pytest.raises(UserError, match=rf"^{path}:2: not valid JSON"):
         load_conversations([str(path)])  # the default stops at the first bad row
     path.write_text("{not json\n")
-    with pytest.raises(RecipeError, match="could be read"):
+    with pytest.raises(UserError, match="could be read"):
         load_conversations([str(path)], skipped=[])
 
 
@@ -180,7 +180,7 @@ def test_held_out_eval_rows_are_seeded_and_disjoint():
     assert hold_out(40, 0.1, seed=7) == (train, held)  # the same split every time
     assert hold_out(40, 0.1, seed=8)[1] != held
     assert train == sorted(train) and held == sorted(held)  # file order
-    with pytest.raises(RecipeError, match="would leave nothing to train on"):
+    with pytest.raises(UserError, match="would leave nothing to train on"):
         hold_out(1, 0.5, seed=0)
 
 
@@ -208,12 +208,12 @@ def test_csv_parquet_and_folders(tmp_path):
     assert rows[1].messages[0]["content"] == "Add\n\n1 2"
     assert rows[2].messages == chat and rows[3].segments == [("t", True)]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(RecipeError, match="holds no .jsonl, .json, .csv or .parquet file"):
+    with pytest.raises(UserError, match="holds no .jsonl, .json, .csv or .parquet file"):
         load_conversations([str(tmp_path / "empty")])
     (folder / "bad.parquet").write_bytes(b"PAR1 nope")
-    with pytest.raises(RecipeError, match="not a readable parquet file"):
+    with pytest.raises(UserError, match="not a readable parquet file"):
         load_conversations([str(folder / "bad.parquet")])
-    with pytest.raises(RecipeError, match=r"unsupported extension '.txt'"):
+    with pytest.raises(UserError, match=r"unsupported extension '.txt'"):
         load_conversations([str(folder / "notes.txt")])
 
 
@@ -264,12 +264,12 @@ def test_weights_must_name_training_sources_and_reach_the_plan(tmp_path):
 def test_a_csv_record_that_does_not_match_its_header_is_a_bad_row(tmp_path, text, message):
     path = tmp_path / "d.csv"
     path.write_text(text)
-    with pytest.raises(RecipeError, match=message):
+    with pytest.raises(UserError, match=message):
         load_conversations([str(path)])
 
 
 # Rows shaped like every format we read, with any JSON in any place: whatever a user's file holds,
-# reading and tokenizing it ends in rows or in a RecipeError (one sentence, no traceback).
+# reading and tokenizing it ends in rows or in a UserError (one sentence, no traceback).
 _json = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
     lambda children: (
@@ -302,13 +302,13 @@ def test_fuzzed_rows_are_read_and_tokenized_or_named(tmp_path, llama3, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     try:
         strict = load_conversations([str(path)])
-    except RecipeError as exc:
+    except UserError as exc:
         assert str(exc).startswith(f"{path}")
         strict = None
     skipped = []
     try:
         lenient = load_conversations([str(path)], skipped=skipped)
-    except RecipeError:
+    except UserError:
         assert not strict  # only when no row at all could be read
         return
     # Nothing silently dropped: every line is a row read or a bad row counted.
@@ -316,7 +316,7 @@ def test_fuzzed_rows_are_read_and_tokenized_or_named(tmp_path, llama3, rows):
     assert strict is None or strict == lenient
     try:
         prepare(lenient, llama3, DataSection(train=[str(path)]), 4096)
-    except RecipeError as exc:
+    except UserError as exc:
         assert str(exc).startswith(str(path))
 
 
@@ -332,7 +332,7 @@ def test_fuzzed_csv_is_read_or_named(tmp_path, text, header):
     path.write_text(f"{header}\n{text}", newline="")
     try:
         load_conversations([str(path)], skipped=[])
-    except RecipeError as exc:
+    except UserError as exc:
         assert str(exc)
 
 
@@ -370,5 +370,5 @@ def test_a_byte_order_mark_is_read_as_the_encoding_mark_it_is(tmp_path, name, bo
     # Only at the very start: a BOM on a later line of a .jsonl is content, and not valid JSON.
     if name == "d.jsonl":
         path.write_bytes(body.encode() + b"\xef\xbb\xbf" + body.encode())
-        with pytest.raises(RecipeError, match=r"d\.jsonl:3: not valid JSON"):
+        with pytest.raises(UserError, match=r"d\.jsonl:3: not valid JSON"):
             load_conversations([str(path)])

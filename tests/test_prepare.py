@@ -1,13 +1,12 @@
 """Data preparation without torch: rendering, trained-token masks, the long-row policy, packing counts."""
 
-import random
 from pathlib import Path
 
 import pytest
 
 from finetune.data import Conversation, load_conversations
 from finetune.prepare import IGNORE_INDEX, count_packed_sequences, find_tokenizer, prepare
-from finetune.recipe import DataSection, RecipeError, load_recipe
+from finetune.recipe import DataSection, UserError, load_recipe
 from finetune.store import plan_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,29 +72,10 @@ def test_long_rows_are_dropped_truncated_or_refused_and_always_counted(tokenizer
     # f:3's answer lies beyond token 100: nothing of it would be trained, so the row goes, counted.
     assert truncated.truncated == ["f:2", "f:3"] and truncated.dropped_untrained == ["f:3"]
 
-    with pytest.raises(RecipeError, match=r"f:2: \d+ tokens, longer than max_seq_length 100"):
+    with pytest.raises(UserError, match=r"f:2: \d+ tokens, longer than max_seq_length 100"):
         prepare(rows, tokenizer, DataSection(train=["x"], overlong="error"), 100)
-    with pytest.raises(RecipeError, match="no row is left to train on; 2 rows dropped"):
+    with pytest.raises(UserError, match="no row is left to train on; 2 rows dropped"):
         prepare(rows[1:], tokenizer, DataSection(train=["x"]), 100)
-
-
-def test_packing_count_equals_trls_best_fit_decreasing_packer():
-    from datasets import Dataset
-    from trl.data_utils import pack_dataset
-
-    rng = random.Random(0)
-    cases = [[rng.randint(1, 1024) for _ in range(rng.randint(1, 300))] for _ in range(20)]
-    cases.append(
-        [
-            len(e.input_ids)
-            for e in prepare(CHAT, find_tokenizer("tiny-llama-3"), DataSection(train=["x"]), 4096).examples
-        ]
-    )
-    cases.append([1024, 1024, 1, 1023, 512, 512, 2000])  # exact fits and an over-long row
-    for lengths in cases:
-        dataset = Dataset.from_dict({"input_ids": [[7] * n for n in lengths]})
-        packed = pack_dataset(dataset, seq_length=1024, strategy="bfd")
-        assert count_packed_sequences(lengths, 1024) == len(packed), lengths
 
 
 def smoke_recipe(*overrides):
@@ -156,9 +136,7 @@ def test_a_template_that_rejects_a_conversation_names_the_row(tokenizer):
         "{% endif %}x",
     )
     row = Conversation("f:9", [{"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}])
-    with pytest.raises(
-        RecipeError, match="^f:9: the chat template rejects this conversation: no system role$"
-    ):
+    with pytest.raises(UserError, match="^f:9: the chat template rejects this conversation: no system role$"):
         prepare([row], strict, DataSection(train=["x"]), 100)
 
 
@@ -174,9 +152,7 @@ def test_the_exact_template_keeps_code_whitespace_that_metas_template_trims():
         "\treturn x\n\n<|eot_id|>"
     ]
     assert "template llama-3.1-instruct-exact" in exact.origin
-    with pytest.raises(
-        RecipeError, match="neither a shipped template .*llama-3.1-instruct-exact.* nor a file"
-    ):
+    with pytest.raises(UserError, match="neither a shipped template .*llama-3.1-instruct-exact.* nor a file"):
         find_tokenizer("tiny-llama-3", "nope")
 
 
@@ -184,7 +160,7 @@ def test_a_conversation_that_opens_with_the_assistant_is_named_or_trained_whole(
     # Llama 3's template cannot render the empty prompt before it, so the turn cannot be located.
     rows = [Conversation("d.jsonl:7", [{"role": "assistant", "content": "Hello! Ask me anything."}])]
     with pytest.raises(
-        RecipeError, match=r"^d\.jsonl:7: the chat template cannot render the conversation before"
+        UserError, match=r"^d\.jsonl:7: the chat template cannot render the conversation before"
     ):
         prepare(rows, tokenizer, DataSection(train=["x"]), 4096)
     (example,) = prepare(

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.recipe import RecipeError, dump_recipe, field_reference, load_recipe, validate_recipe
+from finetune.recipe import UserError, dump_recipe, field_reference, load_recipe, validate_recipe
+from finetune.schedule import scheduler_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
@@ -65,22 +66,41 @@ def test_every_setting_has_a_one_line_description_shown_in_help():
 
 
 def test_min_lr_reaches_the_trainer_scheduler_kwargs(tmp_path):
-    recipe = load_recipe(
-        write(tmp_path, MINIMAL), ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1"]
-    )
-    assert (recipe.train.min_lr, recipe.train.min_lr_rate) == (None, 0.1)
+    # schedule.scheduler_kwargs is what train.build_sft_config passes as SFTConfig.lr_scheduler_kwargs
+    # (tests/test_train.py checks that hand-over with the heavy imports); this is the mapping itself.
+    path = write(tmp_path, MINIMAL)  # learning_rate 1e-4
+
+    def kwargs(*overrides):
+        return scheduler_kwargs(load_recipe(path, list(overrides)).train)
+
+    # transformers' cosine_with_min_lr takes exactly one of min_lr_rate or min_lr, as the recipe gave it.
+    assert kwargs("train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1") == {
+        "min_lr_rate": 0.1
+    }
+    assert kwargs("train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr=2.0e-5") == {"min_lr": 2e-5}
+    # polynomial decays to lr_end: the floor in absolute terms (0.1 x 1e-4), with power defaulting to 1.
+    polynomial = kwargs("train.lr_scheduler_type=polynomial", "train.min_lr_rate=0.1")
+    assert polynomial == {"lr_end": pytest.approx(1e-5, rel=1e-12), "power": 1.0}
+    assert kwargs("train.lr_scheduler_type=polynomial", "train.min_lr=3.0e-6", "train.power=2.0") == {
+        "lr_end": 3e-6,
+        "power": 2.0,
+    }
+    # Without a floor, polynomial ends at transformers' own default lr_end (1e-7).
+    assert kwargs("train.lr_scheduler_type=polynomial") == {"lr_end": 1e-7, "power": 1.0}
+    # Schedules that take no extra arguments get none (transformers would reject unknown ones).
+    assert kwargs("train.lr_scheduler_type=cosine") == {} and kwargs("train.lr_scheduler_type=linear") == {}
 
 
 def test_misspelled_key_names_line_and_suggests(tmp_path):
     path = write(tmp_path, MINIMAL.replace("learning_rate:", "lerning_rate:"))
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(UserError) as err:
         load_recipe(path)
     assert str(err.value) == f"{path}:9: unknown key 'train.lerning_rate'; did you mean 'learning_rate'?"
 
 
 def test_every_problem_reported_together_with_lines(tmp_path):
     text = MINIMAL.replace("learning_rate: 1.0e-4", "learning_rate: -1\n  optim: sgdd")
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(UserError) as err:
         load_recipe(write(tmp_path, text))
     lines = str(err.value).splitlines()
     assert len(lines) == 2
@@ -91,23 +111,23 @@ def test_every_problem_reported_together_with_lines(tmp_path):
 
 
 def test_missing_required_field(tmp_path):
-    with pytest.raises(RecipeError, match=r"'model' is required"):
+    with pytest.raises(UserError, match=r"'model' is required"):
         load_recipe(write(tmp_path, MINIMAL.replace("model:\n  name: tiny-llama-3\n", "")))
 
 
 def test_warmup_steps_and_ratio_are_exclusive(tmp_path):
     text = MINIMAL + "  warmup_steps: 10\n  warmup_ratio: 0.1\n"
-    with pytest.raises(RecipeError, match="set warmup_steps or warmup_ratio, not both"):
+    with pytest.raises(UserError, match="set warmup_steps or warmup_ratio, not both"):
         load_recipe(write(tmp_path, text))
 
 
 def test_newer_schema_is_refused(tmp_path):
-    with pytest.raises(RecipeError, match="newer than this program understands"):
+    with pytest.raises(UserError, match="newer than this program understands"):
         load_recipe(write(tmp_path, MINIMAL.replace("schema: 1", "schema: 2")))
 
 
 def test_invalid_yaml_names_the_line(tmp_path):
-    with pytest.raises(RecipeError, match=r"r\.yaml:\d+: not valid YAML"):
+    with pytest.raises(UserError, match=r"r\.yaml:\d+: not valid YAML"):
         load_recipe(write(tmp_path, MINIMAL + "  bad: [unclosed\n"))
 
 
@@ -116,10 +136,10 @@ def test_overrides_are_typed_and_validated(tmp_path):
     recipe = load_recipe(path, ["train.max_steps=5", "lora.r=4"])
     assert recipe.train.max_steps == 5 and recipe.lora.r == 4
     with pytest.raises(
-        RecipeError, match=r"override 'train\.max_step=5': unknown key .*did you mean 'max_steps'"
+        UserError, match=r"override 'train\.max_step=5': unknown key .*did you mean 'max_steps'"
     ):
         load_recipe(path, ["train.max_step=5"])
-    with pytest.raises(RecipeError, match="must look like section.key=value"):
+    with pytest.raises(UserError, match="must look like section.key=value"):
         load_recipe(path, ["train.max_steps"])
 
 

@@ -11,7 +11,7 @@ import yaml
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from finetune.recipe import RecipeError, load_recipe
+from finetune.recipe import UserError, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -259,7 +259,7 @@ def test_bad_recipe_message(tmp_path, case):
     assert old in GOOD or old == GOOD
     path = tmp_path / "r.yaml"
     path.write_text(GOOD.replace(old, new, 1))
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(UserError) as err:
         load_recipe(path)
     assert expected.format(path=path) in str(err.value)
 
@@ -283,21 +283,21 @@ def test_good_recipe_is_good(tmp_path):
 def test_unreadable_files(tmp_path, content, expected):
     path = tmp_path / "r.yaml"
     path.mkdir() if content is None else path.write_bytes(content)
-    with pytest.raises(RecipeError, match=re.escape(expected)):
+    with pytest.raises(UserError, match=re.escape(expected)):
         load_recipe(path)
 
 
 def test_extends_cycle_between_two_files(tmp_path):
     (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
-    with pytest.raises(RecipeError, match=r"extends forms a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+    with pytest.raises(UserError, match=r"extends forms a cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
         load_recipe(tmp_path / "a.yaml")
 
 
 def test_extends_overrides_only_what_changes(tmp_path):
     (tmp_path / "base.yaml").write_text(GOOD)
     (tmp_path / "child.yaml").write_text("extends: base.yaml\nlora:\n  alpha: 64\ntrain:\n  max_stepz: 3\n")
-    with pytest.raises(RecipeError) as err:
+    with pytest.raises(UserError) as err:
         load_recipe(tmp_path / "child.yaml")
     # The typo is reported in the child, at its own line.
     assert (
@@ -309,7 +309,7 @@ def test_extends_overrides_only_what_changes(tmp_path):
     assert (recipe.lora.r, recipe.lora.alpha, recipe.train.max_steps) == (8, 64, 20)
     # A bad value inherited from the parent is reported at the parent's line.
     (tmp_path / "base.yaml").write_text(GOOD.replace("r: 8", "r: -1"))
-    with pytest.raises(RecipeError, match=rf"^{tmp_path / 'base.yaml'}:8: lora.r"):
+    with pytest.raises(UserError, match=rf"^{tmp_path / 'base.yaml'}:8: lora.r"):
         load_recipe(tmp_path / "child.yaml")
 
 
@@ -366,7 +366,7 @@ def test_fuzzed_documents_never_raise_anything_but_recipe_error(tmp_path, docume
     path.write_text(yaml.safe_dump(document))
     try:
         load_recipe(path)
-    except RecipeError as exc:
+    except UserError as exc:
         assert str(exc)
 
 
@@ -375,7 +375,7 @@ def test_fuzzed_documents_never_raise_anything_but_recipe_error(tmp_path, docume
 def test_fuzzed_overrides_never_raise_anything_but_recipe_error(overrides):
     try:
         load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
-    except RecipeError as exc:
+    except UserError as exc:
         assert str(exc)
 
 
@@ -386,7 +386,7 @@ def test_fuzzed_text_never_raises_anything_but_recipe_error(tmp_path, text):
     path.write_text(text)
     try:
         load_recipe(path)
-    except RecipeError as exc:
+    except UserError as exc:
         assert str(exc)
 
 
@@ -396,6 +396,6 @@ def test_a_key_shaped_like_a_validator_step_is_named_as_unknown(tmp_path, key):
     recipe["lora"][key] = 1
     path = tmp_path / "odd.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    with pytest.raises(RecipeError) as caught:
+    with pytest.raises(UserError) as caught:
         load_recipe(path)
     assert f"unknown key 'lora.{key}'" in str(caught.value)

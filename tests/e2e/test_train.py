@@ -19,8 +19,7 @@ from finetune.recipe import load_recipe
 from finetune.store import prepared_data
 from finetune.tiny_model import TINY_CONFIG
 
-ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

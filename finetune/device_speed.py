@@ -1,18 +1,19 @@
 """Measure a device's matmul throughput and memory bandwidth with torch, in a child process.
 
-`plan` stays free of torch: it runs ``python -m finetune.device_probe cuda`` once per GPU model and
-caches the answer for a day (``~/.cache/finetune/device-probes``). The same code measures the CPU
+`plan` stays free of torch: it runs ``python -m finetune.device_speed cuda`` once per GPU model and
+caches the answer for a day (``~/.cache/finetune/device-speed``). The same code measures the CPU
 (``cpu``), which is how the tests exercise it on a machine without a GPU.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from finetune.files import write_atomic
 
 CACHE_SECONDS = 24 * 3600
 
@@ -54,7 +55,7 @@ def cached_measurement(device: str, name: str, cache_dir: Path) -> dict | None:
             return found
     try:
         out = subprocess.run(
-            [sys.executable, "-m", "finetune.device_probe", device],
+            [sys.executable, "-m", "finetune.device_speed", device],
             capture_output=True,
             text=True,
             timeout=300,
@@ -64,10 +65,7 @@ def cached_measurement(device: str, name: str, cache_dir: Path) -> dict | None:
         found = None
     if found is None:
         return None
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(found))
-    tmp.replace(cache)
+    write_atomic(cache, json.dumps(found))
     return found
 
 

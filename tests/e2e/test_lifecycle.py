@@ -17,7 +17,7 @@ from finetune.report import write_report
 from finetune.run import SEAL, checkpoint_problem, latest_checkpoint, redact, seal_checkpoint
 from finetune.watch import Watch
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hf_plantedSecretToken0123456789"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "HF_TOKEN": SECRET}
 
@@ -61,7 +61,6 @@ def resume(run_dir: Path, *flags) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.slow
 def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_path):
     recipe = ["recipes/smoke.yaml", "train.max_steps=12", "train.save_steps=4"]
     whole = start(*recipe, output=tmp_path / "whole")
@@ -96,7 +95,6 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_pa
             assert not path.is_file() or SECRET.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path):
     data = tmp_path / "train.jsonl"
     shutil.copy(ROOT / "data_samples" / "code_chat.jsonl", data)
@@ -131,7 +129,6 @@ def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path
     assert max(logged(run_dir, "loss")) == 30 and (run_dir / "report.md").is_file()
 
 
-@pytest.mark.slow
 def test_sigterm_also_stops_with_a_checkpoint(tmp_path):
     run = start("recipes/smoke.yaml", output=tmp_path)
     wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
@@ -143,7 +140,6 @@ def test_sigterm_also_stops_with_a_checkpoint(tmp_path):
     assert latest_checkpoint(run_dir)[0].name == f"checkpoint-{stopped}"
 
 
-@pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     run = start("recipes/smoke.yaml", output=tmp_path)
     wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
@@ -232,7 +228,6 @@ def run_with_fault(fault: str, output: Path, *overrides) -> subprocess.Completed
     )
 
 
-@pytest.mark.slow
 def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     out = run_with_fault("nan@6", tmp_path, "train.max_steps=20", "train.save_steps=2")
     assert out.returncode == 4, out.stderr[-3000:]
@@ -248,7 +243,6 @@ def test_a_diverging_run_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert max(logged(run_dir, "loss")) == 8  # stopped at the third bad step
 
 
-@pytest.mark.slow
 def test_out_of_memory_is_caught_saved_and_explained(tmp_path):
     out = run_with_fault("oom@4", tmp_path, "train.max_steps=10")
     assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]

@@ -10,10 +10,9 @@ from finetune import train
 from finetune.data import load_conversations
 from finetune.recipe import load_recipe
 from finetune.schedule import plan_schedule
-from finetune.store import plan_data
+from finetune.store import plan_data, prepared_data
 
-ROOT = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
 CONVERSATIONS = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
 
 
@@ -27,8 +26,10 @@ class _RecordLr(TrainerCallback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def model_and_tokenizer():
+    # A fresh model for every case: training one model across cases would carry its LoRA weights and
+    # state from one case into the next. The tiny model loads in a few seconds (3-6 s here).
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
     model, tokenizer = train.load_model(recipe)
     return train.add_lora(model, recipe), tokenizer
@@ -38,7 +39,7 @@ def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples=None):
     model, tokenizer = model_and_tokenizer
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.logging_steps=1", *overrides])
     # The rows as a run gets them (from the prepared-data store); the first num_examples if given.
-    dataset = train.prepared_data(recipe).dataset("train")
+    dataset = prepared_data(recipe).dataset("train")
     if num_examples is not None:
         dataset = dataset.select(range(num_examples))
     trainer = train.build_trainer(model, tokenizer, dataset, recipe, tmp_path)
@@ -109,8 +110,19 @@ def test_step_count_after_dropping_and_packing_matches_the_trainer(
         assert data.sequences < len(CONVERSATIONS)  # rows dropped, or packed several to a sequence
     plan = plan_schedule(data.sequences, recipe.train)
     _, trainer, lrs = run_trainer(model_and_tokenizer, tmp_path, overrides)
-    assert len(trainer.train_dataset) == data.sequences
-    assert [len(row) for row in trainer.train_dataset["input_ids"]] == data.lengths or data.packing
+    rows = trainer.train_dataset
+    assert len(rows) == data.sequences
+    if data.packing:
+        # TRL's best-fit-decreasing packing records the examples in each packed sequence: together
+        # they are exactly the planned rows (lengths as the plan has them, every token kept), and
+        # no packed sequence is longer than max_seq_length.
+        packed = rows["seq_lengths"]
+        assert sorted(n for sequence in packed for n in sequence) == sorted(data.lengths)
+        assert [len(row) for row in rows["input_ids"]] == [sum(sequence) for sequence in packed]
+        assert max(len(row) for row in rows["input_ids"]) <= recipe.model.max_seq_length
+        assert sum(len(row) for row in rows["input_ids"]) == sum(data.lengths)
+    else:
+        assert [len(row) for row in rows["input_ids"]] == data.lengths
     assert plan.total_steps == trainer.state.max_steps == trainer.state.global_step == len(lrs)
 
 

@@ -1,0 +1,82 @@
+"""Our pure figures held to the libraries themselves: parameter counts against the model transformers
+and PEFT build, 4-bit sizes against what bitsandbytes stores, the packing count against TRL's packer.
+The fast tier computes them without these libraries; this is where they are proved."""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from finetune import budget
+from finetune.budget import Shapes, shipped_config
+from finetune.data import load_conversations
+from finetune.prepare import count_packed_sequences, find_tokenizer, prepare
+from finetune.recipe import LLAMA_PROJECTIONS, DataSection
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA_8B = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
+ALL_SEVEN = list(LLAMA_PROJECTIONS)
+CHAT = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
+
+
+def test_llama_8b_counts_against_the_model_instantiated_on_the_meta_device():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    assert sum(p.numel() for p in model.parameters()) == budget.count_parameters(LLAMA_8B)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_SEVEN))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == budget.lora_parameters(Shapes.from_config(LLAMA_8B), 16, ALL_SEVEN) == 41_943_040
+
+
+@pytest.mark.parametrize("shape", [(128, 128), (512, 128), (4096, 1024), (300, 7)])
+def test_nf4_bytes_equal_what_bitsandbytes_stores(shape):
+    """Data, absmax, nested absmax, both codes and the offset, as bitsandbytes builds them."""
+    import bitsandbytes.functional as F
+    import torch
+
+    weight = torch.randn(shape, dtype=torch.float32)
+    for nested, predicted in ((True, budget.nf4_bytes), (False, budget.nf4_bytes_single_quant)):
+        data, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
+        tensors = [data, state.absmax, state.code]
+        if nested:
+            tensors += [state.state2.absmax, state.state2.code, torch.as_tensor(state.offset)]
+        stored = sum(t.numel() * t.element_size() for t in tensors)
+        assert stored == predicted(weight.numel()), (shape, nested)
+
+
+def test_packing_count_equals_trls_best_fit_decreasing_packer():
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    rng = random.Random(0)
+    cases = [[rng.randint(1, 1024) for _ in range(rng.randint(1, 300))] for _ in range(20)]
+    cases.append(
+        [
+            len(e.input_ids)
+            for e in prepare(CHAT, find_tokenizer("tiny-llama-3"), DataSection(train=["x"]), 4096).examples
+        ]
+    )
+    cases.append([1024, 1024, 1, 1023, 512, 512, 2000])  # exact fits and an over-long row
+    for lengths in cases:
+        dataset = Dataset.from_dict({"input_ids": [[7] * n for n in lengths]})
+        packed = pack_dataset(dataset, seq_length=1024, strategy="bfd")
+        assert count_packed_sequences(lengths, 1024) == len(packed), lengths
+
+
+def test_device_speed_measures_with_torch_in_a_child_process_and_caches(tmp_path):
+    """The path a GPU takes (`cuda`), run on the CPU here: a child process measures, the cache answers."""
+    from finetune.device_speed import cached_measurement
+
+    first = cached_measurement("cpu", "This CPU", tmp_path)
+    assert first is not None and first["tflops"] > 0 and first["bandwidth_gbs"] > 0
+    (cache,) = tmp_path.glob("cpu-This-CPU.json")
+    assert cached_measurement("cpu", "This CPU", tmp_path) == first  # from the cache, not re-measured
+    stale = {**first, "measured_at": first["measured_at"] - 2 * 24 * 3600}
+    cache.write_text(json.dumps(stale))
+    assert cached_measurement("cpu", "This CPU", tmp_path)["measured_at"] > stale["measured_at"]
