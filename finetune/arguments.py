@@ -1,4 +1,5 @@
-"""The command line's grammar: every verb, its arguments and their help (argparse, nothing else).
+"""The command line's grammar: every verb, its arguments and their help (argparse), and the recipe's
+reference as `--help` and the `schema` verb print it.
 
 cli.py runs what this parses; keeping the declaration apart keeps each verb's behaviour short to read.
 """
@@ -7,11 +8,39 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
 
 from finetune.budget import GPUS
-from finetune.recipe import field_reference
+from finetune.recipe import Recipe
 
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
+
+
+def field_reference() -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every setting, in schema order: the --help text."""
+    rows = []
+    for section_name, section in Recipe.model_fields.items():
+        annotation = section.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and section_name != "parent":
+            for name, field in annotation.model_fields.items():
+                default = (
+                    "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
+                )
+                rows.append((f"{section_name}.{name}", default, field.description or ""))
+    return rows
+
+
+def json_schema() -> dict[str, Any]:
+    """The recipe's JSON Schema, for editors (yaml-language-server) and tooling."""
+    schema = Recipe.model_json_schema(by_alias=True)
+    schema["properties"]["extends"] = {
+        "type": "string",
+        "description": "Inherit every value from another recipe (a shipped name or a path); override here.",
+    }
+    schema["title"] = "finetune recipe"
+    return schema
 
 
 def _settings_help() -> str:

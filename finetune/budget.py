@@ -42,8 +42,8 @@ def optimizer_state_bytes(optim: str, adapter_bytes: int) -> float:
     return 2.0 * adapter_bytes
 
 
-# What measurement decides. Each value: (number, where it comes from). The GPU issue replaces the
-# estimates with fitted values; until then the margins printed with every prediction say so.
+# What measurement decides. Each value: (number, where it comes from). They are estimates until a
+# GPU run fits them; until then the margins printed with every prediction say so.
 CONSTANTS = {
     "cuda_context_bytes": (0.5 * GIB, "vram.asmirnov.xyz: 0.3-2 GiB outside PyTorch's allocator; typical"),
     "allocator_overhead": (0.10, "Unsloth docs: leave ~10% for fragmentation (reserved over allocated)"),

@@ -14,13 +14,13 @@ from rich.markup import escape
 from rich.table import Table
 
 from finetune import launch, lineage, run
-from finetune.arguments import parse_args
+from finetune.arguments import json_schema, parse_args
 from finetune.audit import audit_recipe
 from finetune.budget import BudgetExceeded, calibration_table
 from finetune.files import write_json
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device
-from finetune.recipe import UserError, dump_recipe, find_recipe, json_schema, load_recipe, shipped_recipes
+from finetune.recipe import UserError, dump_recipe, find_recipe, load_recipe, shipped_recipes
 from finetune.schedule import describe_plan
 from finetune.store import count_rows
 
@@ -247,12 +247,9 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     console.print(dump_recipe(recipe), end="", markup=False)
-    train = recipe.train
-    effective = train.per_device_train_batch_size * train.gradient_accumulation_steps
-    console.print(
-        f"# effective batch: {effective} sequences per optimizer step "
-        f"({train.per_device_train_batch_size} x {train.gradient_accumulation_steps} accumulation)"
-    )
+    batch, accumulation = recipe.train.per_device_train_batch_size, recipe.train.gradient_accumulation_steps
+    effective = f"{batch * accumulation} sequences per optimizer step ({batch} x {accumulation} accumulation)"
+    _out(f"# effective batch: {effective}")
     data = launch.training_data(recipe)
     plan, warnings = launch.checked_plan(recipe, data.sequences, str(path))
     _warn(warnings)

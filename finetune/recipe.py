@@ -644,28 +644,3 @@ def dump_recipe(recipe: Recipe) -> str:
 def recipe_digest(recipe: Recipe) -> str:
     """The resolved recipe's sha256: the one digest that names a recipe (run folders, manifests)."""
     return hashlib.sha256(dump_recipe(recipe).encode()).hexdigest()
-
-
-def field_reference() -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every setting, in schema order: the --help text."""
-    rows = []
-    for section_name, section in Recipe.model_fields.items():
-        annotation = section.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and section_name != "parent":
-            for name, field in annotation.model_fields.items():
-                default = (
-                    "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
-                )
-                rows.append((f"{section_name}.{name}", default, field.description or ""))
-    return rows
-
-
-def json_schema() -> dict[str, Any]:
-    """The recipe's JSON Schema, for editors (yaml-language-server) and tooling."""
-    schema = Recipe.model_json_schema(by_alias=True)
-    schema["properties"]["extends"] = {
-        "type": "string",
-        "description": "Inherit every value from another recipe (a shipped name or a path); override here.",
-    }
-    schema["title"] = "finetune recipe"
-    return schema

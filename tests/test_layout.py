@@ -65,3 +65,11 @@ def test_the_import_graph_sees_lazy_imports():
 def test_no_import_cycle_in_the_package():
     cycle = find_cycle(package_imports())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_modules_stay_short_enough_to_read():
+    """The command line only parses, calls and presents; train.py only loads, adds LoRA, trains and
+    saves; and no module grows past what one sitting can read."""
+    lines = {path.stem: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
+    assert lines["cli"] < 350 and lines["train"] < 450
+    assert not {name: n for name, n in lines.items() if n > 650}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from finetune.recipe import UserError, dump_recipe, field_reference, load_recipe, validate_recipe
+from finetune.arguments import field_reference
+from finetune.recipe import UserError, dump_recipe, load_recipe, validate_recipe
 from finetune.schedule import scheduler_kwargs
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from finetune.arguments import json_schema
 from finetune.cli import main
 from finetune.lineage import file_sha256
-from finetune.recipe import SCHEMA_FILE, json_schema, load_recipe, shipped_recipes
+from finetune.recipe import SCHEMA_FILE, load_recipe, shipped_recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 
