@@ -5,13 +5,15 @@ Imported by train.py only; Unsloth comes first, as in every module that imports 
 
 from __future__ import annotations
 
+import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
+
+# isort: split
 import json
 import signal
 import time
 from pathlib import Path
 
 import torch
-import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from transformers import ProgressCallback, TrainerCallback
 
 from finetune.files import write_json

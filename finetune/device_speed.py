@@ -8,6 +8,7 @@ caches the answer for a day (``~/.cache/finetune/device-speed``). The same code 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -54,11 +55,15 @@ def cached_measurement(device: str, name: str, cache_dir: Path) -> dict | None:
         if time.time() - found["measured_at"] < CACHE_SECONDS:
             return found
     try:
+        # From any working directory: the child finds this package where this process found it.
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
         out = subprocess.run(
             [sys.executable, "-m", "finetune.device_speed", device],
             capture_output=True,
             text=True,
             timeout=300,
+            env={**os.environ, "PYTHONPATH": path},
         )
         found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
     except (subprocess.TimeoutExpired, ValueError, IndexError):  # hung, or printed no measurement

@@ -6,10 +6,12 @@ training), the smoke (the reloaded adapter) and the `generate` and `export` verb
 
 from __future__ import annotations
 
+import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
+
+# isort: split
 from pathlib import Path
 
 import torch
-import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from unsloth import FastLanguageModel
 
 from finetune.prepare import IGNORE_INDEX, Example

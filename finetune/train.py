@@ -7,6 +7,9 @@ the recipe has been validated and the run planned (launch.py).
 
 from __future__ import annotations
 
+import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
+
+# isort: split
 import json
 import math
 import os
@@ -17,7 +20,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import unsloth  # noqa: F401, I001  (must come first: it patches the libraries below)
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter

@@ -5,11 +5,13 @@ These tests share one process, and some import transformers directly (the tokeni
 import order is fixed here, once, before any of them is collected. Every test here is marked e2e.
 """
 
+import finetune.stack  # noqa: F401  (first: Unsloth, set up, before what the tests import)
+
+# isort: split
 import sys
 from pathlib import Path
 
 import pytest
-import unsloth  # noqa: F401  (first: it patches the libraries the tests import)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/cli_helpers.py
 

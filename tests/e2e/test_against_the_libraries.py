@@ -69,9 +69,12 @@ def test_packing_count_equals_trls_best_fit_decreasing_packer():
         assert count_packed_sequences(lengths, 1024) == len(packed), lengths
 
 
-def test_device_speed_measures_with_torch_in_a_child_process_and_caches(tmp_path):
-    """The path a GPU takes (`cuda`), run on the CPU here: a child process measures, the cache answers."""
+def test_device_speed_is_measured_with_torch_in_a_child_process_and_cached(tmp_path, monkeypatch):
+    """The path a GPU takes (`cuda`), run on the CPU here: a child process measures, the cache answers;
+    from any working directory, not only the repository's."""
     from finetune.device_speed import cached_measurement
+
+    monkeypatch.chdir(tmp_path)
 
     first = cached_measurement("cpu", "This CPU", tmp_path)
     assert first is not None and first["tflops"] > 0 and first["bandwidth_gbs"] > 0
