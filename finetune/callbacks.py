@@ -170,3 +170,12 @@ class Watchdog(TrainerCallback):
         if reason is not None:
             self.stopped = reason
             control.should_training_stop = True
+
+
+class OutOfMemoryInOptimizerStep(TrainerCallback):
+    """The injected oom-optimizer fault: raised where the optimizer's step begins."""
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        raise torch.OutOfMemoryError(
+            f"injected out-of-memory fault in the optimizer step {state.global_step + 1}"
+        )

@@ -206,7 +206,7 @@ def start_run(
 ):
     """Import the training stack and train into ``run_dir`` (from ``resume_from``, a checkpoint of
     it); with ``probe``, a few worst-case steps first, held to the budget (see probe_verdict).
-    Returns train.TrainResult; raises run.OutOfMemory with what was saved."""
+    Returns run.TrainResult; raises run.OutOfMemory with what was saved."""
     from finetune import train  # heavy: unsloth, torch, transformers, trl
 
     def check(measured) -> None:
@@ -218,9 +218,10 @@ def start_run(
 
 def out_of_memory_report(launch: Launch, oom: OutOfMemory, run_dir: Path) -> list[str]:
     """What ran out against what was predicted, and changes predicted to need a fifth less memory."""
-    saved = f"saved {oom.checkpoint.name}" if oom.checkpoint else "no step had finished, nothing to save"
+    saved = f"saved {oom.checkpoint.name}" if oom.checkpoint else f"not saved: {oom.unsaved}"
     peak = f"{oom.peak_bytes / GIB:.2f} GiB" if oom.peak_bytes is not None else "not measured on the CPU"
-    lines = [f"out of memory at step {oom.step} ({oom.tokens} tokens in the micro-batch); {saved}"]
+    where = "in the probe, on the worst-case micro-batch" if oom.step is None else f"at step {oom.step}"
+    lines = [f"out of memory {where} ({oom.tokens} tokens in the micro-batch); {saved}"]
     lines.append(f"peak memory measured: {peak}")
     budget = launch.budget
     if budget is not None:
@@ -234,7 +235,9 @@ def out_of_memory_report(launch: Launch, oom: OutOfMemory, run_dir: Path) -> lis
         if ideas:
             lines.append("changes predicted to need at least a fifth less memory:")
             lines += [f"  {idea}" for idea in ideas]
-    if oom.checkpoint:
+    kept = oom.checkpoint or latest_checkpoint(run_dir)[0]
+    if kept is not None:
+        lines.append(f"the last sound checkpoint is {kept}")
         lines.append(f"after changing the recipe, start a new run; this one is in {run_dir}")
     return lines
 

@@ -13,10 +13,12 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -43,12 +45,58 @@ PACKAGES = (
 _SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|API_KEY|ACCESS_KEY", re.IGNORECASE)
 
 
-class OutOfMemory(Exception):
-    """The GPU ran out of memory during training; what was saved and what was going on."""
+@dataclass
+class Measured:
+    """What a run (or a probe) really used: the numbers predictions are checked against."""
 
-    def __init__(self, step: int, tokens: int | None, peak_bytes: int | None, checkpoint: Path | None):
-        super().__init__(f"out of memory at step {step}")
-        self.step, self.tokens, self.peak_bytes, self.checkpoint = step, tokens, peak_bytes, checkpoint
+    step_seconds: list[float]  # wall time of every optimizer step
+    peak_allocated: int | None  # bytes, PyTorch's CUDA allocator; None on the CPU
+    peak_reserved: int | None
+
+    @property
+    def median_step_seconds(self) -> float | None:
+        """Median after warm-up (the first two steps compile kernels and fill caches)."""
+        steady = self.step_seconds[2:] or self.step_seconds
+        return statistics.median(steady) if steady else None
+
+    def as_dict(self) -> dict:
+        return {
+            "median_step_seconds": self.median_step_seconds,
+            "step_seconds": self.step_seconds,
+            "peak_allocated_bytes": self.peak_allocated,
+            "peak_reserved_bytes": self.peak_reserved,
+        }
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    first_loss: float
+    final_loss: float
+    seconds: float
+    adapter_dir: Path
+    log_history: list[dict]
+    measured: Measured
+    interrupted_by: str | None = None  # the signal that stopped the run early, after a checkpoint
+    diverged: str | None = None  # why the watchdog stopped the run (finetune.watch)
+    spikes: list[dict] = field(default_factory=list)  # loss spikes, warned of as they happened
+
+
+class OutOfMemory(Exception):
+    """The GPU ran out of memory: where (the probe or step ``step`` of training), the micro-batch's
+    tokens, the peak, and what was saved (``checkpoint``) or why nothing was (``unsaved``)."""
+
+    def __init__(
+        self,
+        step: int | None,
+        tokens: int | None,
+        peak_bytes: int | None,
+        checkpoint: Path | None = None,
+        unsaved: str | None = None,
+    ):
+        super().__init__("out of memory in the probe" if step is None else f"out of memory at step {step}")
+        self.step, self.tokens, self.peak_bytes = step, tokens, peak_bytes
+        self.checkpoint, self.unsaved = checkpoint, unsaved
 
 
 def write_run_file(path: Path, text: str) -> Path:

@@ -10,13 +10,12 @@ from __future__ import annotations
 import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
 
 # isort: split
+import gc
 import json
 import math
 import os
-import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +32,7 @@ from finetune import schedule
 from finetune.callbacks import (
     LogFile,
     LossProgress,
+    OutOfMemoryInOptimizerStep,
     RestoreTrainingDtypes,
     SealCheckpoints,
     StepTimer,
@@ -44,49 +44,20 @@ from finetune.internals import save_checkpoint_now
 from finetune.preflight import base_model
 from finetune.prepare import Example, resolve_chat_template
 from finetune.recipe import Recipe, TrainSection
-from finetune.run import OutOfMemory, keep_log_until, manifest, write_run_file, write_run_json
+from finetune.run import (
+    Measured,
+    OutOfMemory,
+    TrainResult,
+    keep_log_until,
+    manifest,
+    write_run_file,
+    write_run_json,
+)
 from finetune.store import prepared_data, run_fingerprints
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _GRADIENT_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
-
-
-@dataclass
-class Measured:
-    """What a run (or a probe) really used: the numbers predictions are checked against."""
-
-    step_seconds: list[float]  # wall time of every optimizer step
-    peak_allocated: int | None  # bytes, PyTorch's CUDA allocator; None on the CPU
-    peak_reserved: int | None
-
-    @property
-    def median_step_seconds(self) -> float | None:
-        """Median after warm-up (the first two steps compile kernels and fill caches)."""
-        steady = self.step_seconds[2:] or self.step_seconds
-        return statistics.median(steady) if steady else None
-
-    def as_dict(self) -> dict:
-        return {
-            "median_step_seconds": self.median_step_seconds,
-            "step_seconds": self.step_seconds,
-            "peak_allocated_bytes": self.peak_allocated,
-            "peak_reserved_bytes": self.peak_reserved,
-        }
-
-
-@dataclass
-class TrainResult:
-    steps: int
-    first_loss: float
-    final_loss: float
-    seconds: float
-    adapter_dir: Path
-    log_history: list[dict]
-    measured: Measured
-    interrupted_by: str | None = None  # the signal that stopped the run early, after a checkpoint
-    diverged: str | None = None  # why the watchdog stopped the run (finetune.watch)
-    spikes: list[dict] = field(default_factory=list)  # loss spikes, warned of as they happened
 
 
 def _timed_train(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
@@ -191,6 +162,7 @@ class FinetuneTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.train_settings = train_settings
         self.batch_tokens: int | None = None
+        self.in_forward_backward = False  # where an out-of-memory error came from
         self.fault = _injected_fault()
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
@@ -218,32 +190,73 @@ class FinetuneTrainer(SFTTrainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.batch_tokens = int(inputs["input_ids"].numel())
         step = self.state.global_step + 1
+        self.in_forward_backward = True
         if self.fault == ("oom", step):
             raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
+        if self.fault == ("cublas", step):
+            raise RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
         loss = super().training_step(model, inputs, num_items_in_batch)
+        self.in_forward_backward = False
+        if self.fault == ("oom-optimizer", step) and self.accelerator.sync_gradients:
+            self.add_callback(OutOfMemoryInOptimizerStep())
         if self.fault is not None and self.fault[0] == "nan" and step >= self.fault[1]:
             loss = loss * float("nan")
         return loss
 
 
-def _injected_fault() -> tuple[str, int] | None:
-    """FINETUNE_INJECT_FAULT=oom@N or nan@N: the tests' way to make step N run out of memory or
-    diverge, so the handling of both is exercised without a GPU or a bad recipe."""
-    value = os.environ.get("FINETUNE_INJECT_FAULT", "")
-    kind, _, step = value.partition("@")
-    return (kind, int(step)) if kind in ("oom", "nan") and step.isdigit() else None
+FAULTS = ("oom", "cublas", "oom-optimizer", "nan")
 
 
-def _save_after_oom(trainer: FinetuneTrainer) -> Path | None:
-    """A sealed checkpoint of the last completed step (the failed step changed no weight)."""
-    if trainer.state.global_step == 0:
-        return None
+def _injected_fault() -> tuple[str, int | str] | None:
+    """FINETUNE_INJECT_FAULT=KIND@N (KIND one of FAULTS) or oom@probe: the tests' way to make step N
+    (or the probe) run out of memory, in the forward and backward pass (oom; cublas as cuBLAS reports
+    it) or in the optimizer's step (oom-optimizer), or diverge (nan), so the handling of each is
+    exercised without a GPU or a bad recipe."""
+    kind, _, step = os.environ.get("FINETUNE_INJECT_FAULT", "").partition("@")
+    if kind == "oom" and step == "probe":
+        return kind, step
+    return (kind, int(step)) if kind in FAULTS and step.isdigit() else None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """torch's out-of-memory error, or cuBLAS failing to allocate its workspace (a RuntimeError)."""
+    if isinstance(error, torch.OutOfMemoryError):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and (
+        "CUBLAS_STATUS_ALLOC_FAILED" in text or "out of memory" in text
+    )
+
+
+def _release(trainer: FinetuneTrainer | None = None) -> None:
+    """Free what a trainer held (optimizer state first: Unsloth's trainer keeps itself alive through a
+    reference cycle) and the allocator's cached blocks."""
+    if trainer is not None:
+        trainer.optimizer = trainer.lr_scheduler = None
+        trainer.accelerator.free_memory()
+    gc.collect()
     if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # room to write from
-    save_checkpoint_now(trainer)
-    checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
-    SealCheckpoints().on_save(trainer.args, trainer.state, trainer.control, model=trainer.model)
-    return checkpoint if checkpoint.is_dir() else None
+        torch.cuda.empty_cache()
+
+
+def _out_of_memory(trainer: FinetuneTrainer) -> OutOfMemory:
+    """What ran out, after freeing what the failed step held, and a sealed checkpoint of the last
+    completed step when the weights are known to be whole: the failure came in the forward or
+    backward pass, which changes no weight (inside the optimizer's step some may be updated)."""
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    step = trainer.state.global_step
+    oom = OutOfMemory(step + 1, trainer.batch_tokens, peak)
+    if step == 0:
+        oom.unsaved = "no step had finished"
+    elif not trainer.in_forward_backward:
+        oom.unsaved = "it ran out outside the forward and backward pass, where weights may be half updated"
+    else:
+        _release()  # room to write from
+        save_checkpoint_now(trainer)
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+        SealCheckpoints().on_save(trainer.args, trainer.state, trainer.control, model=trainer.model)
+        oom.checkpoint = checkpoint if checkpoint.is_dir() else None
+    return oom
 
 
 def examples_dataset(examples: list[Example]) -> Dataset:
@@ -313,17 +326,30 @@ def probe(
         }
     )
     probe_recipe = recipe.model_copy(update={"train": train_settings})
-    saved = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    # On the host: a copy on the GPU would count in the peak the probe measures.
+    saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
     trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe", save=False)
     trainer.remove_callback(LossProgress)
-    measured = _timed_train(trainer)
+    if trainer.fault == ("oom", "probe"):
+        trainer.fault = ("oom", 1)
+    failed = None
+    try:
+        measured = _timed_train(trainer)
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        failed = OutOfMemory(None, trainer.batch_tokens, peak, unsaved="nothing was trained yet")
+    # Outside the except block: its traceback no longer holds the failed step's tensors.
+    _release(trainer)
+    del trainer
+    _release()
+    if failed is not None:
+        raise failed
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name in saved:
                 p.copy_(saved[name])
-    del trainer
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
     return measured
 
 
@@ -367,14 +393,16 @@ def train(
     watchdog = Watchdog(recipe.train)
     trainer.add_callback(watchdog)
     start = time.perf_counter()
+    ran_out = False
     try:
         with stopper:
             measured = _timed_train(trainer, resume_from=checkpoint)
-    except torch.OutOfMemoryError:
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
-        raise OutOfMemory(
-            trainer.state.global_step + 1, trainer.batch_tokens, peak, _save_after_oom(trainer)
-        ) from None
+    except (torch.OutOfMemoryError, RuntimeError) as error:
+        if not is_out_of_memory(error):
+            raise
+        ran_out = True
+    if ran_out:  # handled outside the except block, whose traceback holds the failed step's tensors
+        raise _out_of_memory(trainer)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
     write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))

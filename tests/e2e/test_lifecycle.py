@@ -254,6 +254,41 @@ def test_out_of_memory_is_caught_saved_and_explained(tmp_path):
     )
     assert "peak memory measured: not measured on the CPU" in stderr and "predicted: " in stderr
     assert latest_checkpoint(run_dir)[0].name == "checkpoint-3"
+    assert f"the last sound checkpoint is {run_dir / 'checkpoints' / 'checkpoint-3'}" in stderr
+
+
+def test_cublas_failing_to_allocate_is_out_of_memory_too(tmp_path):
+    """cuBLAS reports its failed allocation as a RuntimeError, not torch's OutOfMemoryError."""
+    out = run_with_fault("cublas@3", tmp_path, "train.max_steps=10")
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "error: out of memory at step 3 (" in " ".join(out.stderr.split())
+    assert latest_checkpoint(run_folder(tmp_path))[0].name == "checkpoint-2"
+
+
+def test_out_of_memory_in_the_optimizer_step_saves_nothing_half_updated(tmp_path):
+    """The optimizer may have updated some weights before it ran out: that state is never saved as
+    a step; the last sound checkpoint stays the latest."""
+    out = run_with_fault("oom-optimizer@5", tmp_path, "train.max_steps=10", "train.save_steps=2")
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    run_dir = run_folder(tmp_path)
+    stderr = " ".join(out.stderr.split())
+    assert "error: out of memory at step 5 (" in stderr
+    assert "not saved: it ran out outside the forward and backward pass" in stderr
+    assert f"the last sound checkpoint is {run_dir / 'checkpoints' / 'checkpoint-4'}" in stderr
+    assert latest_checkpoint(run_dir)[0].name == "checkpoint-4"
+    assert not (run_dir / "checkpoints" / "checkpoint-5").exists()
+
+
+def test_out_of_memory_in_the_probe_is_the_same_report(tmp_path):
+    """The probe runs the worst micro-batch first, the likeliest place to run out: exit 3, the
+    report with what was predicted, and nothing trained."""
+    out = run_with_fault("oom@probe", tmp_path, "train.max_steps=10", "--probe")
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    stderr = " ".join(out.stderr.split())
+    assert "error: out of memory in the probe, on the worst-case micro-batch (" in stderr
+    assert "not saved: nothing was trained yet" in stderr and "predicted: " in stderr
+    run_dir = run_folder(tmp_path)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "log.jsonl").exists()
 
 
 def test_the_report_lists_spikes_and_data_warnings_beside_the_figures(tmp_path):

@@ -3,6 +3,7 @@
 The tiny Llama 3 trains on the CPU in seconds, so the whole path that a GPU run takes is exercised here.
 """
 
+import gc
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch
 from finetune import budget, inference, launch, train
 from finetune.data import load_conversations
 from finetune.recipe import load_recipe
+from finetune.run import Measured
 from finetune.store import prepared_data
 from finetune.tiny_model import TINY_CONFIG
 
@@ -235,6 +237,39 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     assert "trained tokens/s" in report and (run_dir / "manifest.json").is_file()
 
 
+def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tmp_path, monkeypatch):
+    """On a GPU, Unsloth's trainer keeps itself alive through a reference cycle (its __init__ sets
+    ``self.train`` to a closure over ``self``, unsloth/trainer.py); the probe's trainer, with its
+    optimizer state, must be gone when probe() returns, not whenever the garbage collector next runs.
+    The CPU backend does not install that wrapper, so the test adds the same cycle."""
+    build = train.build_trainer
+
+    def build_with_cycle(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        original = trainer.train
+        trainer.train = lambda *a, **k: (trainer, original(*a, **k))[1]  # self -> closure -> self
+        return trainer
+
+    monkeypatch.setattr(train, "build_trainer", build_with_cycle)
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
+    model, tokenizer = train.load_model(recipe)
+    model = train.add_lora(model, recipe)
+    store = prepared_data(recipe)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    gc.collect()
+    gc.disable()  # only probe() itself may collect
+    try:
+        measured = train.probe(
+            model, tokenizer, recipe, store.dataset("train"), store.summary["lengths"], tmp_path
+        )
+        alive = [o for o in gc.get_objects() if isinstance(o, (train.FinetuneTrainer, torch.optim.Optimizer))]
+    finally:
+        gc.enable()
+    assert alive == [] and len(measured.step_seconds) == 3
+    # Back to their values (in the dtype the trainer trains them in: bf16 on Unsloth's CPU backend).
+    assert all(torch.equal(p, before[n].to(p.dtype)) for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
     """A probe runs real steps on the longest rows, reports them against the budget, and leaves the
     run exactly as it would have been: the first logged loss equals a run without a probe."""
@@ -253,7 +288,7 @@ def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
     # A probe slower than the limit stops the run (exit 3 in main); --force only warns.
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_step_seconds=2"])
     on_h100 = launch.plan_launch(recipe, "recipes/smoke.yaml", "smoke", budget.GPUS["h100"])
-    slow = train.Measured([5.0, 5.0, 5.0], 10 * 2**30, 11 * 2**30)
+    slow = Measured([5.0, 5.0, 5.0], 10 * 2**30, 11 * 2**30)
     with pytest.raises(
         budget.BudgetExceeded, match=r"FAIL measured seconds per step: 5\.00 s \(limit 2\.00 s\)"
     ):
