@@ -54,25 +54,58 @@ def cached_measurement(device: str, name: str, cache_dir: Path) -> dict | None:
         found = json.loads(cache.read_text())
         if time.time() - found["measured_at"] < CACHE_SECONDS:
             return found
-    try:
-        # From any working directory: the child finds this package where this process found it.
-        package_parent = str(Path(__file__).resolve().parent.parent)
-        path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
-        out = subprocess.run(
-            [sys.executable, "-m", "finetune.device_speed", device],
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, "PYTHONPATH": path},
-        )
-        found = json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
-    except (subprocess.TimeoutExpired, ValueError, IndexError):  # hung, or printed no measurement
-        found = None
-    if found is None:
+    found = _ask_child(device)
+    if found is None or "error" in found:
         return None
     write_atomic(cache, json.dumps(found))
     return found
 
 
+def cuda_status() -> dict:
+    """Whether torch can use this machine's GPU, asked of a child process (this one stays free of
+    torch): the torch version, the CUDA version it was built for, and ``error`` when it cannot."""
+    return _ask_child("check") or {"error": "the check's child process printed nothing"}
+
+
+def _check_cuda() -> dict:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        import torch
+
+        status = {"torch": torch.__version__, "cuda_build": torch.version.cuda}
+        try:
+            if not torch.cuda.is_available():
+                # torch says why only in a warning (e.g. "The NVIDIA driver on your system is too old").
+                reasons = [
+                    str(w.message) for w in caught if "CUDA" in str(w.message) or "driver" in str(w.message)
+                ]
+                raise RuntimeError(reasons[-1] if reasons else "torch.cuda.is_available() is False")
+            torch.zeros(1, device="cuda")
+        except Exception as exc:  # whatever stops torch from using the GPU is the finding
+            status["error"] = " ".join(f"{exc}".split())[:400]
+    return status
+
+
+def _ask_child(command: str) -> dict | None:
+    """Run this module as a child process (``cuda``/``cpu``: measure; ``check``: cuda_status), from any
+    working directory: the child finds this package where this process found it."""
+    package_parent = str(Path(__file__).resolve().parent.parent)
+    path = os.pathsep.join(p for p in (package_parent, os.environ.get("PYTHONPATH")) if p)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "finetune.device_speed", command],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": path},
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
+    except (subprocess.TimeoutExpired, ValueError, IndexError):  # hung, or printed no answer
+        return None
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1] if len(sys.argv) > 1 else "cpu")))
+    command = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    print(json.dumps(_check_cuda() if command == "check" else measure(command)))

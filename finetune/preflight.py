@@ -28,6 +28,11 @@ class Gpu:
     name: str
     memory_gib: float
     free_gib: float
+    driver: str = ""  # the NVIDIA driver's version, as nvidia-smi reports it
+
+
+# The oldest NVIDIA driver each CUDA major version runs on (Linux; NVIDIA's CUDA compatibility table).
+MIN_DRIVER = {"12": "525.60.13", "13": "580.65.06"}
 
 
 def detect_gpus() -> list[Gpu]:
@@ -40,7 +45,11 @@ def detect_gpus() -> list[Gpu]:
         return []
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=name,memory.total,memory.free", "--format=csv,noheader,nounits"],
+            [
+                smi,
+                "--query-gpu=name,memory.total,memory.free,driver_version",
+                "--format=csv,noheader,nounits",
+            ],
             capture_output=True,
             text=True,
             timeout=10,
@@ -50,9 +59,9 @@ def detect_gpus() -> list[Gpu]:
         return []
     gpus = []
     for line in out.strip().splitlines():
-        name, total_mib, free_mib = (line.rsplit(",", 2) + ["", ""])[:3]
+        name, total_mib, free_mib, driver = (line.rsplit(",", 3) + ["", "", ""])[:4]
         try:
-            gpus.append(Gpu(name.strip(), float(total_mib) / 1024, float(free_mib) / 1024))
+            gpus.append(Gpu(name.strip(), float(total_mib) / 1024, float(free_mib) / 1024, driver.strip()))
         except ValueError:
             continue
     return gpus
@@ -201,4 +210,37 @@ def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
                 f"download it where there is a network (`hf download {name}`) "
                 "or set model.name to a local folder."
             )
+    if gpus:
+        check_gpu_usable(gpus[0], recipe_path)
     return gpus
+
+
+def check_gpu_usable(gpu: Gpu, recipe_path: str) -> None:
+    """Refuse, before any run folder exists, a GPU that nvidia-smi lists but torch cannot use (a
+    driver older than the torch build needs), or a machine without what Triton needs to compile
+    Unsloth's kernels at the first step (a C compiler and Python's headers)."""
+    import sysconfig
+
+    from finetune.device_speed import cuda_status
+
+    status = cuda_status()
+    if "error" in status:
+        build = status.get("cuda_build")
+        needs = MIN_DRIVER.get(str(build).split(".")[0]) if build else None
+        wants = f"; a CUDA {build} build needs driver {needs} or newer" if needs else ""
+        driver = gpu.driver or "version unknown"
+        torch_build = f"torch {status.get('torch', '?')} (built for CUDA {build or 'none'})"
+        raise UserError(
+            f"{recipe_path}: nvidia-smi lists {gpu.name} (driver {driver}), but {torch_build} cannot "
+            f"use it: {status['error']}{wants}. Update the NVIDIA driver, or install the torch build "
+            "for the CUDA version this driver supports."
+        )
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    missing = [] if compiler else ["a C compiler (install gcc)"]
+    missing += [] if headers.is_file() else [f"Python's headers ({headers} is missing: install python3-dev)"]
+    if missing:
+        raise UserError(
+            f"{recipe_path}: Triton compiles Unsloth's GPU kernels at the first training step and needs "
+            f"{' and '.join(missing)}."
+        )

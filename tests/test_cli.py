@@ -173,3 +173,17 @@ def test_parameter_count_of_llama31_8b():
         "tie_word_embeddings": False,
     }
     assert count_parameters(config) == 8_030_261_248  # Meta's published count
+
+
+def test_a_gpu_host_without_what_triton_needs_is_refused_before_training(monkeypatch, tmp_path):
+    """Triton compiles Unsloth's kernels at the first step: without a C compiler that is a crash
+    minutes in; here it is one sentence before anything starts."""
+    from finetune import device_speed
+
+    monkeypatch.setattr(device_speed, "cuda_status", lambda: {"torch": "2.14.1", "cuda_build": "13.0"})
+    monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(UserError, match="Triton compiles Unsloth's GPU kernels .* needs a C compiler"):
+        preflight.check_gpu_usable(preflight.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
+    monkeypatch.setenv("CC", "/usr/bin/cc")  # the user's compiler
+    preflight.check_gpu_usable(preflight.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
