@@ -54,6 +54,7 @@ def data_as_dict(data: DataPlan) -> dict:
         "trained_rows": None if data.lengths is None else len(data.lengths),
         "sequences": data.sequences,
         "packing": data.packing,
+        "padding_free": False,  # set so in train.build_sft_config, whatever the device
         "tokenizer": data.tokenizer,
         "token_lengths": data.lengths,
         "report": data.report,

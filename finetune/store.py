@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -93,6 +94,8 @@ class DataPlan:
             line += (
                 f"; packed into {self.sequences} sequences of {self.max_seq_length} tokens ({fill:.0%} full)"
             )
+        else:  # train.build_sft_config sets padding_free=False: the memory plan counts padded rows
+            line += "; padded micro-batches (padding-free batching off)"
         return [line, *self.report]
 
 
@@ -477,3 +480,19 @@ def _prune(keep: Path) -> None:
     stores.sort(key=lambda d: (d / "summary.json").stat().st_mtime, reverse=True)
     for old in stores[KEEP_STORES - 1 :]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def cache_files_elsewhere():
+    """The dataset steps of TRL and Unsloth (and ``select``) write cache-*.arrow files beside their
+    source, which is our prepared-data store; with datasets' caching off they go to a temporary
+    folder instead, deleted when the process ends, and the store keeps only what it made."""
+    import datasets
+
+    was_on = datasets.is_caching_enabled()
+    datasets.disable_caching()
+    try:
+        yield
+    finally:
+        if was_on:
+            datasets.enable_caching()

@@ -53,7 +53,7 @@ from finetune.run import (
     write_run_file,
     write_run_json,
 )
-from finetune.store import prepared_data, run_fingerprints
+from finetune.store import cache_files_elsewhere, prepared_data, run_fingerprints
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -143,6 +143,9 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         max_length=recipe.model.max_seq_length,
         packing=recipe.data.packing,
+        # Never on by itself: Unsloth enables padding-free batching on some GPUs when this is unset,
+        # flattening each micro-batch into one row, which the memory plan (padded rows) does not model.
+        padding_free=False,
         packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
         dataset_num_proc=1,
         report_to="none",  # TensorBoard is added by build_trainer, writing where we say
@@ -284,14 +287,15 @@ def build_trainer(
 ) -> FinetuneTrainer:
     """The trainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
     max_seq_length sequences, and attention stays within each example (position ids restart)."""
-    trainer = FinetuneTrainer(
-        model=model,
-        processing_class=tokenizer,
-        train_dataset=_trainer_rows(dataset),
-        eval_dataset=_trainer_rows(eval_dataset),
-        args=build_sft_config(recipe, output_dir, save),
-        train_settings=recipe.train,
-    )
+    with cache_files_elsewhere():
+        trainer = FinetuneTrainer(
+            model=model,
+            processing_class=tokenizer,
+            train_dataset=_trainer_rows(dataset),
+            eval_dataset=_trainer_rows(eval_dataset),
+            args=build_sft_config(recipe, output_dir, save),
+            train_settings=recipe.train,
+        )
     if save:
         trainer.add_callback(SealCheckpoints())
         # transformers 5 takes TensorBoard's folder only from an environment variable; a writer of
@@ -312,7 +316,8 @@ def probe(
     starts as if the probe had not happened."""
     batch = recipe.train.per_device_train_batch_size
     longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:batch]
-    probe_rows = dataset.select(longest * (recipe.train.gradient_accumulation_steps * steps))
+    with cache_files_elsewhere():
+        probe_rows = dataset.select(longest * (recipe.train.gradient_accumulation_steps * steps))
     train_settings = recipe.train.model_copy(
         update={
             "max_steps": steps,

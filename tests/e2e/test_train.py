@@ -304,6 +304,23 @@ def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
     assert plain.returncode == 0 and len(first) == 2 and first[0] == first[1]
 
 
+def test_padding_free_batching_is_decided_here_not_left_to_unsloth(tmp_path, monkeypatch):
+    """Unsloth's generated SFTConfig (on a GPU) leaves padding_free unset, and its trainer then turns
+    padding-free batching on by itself on some GPUs (unsloth/trainer.py, _should_auto_padding_free:
+    only when it is None; that module is a stub on the CPU backend). So it is always passed, as
+    False: the plan's padded micro-batches are what trains."""
+    passed = {}
+    real = train.SFTConfig
+
+    def recording(**kwargs):
+        passed.update(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(train, "SFTConfig", recording)
+    config = train.build_sft_config(load_recipe(ROOT / "recipes" / "smoke.yaml"), tmp_path)
+    assert passed["padding_free"] is False and config.padding_free is False
+
+
 def test_sft_config_carries_every_schedule_setting(tmp_path):
     from transformers import get_scheduler
 
