@@ -63,8 +63,10 @@ def export(run_dir: Path, out_dir: Path) -> Path:
     """The adapter merged into its base model, saved as 16-bit safetensors that plain transformers
     (or vLLM, llama.cpp's converter, ...) loads without this tool or Unsloth.
 
-    On a GPU through Unsloth's merge of the 4-bit base, as the recipe trained it; on a CPU, where
-    Unsloth cannot merge into 4-bit weights, into the base model loaded in 16-bit."""
+    On a CPU, into the base model loaded in 16-bit. On a GPU the adapter is loaded on the recipe's
+    4-bit base and Unsloth's save_pretrained_merged writes the 16-bit merge, for which it may fetch
+    the unquantized base weights from the hub (unsloth_zoo/saving_utils.py, merge_and_overwrite_lora):
+    offline without them on disk that fails, which is not handled here yet (unverified on a GPU)."""
     recipe, adapter = finished_adapter(run_dir)
     check_export_folder(out_dir)
     load_in_4bit = recipe.model.load_in_4bit and torch.cuda.is_available()

@@ -36,20 +36,19 @@ MIN_DRIVER = {"12": "525.60.13", "13": "580.65.06"}
 
 
 def detect_gpus() -> list[Gpu]:
-    """NVIDIA GPUs visible to this process, from nvidia-smi (no CUDA initialisation)."""
+    """The NVIDIA GPUs this process's torch will use, in its order, from nvidia-smi (no CUDA
+    initialisation). nvidia-smi lists every GPU of the machine whatever CUDA_VISIBLE_DEVICES says,
+    so its rows are chosen and ordered here as CUDA does: by index or by UUID (or its prefix)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None and visible.strip() in ("", "-1"):
         return []
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
+    query = "--query-gpu=index,uuid,name,memory.total,memory.free,driver_version"
     try:
         out = subprocess.run(
-            [
-                smi,
-                "--query-gpu=name,memory.total,memory.free,driver_version",
-                "--format=csv,noheader,nounits",
-            ],
+            [smi, query, "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
             timeout=10,
@@ -57,14 +56,28 @@ def detect_gpus() -> list[Gpu]:
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return []
-    gpus = []
+    rows = {}
     for line in out.strip().splitlines():
-        name, total_mib, free_mib, driver = (line.rsplit(",", 3) + ["", "", ""])[:4]
+        index, uuid, rest = (line.split(",", 2) + ["", ""])[:3]
+        name, total_mib, free_mib, driver = (rest.rsplit(",", 3) + ["", "", ""])[:4]
         try:
-            gpus.append(Gpu(name.strip(), float(total_mib) / 1024, float(free_mib) / 1024, driver.strip()))
+            gpu = Gpu(name.strip(), float(total_mib) / 1024, float(free_mib) / 1024, driver.strip())
         except ValueError:
             continue
-    return gpus
+        rows[(index.strip(), uuid.strip())] = gpu
+    if visible is None:
+        return list(rows.values())
+    chosen = []
+    for wanted in (entry.strip() for entry in visible.split(",")):
+        match = [
+            gpu
+            for (index, uuid), gpu in rows.items()
+            if wanted in (index, uuid) or (wanted.startswith("GPU-") and uuid.startswith(wanted))
+        ]
+        if not match:
+            break  # CUDA stops at the first entry it cannot resolve
+        chosen.append(match[0])
+    return chosen
 
 
 def cpu_device(seconds: float = 0.1) -> Device:

@@ -1,5 +1,6 @@
 """What a user sees when a run cannot start: one sentence, a non-zero exit, no traceback."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -187,3 +188,29 @@ def test_a_gpu_host_without_what_triton_needs_is_refused_before_training(monkeyp
         preflight.check_gpu_usable(preflight.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
     monkeypatch.setenv("CC", "/usr/bin/cc")  # the user's compiler
     preflight.check_gpu_usable(preflight.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
+
+
+def test_the_gpus_planned_for_are_the_ones_cuda_visible_devices_leaves(tmp_path, monkeypatch):
+    """nvidia-smi lists every GPU of the machine; torch sees only CUDA_VISIBLE_DEVICES', in its order."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\n"
+        'echo "0, GPU-1111aaaa-0000, NVIDIA A100-SXM4-80GB, 81920, 80000, 580.82.07"\n'
+        'echo "1, GPU-2222bbbb-0000, NVIDIA H100 80GB HBM3, 81559, 81000, 580.82.07"\n'
+    )
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+
+    def names(visible):
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        return [gpu.name for gpu in preflight.detect_gpus()]
+
+    a100, h100 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
+    assert names(None) == [a100, h100]
+    assert names("1") == [h100] and names("1,0") == [h100, a100]
+    assert names("GPU-2222bbbb") == [h100]  # a UUID prefix, as CUDA takes it
+    assert names("") == [] and names("7") == [] and names("0,7,1") == [a100]
+    assert preflight.detect_gpus()[0].driver == "580.82.07"

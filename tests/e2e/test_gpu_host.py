@@ -15,7 +15,7 @@ def test_a_gpu_that_torch_cannot_use_is_one_sentence_and_no_run_folder(tmp_path)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
-    smi.write_text('#!/bin/sh\necho "NVIDIA GeForce RTX 4090, 24564, 24000, 535.104.05"\n')
+    smi.write_text('#!/bin/sh\necho "0, GPU-5f2b8c1e, NVIDIA GeForce RTX 4090, 24564, 24000, 535.104.05"\n')
     smi.chmod(0o755)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
