@@ -31,6 +31,7 @@ err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 EXIT_USER_ERROR = 2
 EXIT_OVER_BUDGET = 3
 EXIT_DIVERGED = 4
+EXIT_DISK_FULL = 5
 EXIT_INTERRUPTED = 130
 
 
@@ -195,8 +196,7 @@ def cmd_calibration(folder: Path) -> int:
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("**/budget.json"))]
     if not records:
         raise UserError(f"no run under '{folder}' has a budget.json yet; train a recipe first")
-    for line in calibration_table(records):
-        _out(line)
+    _out(*calibration_table(records))
     return 0
 
 
@@ -253,8 +253,7 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
     data = launch.training_data(recipe)
     plan, warnings = launch.checked_plan(recipe, data.sequences, str(path))
     _warn(warnings)
-    for line in data.describe() + describe_plan(plan):
-        _out(f"# {line}")
+    _out(*(f"# {line}" for line in data.describe() + describe_plan(plan)))
     return 0
 
 
@@ -336,6 +335,9 @@ def main(argv: list[str]) -> int:
     except UserError as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
         return EXIT_USER_ERROR
+    except run.DiskFull as exc:
+        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
+        return EXIT_DISK_FULL
     except BudgetExceeded as exc:
         err_console.print(
             f"[bold red]over budget (measured):[/bold red] {escape(str(exc))}; stopped before training. "

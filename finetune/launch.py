@@ -31,6 +31,7 @@ from finetune.recipe import Recipe, UserError, dump_recipe, recipe_name
 from finetune.report import write_report
 from finetune.run import (
     OutOfMemory,
+    disk_full_as,
     fingerprint_changes,
     latest_checkpoint,
     make_run_dir,
@@ -246,6 +247,11 @@ def out_of_memory_report(launch: Launch, oom: OutOfMemory, run_dir: Path) -> lis
 def finish_run(launch: Launch, run_dir: Path, result) -> list[str]:
     """After training: the schedule plot with the logged LRs, and for a run that finished, budget.json
     (predicted against measured) and report.md. Returns the lines to print."""
+    with disk_full_as("the report", run_dir, run_dir):
+        return _write_results(launch, run_dir, result)
+
+
+def _write_results(launch: Launch, run_dir: Path, result) -> list[str]:
     logged = [(e["step"], e["learning_rate"]) for e in result.log_history if "learning_rate" in e]
     plot_schedule(launch.plan, run_dir / "lr_schedule.png", logged)
     if result.interrupted_by or result.diverged:

@@ -9,15 +9,18 @@ after the trainer has finished writing the checkpoint itself.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -97,6 +100,43 @@ class OutOfMemory(Exception):
         super().__init__("out of memory in the probe" if step is None else f"out of memory at step {step}")
         self.step, self.tokens, self.peak_bytes = step, tokens, peak_bytes
         self.checkpoint, self.unsaved = checkpoint, unsaved
+
+
+class DiskFull(Exception):
+    """The disk filled while a run wrote ``what`` into ``folder``: one sentence with the free space
+    there, the last sound checkpoint of ``run_dir`` and how to continue."""
+
+    def __init__(self, what: str, folder: Path, run_dir: Path):
+        free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
+        self.checkpoint = latest_checkpoint(run_dir)[0]
+        then = (
+            f"the last sound checkpoint is {self.checkpoint}; free some space, then: "
+            f"python runner.py resume {run_dir}"
+            if self.checkpoint
+            else "no checkpoint was saved; free some space and start the run again"
+        )
+        where = f"{folder} failed ({free / 2**20:.1f} MiB free there)"
+        super().__init__(f"the disk is full: writing {what} into {where}; {then}")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """No space left: as OSError's errno, or in the text of what the tokenizers library (Rust) and
+    torch's checkpoint writer raise instead."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    text = str(error)
+    return "No space left on device" in text or "os error 28" in text or "file write failed" in text
+
+
+@contextmanager
+def disk_full_as(what: str, folder: Path, run_dir: Path):
+    """Turn a full disk while writing ``what`` into DiskFull naming it and the last sound checkpoint."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise DiskFull(what, folder, run_dir) from None
 
 
 def write_run_file(path: Path, text: str) -> Path:

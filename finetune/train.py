@@ -48,6 +48,7 @@ from finetune.run import (
     Measured,
     OutOfMemory,
     TrainResult,
+    disk_full_as,
     keep_log_until,
     manifest,
     write_run_file,
@@ -400,7 +401,7 @@ def train(
     start = time.perf_counter()
     ran_out = False
     try:
-        with stopper:
+        with stopper, disk_full_as("a checkpoint", run_dir / "checkpoints", run_dir):
             measured = _timed_train(trainer, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
@@ -413,8 +414,9 @@ def train(
     write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     adapter_dir = run_dir / "adapter"
     if stopper.signal_name is None and watchdog.stopped is None:
-        model.save_pretrained(adapter_dir)
-        tokenizer.save_pretrained(adapter_dir)
+        with disk_full_as("the adapter", adapter_dir, run_dir):
+            model.save_pretrained(adapter_dir)
+            tokenizer.save_pretrained(adapter_dir)
         before = json.loads(samples_file.read_text()) if samples_file.is_file() else []
         after = generate_samples(model, tokenizer, store, len(before), recipe.output.sample_tokens)
         write_run_json(
