@@ -448,6 +448,9 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
         f"time: {t.step_seconds:.2f} s per optimizer step (+/-{constant('time_margin'):.0%}), "
         f"{total} in all; {t.flops_per_token / 1e9:.1f} GFLOP per token"
     )
+    device = plan.device
+    speed = f"{device.bf16_tflops:.0f} TFLOP/s, {device.bandwidth_gbs:.0f} GB/s"
+    lines.append(f"  ({device.name}: {speed}; {device.source})")
     # Until the constants above are fitted against runs measured on a GPU, the plan says so.
     lines.append(
         "  (the margins are the targets; activations, logits, overheads and speed are not yet "

@@ -134,9 +134,16 @@ def training_device(gpu_name: str | None = None) -> Device:
             "measured: torch bf16 matmul and copy on this GPU",
         )
     if known is None:
-        raise UserError(
-            f"this machine's GPU '{gpu.name}' could not be measured and is not in the speed table; "
-            f"plan for the closest with --gpu NAME (known: {', '.join(GPUS)})"
+        # Never refused: its memory is known (nvidia-smi); for its speed, the slowest card of the table,
+        # so the time predicted is an upper bound, and the plan says so.
+        slowest = min(GPUS.values(), key=lambda d: d.bf16_tflops)
+        return Device(
+            gpu.name,
+            gpu.free_gib * 1024**3,
+            slowest.bf16_tflops,
+            min(d.bandwidth_gbs for d in GPUS.values()),
+            f"not measured and not in the speed table: the slowest known GPU's figures ({slowest.name}), "
+            "so the time predicted is an upper bound; --gpu NAME plans for a known card",
         )
     return Device(gpu.name, gpu.free_gib * 1024**3, known.bf16_tflops, known.bandwidth_gbs, known.source)
 

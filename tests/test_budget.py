@@ -195,6 +195,14 @@ def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_measured_spee
     assert (device.memory_bytes, device.bf16_tflops, device.bandwidth_gbs) == (20.5 * GIB, 150.0, 900.0)
     monkeypatch.setattr(device_speed, "cached_measurement", lambda *a: None)
     assert preflight.training_device().bf16_tflops == GPUS["rtx-4090"].bf16_tflops  # the datasheet
+    # A card missing from the table is never refused: its memory, and the slowest known card's speed,
+    # said so (the time predicted is then an upper bound).
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA L40S", 45.0, 44.0)])
+    unknown = preflight.training_device()
+    assert unknown.memory_bytes == 44.0 * GIB and unknown.bf16_tflops == min(
+        d.bf16_tflops for d in GPUS.values()
+    )
+    assert "not measured and not in the speed table" in unknown.source
 
 
 def test_a_gpu_model_planned_on_a_machine_without_gpu_gets_the_usual_24_gb_card():
