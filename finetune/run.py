@@ -119,13 +119,17 @@ class DiskFull(Exception):
         super().__init__(f"the disk is full: writing {what} into {where}; {then}")
 
 
-def is_disk_full(error: BaseException) -> bool:
-    """No space left: as OSError's errno, or in the text of what the tokenizers library (Rust) and
-    torch's checkpoint writer raise instead."""
+def is_disk_full(error: BaseException, folder: Path) -> bool:
+    """No space left in ``folder``: as OSError's errno, or in the text of what the tokenizers library
+    (Rust) raises instead; torch's checkpoint writer says only "file write failed", which counts when
+    the folder's filesystem is nearly full."""
     if isinstance(error, OSError) and error.errno == errno.ENOSPC:
         return True
     text = str(error)
-    return "No space left on device" in text or "os error 28" in text or "file write failed" in text
+    if "No space left on device" in text or "os error 28" in text:
+        return True
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return "file write failed" in text and shutil.disk_usage(existing).free < 64 * 2**20
 
 
 @contextmanager
@@ -134,7 +138,7 @@ def disk_full_as(what: str, folder: Path, run_dir: Path):
     try:
         yield
     except Exception as error:
-        if not is_disk_full(error):
+        if not is_disk_full(error, folder):
             raise
         raise DiskFull(what, folder, run_dir) from None
 
