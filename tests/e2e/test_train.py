@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -243,11 +244,13 @@ def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tm
     optimizer state, must be gone when probe() returns, not whenever the garbage collector next runs.
     The CPU backend does not install that wrapper, so the test adds the same cycle."""
     build = train.build_trainer
+    built = []
 
     def build_with_cycle(*args, **kwargs):
         trainer = build(*args, **kwargs)
         original = trainer.train
         trainer.train = lambda *a, **k: (trainer, original(*a, **k))[1]  # self -> closure -> self
+        built.append(weakref.ref(trainer))
         return trainer
 
     monkeypatch.setattr(train, "build_trainer", build_with_cycle)
@@ -257,15 +260,17 @@ def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tm
     store = prepared_data(recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     gc.collect()
+    optimizers = {id(o) for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)}  # earlier tests'
     gc.disable()  # only probe() itself may collect
     try:
-        measured = train.probe(
-            model, tokenizer, recipe, store.dataset("train"), store.summary["lengths"], tmp_path
-        )
-        alive = [o for o in gc.get_objects() if isinstance(o, (train.FinetuneTrainer, torch.optim.Optimizer))]
+        lengths = store.summary["lengths"]
+        measured = train.probe(model, tokenizer, recipe, store.dataset("train"), lengths, tmp_path)
+        left = [
+            o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and id(o) not in optimizers
+        ]
     finally:
         gc.enable()
-    assert alive == [] and len(measured.step_seconds) == 3
+    assert len(built) == 1 and built[0]() is None and left == [] and len(measured.step_seconds) == 3
     # Back to their values (in the dtype the trainer trains them in: bf16 on Unsloth's CPU backend).
     assert all(torch.equal(p, before[n].to(p.dtype)) for n, p in model.named_parameters() if p.requires_grad)
 
