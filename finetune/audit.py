@@ -14,8 +14,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from finetune.prepare import IGNORE_INDEX, Example
-from finetune.recipe import Recipe, UserError
-from finetune.store import data_tokenizer, open_store
+from finetune.recipe import Recipe
+from finetune.store import open_store, required_tokenizer
 
 PERCENTILES = (50, 90, 95, 99, 100)
 
@@ -122,11 +122,9 @@ class DataAudit:
     shown: list[tuple[str, list[tuple[str, bool]]]]  # (row, its text in trained / untrained pieces)
 
 
-def audit_recipe(recipe: Recipe, where: str, show: int) -> DataAudit:
+def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
     """Audit the recipe's training data as the trainer will see it (the prepared-data store)."""
-    source = data_tokenizer(recipe)
-    if source is None:
-        raise UserError(f"{where}: no tokenizer for {recipe.model.name} on disk to audit the data with")
+    source = required_tokenizer(recipe)
     store = open_store(recipe, source)
     summary = store.summary
     tokenizer = source.load()

@@ -207,7 +207,7 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     run.check_writable(png, "--png")
-    found = audit_recipe(recipe, str(path), show)
+    found = audit_recipe(recipe, show)
     _out(f"tokenizer: {found.tokenizer}", *found.audit.lines())
     _out(f"histogram: {plot_lengths(found.lengths, recipe.model.max_seq_length, png)}")
     # Trained tokens in bold green on a terminal; between [[ and ]] when piped or without colour.

@@ -40,7 +40,7 @@ from finetune.run import (
     write_run_json,
 )
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
-from finetune.store import DataPlan, plan_data, run_fingerprints
+from finetune.store import PADDING_FREE, DataPlan, plan_data, run_fingerprints
 
 
 def training_data(recipe: Recipe) -> DataPlan:
@@ -55,7 +55,7 @@ def data_as_dict(data: DataPlan) -> dict:
         "trained_rows": None if data.lengths is None else len(data.lengths),
         "sequences": data.sequences,
         "packing": data.packing,
-        "padding_free": False,  # set so in train.build_sft_config, whatever the device
+        "padding_free": PADDING_FREE,
         "tokenizer": data.tokenizer,
         "token_lengths": data.lengths,
         "report": data.report,

@@ -59,6 +59,12 @@ _WRITE_BATCH = 1000  # rows per Arrow record batch while reading: bounds memory 
 _ROWS_PER_PROCESS = 5000  # below this, starting worker processes costs more than it saves
 
 
+# Padding-free batching (each micro-batch flattened into one row) stays off on every device: the
+# memory plan counts padded micro-batches, and train.build_sft_config passes this, never leaving it
+# for Unsloth to switch on by itself.
+PADDING_FREE = False
+
+
 @dataclass(frozen=True)
 class DataPlan:
     """What the training data will be, as far as planning needs it."""
@@ -94,7 +100,7 @@ class DataPlan:
             line += (
                 f"; packed into {self.sequences} sequences of {self.max_seq_length} tokens ({fill:.0%} full)"
             )
-        else:  # train.build_sft_config sets padding_free=False: the memory plan counts padded rows
+        elif not PADDING_FREE:
             line += "; padded micro-batches (padding-free batching off)"
         return [line, *self.report]
 
@@ -178,19 +184,22 @@ def data_fingerprints(recipe: Recipe, tokenizer: TokenizerSource) -> dict[str, s
     }
 
 
-def prepared_data(recipe: Recipe) -> Store:
-    """The recipe's prepared rows, from the store the plan read (see data_tokenizer)."""
+def required_tokenizer(recipe: Recipe) -> TokenizerSource:
+    """data_tokenizer, where preparing the data cannot do without one (training, audit, resume)."""
     source = data_tokenizer(recipe)
     if source is None:
-        raise UserError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
-    return open_store(recipe, source)
+        raise UserError(f"model {recipe.model.name}: no tokenizer.json on disk to prepare the data with")
+    return source
+
+
+def prepared_data(recipe: Recipe) -> Store:
+    """The recipe's prepared rows, from the store the plan read (see data_tokenizer)."""
+    return open_store(recipe, required_tokenizer(recipe))
 
 
 def run_fingerprints(recipe: Recipe) -> dict[str, str]:
     """What a run's inputs were, by content: recorded in its manifest, checked again by a resume."""
-    source = data_tokenizer(recipe)
-    if source is None:
-        raise UserError(f"model {recipe.model.name}: no tokenizer.json found to prepare the data with")
+    source = required_tokenizer(recipe)
     model = base_model(recipe)
     return {
         "recipe": recipe_digest(recipe)[:16],

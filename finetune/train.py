@@ -54,7 +54,7 @@ from finetune.run import (
     write_run_file,
     write_run_json,
 )
-from finetune.store import cache_files_elsewhere, prepared_data, run_fingerprints
+from finetune.store import PADDING_FREE, cache_files_elsewhere, prepared_data, run_fingerprints
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 _DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -144,9 +144,8 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         max_length=recipe.model.max_seq_length,
         packing=recipe.data.packing,
-        # Never on by itself: Unsloth enables padding-free batching on some GPUs when this is unset,
-        # flattening each micro-batch into one row, which the memory plan (padded rows) does not model.
-        padding_free=False,
+        # Always passed: Unsloth enables padding-free batching on some GPUs when this is unset.
+        padding_free=PADDING_FREE,
         packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
         dataset_num_proc=1,
         report_to="none",  # TensorBoard is added by build_trainer, writing where we say

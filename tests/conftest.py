@@ -8,7 +8,6 @@ would also mean `plan` and `validate` had become slow). tests/e2e/conftest.py se
 
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test touches the network
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -30,7 +29,7 @@ _only_fast_tier = True  # no end-to-end test collected in this process
 
 def pytest_collection_modifyitems(config, items):
     global _only_fast_tier
-    _only_fast_tier = not any(E2E in Path(item.fspath).as_posix() for item in items)
+    _only_fast_tier = not any(E2E in item.path.as_posix() for item in items)
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +38,6 @@ def _fast_tier_leaves_the_training_stack_alone(request):
     alone, nothing else has imported it."""
     before = {name for name in HEAVY if name in sys.modules}
     yield
-    if _only_fast_tier and E2E not in Path(request.node.fspath).as_posix():
+    if _only_fast_tier and E2E not in request.node.path.as_posix():
         imported = [name for name in HEAVY if name in sys.modules and name not in before]
         assert not imported, f"the fast tier imported {', '.join(imported)}; move this test to tests/e2e"

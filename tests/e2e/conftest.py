@@ -24,7 +24,7 @@ def pytest_collection_modifyitems(config, items):
     import torch
 
     for item in items:
-        if HERE in Path(item.fspath).resolve().parents:
+        if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.e2e)
             if "gpu" in item.keywords and not torch.cuda.is_available():
                 item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
