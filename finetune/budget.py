@@ -54,6 +54,10 @@ CONSTANTS = {
     "gemm_efficiency": (0.45, "A100 QLoRA anchors run 20-50% MFU (performance.md section 4.2)"),
     "bandwidth_efficiency": (0.6, "real dequantization kernels reach 50-80% of peak bandwidth"),
     "micro_batch_overhead_s": (0.03, "kernel launches and Python per micro-batch, tens of ms"),
+    # What a 4096x4096 bf16 matmul and a 256 MiB copy (finetune/device_speed.py) reach of a card's
+    # datasheet figures, to put a card missing from the table on the table's scale.
+    "benchmark_matmul_fraction": (0.75, "dense bf16 GEMM benchmarks reach 70-85% of datasheet TFLOP/s"),
+    "benchmark_copy_fraction": (0.85, "device-to-device copies reach 80-90% of datasheet bandwidth"),
     "memory_margin": (0.10, "the stated target: peak memory within 10%"),
     "time_margin": (0.15, "the stated target: step time within 15%"),
 }

@@ -332,12 +332,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
         return COMMANDS[args.verb](args)
-    except UserError as exc:
+    except (UserError, run.DiskFull) as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
-        return EXIT_USER_ERROR
-    except run.DiskFull as exc:
-        err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
-        return EXIT_DISK_FULL
+        return EXIT_DISK_FULL if isinstance(exc, run.DiskFull) else EXIT_USER_ERROR
     except BudgetExceeded as exc:
         err_console.print(
             f"[bold red]over budget (measured):[/bold red] {escape(str(exc))}; stopped before training. "

@@ -162,8 +162,17 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list
 
 def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Path:
     """runs/<name>/<timestamp>-<hash> with the resolved recipe, how it was resolved, and the plan;
-    made before the heavy import, so an unusable output.dir fails in a second."""
+    made before the heavy import, so an unusable output.dir fails in a second. The training stack is
+    imported once the folder exists and before anything is written in it, so a machine Unsloth
+    refuses (a UserError, see finetune/stack.py) leaves no folder behind."""
     run_dir = make_run_dir(launch.recipe, launch.name)
+    try:
+        from finetune import stack  # noqa: F401  (heavy: unsloth, torch, transformers, trl)
+    except UserError:
+        run_dir.rmdir()  # still empty, as may be the recipe's folder above it
+        if not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
+        raise
     write_run_file(run_dir / "recipe.yaml", dump_recipe(launch.recipe))
     # The resolved recipe already holds the overridden values; this records how they got there.
     write_run_json(

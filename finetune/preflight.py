@@ -6,6 +6,7 @@ initialising CUDA and waiting on a download. Nothing here imports torch.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.budget import GPUS, Device, count_parameters, gpu_by_name, shipped_config
+from finetune.budget import GIB, GPUS, Device, constant, count_parameters, gpu_by_name, shipped_config
 from finetune.internals import hub_cached_file, hub_snapshot
 from finetune.recipe import Recipe, UserError
 from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, tiny_model_dir
@@ -107,8 +108,8 @@ def cpu_device(seconds: float = 0.1) -> Device:
 
 
 def training_device(gpu_name: str | None = None) -> Device:
-    """The device a plan is for: a named GPU from the table, else this machine's GPU (its free
-    memory is the limit), else this machine's CPU, measured."""
+    """The device a plan is for: a named GPU from the table, else the first GPU this process's torch
+    will use (its free memory is the limit), else this machine's CPU, measured."""
     if gpu_name:
         device = gpu_by_name(gpu_name)
         if device is None:
@@ -118,34 +119,38 @@ def training_device(gpu_name: str | None = None) -> Device:
     if not gpus:
         return cpu_device()
     gpu = gpus[0]
-    # This GPU's real speed, measured once a day in a child process (torch stays out of `plan`);
-    # the datasheet figures when the measurement cannot be had.
+    free = gpu.free_gib * GIB
+    known = gpu_by_name(gpu.name)
+    if known is not None:
+        # The table's figures, the ones the constants are fitted against, so `plan` here and
+        # `plan --gpu` for this card elsewhere predict the same; the limit is what is free now.
+        return dataclasses.replace(known, name=gpu.name, memory_bytes=free)
+    # A card the table lacks: its speed measured once a day in a child process (torch stays out of
+    # `plan`), scaled to datasheet-equivalent figures, which is what the time model's constants take.
     from finetune.device_speed import cached_measurement
     from finetune.tiny_model import cache_root
 
     measured = cached_measurement("cuda", gpu.name, cache_root() / "device-speed")
-    known = gpu_by_name(gpu.name)
     if measured is not None:
         return Device(
             gpu.name,
-            gpu.free_gib * 1024**3,
-            measured["tflops"],
-            measured["bandwidth_gbs"],
-            "measured: torch bf16 matmul and copy on this GPU",
+            free,
+            measured["tflops"] / constant("benchmark_matmul_fraction"),
+            measured["bandwidth_gbs"] / constant("benchmark_copy_fraction"),
+            f"not in the speed table; measured on this GPU: {measured['tflops']:.0f} TFLOP/s bf16 matmul, "
+            f"{measured['bandwidth_gbs']:.0f} GB/s copy",
         )
-    if known is None:
-        # Never refused: its memory is known (nvidia-smi); for its speed, the slowest card of the table,
-        # so the time predicted is an upper bound, and the plan says so.
-        slowest = min(GPUS.values(), key=lambda d: d.bf16_tflops)
-        return Device(
-            gpu.name,
-            gpu.free_gib * 1024**3,
-            slowest.bf16_tflops,
-            min(d.bandwidth_gbs for d in GPUS.values()),
-            f"not measured and not in the speed table: the slowest known GPU's figures ({slowest.name}), "
-            "so the time predicted is an upper bound; --gpu NAME plans for a known card",
-        )
-    return Device(gpu.name, gpu.free_gib * 1024**3, known.bf16_tflops, known.bandwidth_gbs, known.source)
+    # Never refused: its memory is known (nvidia-smi); for its speed, the slowest card of the table,
+    # so the time predicted is an upper bound, and the plan says so.
+    slowest = min(GPUS.values(), key=lambda d: d.bf16_tflops)
+    return Device(
+        gpu.name,
+        free,
+        slowest.bf16_tflops,
+        min(d.bandwidth_gbs for d in GPUS.values()),
+        f"not measured and not in the speed table: the slowest known GPU's figures ({slowest.name}), "
+        "so the time predicted is an upper bound; --gpu NAME plans for a known card",
+    )
 
 
 def _hub_reachable(timeout_seconds: float = 3.0) -> bool:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import PIL.Image
@@ -183,7 +184,9 @@ def test_unknown_gpu_name_is_a_clear_error():
     assert out.returncode == 2 and "unknown GPU 'voodoo-2'; known: rtx-3090" in out.stderr
 
 
-def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_measured_speed(monkeypatch, tmp_path):
+def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_the_speed_the_constants_fit(
+    monkeypatch, tmp_path
+):
     from finetune import device_speed, preflight
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
@@ -191,18 +194,51 @@ def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_measured_spee
     monkeypatch.setattr(preflight, "detect_gpus", lambda: [gpu])
     measured = {"tflops": 150.0, "bandwidth_gbs": 900.0, "measured_at": 0}
     monkeypatch.setattr(device_speed, "cached_measurement", lambda *a: measured)
+    # A card of the table: its datasheet figures (what the time model's constants are fitted
+    # against), and this card's free memory as the limit.
     device = preflight.training_device()
-    assert (device.memory_bytes, device.bf16_tflops, device.bandwidth_gbs) == (20.5 * GIB, 150.0, 900.0)
-    monkeypatch.setattr(device_speed, "cached_measurement", lambda *a: None)
-    assert preflight.training_device().bf16_tflops == GPUS["rtx-4090"].bf16_tflops  # the datasheet
-    # A card missing from the table is never refused: its memory, and the slowest known card's speed,
-    # said so (the time predicted is then an upper bound).
+    assert device.memory_bytes == 20.5 * GIB and device.name == gpu.name
+    assert (device.bf16_tflops, device.bandwidth_gbs) == (165.2, 1008.0)
+    # A card missing from the table: its measured speed, on the datasheet's scale, said so.
     monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA L40S", 45.0, 44.0)])
+    l40s = preflight.training_device()
+    assert l40s.memory_bytes == 44.0 * GIB
+    assert l40s.bf16_tflops == pytest.approx(150.0 / 0.75)
+    assert l40s.bandwidth_gbs == pytest.approx(900.0 / 0.85)
+    assert "measured on this GPU: 150 TFLOP/s" in l40s.source
+    # Unmeasured too, it is never refused: its memory, and the slowest known card's speed, said so
+    # (the time predicted is then an upper bound).
+    monkeypatch.setattr(device_speed, "cached_measurement", lambda *a: None)
     unknown = preflight.training_device()
     assert unknown.memory_bytes == 44.0 * GIB and unknown.bf16_tflops == min(
         d.bf16_tflops for d in GPUS.values()
     )
     assert "not measured and not in the speed table" in unknown.source
+
+
+def test_plan_on_a_machine_with_the_card_agrees_with_plan_gpu_for_that_card_elsewhere(tmp_path):
+    """The same recipe, planned where the RTX 4090 is (nvidia-smi lists it; a speed measurement of it
+    is cached) and with --gpu rtx-4090 on a machine without it: the same memory and step time."""
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text('#!/bin/sh\necho "0, GPU-5f2b8c1e, NVIDIA GeForce RTX 4090, 24564, 23000, 580.82.07"\n')
+    smi.chmod(0o755)
+    cache = tmp_path / "cache"
+    speed = cache / "device-speed" / "cuda-NVIDIA-GeForce-RTX-4090.json"
+    speed.parent.mkdir(parents=True)
+    speed.write_text(json.dumps({"tflops": 121.0, "bandwidth_gbs": 870.0, "measured_at": time.time()}))
+    path = f"{smi.parent}{os.pathsep}{os.environ['PATH']}"
+    here_env = {"PATH": path, "FINETUNE_CACHE": str(cache), "CUDA_VISIBLE_DEVICES": "0"}
+    here = run_cli("plan", "recipes/code-gen.yaml", "--json", env_extra=here_env)
+    elsewhere = run_cli("plan", "recipes/code-gen.yaml", "--json", "--gpu", "rtx-4090")
+    assert here.returncode == 0 and elsewhere.returncode == 0, here.stderr + elsewhere.stderr
+    a = json.loads(here.stdout.splitlines()[0])["budget"]
+    b = json.loads(elsewhere.stdout.splitlines()[0])["budget"]
+    assert a["device"] == "NVIDIA GeForce RTX 4090" and b["device"] == "RTX 4090"
+    assert a["memory_total_bytes"] == pytest.approx(b["memory_total_bytes"], rel=a["memory_margin"])
+    assert a["step_seconds"] == pytest.approx(b["step_seconds"], rel=a["time_margin"])
+    limits = {v["what"].split(" on ")[0]: v["limit"] for v in a["verdicts"]}
+    assert limits["peak memory (+10%)"] == pytest.approx(23000 / 1024)  # the free memory, here
 
 
 def test_a_gpu_model_planned_on_a_machine_without_gpu_gets_the_usual_24_gb_card():
