@@ -47,10 +47,6 @@ def optimizer_state_bytes(optim: str, adapter_bytes: int) -> float:
 CONSTANTS = {
     "cuda_context_bytes": (0.5 * GIB, "vram.asmirnov.xyz: 0.3-2 GiB outside PyTorch's allocator; typical"),
     "allocator_overhead": (0.10, "Unsloth docs: leave ~10% for fragmentation (reserved over allocated)"),
-    "chunked_ce_tokens": (
-        2048,
-        "assumed: Unsloth's chunked cross-entropy holds about this many tokens' logits at once",
-    ),
     "gemm_efficiency": (0.45, "A100 QLoRA anchors run 20-50% MFU (performance.md section 4.2)"),
     "bandwidth_efficiency": (0.6, "real dequantization kernels reach 50-80% of peak bandwidth"),
     "micro_batch_overhead_s": (0.03, "kernel launches and Python per micro-batch, tens of ms"),
@@ -226,6 +222,12 @@ class MemoryPlan:
     def upper(self) -> float:
         return self.total * (1 + constant("memory_margin"))
 
+    @property
+    def paged(self) -> float:
+        """Bytes in CUDA unified memory (a paged optimizer's state): the driver can move them to the
+        host under pressure, and torch.cuda.max_memory_reserved never counts them."""
+        return sum(v for k, v in self.terms.items() if k.startswith("optimizer state (paged"))
+
 
 def weight_bytes(shapes: Shapes, load_in_4bit: bool, dtype_bytes: int) -> tuple[float, float]:
     """(quantized linear weights, weights kept in the compute dtype: embeddings, lm_head, norms)."""
@@ -253,11 +255,39 @@ def activation_bytes_per_token(shapes: Shapes, checkpointing: str, dtype_bytes: 
     return per_layer + dtype_bytes * h  # unsloth: checkpoints offloaded; one input buffer stays
 
 
-def logits_bytes(shapes: Shapes, tokens: int, chunked: bool) -> float:
-    """bf16 logits, their fp32 upcast and fp32/bf16 gradients: 12 B per vocabulary entry per token,
-    for every token of the micro-batch, or for one chunk with chunked cross-entropy."""
-    held = min(tokens, int(constant("chunked_ce_tokens"))) if chunked else tokens
-    return 12.0 * shapes.vocab * held
+# Unsloth's fused linear cross-entropy (unsloth_zoo/fused_losses/fused_linear.py, `_ce_impl`), which
+# its Llama forward calls in training instead of making logits (unsloth/models/llama.py,
+# CausalLM_fast_forward): lm_head and the loss in row chunks, never T x V logits. Its two layouts
+# (tests/e2e/test_against_the_libraries.py holds these to the installed source):
+FLASH_ROWS = 4096  # `_BWD_ROWS`: rows of the tiled pass, with an fp32 block of at most
+FLASH_BLOCK_BYTES = 256 * 2**20  # `_BWD_TILE_BYTES` (16384 vocabulary columns at 4096 rows)
+CHUNK_ROWS = 512  # `fused_linear_rows` below 4096 labelled tokens on cards over 24.5 GiB: rows x V
+CPU_CHUNK_ROWS = 130  # unsloth_zoo/cpu/ops.py: UNSLOTH_CPU_CE_CHUNK_ELEMENTS (16M) // V rows
+LOSS_BYTES_PER_TOKEN = 40  # log-probs, logsumexp (fp32), indices, shifted labels (int64), mask
+
+
+def logits_bytes(shapes: Shapes, tokens: int, on_gpu: bool, dtype_bytes: int = 2) -> float:
+    """Peak bytes of lm_head and the loss, as Unsloth's fused cross-entropy allocates them.
+
+    It computes the gradient of the hidden states in the forward pass and keeps only that (T x H)
+    for the backward, which allocates one more T x H while it is alive; each chunk's scratch is an
+    fp32 block of rows x columns plus fp32 and compute-dtype copies of its rows' hidden states. On a
+    GPU the larger of its two layouts (which one runs depends on the card's total memory and the
+    labelled tokens), so this is an upper bound by at most a few hundred MiB.
+    """
+    h, v = shapes.hidden, shapes.vocab
+    per_row_hidden = (4 + dtype_bytes) * h
+    if on_gpu:
+        flash, chunked = min(FLASH_ROWS, tokens), min(CHUNK_ROWS, tokens)
+        scratch = max(
+            min(FLASH_BLOCK_BYTES, flash * 4 * v) + flash * per_row_hidden,
+            chunked * (4 * v + per_row_hidden),
+        )
+        kept = 2 * tokens * h * dtype_bytes  # the hidden states' gradient, and the backward's copy
+    else:
+        scratch = min(CPU_CHUNK_ROWS, tokens) * 4 * v
+        kept = tokens * h * dtype_bytes
+    return scratch + kept + LOSS_BYTES_PER_TOKEN * tokens
 
 
 def effective_optimizer(optim: str, on_gpu: bool) -> str:
@@ -281,7 +311,9 @@ def predict_memory(
         f"optimizer state ({optim})": trainable * optimizer_state_bytes(optim, adapter),
         f"activations ({recipe.model.gradient_checkpointing} checkpointing)": tokens_per_micro_batch
         * activation_bytes_per_token(shapes, recipe.model.gradient_checkpointing, dtype_bytes),
-        "logits and loss (chunked)": logits_bytes(shapes, tokens_per_micro_batch, chunked=True),
+        "lm_head and loss (fused, chunked)": logits_bytes(
+            shapes, tokens_per_micro_batch, on_gpu, dtype_bytes
+        ),
     }
     allocated = sum(terms.values())
     if on_gpu:  # PyTorch's CUDA caching allocator and the CUDA context; a CPU run has neither
@@ -444,6 +476,12 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
         f"  {'total':<42} {memory.total / GIB:8.2f} GiB  (+/-{margin:.0%}: "
         f"{memory.total * (1 - margin) / GIB:.2f}-{memory.upper / GIB:.2f} GiB)"
     )
+    if memory.paged:
+        lines.append(
+            f"  (a paged optimizer: its {memory.paged / GIB:.2f} GiB of state live in CUDA unified memory, "
+            "which can spill to host RAM; the total counts them on the GPU, and the measured peak, "
+            "PyTorch's reserved memory, leaves them out)"
+        )
     t = plan.time
     total = (
         f"{t.total_seconds / 3600:.2f} h" if t.total_seconds >= 3600 else f"{t.total_seconds / 60:.1f} min"
@@ -472,6 +510,7 @@ def budget_as_dict(plan: BudgetPlan) -> dict:
         "memory_total_bytes": plan.memory.total,
         "memory_margin": constant("memory_margin"),
         "memory_upper_bytes": plan.memory.upper,
+        "paged_bytes": plan.memory.paged,
         "tokens_per_micro_batch": plan.memory.tokens_per_micro_batch,
         "step_seconds": plan.time.step_seconds,
         "step_seconds_by_cause": dict(plan.time.terms),
@@ -553,84 +592,3 @@ def suggest(
             Workload(work.lengths, packed, True, count_optimizer_steps(packed, train)),
         )
     return ideas
-
-
-# ---- Measured against predicted -------------------------------------------------------------------
-
-
-class BudgetExceeded(Exception):
-    """A measurement (the probe) broke a limit; the message says which, and by how much."""
-
-
-def measured_verdicts(
-    recipe: Recipe,
-    plan: BudgetPlan,
-    step_seconds: float | None,
-    peak_reserved: float | None,
-    total_steps: int,
-) -> list[Verdict]:
-    """The budget's limits against what a probe measured (peak reserved plus the CUDA context)."""
-    verdicts = []
-    if peak_reserved is not None:
-        used = (peak_reserved + constant("cuda_context_bytes")) / GIB
-        verdicts.append(
-            Verdict(f"measured memory on {plan.device.name}", used, plan.device.memory_bytes / GIB, "GiB")
-        )
-        if recipe.budget.max_memory_gib is not None:
-            verdicts.append(Verdict("measured memory (budget)", used, recipe.budget.max_memory_gib, "GiB"))
-    if step_seconds is not None:
-        if recipe.budget.max_step_seconds is not None:
-            verdicts.append(
-                Verdict("measured seconds per step", step_seconds, recipe.budget.max_step_seconds, "s")
-            )
-        if recipe.budget.max_hours is not None:
-            hours = step_seconds * total_steps / 3600
-            verdicts.append(Verdict("measured total hours", hours, recipe.budget.max_hours, "h"))
-    return verdicts
-
-
-def calibration_record(plan: BudgetPlan, measured: dict, model: str, recipe_name: str) -> dict:
-    """Predicted next to measured, as every run saves it (budget.json) for `runner.py calibration`."""
-    step = measured.get("median_step_seconds")
-    reserved = measured.get("peak_reserved_bytes")
-    record = {
-        "recipe": recipe_name,
-        "model": model,
-        "device": plan.device.name,
-        "tokens_per_micro_batch": plan.memory.tokens_per_micro_batch,
-        "predicted": budget_as_dict(plan),
-        "measured": measured,
-        "step_error": None if not step else plan.time.step_seconds / step - 1,
-        "memory_error": None,
-    }
-    if reserved is not None and plan.device.is_gpu:
-        record["memory_error"] = plan.memory.total / (reserved + constant("cuda_context_bytes")) - 1
-    return record
-
-
-def calibration_table(records: list[dict]) -> list[str]:
-    """One line per run: predicted and measured step time and memory, with the relative errors."""
-    lines = [
-        f"{'recipe':<14} {'device':<12} {'tokens/mb':>9} {'step pred':>10} {'step meas':>10} {'err':>7}"
-        f" {'mem pred':>9} {'mem meas':>9} {'err':>7}"
-    ]
-
-    def pct(x: float | None) -> str:
-        return "-" if x is None else f"{x:+.0%}"
-
-    for r in records:
-        measured = r["measured"]
-        reserved = measured.get("peak_reserved_bytes")
-        memory = "-" if reserved is None else f"{(reserved + constant('cuda_context_bytes')) / GIB:.2f}"
-        step = measured.get("median_step_seconds")
-        lines.append(
-            f"{r['recipe']:<14} {r['device']:<12} {r['tokens_per_micro_batch']:>9}"
-            f" {r['predicted']['step_seconds']:>10.3f} {'-' if step is None else f'{step:.3f}':>10}"
-            f" {pct(r['step_error']):>7} {r['predicted']['memory_total_bytes'] / GIB:>9.2f} {memory:>9}"
-            f" {pct(r['memory_error']):>7}"
-        )
-    for key, label in (("step_error", "step time"), ("memory_error", "peak memory")):
-        errors = [abs(r[key]) for r in records if r[key] is not None]
-        if errors:
-            lines.append(f"{label}: mean |error| {sum(errors) / len(errors):.0%} over {len(errors)} runs")
-    return lines

@@ -16,7 +16,7 @@ from rich.table import Table
 from finetune import launch, lineage, run
 from finetune.arguments import json_schema, parse_args
 from finetune.audit import audit_recipe
-from finetune.budget import BudgetExceeded, calibration_table
+from finetune.calibration import BudgetExceeded, calibration_table
 from finetune.files import write_json
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device

@@ -13,18 +13,16 @@ from pathlib import Path
 
 from finetune.budget import (
     GIB,
-    BudgetExceeded,
     BudgetPlan,
     Device,
     Shapes,
     Workload,
     budget_as_dict,
-    calibration_record,
     describe_budget,
-    measured_verdicts,
     plan_budget,
     suggest,
 )
+from finetune.calibration import BudgetExceeded, calibration_record, measured_peak_bytes, measured_verdicts
 from finetune.plots import plot_schedule
 from finetune.preflight import detect_gpus, planning_config, training_device
 from finetune.recipe import Recipe, UserError, dump_recipe, recipe_name
@@ -191,7 +189,7 @@ def probe_verdict(launch: Launch, measured, force: bool) -> list[str]:
     lines = [
         f"probe: {len(measured.step_seconds)} steps on the worst-case micro-batch, "
         f"{measured.median_step_seconds:.2f} s per step"
-        + (f", peak {peak / GIB:.2f} GiB reserved" if peak is not None else "")
+        + (f", peak memory {measured_peak_bytes(peak) / GIB:.2f} GiB" if peak is not None else "")
     ]
     if launch.budget is None:
         return lines
@@ -230,7 +228,8 @@ def start_run(
 def out_of_memory_report(launch: Launch, oom: OutOfMemory, run_dir: Path) -> list[str]:
     """What ran out against what was predicted, and changes predicted to need a fifth less memory."""
     saved = f"saved {oom.checkpoint.name}" if oom.checkpoint else f"not saved: {oom.unsaved}"
-    peak = f"{oom.peak_bytes / GIB:.2f} GiB" if oom.peak_bytes is not None else "not measured on the CPU"
+    peak = measured_peak_bytes(oom.peak_reserved)
+    peak = f"{peak / GIB:.2f} GiB" if peak is not None else "not measured on the CPU"
     where = "in the probe, on the worst-case micro-batch" if oom.step is None else f"at step {oom.step}"
     lines = [f"out of memory {where} ({oom.tokens} tokens in the micro-batch); {saved}"]
     lines.append(f"peak memory measured: {peak}")

@@ -90,7 +90,7 @@ def write_report(
         )
     if budget:
         measured, predicted = budget["measured"], budget["predicted"]
-        peak = measured.get("peak_allocated_bytes")
+        peak = budget.get("measured_peak_bytes")
         console.append(
             f"peak memory: {peak / GIB:.2f} GiB measured, "
             if peak is not None

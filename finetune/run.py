@@ -87,18 +87,19 @@ class TrainResult:
 
 class OutOfMemory(Exception):
     """The GPU ran out of memory: where (the probe or step ``step`` of training), the micro-batch's
-    tokens, the peak, and what was saved (``checkpoint``) or why nothing was (``unsaved``)."""
+    tokens, the allocator's peak (``peak_reserved``, torch.cuda.max_memory_reserved), and what was
+    saved (``checkpoint``) or why nothing was (``unsaved``)."""
 
     def __init__(
         self,
         step: int | None,
         tokens: int | None,
-        peak_bytes: int | None,
+        peak_reserved: int | None,
         checkpoint: Path | None = None,
         unsaved: str | None = None,
     ):
         super().__init__("out of memory in the probe" if step is None else f"out of memory at step {step}")
-        self.step, self.tokens, self.peak_bytes = step, tokens, peak_bytes
+        self.step, self.tokens, self.peak_reserved = step, tokens, peak_reserved
         self.checkpoint, self.unsaved = checkpoint, unsaved
 
 

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.calibration import measured_peak_bytes
 from finetune.recipe import Recipe, UserError, load_recipe
 from finetune.run import installed_versions
 
@@ -118,7 +119,7 @@ def smoke_recipe(recipe_path: Path, output_dir: Path) -> dict:
     if device.is_gpu and budget is not None:
         figures["memory"] = {
             "predicted": budget.memory.total,
-            "measured": result.measured.peak_reserved,
+            "measured": measured_peak_bytes(result.measured.peak_reserved),
         }
         figures["step_seconds"] = {
             "predicted": budget.time.step_seconds,

@@ -246,7 +246,7 @@ def _out_of_memory(trainer: FinetuneTrainer) -> OutOfMemory:
     """What ran out, after freeing what the failed step held, and a sealed checkpoint of the last
     completed step when the weights are known to be whole: the failure came in the forward or
     backward pass, which changes no weight (inside the optimizer's step some may be updated)."""
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+    peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
     step = trainer.state.global_step
     oom = OutOfMemory(step + 1, trainer.batch_tokens, peak)
     if step == 0:
@@ -343,7 +343,7 @@ def probe(
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
-        peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
         failed = OutOfMemory(None, trainer.batch_tokens, peak, unsaved="nothing was trained yet")
     # Outside the except block: its traceback no longer holds the failed step's tensors.
     _release(trainer)

@@ -263,3 +263,65 @@ def test_a_device_speed_measurement_that_hangs_or_prints_nothing_falls_back_to_n
     silent = subprocess.CompletedProcess([], 0, stdout="", stderr="")
     monkeypatch.setattr(device_speed.subprocess, "run", lambda *a, **k: silent)
     assert device_speed.cached_measurement("cuda", "Some GPU", tmp_path) is None
+
+
+def test_measured_peak_memory_means_the_same_quantity_the_plan_predicts_everywhere(tmp_path):
+    """A GPU's counters (peak allocated 5 GiB, reserved 6 GiB) read the same in the probe's verdict,
+    budget.json, the calibration table, report.md and the out-of-memory report: reserved plus the
+    CUDA context, the quantity the plan's total predicts (allocated alone omits both)."""
+    from finetune import calibration, launch, report
+    from finetune.run import Measured, OutOfMemory
+
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_memory_gib=100"])
+    job = launch.plan_launch(recipe, "recipes/smoke.yaml", "smoke", GPUS["h100"])
+    measured = Measured([1.0, 1.0, 1.0, 1.0], 5 * GIB, 6 * GIB)
+    expected = 6 * GIB + budget.constant("cuda_context_bytes")
+    assert calibration.measured_peak_bytes(6 * GIB) == expected == 6.5 * GIB
+
+    probe = launch.probe_verdict(job, measured, force=False)
+    assert "peak memory 6.50 GiB" in probe[0]
+    assert "PASS measured memory on H100 SXM: 6.50 GiB (limit 80.00 GiB)" in probe[1:]
+    record = calibration.calibration_record(job.budget, measured.as_dict(), recipe.model.name, "smoke")
+    assert record["measured_peak_bytes"] == expected
+    assert record["memory_error"] == pytest.approx(job.budget.memory.total / expected - 1)
+    assert " 6.50 " in calibration.calibration_table([record])[1]
+    (tmp_path / "budget.json").write_text(json.dumps(record))
+    history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
+    _, lines = report.write_report(tmp_path, history, 10.0, [])
+    assert any(line.startswith("peak memory: 6.50 GiB measured") for line in lines), lines
+    oom = launch.out_of_memory_report(job, OutOfMemory(3, 1000, 6 * GIB), tmp_path)
+    assert "peak memory measured: 6.50 GiB" in oom
+
+
+def test_the_loss_term_follows_unsloths_fused_cross_entropy_not_a_logits_tensor():
+    """Unsloth's GPU loss never makes T x V logits: at 16k tokens of Llama 3.1 8B its term is the
+    chunk's fp32 block plus two T x H hidden-state gradients, far below one bf16 logits tensor."""
+    shapes = Shapes.from_config(shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"))
+    tokens = 16384
+    term = budget.logits_bytes(shapes, tokens, on_gpu=True)
+    hidden_gradients = 2 * tokens * shapes.hidden * 2
+    assert hidden_gradients < term < hidden_gradients + 0.5 * GIB
+    assert term < tokens * shapes.vocab * 2 / 4  # a quarter of one bf16 logits tensor
+    # Per token, only the hidden-state gradients grow: the chunk's scratch is fixed past 4096 rows.
+    growth = budget.logits_bytes(shapes, 2 * tokens, True) - term
+    assert growth == pytest.approx(tokens * (4 * shapes.hidden + budget.LOSS_BYTES_PER_TOKEN))
+
+
+def test_a_paged_optimizer_is_said_to_live_outside_what_pytorch_measures(tmp_path):
+    out = run_cli(
+        "plan", "recipes/code-gen.yaml", "--gpu", "rtx-4090", "train.optim=paged_adamw_8bit", "--json"
+    )
+    document = json.loads(out.stdout.splitlines()[0])["budget"]
+    assert document["paged_bytes"] == document["memory_bytes"]["optimizer state (paged_adamw_8bit)"] > 0
+    text = run_cli(
+        "plan",
+        "recipes/code-gen.yaml",
+        "--gpu",
+        "rtx-4090",
+        "train.optim=paged_adamw_8bit",
+        "--png",
+        str(tmp_path / "lr.png"),
+    )
+    assert "state live in CUDA unified memory" in text.stdout
+    plain = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "rtx-4090", "--json")
+    assert json.loads(plain.stdout.splitlines()[0])["budget"]["paged_bytes"] == 0

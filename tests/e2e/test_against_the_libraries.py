@@ -83,3 +83,23 @@ def test_device_speed_is_measured_with_torch_in_a_child_process_and_cached(tmp_p
     stale = {**first, "measured_at": first["measured_at"] - 2 * 24 * 3600}
     cache.write_text(json.dumps(stale))
     assert cached_measurement("cpu", "This CPU", tmp_path)["measured_at"] > stale["measured_at"]
+
+
+def test_the_loss_terms_chunk_sizes_are_the_ones_unsloths_fused_cross_entropy_uses():
+    """budget.logits_bytes follows the GPU loss code read in unsloth_zoo (its chunk rows and block
+    bytes); a release that changes them changes our memory model, and this says so."""
+    from unsloth_zoo.fused_losses import fused_linear
+
+    assert fused_linear._BWD_ROWS == budget.FLASH_ROWS
+    assert fused_linear._BWD_TILE_BYTES == budget.FLASH_BLOCK_BYTES
+    vocab, hidden = LLAMA_8B["vocab_size"], LLAMA_8B["hidden_size"]
+    # Below 4096 labelled tokens on a large card: chunks of 512 rows of the whole vocabulary.
+    for labelled in (600, 2000, 4095):
+        assert fused_linear.fused_linear_rows(labelled, hidden, vocab) == budget.CHUNK_ROWS
+    assert fused_linear.fused_linear_rows(300, hidden, vocab) == 300
+    assert 16 * 1024 * 1024 // vocab == budget.CPU_CHUNK_ROWS
+    import inspect
+
+    from unsloth_zoo.cpu import ops
+
+    assert 'UNSLOTH_CPU_CE_CHUNK_ELEMENTS", 16 * 1024 * 1024' in inspect.getsource(ops)

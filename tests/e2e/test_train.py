@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import budget, inference, launch, train
+from finetune import budget, calibration, inference, launch, train
 from finetune.data import load_conversations
 from finetune.recipe import load_recipe
 from finetune.run import Measured
@@ -295,7 +295,7 @@ def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
     on_h100 = launch.plan_launch(recipe, "recipes/smoke.yaml", "smoke", budget.GPUS["h100"])
     slow = Measured([5.0, 5.0, 5.0], 10 * 2**30, 11 * 2**30)
     with pytest.raises(
-        budget.BudgetExceeded, match=r"FAIL measured seconds per step: 5\.00 s \(limit 2\.00 s\)"
+        calibration.BudgetExceeded, match=r"FAIL measured seconds per step: 5\.00 s \(limit 2\.00 s\)"
     ):
         launch.probe_verdict(on_h100, slow, force=False)
     forced = launch.probe_verdict(on_h100, slow, force=True)  # warns, does not raise

@@ -1,0 +1,97 @@
+"""Predictions held to measurements: what "measured peak memory" means, a probe's measurement
+against the budget, and the predicted-against-measured record every run saves (budget.json) for
+`runner.py calibration`. Pure Python, like budget.py, whose constants these comparisons will fit."""
+
+from __future__ import annotations
+
+from finetune.budget import GIB, BudgetPlan, Verdict, budget_as_dict, constant
+from finetune.recipe import Recipe
+
+
+def measured_peak_bytes(peak_reserved: float | None) -> float | None:
+    """What "measured peak memory" means everywhere (the probe, the smoke bands, budget.json,
+    calibration, the out-of-memory report): the same quantity the plan's total predicts, so the two
+    can be compared. The most PyTorch's caching allocator held (torch.cuda.max_memory_reserved: the
+    tensors plus its fragmentation, our "allocator overhead") plus the CUDA context, which no
+    allocator counter sees, at its planned size. None where nothing was measured (the CPU)."""
+    return None if peak_reserved is None else peak_reserved + constant("cuda_context_bytes")
+
+
+class BudgetExceeded(Exception):
+    """A measurement (the probe) broke a limit; the message says which, and by how much."""
+
+
+def measured_verdicts(
+    recipe: Recipe,
+    plan: BudgetPlan,
+    step_seconds: float | None,
+    peak_reserved: float | None,
+    total_steps: int,
+) -> list[Verdict]:
+    """The budget's limits against what a probe measured (see measured_peak_bytes)."""
+    verdicts = []
+    if peak_reserved is not None:
+        used = measured_peak_bytes(peak_reserved) / GIB
+        verdicts.append(
+            Verdict(f"measured memory on {plan.device.name}", used, plan.device.memory_bytes / GIB, "GiB")
+        )
+        if recipe.budget.max_memory_gib is not None:
+            verdicts.append(Verdict("measured memory (budget)", used, recipe.budget.max_memory_gib, "GiB"))
+    if step_seconds is not None:
+        if recipe.budget.max_step_seconds is not None:
+            verdicts.append(
+                Verdict("measured seconds per step", step_seconds, recipe.budget.max_step_seconds, "s")
+            )
+        if recipe.budget.max_hours is not None:
+            hours = step_seconds * total_steps / 3600
+            verdicts.append(Verdict("measured total hours", hours, recipe.budget.max_hours, "h"))
+    return verdicts
+
+
+def calibration_record(plan: BudgetPlan, measured: dict, model: str, recipe_name: str) -> dict:
+    """Predicted next to measured, as every run saves it (budget.json) for `runner.py calibration`."""
+    step = measured.get("median_step_seconds")
+    peak = measured_peak_bytes(measured.get("peak_reserved_bytes"))
+    record = {
+        "recipe": recipe_name,
+        "model": model,
+        "device": plan.device.name,
+        "tokens_per_micro_batch": plan.memory.tokens_per_micro_batch,
+        "predicted": budget_as_dict(plan),
+        "measured": measured,
+        "measured_peak_bytes": peak,
+        "measured_peak_is": "torch.cuda.max_memory_reserved() + the planned CUDA context",
+        "step_error": None if not step else plan.time.step_seconds / step - 1,
+        "memory_error": None
+        if peak is None or not plan.device.is_gpu
+        else (plan.memory.total - plan.memory.paged) / peak - 1,
+    }
+    return record
+
+
+def calibration_table(records: list[dict]) -> list[str]:
+    """One line per run: predicted and measured step time and memory, with the relative errors."""
+    lines = [
+        f"{'recipe':<14} {'device':<12} {'tokens/mb':>9} {'step pred':>10} {'step meas':>10} {'err':>7}"
+        f" {'mem pred':>9} {'mem meas':>9} {'err':>7}"
+    ]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:+.0%}"
+
+    for r in records:
+        measured = r["measured"]
+        peak = measured_peak_bytes(measured.get("peak_reserved_bytes"))
+        memory = "-" if peak is None else f"{peak / GIB:.2f}"
+        step = measured.get("median_step_seconds")
+        lines.append(
+            f"{r['recipe']:<14} {r['device']:<12} {r['tokens_per_micro_batch']:>9}"
+            f" {r['predicted']['step_seconds']:>10.3f} {'-' if step is None else f'{step:.3f}':>10}"
+            f" {pct(r['step_error']):>7} {r['predicted']['memory_total_bytes'] / GIB:>9.2f} {memory:>9}"
+            f" {pct(r['memory_error']):>7}"
+        )
+    for key, label in (("step_error", "step time"), ("memory_error", "peak memory")):
+        errors = [abs(r[key]) for r in records if r[key] is not None]
+        if errors:
+            lines.append(f"{label}: mean |error| {sum(errors) / len(errors):.0%} over {len(errors)} runs")
+    return lines
