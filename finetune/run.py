@@ -40,7 +40,6 @@ PACKAGES = (
     "datasets",
     "accelerate",
     "bitsandbytes",
-    "xformers",
     "tokenizers",
     "pydantic",
 )

@@ -35,3 +35,18 @@ def test_unsloth_never_calls_the_hub_for_statistics_and_compiles_into_our_cache(
         "compile_location": str(tmp_path / "cache" / "unsloth_compiled_cache"),
         "statistics_calls": 0,
     }
+
+
+def test_no_xformers_is_installed_and_unsloth_attends_with_pytorchs_sdpa():
+    """No xformers release loads beside torch 2.14.1 + CUDA 13 (requirements.txt says why): left out,
+    Unsloth imports it as absent (no warning on a GPU) and picks PyTorch's scaled-dot-product attention."""
+    import importlib.util
+
+    from unsloth.models import _utils
+    from unsloth.utils import attention_dispatch
+
+    assert importlib.util.find_spec("xformers") is None
+    assert _utils.xformers is None and attention_dispatch.HAS_XFORMERS is False
+    assert attention_dispatch.select_attention_backend() == attention_dispatch.SDPA
+    assert attention_dispatch.select_attention_backend(use_varlen=True) == attention_dispatch.SDPA
+    assert "xformers" not in (ROOT / "requirements.txt").read_text().split("# No xformers")[0]
