@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune import launch, lineage, run
+from finetune import export, launch, lineage, run
 from finetune.arguments import json_schema, parse_args
 from finetune.audit import audit_recipe
 from finetune.calibration import BudgetExceeded, calibration_table
@@ -294,11 +294,14 @@ def cmd_schema(output: Path | None) -> int:
 
 def cmd_export(run_dir: Path, out: Path | None) -> int:
     out = out or run_dir / "merged"
-    run.finished_adapter(run_dir)  # clear errors before the heavy import
+    recipe, _ = run.finished_adapter(run_dir)  # clear errors before the heavy import
+    base = export.merge_base(recipe)
+    export.check_room(recipe, base, out)  # before the folder is made: a refusal leaves nothing
     run.check_export_folder(out)
+    _out(f"export: {base.why}")
     from finetune import inference  # heavy: unsloth, torch, transformers
 
-    _out(f"merged 16-bit model saved to {inference.export(run_dir, out)}")
+    _out(f"merged 16-bit model saved to {inference.export(run_dir, out, base)}")
     return 0
 
 

@@ -9,14 +9,19 @@ from __future__ import annotations
 import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
 
 # isort: split
+import shutil
 from pathlib import Path
 
 import torch
 from unsloth import FastLanguageModel
 
+from finetune.export import MergeBase, readme
+from finetune.files import write_atomic
+from finetune.internals import forget_quantized_loading
 from finetune.prepare import IGNORE_INDEX, Example
-from finetune.run import check_export_folder, finished_adapter
+from finetune.run import disk_full_as, finished_adapter
 from finetune.store import Store
+from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 
 def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens: int) -> list[dict]:
@@ -59,19 +64,37 @@ def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bo
     return model, tokenizer
 
 
-def export(run_dir: Path, out_dir: Path) -> Path:
-    """The adapter merged into its base model, saved as 16-bit safetensors that plain transformers
-    (or vLLM, llama.cpp's converter, ...) loads without this tool or Unsloth.
+def export(run_dir: Path, out_dir: Path, base: MergeBase) -> Path:
+    """The adapter merged into ``base`` (finetune/export.py chose it and checked the room), saved as
+    16-bit safetensors with the run's tokenizer and a README.md saying which base it is. Plain
+    transformers and PEFT, on the CPU: the same on every machine, and a GPU of any size can export."""
+    from huggingface_hub import snapshot_download
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    On a CPU, into the base model loaded in 16-bit. On a GPU the adapter is loaded on the recipe's
-    4-bit base and Unsloth's save_pretrained_merged writes the 16-bit merge, for which it may fetch
-    the unquantized base weights from the hub (unsloth_zoo/saving_utils.py, merge_and_overwrite_lora):
-    offline without them on disk that fails, which is not handled here yet (unverified on a GPU)."""
-    recipe, adapter = finished_adapter(run_dir)
-    check_export_folder(out_dir)
-    load_in_4bit = recipe.model.load_in_4bit and torch.cuda.is_available()
-    model, tokenizer = load_adapter(adapter, recipe.model.max_seq_length, load_in_4bit)
-    model.save_pretrained_merged(str(out_dir), tokenizer, save_method="merged_16bit")
+    _, adapter = finished_adapter(run_dir)
+    folder = base.path
+    if base.name == TINY_MODEL_NAME:
+        folder = ensure_tiny_model()  # rebuilt, identical, if its cache folder was cleared
+    elif folder is None:  # the 16-bit original, fetched now (its size was said and checked)
+        folder = Path(snapshot_download(base.name, allow_patterns=["*.json", "*.safetensors", "*.model"]))
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="auto", device_map="cpu")
+    if base.dequantize:
+        model = model.dequantize()  # bitsandbytes' 4-bit weights to their compute dtype
+        forget_quantized_loading(model)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    then = f"nothing of the run changed and {out_dir} was removed; free some space and export again"
+    try:
+        with disk_full_as("the merged model", out_dir, run_dir, then=then):
+            merged.save_pretrained(out_dir, safe_serialization=True)
+            tokenizer.save_pretrained(out_dir)
+            write_atomic(out_dir / "README.md", readme(run_dir, base))
+    except BaseException:
+        # A half-written merge must not pass for a model; the folder was new or empty (checked), so
+        # removing it loses nothing of the user's, and `export` can simply be run again.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return out_dir
 
 

@@ -12,6 +12,10 @@ so a release that removes one fails under that name (`make canary` runs against 
   ran out of memory (the trainer saves only on its own schedule).
 - transformers' ``ProgressCallback.training_bar``: the progress bar our per-step lines are
   written through, so they do not tear it.
+- transformers' ``PreTrainedModel._weight_conversions``: what `from_pretrained` did to the
+  checkpoint's tensors, undone by `save_pretrained`. After `dequantize()` it still lists the
+  bitsandbytes 4-bit deserialization, which has no reverse (NotImplementedError at save), so the
+  dequantized model's export drops that entry.
 
 Nothing here imports torch; the trainer and callback functions take the objects they reach into.
 """
@@ -56,3 +60,14 @@ def save_checkpoint_now(trainer) -> None:
 def progress_bar(callback):
     """The tqdm bar of a transformers ProgressCallback while training (None before and after)."""
     return callback.training_bar
+
+
+def forget_quantized_loading(model) -> None:
+    """A dequantized model saved as the plain weights it now has: drop the record of bitsandbytes'
+    load-time deserialization, which save_pretrained would otherwise try (and fail) to reverse."""
+    conversions = getattr(model, "_weight_conversions", None) or []
+    model._weight_conversions = [
+        conversion
+        for conversion in conversions
+        if not any(type(op).__module__.endswith("integrations.bitsandbytes") for op in conversion.operations)
+    ]

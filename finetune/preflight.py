@@ -153,7 +153,7 @@ def training_device(gpu_name: str | None = None) -> Device:
     )
 
 
-def _hub_reachable(timeout_seconds: float = 3.0) -> bool:
+def hub_reachable(timeout_seconds: float = 3.0) -> bool:
     import urllib.request
 
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -227,7 +227,7 @@ def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
         )
     if config is None:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        if offline or not _hub_reachable():
+        if offline or not hub_reachable():
             reason = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
             raise UserError(
                 f"Model not reachable: {recipe_path} uses {name}, "

@@ -63,6 +63,14 @@ def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
 
+def shown_completion(text: str | None) -> str:
+    """A sample's completion as report.md shows it: an empty one is said to be empty (a tiny or
+    barely trained model may end its turn at once), a missing one is said to be missing."""
+    if text is None:
+        return "(not generated: the run did not finish)"
+    return text if text.strip() else "(empty: the model ended its turn at once)"
+
+
 def write_report(
     run_dir: Path, history: list[dict], seconds: float, spikes: list[dict]
 ) -> tuple[Path, list[str]]:
@@ -133,13 +141,13 @@ def write_report(
                 "Before:",
                 "",
                 "```",
-                sample["before"],
+                shown_completion(sample["before"]),
                 "```",
                 "",
                 "After:",
                 "",
                 "```",
-                sample.get("after", "(not generated: the run did not finish)"),
+                shown_completion(sample.get("after")),
                 "```",
                 "",
             ]

@@ -106,10 +106,10 @@ class DiskFull(Exception):
     """The disk filled while a run wrote ``what`` into ``folder``: one sentence with the free space
     there, the last sound checkpoint of ``run_dir`` and how to continue."""
 
-    def __init__(self, what: str, folder: Path, run_dir: Path):
+    def __init__(self, what: str, folder: Path, run_dir: Path, then: str | None = None):
         free = shutil.disk_usage(next(p for p in (folder, *folder.parents) if p.exists())).free
         self.checkpoint = latest_checkpoint(run_dir)[0]
-        then = (
+        then = then or (
             f"the last sound checkpoint is {self.checkpoint}; free some space, then: "
             f"python runner.py resume {run_dir}"
             if self.checkpoint
@@ -133,14 +133,15 @@ def is_disk_full(error: BaseException, folder: Path) -> bool:
 
 
 @contextmanager
-def disk_full_as(what: str, folder: Path, run_dir: Path):
-    """Turn a full disk while writing ``what`` into DiskFull naming it and the last sound checkpoint."""
+def disk_full_as(what: str, folder: Path, run_dir: Path, then: str | None = None):
+    """Turn a full disk while writing ``what`` into DiskFull naming it and the last sound checkpoint
+    (or ``then``: what to do, where no checkpoint matters)."""
     try:
         yield
     except Exception as error:
         if not is_disk_full(error, folder):
             raise
-        raise DiskFull(what, folder, run_dir) from None
+        raise DiskFull(what, folder, run_dir, then) from None
 
 
 def write_run_file(path: Path, text: str) -> Path:

@@ -293,6 +293,26 @@ def test_measured_peak_memory_means_the_same_quantity_the_plan_predicts_everywhe
     assert "peak memory measured: 6.50 GiB" in oom
 
 
+def test_the_report_says_a_sample_is_empty_or_missing_instead_of_leaving_a_blank(tmp_path):
+    """A barely trained model may end its turn at once: the report says so, and says when the run
+    stopped before the after-training sample was generated."""
+    from finetune import report
+
+    (tmp_path / "samples.json").write_text(
+        json.dumps(
+            [
+                {"source": "a.jsonl:1", "prompt": "p", "before": "def f(): pass", "after": ""},
+                {"source": "a.jsonl:2", "prompt": "p", "before": " \n"},
+            ]
+        )
+    )
+    path, _ = report.write_report(tmp_path, [{"step": 1, "loss": 2.0}], 1.0, [])
+    text = path.read_text()
+    assert "Before:\n\n```\ndef f(): pass\n```" in text
+    assert text.count("(empty: the model ended its turn at once)") == 2
+    assert "After:\n\n```\n(not generated: the run did not finish)\n```" in text
+
+
 def test_the_loss_term_follows_unsloths_fused_cross_entropy_not_a_logits_tensor():
     """Unsloth's GPU loss never makes T x V logits: at 16k tokens of Llama 3.1 8B its term is the
     chunk's fp32 block plus two T x H hidden-state gradients, far below one bf16 logits tensor."""

@@ -33,3 +33,25 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_model_dir():
     return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def four_bit_tiny_model_dir(tmp_path_factory, tiny_model_dir):
+    """The tiny model saved as bitsandbytes NF4, double-quantized, as Unsloth's `-bnb-4bit`
+    repositories are: the form of the GPU recipes' base model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llama-3-bnb-4bit"
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_model_dir, quantization_config=quantization, device_map="cpu"
+    )
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    return folder

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 
 from finetune.run import latest_checkpoint
 
@@ -60,3 +61,39 @@ def test_a_disk_that_fills_later_names_the_last_sound_checkpoint_to_resume_from(
         kept = latest_checkpoint(run_dir)[0]
         assert kept is not None and f"the last sound checkpoint is {kept}" in stderr
         assert f"then: python runner.py resume {run_dir}" in stderr
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    trained = train_on(out, "train.max_steps=2", "train.warmup_steps=1", "output.samples=0")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run_dir,) = (out / "runs" / "smoke").iterdir()
+    return run_dir
+
+
+def test_export_onto_a_disk_too_small_for_the_merge_is_refused_before_loading(tmp_path, finished_run):
+    with small_disk(tmp_path / "disk", 60, 40) as disk:
+        out = run_cli("export", str(finished_run), "--out", str(disk / "merged"))
+        message = " ".join(out.stderr.split())
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        refusal = f"error: export: not enough disk for the merged model in {disk / 'merged'}: 0.12 GiB"
+        assert refusal in message and "GiB needed there, 0.04 GiB free" in message
+        assert "heavy imports: []" in out.stdout and not (disk / "merged").exists()
+
+
+def test_a_disk_that_fills_during_export_leaves_no_half_merged_model(
+    tmp_path, finished_run, monkeypatch, capfd
+):
+    """The check passed, then the disk filled (another process, a wrong estimate): the real ENOSPC
+    from safetensors is one sentence, exit 5, and the partial folder is gone so export can rerun."""
+    from finetune import cli, export
+
+    monkeypatch.setattr(export, "check_room", lambda recipe, base, out: None)
+    with small_disk(tmp_path / "disk", 60, 40) as disk:
+        code = cli.main(["export", str(finished_run), "--out", str(disk / "merged")])
+        message = " ".join(capfd.readouterr().err.split())
+        assert code == 5 and not (disk / "merged").exists(), message
+        assert f"error: the disk is full: writing the merged model into {disk / 'merged'} failed (" in message
+        assert f"nothing of the run changed and {disk / 'merged'} was removed; free some space and" in message
+    assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()  # the run is untouched

@@ -34,3 +34,20 @@ def test_transformers_ProgressCallback_training_bar(tmp_path):
     assert bar is not None and hasattr(bar, "write") and bar.total == 3
     callback.on_train_end(args, state, TrainerControl())
     assert internals.progress_bar(callback) is None
+
+
+def test_transformers_PreTrainedModel_weight_conversions(tmp_path, four_bit_tiny_model_dir):
+    """After dequantize() the model still lists bitsandbytes' deserialization, which save_pretrained
+    cannot reverse; once it is forgotten the plain weights save and load back unchanged."""
+    import pytest
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(four_bit_tiny_model_dir, device_map="cpu").dequantize()
+    with pytest.raises(NotImplementedError):
+        model.save_pretrained(tmp_path / "as-is")
+    internals.forget_quantized_loading(model)
+    model.save_pretrained(tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], tensor), name

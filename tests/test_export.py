@@ -1,0 +1,126 @@
+"""What `export` merges into, and whether there is room, decided before anything heavy is imported."""
+
+import json
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+from finetune import export
+from finetune.budget import GIB, count_parameters
+from finetune.preflight import shipped_config
+from finetune.recipe import UserError, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+FOUR_BIT = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+ORIGINAL = "unsloth/Meta-Llama-3.1-8B-Instruct"
+
+
+def cache_snapshot(cache: Path, repo_id: str, quantized: bool) -> Path:
+    """A hub snapshot in a Hugging Face cache, as far as export looks (its config.json)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    folder = repo / "snapshots" / "abc123"
+    folder.mkdir(parents=True)
+    config = {k: v for k, v in shipped_config(FOUR_BIT).items() if k != "quantization_config"}
+    if quantized:  # as Unsloth's pre-quantized repositories have it
+        config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (folder / "config.json").write_text(json.dumps(config))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    return folder
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return tmp_path / "hub"
+
+
+def code_gen():
+    return load_recipe(ROOT / "recipes" / "code-gen.yaml")
+
+
+def test_the_sixteen_bit_original_on_disk_is_the_merge_base(cache):
+    cache_snapshot(cache, FOUR_BIT, quantized=True)
+    original = cache_snapshot(cache, ORIGINAL, quantized=False)
+    base = export.merge_base(code_gen())
+    assert (base.name, base.path, base.dequantize, base.download_bytes) == (ORIGINAL, original, False, 0)
+    assert base.why == f"merged into {ORIGINAL} (16-bit, on disk)"
+
+
+def test_offline_a_four_bit_base_is_dequantized_and_said_so(cache, monkeypatch):
+    four_bit = cache_snapshot(cache, FOUR_BIT, quantized=True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(export, "hub_reachable", lambda: pytest.fail("offline: the hub is not asked"))
+    base = export.merge_base(code_gen())
+    assert (base.name, base.path, base.dequantize) == (FOUR_BIT, four_bit, True)
+    assert "dequantized to 16 bits, the weights the adapter was trained against" in base.why
+    assert f"`hf download {ORIGINAL}` and export again" in base.why
+
+
+def test_online_the_original_is_downloaded_after_saying_how_large(cache, monkeypatch):
+    cache_snapshot(cache, FOUR_BIT, quantized=True)
+    monkeypatch.setattr(export, "hub_reachable", lambda: True)
+    monkeypatch.setattr(export, "remote_size", lambda repo: {ORIGINAL: 16 * GIB}[repo])
+    base = export.merge_base(code_gen())
+    assert (base.name, base.path, base.dequantize, base.download_bytes) == (ORIGINAL, None, False, 16 * GIB)
+    assert base.why == f"merged into {ORIGINAL} (16-bit, downloaded: 16.0 GiB)"
+
+
+def test_a_base_model_gone_from_disk_is_one_sentence(cache):
+    with pytest.raises(UserError, match=f"the run's base model {FOUR_BIT} is not on disk any more"):
+        export.merge_base(code_gen())
+
+
+def test_a_local_sixteen_bit_folder_is_merged_into_as_it_is(tmp_path):
+    folder = tmp_path / "my-model-bnb-4bit"  # a 4-bit-looking name, but a 16-bit local folder
+    folder.mkdir()
+    config = {k: v for k, v in shipped_config(FOUR_BIT).items() if k != "quantization_config"}
+    (folder / "config.json").write_text(json.dumps(config))
+    recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml", [f"model.name={folder}"])
+    base = export.merge_base(recipe)
+    assert (base.path, base.dequantize) == (folder.resolve(), False)
+
+
+Usage = namedtuple("Usage", "total used free")
+
+
+def test_export_is_refused_when_the_merged_model_or_the_download_cannot_fit(cache, monkeypatch, tmp_path):
+    recipe = code_gen()
+    merged = export.merged_bytes(recipe)
+    assert merged == 2 * count_parameters(shipped_config(FOUR_BIT)) + 64 * 2**20  # 8.03e9 params
+    assert 14.9 * GIB < merged < 15.1 * GIB
+    out = tmp_path / "out" / "merged"
+    free = {"bytes": 20 * GIB}
+    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: Usage(0, 0, free["bytes"]))
+    here = export.MergeBase(FOUR_BIT, tmp_path, True, "dequantized")
+    export.check_room(recipe, here, out)  # 15 GiB into 20 GiB free: room
+    # The 16 GiB download and the 15 GiB merge share this filesystem: 31 GiB needed, 20 free.
+    download = export.MergeBase(ORIGINAL, None, False, "downloaded", 16 * GIB)
+    with pytest.raises(UserError) as refused:
+        export.check_room(recipe, download, out)
+    assert str(refused.value) == (
+        f"export: not enough disk for the merged model in {out}: {(merged + 16 * GIB) / GIB:.2f} GiB "
+        "needed there, 20.00 GiB free; free some space or choose --out elsewhere"
+    )
+    free["bytes"] = 10 * GIB
+    with pytest.raises(UserError, match=f"not enough disk for the merged model in {out}: 15.0"):
+        export.check_room(recipe, here, out)
+
+
+def test_export_is_refused_without_the_ram_to_merge_in(cache, monkeypatch, tmp_path):
+    import psutil
+
+    Memory = namedtuple("Memory", "available")
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(4 * GIB))
+    base = export.MergeBase(FOUR_BIT, tmp_path, True, "dequantized")
+    with pytest.raises(UserError, match=r"merging needs about 15.0 GiB of RAM .*, 4.0 GiB is available"):
+        export.check_room(code_gen(), base, tmp_path / "merged")
+
+
+def test_the_merged_folder_says_which_base_it_is(tmp_path):
+    base = export.MergeBase(FOUR_BIT, tmp_path, True, "merged into X dequantized to 16 bits")
+    text = export.readme(tmp_path, base)
+    assert f"The adapter of the run {tmp_path.resolve()} merged into X dequantized to 16 bits." in text
