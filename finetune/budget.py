@@ -405,6 +405,7 @@ class Verdict:
     predicted: float
     limit: float
     unit: str
+    limit_is: str = "limit"  # what the limit is: "limit", or "free" for a disk's free space
 
     @property
     def ok(self) -> bool:
@@ -412,7 +413,10 @@ class Verdict:
 
     def line(self) -> str:
         mark = "PASS" if self.ok else "FAIL"
-        return f"{mark} {self.what}: {self.predicted:.2f} {self.unit} (limit {self.limit:.2f} {self.unit})"
+        return (
+            f"{mark} {self.what}: {self.predicted:.2f} {self.unit} "
+            f"({self.limit_is} {self.limit:.2f} {self.unit})"
+        )
 
 
 @dataclass(frozen=True)

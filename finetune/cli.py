@@ -80,7 +80,7 @@ def cmd_plan(
         )
     job = launch.plan_launch(recipe, str(path), device=training_device(gpu), full_length=full_length)
     if as_json:
-        document = launch.plan_document(job.data, job.plan, job.budget, job.suggestions)
+        document = launch.plan_document(job.data, job.plan, job.budget, job.suggestions, job.disk)
         _out(json.dumps(document))
         return EXIT_OVER_BUDGET if job.over_budget else 0
     _warn(job.warnings)

@@ -18,15 +18,15 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import disk
 from finetune.budget import GIB, count_parameters
+from finetune.disk import tokenizer_bytes
 from finetune.internals import hub_snapshot
 from finetune.preflight import base_model, hub_reachable, planning_config
 from finetune.recipe import Recipe, UserError
 
 # The suffixes of Unsloth's pre-quantized repositories; removing one names the 16-bit original.
 _FOUR_BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")
-# Tokenizer, config and README of the merged folder, beside its weights.
-_SMALL_FILES_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,12 @@ def merge_base(recipe: Recipe) -> MergeBase:
     )
 
 
-def merged_bytes(recipe: Recipe) -> int:
-    """Bytes of the merged model on disk: every parameter in 16 bits, plus the small files."""
+def merged_bytes(recipe: Recipe) -> float:
+    """Bytes of the merged model on disk (finetune/disk.py's prediction, which `plan` prints too)."""
     config = planning_config(recipe)
-    if config is None:
-        return _SMALL_FILES_BYTES
-    return 2 * count_parameters(config) + _SMALL_FILES_BYTES
+    folder = base_model(recipe)["path"]
+    tokenizer = tokenizer_bytes(Path(folder) if folder else None)
+    return disk.merged_bytes(count_parameters(config) if config else 0, tokenizer)
 
 
 def check_room(recipe: Recipe, base: MergeBase, out_dir: Path) -> None:

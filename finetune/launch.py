@@ -7,6 +7,7 @@ they found (plans, warnings, printed lines); presenting it is the command line's
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,21 @@ from finetune.budget import (
     describe_budget,
     plan_budget,
     suggest,
+    weight_bytes,
 )
 from finetune.calibration import BudgetExceeded, calibration_record, measured_peak_bytes, measured_verdicts
+from finetune.disk import (
+    DiskPlan,
+    Place,
+    describe_disk,
+    disk_as_dict,
+    disk_verdicts,
+    predict_disk,
+    tokenizer_bytes,
+)
+from finetune.export import sixteen_bit_name
 from finetune.plots import plot_schedule
-from finetune.preflight import detect_gpus, planning_config, training_device
+from finetune.preflight import base_model, detect_gpus, planning_config, training_device
 from finetune.recipe import Recipe, UserError, dump_recipe, recipe_name
 from finetune.report import write_report
 from finetune.run import (
@@ -39,6 +51,7 @@ from finetune.run import (
 )
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
 from finetune.store import PADDING_FREE, DataPlan, plan_data, run_fingerprints
+from finetune.tiny_model import TINY_MODEL_NAME
 
 
 def training_data(recipe: Recipe) -> DataPlan:
@@ -87,13 +100,74 @@ def budget_check(
     return budget, describe_budget(budget), ideas
 
 
+@dataclass(frozen=True)
+class DiskCheck:
+    plan: DiskPlan | None  # None when the model's shape is unknown
+    verdicts: list  # budget.Verdict: the run's files (and a download elsewhere) against free space
+    lines: list[str]  # the breakdown, the verdicts and the export note, as printed
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.verdicts)
+
+
+def _place(folder: Path) -> Place:
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    return Place(str(folder), shutil.disk_usage(existing).free, existing.stat().st_dev)
+
+
+def disk_check(recipe: Recipe, plan: SchedulePlan, device: Device) -> DiskCheck:
+    """The disk the run will fill (checkpoints, adapter, its files; the base model's download when it
+    is not in the cache yet) against the free space there, and export's needs beside it."""
+    from huggingface_hub import constants  # light: constants only
+
+    config = planning_config(recipe)
+    if config is None:
+        return DiskCheck(None, [], [f"disk: not predicted (no config.json for {recipe.model.name} on disk)"])
+    shapes = Shapes.from_config(config)
+    folder = base_model(recipe)["path"]
+    folder = Path(folder) if folder else None
+    download = 0.0
+    if folder is None and recipe.model.name != TINY_MODEL_NAME:  # fetched at load, in its own form
+        four_bit = sixteen_bit_name(recipe.model.name) is not None
+        download = sum(weight_bytes(shapes, four_bit, 2))
+    parameters = shapes.linear_parameters + shapes.embedding_parameters + shapes.norm_parameters
+    disk = predict_disk(
+        recipe, shapes, plan.total_steps, device.is_gpu, tokenizer_bytes(folder), download, parameters
+    )
+    verdicts, notes = disk_verdicts(
+        disk, _place(Path(recipe.output.dir)), _place(Path(constants.HF_HUB_CACHE))
+    )
+    return DiskCheck(disk, verdicts, describe_disk(disk) + [v.line() for v in verdicts] + notes)
+
+
+def disk_suggestions(recipe: Recipe, check: DiskCheck) -> list[str]:
+    """What would make a failing disk check pass."""
+    if check.ok or check.plan is None:
+        return []
+    short = max(v.predicted - v.limit for v in check.verdicts if not v.ok)
+    ideas = [f"free {short:.2f} GiB there, or set output.dir to a folder on a larger disk"]
+    if check.plan.checkpoints_at_once > 2 and recipe.train.save_total_limit > 1:
+        saved = (check.plan.checkpoints_at_once - 2) * check.plan.checkpoint_bytes / GIB
+        ideas.append(
+            f"train.save_total_limit=1 (2 checkpoints at once instead of "
+            f"{check.plan.checkpoints_at_once}: {saved:.2f} GiB less)"
+        )
+    return ideas
+
+
 def plan_document(
-    data: DataPlan, plan: SchedulePlan, budget: BudgetPlan | None, suggestions: list[str] | None = None
+    data: DataPlan,
+    plan: SchedulePlan,
+    budget: BudgetPlan | None,
+    suggestions: list[str] | None = None,
+    disk: DiskCheck | None = None,
 ) -> dict:
     """What `plan --json` prints and a run folder's plan.json holds: the schedule with the LR of every
-    step, the data, the budget and (for `plan`) the changes that would fit."""
+    step, the data, the budget, the disk and (for `plan`) the changes that would fit."""
     document = {**plan_as_dict(plan), "data": data_as_dict(data)}
     document["budget"] = budget_as_dict(budget) if budget else None
+    document["disk"] = disk_as_dict(disk.plan, disk.verdicts) if disk and disk.plan else None
     if suggestions is not None:
         document["suggestions"] = suggestions
     return document
@@ -113,14 +187,15 @@ class Launch:
     budget: BudgetPlan | None
     budget_lines: list[str]
     warnings: list[str]
-    suggestions: list[str]  # changes predicted to fit, when the budget fails
+    suggestions: list[str]  # changes predicted to fit, when the budget or the disk check fails
+    disk: DiskCheck
 
     @property
     def over_budget(self) -> bool:
-        return self.budget is not None and not self.budget.ok
+        return (self.budget is not None and not self.budget.ok) or not self.disk.ok
 
     def lines(self) -> list[str]:
-        return self.data.describe() + describe_plan(self.plan) + self.budget_lines
+        return self.data.describe() + describe_plan(self.plan) + self.budget_lines + self.disk.lines
 
 
 def plan_launch(
@@ -137,7 +212,9 @@ def plan_launch(
     plan, warnings = checked_plan(recipe, data.sequences, source)
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
-    return Launch(recipe, source, name, data, plan, device, budget, budget_lines, warnings, suggestions)
+    disk = disk_check(recipe, plan, device)
+    suggestions = suggestions + disk_suggestions(recipe, disk)
+    return Launch(recipe, source, name, data, plan, device, budget, budget_lines, warnings, suggestions, disk)
 
 
 def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list[str]]:
@@ -177,7 +254,9 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
         run_dir / "run.json",
         {"recipe": recipe_file, "overrides": overrides, "version": launch.recipe.version},
     )
-    write_run_json(run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget))
+    write_run_json(
+        run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget, disk=launch.disk)
+    )
     plot_schedule(launch.plan, run_dir / "lr_schedule.png")
     return run_dir
 

@@ -1,6 +1,7 @@
 """A full disk is one sentence naming what could not be written, the free space, the last sound
 checkpoint and how to continue (exit 5); tried on a real small filesystem (a tmpfs)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -39,9 +40,20 @@ def train_on(disk: Path, *overrides: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_a_disk_that_fills_at_the_first_checkpoint(tmp_path):
+def test_a_disk_too_small_for_the_run_is_refused_before_anything_is_made(tmp_path):
     with small_disk(tmp_path / "disk", 30, 3) as disk:
         out = train_on(disk, "train.max_steps=10")
+        stderr = " ".join(out.stderr.split())
+        assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        assert f"FAIL disk in {disk / 'runs'} (the run's files): 0.07 GiB (free 0.00 GiB)" in out.stdout
+        assert "free 0.07 GiB there, or set output.dir to a folder on a larger disk" in stderr
+        assert "Nothing was loaded or trained; --force launches anyway." in stderr
+        assert not (disk / "runs").exists()
+
+
+def test_a_disk_that_fills_at_the_first_checkpoint(tmp_path):
+    with small_disk(tmp_path / "disk", 30, 3) as disk:
+        out = train_on(disk, "train.max_steps=10", "--force")
         stderr = " ".join(out.stderr.split())
         assert out.returncode == 5 and "Traceback" not in out.stderr, out.stderr[-3000:]
         (run_dir,) = (disk / "runs" / "smoke").iterdir()
@@ -54,7 +66,9 @@ def test_a_disk_that_fills_at_the_first_checkpoint(tmp_path):
 
 def test_a_disk_that_fills_later_names_the_last_sound_checkpoint_to_resume_from(tmp_path):
     with small_disk(tmp_path / "disk", 60, 30) as disk:
-        out = train_on(disk, "train.max_steps=10", "train.save_steps=1", "train.save_total_limit=10")
+        out = train_on(
+            disk, "train.max_steps=10", "train.save_steps=1", "train.save_total_limit=10", "--force"
+        )
         stderr = " ".join(out.stderr.split())
         assert out.returncode == 5 and "Traceback" not in out.stderr, out.stderr[-3000:]
         (run_dir,) = (disk / "runs" / "smoke").iterdir()
@@ -72,12 +86,28 @@ def finished_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def test_the_disk_plan_is_what_the_run_wrote(finished_run):
+    """plan.json's disk prediction against the files the finished run left: each checkpoint within
+    10%, and the whole folder no larger than predicted at its fullest (2 checkpoints written, both
+    kept: the fullest is the end)."""
+    disk = json.loads((finished_run / "plan.json").read_text())["disk"]
+    checkpoints = sorted((finished_run / "checkpoints").glob("checkpoint-*"))
+    assert disk["checkpoints_at_once"] == len(checkpoints) == 2
+    for checkpoint in checkpoints:
+        assert folder_bytes(checkpoint) == pytest.approx(disk["checkpoint_bytes"], rel=0.10)
+    assert 0.9 * disk["run_total_bytes"] <= folder_bytes(finished_run) <= disk["run_total_bytes"]
+
+
 def test_export_onto_a_disk_too_small_for_the_merge_is_refused_before_loading(tmp_path, finished_run):
     with small_disk(tmp_path / "disk", 60, 40) as disk:
         out = run_cli("export", str(finished_run), "--out", str(disk / "merged"))
         message = " ".join(out.stderr.split())
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-        refusal = f"error: export: not enough disk for the merged model in {disk / 'merged'}: 0.12 GiB"
+        refusal = f"error: export: not enough disk for the merged model in {disk / 'merged'}: 0.08 GiB"
         assert refusal in message and "GiB needed there, 0.04 GiB free" in message
         assert "heavy imports: []" in out.stdout and not (disk / "merged").exists()
 
