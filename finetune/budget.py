@@ -34,12 +34,24 @@ BNB_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 ADAPTER_BYTES = {True: 4, False: 2}  # by on_gpu
 
 
-def optimizer_state_bytes(optim: str, adapter_bytes: int) -> float:
-    """Optimizer state per trainable parameter: AdamW keeps two moments in the parameters' dtype;
-    bitsandbytes' 8-bit AdamW one byte each plus one fp32 absmax per 256 values each."""
-    if "8bit" in optim:
-        return 2.0 + 2 * 4 / 256
-    return 2.0 * adapter_bytes
+# bitsandbytes' 8-bit optimizers keep 32-bit state for tensors smaller than this (min_8bit_size).
+BNB_MIN_8BIT_SIZE = 4096
+BNB_OPTIM_BLOCKSIZE = 256  # one fp32 absmax per block of 8-bit state, for each of the two moments
+
+
+def optimizer_state_bytes(optim: str, tensor_sizes: list[int], adapter_bytes: int) -> int:
+    """Optimizer state of the trainable tensors: AdamW keeps two moments in the parameters' dtype;
+    bitsandbytes' 8-bit AdamW one byte each plus an fp32 absmax per 256 values each, and two fp32
+    moments for a tensor below min_8bit_size (bitsandbytes/optim/optimizer.py, init_state)."""
+    if "8bit" not in optim:
+        return sum(2 * adapter_bytes * n for n in tensor_sizes)
+    total = 0
+    for n in tensor_sizes:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 2 * 4 * n
+        else:
+            total += 2 * n + 2 * 4 * math.ceil(n / BNB_OPTIM_BLOCKSIZE)
+    return total
 
 
 # What measurement decides. Each value: (number, where it comes from). They are estimates until a
@@ -186,11 +198,15 @@ def count_parameters(config: dict) -> int:
     return shapes.linear_parameters + shapes.embedding_parameters + shapes.norm_parameters
 
 
+def lora_tensor_sizes(shapes: Shapes, r: int, target_modules: list[str]) -> list[int]:
+    """Elements of each LoRA tensor: A (r x in) and B (out x r) for every targeted projection of
+    every layer."""
+    targeted = [(i, o) for name, (i, o) in shapes.projections().items() if name in target_modules]
+    return [n for i, o in targeted for n in (r * i, o * r)] * shapes.layers
+
+
 def lora_parameters(shapes: Shapes, r: int, target_modules: list[str]) -> int:
-    """A (r x in) and B (out x r) for every targeted projection of every layer."""
-    return shapes.layers * sum(
-        r * (i + o) for name, (i, o) in shapes.projections().items() if name in target_modules
-    )
+    return sum(lora_tensor_sizes(shapes, r, target_modules))
 
 
 def nf4_bytes(num_weights: int) -> int:
@@ -308,7 +324,9 @@ def predict_memory(
         "embeddings, lm_head, norms": kept,
         "LoRA parameters": trainable * adapter,
         "LoRA gradients": trainable * adapter,
-        f"optimizer state ({optim})": trainable * optimizer_state_bytes(optim, adapter),
+        f"optimizer state ({optim})": optimizer_state_bytes(
+            optim, lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules), adapter
+        ),
         f"activations ({recipe.model.gradient_checkpointing} checkpointing)": tokens_per_micro_batch
         * activation_bytes_per_token(shapes, recipe.model.gradient_checkpointing, dtype_bytes),
         "lm_head and loss (fused, chunked)": logits_bytes(

@@ -21,7 +21,7 @@ from finetune.budget import (
     Shapes,
     Verdict,
     effective_optimizer,
-    lora_parameters,
+    lora_tensor_sizes,
     optimizer_state_bytes,
 )
 from finetune.recipe import Recipe
@@ -97,12 +97,12 @@ def predict_disk(
     parameters: int,
 ) -> DiskPlan:
     """Bytes in the run folder at its fullest, and beside it (see the module's docstring)."""
-    trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
-    tensors = 2 * shapes.layers * len([m for m in recipe.lora.target_modules if m in shapes.projections()])
+    sizes = lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules)
+    tensors = len(sizes)
     adapter_bytes = ADAPTER_BYTES[on_gpu]
-    adapter = trainable * adapter_bytes + tensors * TENSOR_OVERHEAD_BYTES
+    adapter = sum(sizes) * adapter_bytes + tensors * TENSOR_OVERHEAD_BYTES
     optim = effective_optimizer(recipe.train.optim, on_gpu)
-    optimizer = trainable * optimizer_state_bytes(optim, adapter_bytes) + 2 * tensors * TENSOR_OVERHEAD_BYTES
+    optimizer = optimizer_state_bytes(optim, sizes, adapter_bytes) + 2 * tensors * TENSOR_OVERHEAD_BYTES
     tokenizer = LLAMA3_TOKENIZER_BYTES if tokenizer_files is None else tokenizer_files
     steps_log = total_steps * BYTES_PER_STEP
     checkpoint = adapter + optimizer + tokenizer + CHECKPOINT_SMALL_FILES_BYTES + steps_log

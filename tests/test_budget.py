@@ -15,6 +15,7 @@ from finetune import budget
 from finetune.budget import GIB, GPUS, Shapes, Workload, gpu_by_name, plan_budget, shipped_config, suggest
 from finetune.plots import nice_ticks
 from finetune.recipe import load_recipe
+from finetune.tiny_model import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
@@ -291,6 +292,20 @@ def test_measured_peak_memory_means_the_same_quantity_the_plan_predicts_everywhe
     assert any(line.startswith("peak memory: 6.50 GiB measured") for line in lines), lines
     oom = launch.out_of_memory_report(job, OutOfMemory(3, 1000, 6 * GIB), tmp_path)
     assert "peak memory measured: 6.50 GiB" in oom
+
+
+def test_eight_bit_adamw_keeps_32_bit_state_for_small_tensors():
+    """bitsandbytes' min_8bit_size: a tensor under 4096 values keeps two fp32 moments; larger ones a
+    byte per moment plus an fp32 absmax per 256-value block of each."""
+    assert budget.optimizer_state_bytes("adamw_8bit", [1024], 4) == 2 * 4 * 1024
+    assert budget.optimizer_state_bytes("adamw_8bit", [4096], 4) == 2 * 4096 + 2 * 4 * 16
+    assert budget.optimizer_state_bytes("adamw_8bit", [4097], 4) == 2 * 4097 + 2 * 4 * 17
+    assert budget.optimizer_state_bytes("adamw_torch", [1024, 4096], 4) == 8 * 5120
+    tiny = budget.lora_tensor_sizes(Shapes.from_config(TINY_CONFIG), 8, ["q_proj", "down_proj"])
+    assert tiny == [8 * 128, 128 * 8, 8 * 512, 128 * 8] * 2  # 2 layers
+    # down_proj's A (8 x 512) is the one 8-bit tensor there.
+    expected = 2 * (3 * 2 * 4 * 1024 + 2 * 4096 + 2 * 4 * 16)
+    assert budget.optimizer_state_bytes("adamw_8bit", tiny, 4) == expected
 
 
 def test_the_report_says_a_sample_is_empty_or_missing_instead_of_leaving_a_blank(tmp_path):
