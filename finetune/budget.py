@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.loss_memory import loss_bytes
 from finetune.prepare import count_packed_sequences
 from finetune.recipe import LLAMA_PROJECTIONS, Recipe
 from finetune.schedule import count_optimizer_steps
@@ -28,10 +29,12 @@ BNB_NESTED_BLOCKSIZE = 256
 # Per quantized tensor: the 16-entry NF4 code (fp32), the 256-entry nested code (fp32), the offset.
 BNB_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 
-# Bytes per trainable (LoRA) parameter. On a GPU, PEFT creates adapters in fp32 on a 4-bit base; on
-# the CPU, Unsloth's fallback trainer holds the adapters, their gradients and AdamW's moments in
-# bf16 (measured: tests/test_train.py checks both paths' bytes against the live model).
-ADAPTER_BYTES = {True: 4, False: 2}  # by on_gpu
+
+def adapter_bytes(backend: str, on_gpu: bool) -> int:
+    """Bytes per trainable (LoRA) parameter. PEFT creates adapters in fp32 on a 4-bit base; only
+    Unsloth's CPU fallback trainer holds the adapters, their gradients and AdamW's moments in bf16
+    (measured: tests/e2e/test_train.py checks the bytes against the live model)."""
+    return 2 if backend == "unsloth" and not on_gpu else 4
 
 
 # bitsandbytes' 8-bit optimizers keep 32-bit state for tensors smaller than this (min_8bit_size).
@@ -66,6 +69,7 @@ CONSTANTS = {
     # datasheet figures, to put a card missing from the table on the table's scale.
     "benchmark_matmul_fraction": (0.75, "dense bf16 GEMM benchmarks reach 70-85% of datasheet TFLOP/s"),
     "benchmark_copy_fraction": (0.85, "device-to-device copies reach 80-90% of datasheet bandwidth"),
+    "transformers_slowdown": (1.54, "LLaMA-Factory wiki: Unsloth 4-bit at 1.54x HF 4-bit's tokens/s"),
     "memory_margin": (0.10, "the stated target: peak memory within 10%"),
     "time_margin": (0.15, "the stated target: step time within 15%"),
 }
@@ -254,6 +258,13 @@ def weight_bytes(shapes: Shapes, load_in_4bit: bool, dtype_bytes: int) -> tuple[
     return linear, (shapes.embedding_parameters + shapes.norm_parameters) * dtype_bytes
 
 
+def checkpointing(model) -> str:
+    """The gradient checkpointing that runs (``model``: the recipe's model section): Unsloth's
+    offloaded kind exists only on its backend, and is plain recomputation on the other."""
+    offloaded = model.gradient_checkpointing == "unsloth" and model.backend != "unsloth"
+    return "standard" if offloaded else model.gradient_checkpointing
+
+
 def activation_bytes_per_token(shapes: Shapes, checkpointing: str, dtype_bytes: int) -> float:
     """Activations kept for the backward pass, per token (performance.md section 3.3).
 
@@ -271,41 +282,6 @@ def activation_bytes_per_token(shapes: Shapes, checkpointing: str, dtype_bytes: 
     return per_layer + dtype_bytes * h  # unsloth: checkpoints offloaded; one input buffer stays
 
 
-# Unsloth's fused linear cross-entropy (unsloth_zoo/fused_losses/fused_linear.py, `_ce_impl`), which
-# its Llama forward calls in training instead of making logits (unsloth/models/llama.py,
-# CausalLM_fast_forward): lm_head and the loss in row chunks, never T x V logits. Its two layouts
-# (tests/e2e/test_against_the_libraries.py holds these to the installed source):
-FLASH_ROWS = 4096  # `_BWD_ROWS`: rows of the tiled pass, with an fp32 block of at most
-FLASH_BLOCK_BYTES = 256 * 2**20  # `_BWD_TILE_BYTES` (16384 vocabulary columns at 4096 rows)
-CHUNK_ROWS = 512  # `fused_linear_rows` below 4096 labelled tokens on cards over 24.5 GiB: rows x V
-CPU_CHUNK_ROWS = 130  # unsloth_zoo/cpu/ops.py: UNSLOTH_CPU_CE_CHUNK_ELEMENTS (16M) // V rows
-LOSS_BYTES_PER_TOKEN = 40  # log-probs, logsumexp (fp32), indices, shifted labels (int64), mask
-
-
-def logits_bytes(shapes: Shapes, tokens: int, on_gpu: bool, dtype_bytes: int = 2) -> float:
-    """Peak bytes of lm_head and the loss, as Unsloth's fused cross-entropy allocates them.
-
-    It computes the gradient of the hidden states in the forward pass and keeps only that (T x H)
-    for the backward, which allocates one more T x H while it is alive; each chunk's scratch is an
-    fp32 block of rows x columns plus fp32 and compute-dtype copies of its rows' hidden states. On a
-    GPU the larger of its two layouts (which one runs depends on the card's total memory and the
-    labelled tokens), so this is an upper bound by at most a few hundred MiB.
-    """
-    h, v = shapes.hidden, shapes.vocab
-    per_row_hidden = (4 + dtype_bytes) * h
-    if on_gpu:
-        flash, chunked = min(FLASH_ROWS, tokens), min(CHUNK_ROWS, tokens)
-        scratch = max(
-            min(FLASH_BLOCK_BYTES, flash * 4 * v) + flash * per_row_hidden,
-            chunked * (4 * v + per_row_hidden),
-        )
-        kept = 2 * tokens * h * dtype_bytes  # the hidden states' gradient, and the backward's copy
-    else:
-        scratch = min(CPU_CHUNK_ROWS, tokens) * 4 * v
-        kept = tokens * h * dtype_bytes
-    return scratch + kept + LOSS_BYTES_PER_TOKEN * tokens
-
-
 def effective_optimizer(optim: str, on_gpu: bool) -> str:
     """Unsloth's CPU fallback replaces bitsandbytes' 8-bit and paged optimizers with fused AdamW."""
     return optim if on_gpu or not ("8bit" in optim or "paged" in optim) else "adamw_torch_fused"
@@ -318,7 +294,7 @@ def predict_memory(
     optim = effective_optimizer(recipe.train.optim, on_gpu)
     linear, kept = weight_bytes(shapes, recipe.model.load_in_4bit, dtype_bytes)
     trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
-    adapter = ADAPTER_BYTES[on_gpu]
+    adapter = adapter_bytes(recipe.model.backend, on_gpu)
     terms = {
         "4-bit base weights" if recipe.model.load_in_4bit else "base weights": linear,
         "embeddings, lm_head, norms": kept,
@@ -327,12 +303,13 @@ def predict_memory(
         f"optimizer state ({optim})": optimizer_state_bytes(
             optim, lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules), adapter
         ),
-        f"activations ({recipe.model.gradient_checkpointing} checkpointing)": tokens_per_micro_batch
-        * activation_bytes_per_token(shapes, recipe.model.gradient_checkpointing, dtype_bytes),
-        "lm_head and loss (fused, chunked)": logits_bytes(
-            shapes, tokens_per_micro_batch, on_gpu, dtype_bytes
-        ),
+        f"activations ({checkpointing(recipe.model)} checkpointing)": tokens_per_micro_batch
+        * activation_bytes_per_token(shapes, checkpointing(recipe.model), dtype_bytes),
     }
+    name, loss = loss_bytes(
+        recipe.model.backend, shapes.hidden, shapes.vocab, tokens_per_micro_batch, on_gpu, dtype_bytes
+    )
+    terms[name] = loss
     allocated = sum(terms.values())
     if on_gpu:  # PyTorch's CUDA caching allocator and the CUDA context; a CPU run has neither
         terms["allocator overhead"] = allocated * constant("allocator_overhead")
@@ -400,17 +377,18 @@ def predict_time(
 ) -> TimePlan:
     train, model = recipe.train, recipe.model
     seq_len = mean_tokens / train.per_device_train_batch_size
-    per_token = flops_per_token(shapes, seq_len, model.gradient_checkpointing)
+    per_token = flops_per_token(shapes, seq_len, checkpointing(model))
     compute = mean_tokens * per_token / (constant("gemm_efficiency") * device.bf16_tflops * 1e12)
-    passes = 3 if model.gradient_checkpointing != "off" else 2
+    passes = 3 if checkpointing(model) != "off" else 2
     dequant = 0.0
     if model.load_in_4bit:  # each pass dequantizes every weight: read 0.5 B + absmax, write 2 B
         traffic = passes * 2.5 * shapes.linear_parameters
         dequant = traffic / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
     overhead = constant("micro_batch_overhead_s")
-    micro = compute + dequant + overhead
-    step = train.gradient_accumulation_steps * micro
     terms = {"matmuls": compute, "4-bit dequantization": dequant, "fixed overhead": overhead}
+    if model.backend == "transformers" and device.is_gpu:  # without Unsloth's fused GPU kernels
+        terms["without Unsloth's kernels"] = (compute + dequant) * (constant("transformers_slowdown") - 1)
+    step = train.gradient_accumulation_steps * sum(terms.values())
     return TimePlan(step, step * total_steps, per_token, terms)
 
 
@@ -443,6 +421,7 @@ class BudgetPlan:
     memory: MemoryPlan
     time: TimePlan
     verdicts: list[Verdict]
+    backend: str = "unsloth"  # the engine the plan is for (recipe.model.backend)
 
     @property
     def ok(self) -> bool:
@@ -484,12 +463,16 @@ def plan_budget(
         verdicts.append(Verdict("seconds per step", time.step_seconds, budget.max_step_seconds, "s"))
     if budget.max_hours is not None:
         verdicts.append(Verdict("total hours", time.total_seconds / 3600, budget.max_hours, "h"))
-    return BudgetPlan(device, memory, time, verdicts)
+    return BudgetPlan(device, memory, time, verdicts, recipe.model.backend)
 
 
 def describe_budget(plan: BudgetPlan) -> list[str]:
     memory = plan.memory
-    lines = [f"memory on {plan.device.name}, largest micro-batch {memory.tokens_per_micro_batch} tokens:"]
+    engine = "Unsloth" if plan.backend == "unsloth" else "transformers + PEFT (no Unsloth)"
+    lines = [
+        f"memory on {plan.device.name} with {engine}, largest micro-batch "
+        f"{memory.tokens_per_micro_batch} tokens:"
+    ]
     lines += [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in memory.terms.items()]
     if memory.single_quant_weights is not None:  # Unsloth always double-quantizes; this is what it saves
         lines.insert(2, f"    (without double quantization: {memory.single_quant_weights / GIB:.2f} GiB)")
@@ -527,6 +510,7 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
 def budget_as_dict(plan: BudgetPlan) -> dict:
     return {
         "device": plan.device.name,
+        "backend": plan.backend,
         "memory_bytes": dict(plan.memory.terms),
         "single_quant_weights_bytes": plan.memory.single_quant_weights,
         "memory_total_bytes": plan.memory.total,
@@ -600,7 +584,7 @@ def suggest(
                 Workload([min(n, p95) for n in work.lengths], work.sequences, work.packing, work.total_steps),
                 f"; {longer} of {len(work.lengths)} rows are longer and would be dropped or truncated",
             )
-    if model.gradient_checkpointing != "unsloth":
+    if model.gradient_checkpointing != "unsloth" and model.backend == "unsloth":
         tried("model.gradient_checkpointing=unsloth", with_("model", gradient_checkpointing="unsloth"))
     if recipe.lora.r > 8:
         tried(f"lora.r={recipe.lora.r // 2}", with_("lora", r=recipe.lora.r // 2))

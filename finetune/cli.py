@@ -299,16 +299,14 @@ def cmd_export(run_dir: Path, out: Path | None) -> int:
     export.check_room(recipe, base, out)  # before the folder is made: a refusal leaves nothing
     run.check_export_folder(out)
     _out(f"export: {base.why}")
-    from finetune import inference  # heavy: unsloth, torch, transformers
-
+    inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
     _out(f"merged 16-bit model saved to {inference.export(run_dir, out, base)}")
     return 0
 
 
 def cmd_generate(run_dir: Path, prompt: str, max_new_tokens: int) -> int:
-    run.finished_adapter(run_dir)  # a clear error before the heavy import
-    from finetune import inference  # heavy: unsloth, torch, transformers
-
+    recipe, _ = run.finished_adapter(run_dir)  # a clear error before the heavy import
+    inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
     inference.generate_from_run(run_dir, prompt, max_new_tokens)
     return 0
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.budget import (
-    ADAPTER_BYTES,
     GIB,
     Shapes,
     Verdict,
+    adapter_bytes,
     effective_optimizer,
     lora_tensor_sizes,
     optimizer_state_bytes,
@@ -99,10 +99,10 @@ def predict_disk(
     """Bytes in the run folder at its fullest, and beside it (see the module's docstring)."""
     sizes = lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules)
     tensors = len(sizes)
-    adapter_bytes = ADAPTER_BYTES[on_gpu]
-    adapter = sum(sizes) * adapter_bytes + tensors * TENSOR_OVERHEAD_BYTES
+    per_parameter = adapter_bytes(recipe.model.backend, on_gpu)
+    adapter = sum(sizes) * per_parameter + tensors * TENSOR_OVERHEAD_BYTES
     optim = effective_optimizer(recipe.train.optim, on_gpu)
-    optimizer = optimizer_state_bytes(optim, sizes, adapter_bytes) + 2 * tensors * TENSOR_OVERHEAD_BYTES
+    optimizer = optimizer_state_bytes(optim, sizes, per_parameter) + 2 * tensors * TENSOR_OVERHEAD_BYTES
     tokenizer = LLAMA3_TOKENIZER_BYTES if tokenizer_files is None else tokenizer_files
     steps_log = total_steps * BYTES_PER_STEP
     checkpoint = adapter + optimizer + tokenizer + CHECKPOINT_SMALL_FILES_BYTES + steps_log

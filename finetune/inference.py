@@ -6,14 +6,13 @@ training), the smoke (the reloaded adapter) and the `generate` and `export` verb
 
 from __future__ import annotations
 
-import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
+from finetune import stack  # first: the backend (Unsloth, set up, before the libraries it patches)
 
 # isort: split
 import shutil
 from pathlib import Path
 
 import torch
-from unsloth import FastLanguageModel
 
 from finetune.export import MergeBase, readme
 from finetune.files import write_atomic
@@ -31,7 +30,7 @@ def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens:
         return []
     split = "eval" if store.dataset("eval") is not None else "train"
     samples = []
-    FastLanguageModel.for_inference(model)
+    stack.for_inference(model)
     # Generation must not move the random streams training draws from.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         for example in store.examples(split, limit=count):
@@ -51,17 +50,13 @@ def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens:
                     "completion": tokenizer.decode(generated[0][first:], skip_special_tokens=True),
                 }
             )
-    FastLanguageModel.for_training(model)
+    stack.for_training(model)
     return samples
 
 
 def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bool = True):
     """A trained adapter on its base model, ready for generation."""
-    model, tokenizer = FastLanguageModel.from_pretrained(
-        model_name=str(adapter_dir), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit
-    )
-    FastLanguageModel.for_inference(model)
-    return model, tokenizer
+    return stack.load_adapter(adapter_dir, max_seq_length, load_in_4bit)
 
 
 def export(run_dir: Path, out_dir: Path, base: MergeBase) -> Path:

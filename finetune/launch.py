@@ -7,7 +7,9 @@ they found (plans, warnings, printed lines); presenting it is the command line's
 
 from __future__ import annotations
 
+import os
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -235,11 +237,33 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list
     return checkpoint, [*lines, f"resuming from {checkpoint.name}"]
 
 
+def use_backend(backend: str) -> None:
+    """Choose this process's training engine (recipe.model.backend) before the training stack is
+    first imported; once it is, the engine is fixed (Unsloth patches libraries process-wide)."""
+    loaded = sys.modules.get("finetune.stack")
+    if loaded is None:
+        os.environ["FINETUNE_BACKEND"] = backend
+    elif loaded.BACKEND != backend:
+        raise UserError(
+            f"model.backend: {backend}: this process already runs the {loaded.BACKEND} backend; "
+            "start the run in a process of its own"
+        )
+
+
+def inference_stack(recipe: Recipe):
+    """finetune.inference on the backend ``recipe`` trained with (heavy)."""
+    use_backend(recipe.model.backend)
+    from finetune import inference
+
+    return inference
+
+
 def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Path:
     """runs/<name>/<timestamp>-<hash> with the resolved recipe, how it was resolved, and the plan;
     made before the heavy import, so an unusable output.dir fails in a second. The training stack is
     imported once the folder exists and before anything is written in it, so a machine Unsloth
     refuses (a UserError, see finetune/stack.py) leaves no folder behind."""
+    use_backend(launch.recipe.model.backend)
     run_dir = make_run_dir(launch.recipe, launch.name)
     try:
         from finetune import stack  # noqa: F401  (heavy: unsloth, torch, transformers, trl)
@@ -295,7 +319,8 @@ def start_run(
     """Import the training stack and train into ``run_dir`` (from ``resume_from``, a checkpoint of
     it); with ``probe``, a few worst-case steps first, held to the budget (see probe_verdict).
     Returns run.TrainResult; raises run.OutOfMemory with what was saved."""
-    from finetune import train  # heavy: unsloth, torch, transformers, trl
+    use_backend(launch.recipe.model.backend)
+    from finetune import train  # heavy: the backend, torch, transformers, trl
 
     def check(measured) -> None:
         for line in probe_verdict(launch, measured, force):

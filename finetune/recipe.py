@@ -41,10 +41,13 @@ class ModelSection(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Compute dtype; 'auto' picks bfloat16 where the GPU supports it, else float16."
     )
-    backend: Literal["unsloth"] = Field("unsloth", description="Training backend.")
+    backend: Literal["unsloth", "transformers"] = Field(
+        "unsloth", description="Training engine: Unsloth, or plain transformers + PEFT + bitsandbytes."
+    )
     gradient_checkpointing: Literal["unsloth", "standard", "off"] = Field(
         "unsloth",
-        description="Recompute activations in the backward pass: 'unsloth' also offloads them to CPU memory.",
+        description="Recompute activations in the backward pass: 'unsloth' also offloads them to CPU "
+        "memory (on the transformers backend it is 'standard').",
     )
 
     @field_validator("gradient_checkpointing", mode="before")

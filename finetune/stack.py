@@ -1,16 +1,22 @@
 """The training stack, imported the one way that works; every heavy module imports this first.
 
-Unsloth patches transformers, TRL and PEFT when it is imported, so it must come before them. Two of
-its defaults are set here, before that import, because it reads them only then:
-- it downloads a statistics file from the hub at every model load on a GPU (a hung hub costs 120 s,
-  then aborts the load): never, here;
-- it writes the kernels and trainer classes it generates on a GPU into ./unsloth_compiled_cache,
-  wherever the user happens to run from: under our cache folder instead.
-A user's own setting of either wins.
+Two engines, one per process, chosen before this module is first imported (launch.use_backend sets
+FINETUNE_BACKEND from the recipe's model.backend):
 
-Unsloth decides its device when imported and refuses (NotImplementedError) a machine where an NVIDIA
-driver is loaded but torch cannot use the GPU, rather than fall back to the CPU: that is one
-sentence here, a UserError, raised before any run folder is made (launch.load_training_stack).
+- unsloth (the default). Unsloth patches transformers, TRL and PEFT when it is imported, so it must
+  come before them. Two of its defaults are set here, before that import, because it reads them only
+  then: it downloads a statistics file from the hub at every model load on a GPU (a hung hub costs
+  120 s, then aborts the load): never, here; and it writes the kernels and trainer classes it
+  generates on a GPU into ./unsloth_compiled_cache, wherever the user happens to run from: under our
+  cache folder instead. A user's own setting of either wins. Unsloth decides its device when
+  imported and refuses (NotImplementedError) a machine where an NVIDIA driver is loaded but torch
+  cannot use the GPU, rather than fall back to the CPU: that is one sentence here, a UserError,
+  raised before any run folder is made (launch.new_run_folder).
+- transformers: plain transformers + PEFT + bitsandbytes (QLoRA), and unsloth is never imported (it
+  would patch the libraries for the whole process).
+
+The functions below are the only places the two differ: loading, LoRA, switching between training
+and generation, and reloading an adapter. The trainer (TRL's SFTTrainer) is shared.
 """
 
 import os
@@ -19,20 +25,176 @@ from pathlib import Path
 from finetune.recipe import UserError
 from finetune.tiny_model import cache_root
 
-os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_root() / "unsloth_compiled_cache"))
+BACKEND = os.environ.get("FINETUNE_BACKEND", "unsloth")
+if BACKEND not in ("unsloth", "transformers"):
+    raise UserError(f"FINETUNE_BACKEND={BACKEND!r}: the backends are 'unsloth' and 'transformers'")
 
-try:
-    import unsloth  # noqa: F401
-except NotImplementedError as refusal:
-    driver = Path("/proc/driver/nvidia/version")
-    found = (
-        f"an NVIDIA driver is loaded ({driver.read_text().split(chr(10))[0].strip()})"
-        if driver.is_file()
-        else "no GPU that torch can use was found"
+if BACKEND == "unsloth":
+    os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+    os.environ.setdefault("UNSLOTH_COMPILE_LOCATION", str(cache_root() / "unsloth_compiled_cache"))
+    try:
+        import unsloth  # noqa: F401
+    except NotImplementedError as refusal:
+        driver = Path("/proc/driver/nvidia/version")
+        found = (
+            f"an NVIDIA driver is loaded ({driver.read_text().split(chr(10))[0].strip()})"
+            if driver.is_file()
+            else "no GPU that torch can use was found"
+        )
+        raise UserError(
+            f"Unsloth cannot start on this machine: {refusal} ({found}). If a GPU is there, update its "
+            "driver or install the torch build for the CUDA version the driver supports; to train a "
+            "small model on the CPU, hide the GPU with CUDA_VISIBLE_DEVICES=''."
+        ) from None
+    from unsloth import FastLanguageModel
+
+import torch  # noqa: E402  (after unsloth, on its backend)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
+
+
+def compute_dtype(dtype: str) -> torch.dtype | None:
+    """The recipe's model.dtype; 'auto' is None for Unsloth (which picks), and for transformers
+    bfloat16 on a GPU that has it, float16 on one without, float32 on the CPU."""
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if BACKEND == "unsloth":
+        return None
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _device_map():
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def load_model(path: str, max_seq_length: int, load_in_4bit: bool, dtype: str):
+    """The base model (4-bit NF4 when asked) and its tokenizer."""
+    if BACKEND == "unsloth":
+        return FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=max_seq_length,
+            load_in_4bit=load_in_4bit,
+            dtype=compute_dtype(dtype),
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    kind = compute_dtype(dtype)
+    quantization = None
+    if load_in_4bit and not _is_quantized(path):
+        # QLoRA as Unsloth's repositories store it: NF4, double-quantized, computing in `kind`.
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kind,
+        )
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=kind,
+        quantization_config=quantization,
+        device_map=_device_map(),
+        attn_implementation="sdpa",
     )
-    raise UserError(
-        f"Unsloth cannot start on this machine: {refusal} ({found}). If a GPU is there, update its "
-        "driver or install the torch build for the CUDA version the driver supports; to train a small "
-        "model on the CPU, hide the GPU with CUDA_VISIBLE_DEVICES=''."
-    ) from None
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _is_quantized(path: str) -> bool:
+    """A pre-quantized checkpoint (its config carries the quantization, which loading applies)."""
+    import json
+
+    config = Path(path) / "config.json"
+    return config.is_file() and "quantization_config" in json.loads(config.read_text())
+
+
+def add_lora(model, lora, checkpointing: str, seed: int, max_seq_length: int):
+    """Trainable LoRA adapters on the frozen base (``lora``: the recipe's section), with the gradient
+    checkpointing that runs (budget.checkpointing)."""
+    if BACKEND == "unsloth":
+        return FastLanguageModel.get_peft_model(
+            model,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            use_rslora=lora.use_rslora,
+            bias="none",
+            use_gradient_checkpointing=_UNSLOTH_CHECKPOINTING[checkpointing],
+            random_state=seed,
+            max_seq_length=max_seq_length,
+        )
+    from peft import LoraConfig, get_peft_model
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if checkpointing != "off":
+        # Not peft.prepare_model_for_kbit_training: it would upcast the embeddings, lm_head and norms
+        # to fp32 (2 GiB more for Llama 3.1 8B); only its checkpointing part is wanted.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(seed)  # the adapters' initialisation, as Unsloth's random_state
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def trainer_settings(optim: str, dtype: str) -> dict:
+    """SFTConfig's optimizer and mixed precision. Unsloth's generated config takes the recipe's
+    optimizer and sets the rest itself; for transformers, what Unsloth's would: the CPU has no
+    bitsandbytes optimizers (fused AdamW instead, as budget.effective_optimizer plans), and a GPU
+    trains under autocast in the compute dtype."""
+    if BACKEND == "unsloth":
+        return {"optim": optim}
+    from finetune.budget import effective_optimizer
+
+    on_gpu, kind = torch.cuda.is_available(), compute_dtype(dtype)
+    return {
+        "optim": effective_optimizer(optim, on_gpu),
+        "bf16": on_gpu and kind == torch.bfloat16,
+        "fp16": on_gpu and kind == torch.float16,
+    }
+
+
+def for_inference(model) -> None:
+    if BACKEND == "unsloth":
+        FastLanguageModel.for_inference(model)
+    else:
+        model.eval()
+
+
+def for_training(model) -> None:
+    if BACKEND == "unsloth":
+        FastLanguageModel.for_training(model)
+    else:
+        model.train()
+
+
+def load_adapter(adapter_dir: Path, max_seq_length: int, load_in_4bit: bool):
+    """A trained adapter on its base model, ready for generation."""
+    if BACKEND == "unsloth":
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=str(adapter_dir), max_seq_length=max_seq_length, load_in_4bit=load_in_4bit
+        )
+    else:
+        import json
+
+        from peft import PeftModel
+
+        base = json.loads((adapter_dir / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model, _ = load_model(base, max_seq_length, load_in_4bit, "auto")
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    for_inference(model)
+    return model, tokenizer

@@ -226,15 +226,28 @@ def open_store(recipe: Recipe, tokenizer: TokenizerSource) -> Store:
     return _build(recipe, tokenizer, directory)
 
 
+def packing_runs(recipe: Recipe, on_gpu: bool) -> tuple[bool, str | None]:
+    """Whether data.packing takes effect here, and why not when it does not. Packed rows must not
+    attend to each other: Unsloth keeps them apart on a GPU and turns packing off on the CPU (its
+    fallback has no FlashAttention); with plain transformers only FlashAttention's variable-length
+    kernels would, and it is not installed (SDPA would let the rows see each other)."""
+    if not recipe.data.packing:
+        return False, None
+    if recipe.model.backend != "unsloth":
+        return False, (
+            "packing is off on the transformers backend: without FlashAttention packed rows would see "
+            "each other"
+        )
+    if not on_gpu:
+        return False, "packing is off on the CPU: Unsloth needs FlashAttention to keep packed rows apart"
+    return True, None
+
+
 def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
     """Token lengths and row counts of the training data, from the store (a cached plan takes
     milliseconds and imports nothing heavy); rows are only counted when no tokenizer is on disk."""
-    # Unsloth turns packing off on the CPU (without FlashAttention, packed rows would attend to
-    # each other), so a CPU run trains the rows unpacked.
-    packing = recipe.data.packing and on_gpu
-    notes = ["packing is off on the CPU: Unsloth needs FlashAttention to keep packed rows apart"] * (
-        recipe.data.packing and not on_gpu
-    )
+    packing, off = packing_runs(recipe, on_gpu)
+    notes = [off] if off else []
     source = data_tokenizer(recipe)
     if source is None:
         rows, report = count_rows(recipe)

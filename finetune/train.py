@@ -7,7 +7,7 @@ the recipe has been validated and the run planned (launch.py).
 
 from __future__ import annotations
 
-import finetune.stack  # noqa: F401  (first: Unsloth, set up, before the libraries it patches)
+from finetune import stack  # first: the backend (Unsloth, set up, before the libraries it patches)
 
 # isort: split
 import gc
@@ -22,13 +22,13 @@ import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.tensorboard import SummaryWriter
-from transformers import ProgressCallback
+from transformers import ProgressCallback, Trainer
 from transformers.integrations import TensorBoardCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
-from unsloth import FastLanguageModel
 
 from finetune import schedule
+from finetune.budget import checkpointing
 from finetune.callbacks import (
     LogFile,
     LossProgress,
@@ -54,11 +54,14 @@ from finetune.run import (
     write_run_file,
     write_run_json,
 )
-from finetune.store import PADDING_FREE, cache_files_elsewhere, prepared_data, run_fingerprints
+from finetune.store import (
+    PADDING_FREE,
+    cache_files_elsewhere,
+    packing_runs,
+    prepared_data,
+    run_fingerprints,
+)
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
-
-_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-_GRADIENT_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
 
 
 def _timed_train(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
@@ -82,29 +85,15 @@ def model_path(recipe: Recipe) -> str:
 
 
 def load_model(recipe: Recipe):
-    """The base model (4-bit when the recipe says so) and its tokenizer, through Unsloth."""
-    return FastLanguageModel.from_pretrained(
-        model_name=model_path(recipe),
-        max_seq_length=recipe.model.max_seq_length,
-        load_in_4bit=recipe.model.load_in_4bit,
-        dtype=_DTYPES[recipe.model.dtype],
-    )
+    """The base model (4-bit when the recipe says so) and its tokenizer, on the recipe's backend."""
+    model = recipe.model
+    return stack.load_model(model_path(recipe), model.max_seq_length, model.load_in_4bit, model.dtype)
 
 
 def add_lora(model, recipe: Recipe):
     """Wrap the model with trainable LoRA adapters; the base weights stay frozen."""
-    lora = recipe.lora
-    return FastLanguageModel.get_peft_model(
-        model,
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
-        use_rslora=lora.use_rslora,
-        bias="none",
-        use_gradient_checkpointing=_GRADIENT_CHECKPOINTING[recipe.model.gradient_checkpointing],
-        random_state=recipe.train.seed,
-        max_seq_length=recipe.model.max_seq_length,
+    return stack.add_lora(
+        model, recipe.lora, checkpointing(recipe.model), recipe.train.seed, recipe.model.max_seq_length
     )
 
 
@@ -128,7 +117,6 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         max_steps=train.max_steps if train.max_steps is not None else -1,
         per_device_train_batch_size=train.per_device_train_batch_size,
         gradient_accumulation_steps=train.gradient_accumulation_steps,
-        optim=train.optim,
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         seed=train.seed,
@@ -143,7 +131,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         eval_steps=train.eval_steps,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
         max_length=recipe.model.max_seq_length,
-        packing=recipe.data.packing,
+        packing=packing_runs(recipe, torch.cuda.is_available())[0],  # as the plan decided
         # Always passed: Unsloth enables padding-free batching on some GPUs when this is unset.
         padding_free=PADDING_FREE,
         packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
@@ -152,6 +140,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
         include_num_input_tokens_seen="non_padding",  # trained tokens per second, for the report
         disable_tqdm=False,
+        **stack.trainer_settings(train.optim, recipe.model.dtype),  # the optimizer, mixed precision
     )
 
 
@@ -189,6 +178,13 @@ class FinetuneTrainer(SFTTrainer):
         # resume fix-ups). Unlike one it built, ours is not rebuilt by a second train() call; each
         # trainer here trains once.
         return super().create_scheduler(num_training_steps, optimizer)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if stack.BACKEND == "transformers" and not torch.cuda.is_available():
+            # TRL's fused LM head is a Triton (GPU-only) kernel; on the CPU, transformers' own loss
+            # over the logits, averaged over the accumulated tokens just the same.
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.batch_tokens = int(inputs["input_ids"].numel())

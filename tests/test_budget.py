@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 from cli_helpers import run_cli
 
-from finetune import budget
+from finetune import budget, loss_memory
 from finetune.budget import GIB, GPUS, Shapes, Workload, gpu_by_name, plan_budget, shipped_config, suggest
 from finetune.plots import nice_ticks
 from finetune.recipe import load_recipe
@@ -308,6 +308,33 @@ def test_eight_bit_adamw_keeps_32_bit_state_for_small_tensors():
     assert budget.optimizer_state_bytes("adamw_8bit", tiny, 4) == expected
 
 
+def test_the_transformers_backend_has_its_own_memory_and_time_model():
+    """No offloaded checkpointing without Unsloth, TRL's fused LM head on a GPU (transformers' full
+    logits on the CPU), fp32 adapters on the CPU too, and the published speed gap on a GPU."""
+    shapes = Shapes.from_config(shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"))
+    code_gen = load_recipe(ROOT / "recipes" / "code-gen.yaml")
+    plain = load_recipe(ROOT / "recipes" / "code-gen.yaml", ["model.backend=transformers"])
+    assert (
+        code_gen.model.gradient_checkpointing == "unsloth" and budget.checkpointing(plain.model) == "standard"
+    )
+    ours, theirs = (budget.predict_memory(r, shapes, 2048).terms for r in (code_gen, plain))
+    assert "activations (standard checkpointing)" in theirs and "activations (unsloth checkpointing)" in ours
+    tile = 2048 * 32768 * 2
+    assert theirs["lm_head and loss (TRL's fused head)"] == tile + 2048 * 4096 * 8 + 40 * 2048
+    on_cpu = budget.predict_memory(plain, shapes, 100, 4, on_gpu=False).terms
+    assert on_cpu["logits and loss (transformers)"] == 100 * 128256 * 12 + 40 * 100
+    assert budget.adapter_bytes("transformers", False) == 4 and budget.adapter_bytes("unsloth", False) == 2
+    h100 = GPUS["h100"]
+    work = Workload([2048] * 64, 64, False, 10)
+    fast, slow = (plan_budget(r, shapes, h100, work) for r in (code_gen, plain))
+    assert slow.backend == "transformers" and budget.budget_as_dict(slow)["backend"] == "transformers"
+    kernels = slow.time.terms["without Unsloth's kernels"]
+    matmuls, dequant = slow.time.terms["matmuls"], slow.time.terms["4-bit dequantization"]
+    assert kernels == pytest.approx((matmuls + dequant) * 0.54)
+    assert slow.time.step_seconds > fast.time.step_seconds
+    assert budget.describe_budget(slow)[0].startswith("memory on H100 SXM with transformers + PEFT")
+
+
 def test_the_report_says_a_sample_is_empty_or_missing_instead_of_leaving_a_blank(tmp_path):
     """A barely trained model may end its turn at once: the report says so, and says when the run
     stopped before the after-training sample was generated."""
@@ -333,13 +360,13 @@ def test_the_loss_term_follows_unsloths_fused_cross_entropy_not_a_logits_tensor(
     chunk's fp32 block plus two T x H hidden-state gradients, far below one bf16 logits tensor."""
     shapes = Shapes.from_config(shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"))
     tokens = 16384
-    term = budget.logits_bytes(shapes, tokens, on_gpu=True)
+    term = loss_memory.logits_bytes(shapes.hidden, shapes.vocab, tokens, on_gpu=True)
     hidden_gradients = 2 * tokens * shapes.hidden * 2
     assert hidden_gradients < term < hidden_gradients + 0.5 * GIB
     assert term < tokens * shapes.vocab * 2 / 4  # a quarter of one bf16 logits tensor
     # Per token, only the hidden-state gradients grow: the chunk's scratch is fixed past 4096 rows.
-    growth = budget.logits_bytes(shapes, 2 * tokens, True) - term
-    assert growth == pytest.approx(tokens * (4 * shapes.hidden + budget.LOSS_BYTES_PER_TOKEN))
+    growth = loss_memory.logits_bytes(shapes.hidden, shapes.vocab, 2 * tokens, True) - term
+    assert growth == pytest.approx(tokens * (4 * shapes.hidden + loss_memory.LOSS_BYTES_PER_TOKEN))
 
 
 def test_a_paged_optimizer_is_said_to_live_outside_what_pytorch_measures(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import budget
+from finetune import budget, loss_memory
 from finetune.budget import Shapes, shipped_config
 from finetune.data import load_conversations
 from finetune.prepare import count_packed_sequences, find_tokenizer, prepare
@@ -85,19 +85,32 @@ def test_device_speed_is_measured_with_torch_in_a_child_process_and_cached(tmp_p
     assert cached_measurement("cpu", "This CPU", tmp_path)["measured_at"] > stale["measured_at"]
 
 
+def test_the_transformers_backends_loss_term_uses_trls_fused_head_tile_sizes():
+    """loss_memory.transformers_loss_bytes follows TRL's fused LM head, which SFTTrainer's loss
+    always uses on a GPU (a tile of 4096 rows x 32768 vocabulary columns)."""
+    import inspect
+
+    from trl.kernels import chunked_logprob
+    from trl.trainer import sft_trainer, utils
+
+    assert chunked_logprob.TOKEN_CHUNK_SIZE == loss_memory.TRL_TOKEN_CHUNK
+    assert utils._CHUNKED_LOGPROB_CHUNK_SIZE == loss_memory.TRL_VOCAB_CHUNK
+    assert "fused_lm_head=True" in inspect.getsource(sft_trainer.SFTTrainer.compute_loss)
+
+
 def test_the_loss_terms_chunk_sizes_are_the_ones_unsloths_fused_cross_entropy_uses():
-    """budget.logits_bytes follows the GPU loss code read in unsloth_zoo (its chunk rows and block
+    """loss_memory.logits_bytes follows the GPU loss code read in unsloth_zoo (its chunk rows and block
     bytes); a release that changes them changes our memory model, and this says so."""
     from unsloth_zoo.fused_losses import fused_linear
 
-    assert fused_linear._BWD_ROWS == budget.FLASH_ROWS
-    assert fused_linear._BWD_TILE_BYTES == budget.FLASH_BLOCK_BYTES
+    assert fused_linear._BWD_ROWS == loss_memory.FLASH_ROWS
+    assert fused_linear._BWD_TILE_BYTES == loss_memory.FLASH_BLOCK_BYTES
     vocab, hidden = LLAMA_8B["vocab_size"], LLAMA_8B["hidden_size"]
     # Below 4096 labelled tokens on a large card: chunks of 512 rows of the whole vocabulary.
     for labelled in (600, 2000, 4095):
-        assert fused_linear.fused_linear_rows(labelled, hidden, vocab) == budget.CHUNK_ROWS
+        assert fused_linear.fused_linear_rows(labelled, hidden, vocab) == loss_memory.CHUNK_ROWS
     assert fused_linear.fused_linear_rows(300, hidden, vocab) == 300
-    assert 16 * 1024 * 1024 // vocab == budget.CPU_CHUNK_ROWS
+    assert 16 * 1024 * 1024 // vocab == loss_memory.CPU_CHUNK_ROWS
     import inspect
 
     from unsloth_zoo.cpu import ops

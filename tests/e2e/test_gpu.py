@@ -52,7 +52,7 @@ def test_the_smoke_recipe_trains_through_unsloths_cuda_path_with_the_probe(tmp_p
     assert "probe: 3 steps on the worst-case micro-batch" in out.stdout
     assert f"PASS measured memory on {record['device']}: " in out.stdout
     assert record["measured_peak_bytes"] > 0 and "GiB measured" in (run_dir / "report.md").read_text()
-    # PEFT's adapters are fp32 on a 4-bit base on a GPU (the budget's ADAPTER_BYTES[True]).
+    # PEFT's adapters are fp32 on a 4-bit base on a GPU (budget.adapter_bytes).
     with safe_open(run_dir / "adapter" / "adapter_model.safetensors", "pt") as adapter:
         dtypes = {str(adapter.get_slice(name).get_dtype()) for name in adapter.keys()}
     assert dtypes == {"F32"}

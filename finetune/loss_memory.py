@@ -1,0 +1,75 @@
+"""The lm_head-and-loss term of the memory plan, as each backend's loss code allocates it: pure
+Python, no torch. Neither engine makes the T x V logits on a GPU; each computes the loss in tiles.
+tests/e2e/test_against_the_libraries.py holds the sizes below to the installed sources.
+"""
+
+from __future__ import annotations
+
+# Unsloth's fused linear cross-entropy (unsloth_zoo/fused_losses/fused_linear.py, `_ce_impl`), which
+# its Llama forward calls in training instead of making logits (unsloth/models/llama.py,
+# CausalLM_fast_forward): lm_head and the loss in row chunks, never T x V logits. Its two layouts
+# (tests/e2e/test_against_the_libraries.py holds these to the installed source):
+FLASH_ROWS = 4096  # `_BWD_ROWS`: rows of the tiled pass, with an fp32 block of at most
+FLASH_BLOCK_BYTES = 256 * 2**20  # `_BWD_TILE_BYTES` (16384 vocabulary columns at 4096 rows)
+CHUNK_ROWS = 512  # `fused_linear_rows` below 4096 labelled tokens on cards over 24.5 GiB: rows x V
+CPU_CHUNK_ROWS = 130  # unsloth_zoo/cpu/ops.py: UNSLOTH_CPU_CE_CHUNK_ELEMENTS (16M) // V rows
+LOSS_BYTES_PER_TOKEN = 40  # log-probs, logsumexp (fp32), indices, shifted labels (int64), mask
+
+
+def logits_bytes(hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int = 2) -> float:
+    """Peak bytes of lm_head and the loss, as Unsloth's fused cross-entropy allocates them.
+
+    It computes the gradient of the hidden states in the forward pass and keeps only that (T x H)
+    for the backward, which allocates one more T x H while it is alive; each chunk's scratch is an
+    fp32 block of rows x columns plus fp32 and compute-dtype copies of its rows' hidden states. On a
+    GPU the larger of its two layouts (which one runs depends on the card's total memory and the
+    labelled tokens), so this is an upper bound by at most a few hundred MiB.
+    """
+    h, v = hidden, vocab
+    per_row_hidden = (4 + dtype_bytes) * h
+    if on_gpu:
+        flash, chunked = min(FLASH_ROWS, tokens), min(CHUNK_ROWS, tokens)
+        scratch = max(
+            min(FLASH_BLOCK_BYTES, flash * 4 * v) + flash * per_row_hidden,
+            chunked * (4 * v + per_row_hidden),
+        )
+        kept = 2 * tokens * h * dtype_bytes  # the hidden states' gradient, and the backward's copy
+    else:
+        scratch = min(CPU_CHUNK_ROWS, tokens) * 4 * v
+        kept = tokens * h * dtype_bytes
+    return scratch + kept + LOSS_BYTES_PER_TOKEN * tokens
+
+
+# TRL's fused LM head (trl/trainer/utils.py add_fused_lm_head, trl/kernels/chunked_logprob.py), which
+# SFTTrainer's loss uses on the transformers backend: log-probabilities in tiles, never T x V logits.
+TRL_TOKEN_CHUNK = 4096  # TOKEN_CHUNK_SIZE: rows of a tile
+TRL_VOCAB_CHUNK = 32768  # _CHUNKED_LOGPROB_CHUNK_SIZE: vocabulary columns of a tile
+
+
+def transformers_loss_bytes(
+    hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int = 2
+) -> float:
+    """Peak bytes of the lm_head and the loss on the transformers backend.
+
+    On a GPU, TRL's fused LM head: one tile of rows x 32768 columns in the compute dtype, the
+    labelled rows' hidden states copied out and kept for the backward, whose fp32 gradient (and its
+    cast back) the backward allocates. Its kernels are Triton's, GPU only, so on the CPU the loss is
+    transformers' own (train.FinetuneTrainer.compute_loss): the T x V logits, their fp32 copy (none
+    when fp32 already), cross-entropy's fp32 log-softmax kept for the backward, and its gradient.
+    Read from the code, not yet measured on a GPU."""
+    h, v = hidden, vocab
+    if on_gpu:
+        tile = min(TRL_TOKEN_CHUNK, tokens) * min(TRL_VOCAB_CHUNK, v) * dtype_bytes
+        return tile + tokens * h * (2 * dtype_bytes + 4) + LOSS_BYTES_PER_TOKEN * tokens
+    per_logit = dtype_bytes + (4 if dtype_bytes < 4 else 0) + 4 + 4
+    return tokens * v * per_logit + LOSS_BYTES_PER_TOKEN * tokens
+
+
+def loss_bytes(
+    backend: str, hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int
+) -> tuple[str, float]:
+    """(the plan's name for the term, its peak bytes) for ``backend``'s loss on this device."""
+    if backend == "unsloth":
+        return "lm_head and loss (fused, chunked)", logits_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes)
+    name = "lm_head and loss (TRL's fused head)" if on_gpu else "logits and loss (transformers)"
+    return name, transformers_loss_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes)

@@ -1,0 +1,145 @@
+"""model.backend: transformers: the same recipe through plain transformers + PEFT + bitsandbytes and
+TRL's SFTTrainer, with unsloth never imported. Every test runs in processes of its own, since this
+test process has Unsloth loaded (and patching the libraries) already.
+
+On this CPU the 4-bit base is bitsandbytes' CPU NF4 (the same as on a GPU, slower), and the 8-bit
+AdamW falls back to torch's fused AdamW, which the plan says (budget.effective_optimizer).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cli_helpers import run_cli
+
+from finetune.run import SEAL
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+BACKEND = "model.backend=transformers"
+
+# Trains the smoke recipe in-process on the transformers backend and reports what changed.
+_TRAIN_AND_COMPARE = """
+import json, sys
+from pathlib import Path
+from finetune.launch import use_backend
+use_backend("transformers")
+from finetune import stack, train
+from finetune.recipe import load_recipe
+from finetune.store import prepared_data
+recipe = load_recipe("recipes/smoke.yaml", ["model.backend=transformers", "train.max_steps=10"])
+model, tokenizer = train.load_model(recipe)
+model = train.add_lora(model, recipe)
+before = {n: p.detach().clone() for n, p in model.named_parameters()}
+store = prepared_data(recipe)
+trainer = train.build_trainer(model, tokenizer, store.dataset("train"), recipe, Path(sys.argv[1]))
+trainer.train()
+after = dict(model.named_parameters())
+lora = [n for n in before if "lora_" in n]
+print(json.dumps({
+    "backend": stack.BACKEND,
+    "unsloth_imported": "unsloth" in sys.modules,
+    "lora": len(lora),
+    "lora_unchanged": [n for n in lora if before[n].equal(after[n])],
+    "base_changed": [n for n in before if "lora_" not in n and not before[n].equal(after[n])],
+    "four_bit": sorted({str(p.dtype) for n, p in before.items() if "lora_" not in n}),
+    "optimizer": type(trainer.optimizer.optimizer).__name__,
+    "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+}))
+"""
+
+
+def test_the_smoke_recipe_trains_without_unsloth_lora_changing_and_the_base_frozen(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "-c", _TRAIN_AND_COMPARE, str(tmp_path)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "transformers" and result["unsloth_imported"] is False
+    assert result["lora"] == 28 and result["lora_unchanged"] == []  # 2 layers x 7 projections x (A, B)
+    assert result["base_changed"] == []
+    assert "torch.uint8" in result["four_bit"]  # bitsandbytes' NF4 weights, on the CPU backend
+    assert result["optimizer"] == "AdamW"  # adamw_8bit falls back to torch's fused AdamW on the CPU
+    losses = result["losses"]
+    assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+
+
+def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(tmp_path):
+    trained = run_cli("recipes/smoke.yaml", BACKEND, "train.max_steps=6", f"output.dir={tmp_path}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    heavy = trained.stdout.strip().splitlines()[-1]
+    assert heavy.startswith("heavy imports: [") and "'unsloth'" not in heavy and "'torch'" in heavy
+    assert "memory on CPU with transformers + PEFT (no Unsloth)" in trained.stdout
+    assert "activations (standard checkpointing)" in trained.stdout  # no offloading without Unsloth
+    (run_dir,) = (tmp_path / "smoke").iterdir()
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["budget"]["backend"] == "transformers"
+    assert "logits and loss (transformers)" in plan["budget"]["memory_bytes"]
+    assert (run_dir / "report.md").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+    answered = run_cli("generate", str(run_dir), "--prompt", "Reverse a list.", "--max-new-tokens", "8")
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert "'unsloth'" not in answered.stdout.strip().splitlines()[-1]
+    exported = run_cli("export", str(run_dir))
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "'unsloth'" not in exported.stdout.strip().splitlines()[-1]
+    assert (run_dir / "merged" / "model.safetensors").is_file()
+
+
+def start(output: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "runner.py",
+            "recipes/smoke.yaml",
+            BACKEND,
+            "train.max_steps=12",
+            "train.save_steps=4",
+            f"output.dir={output}",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def logged_losses(output: Path) -> dict[int, float]:
+    (run_dir,) = (output / "smoke").iterdir()
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    return {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}
+
+
+def test_a_sigkilled_run_resumes_to_the_same_losses_on_the_transformers_backend(tmp_path):
+    whole = start(tmp_path / "whole")
+    assert whole.wait() == 0, whole.communicate()[1][-3000:]
+    killed = start(tmp_path / "killed")
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed").glob(f"smoke/*/checkpoints/checkpoint-8/{SEAL}")):
+        assert killed.poll() is None, killed.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    (run_dir,) = (tmp_path / "killed" / "smoke").iterdir()
+    assert not (run_dir / "adapter").exists()
+    resumed = subprocess.run(
+        [sys.executable, "runner.py", "resume", str(run_dir)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-8" in resumed.stdout
+    losses = logged_losses(tmp_path / "killed")
+    assert losses == logged_losses(tmp_path / "whole") and len(losses) == 12
