@@ -1,0 +1,104 @@
+"""A minimal Unsloth + TRL training script, the way Unsloth's notebooks write one, for measuring our
+runner against (benchmarks/gpu_truth.py runs it with the runner's settings). No part of finetune/
+is used beyond the shared tiny-model builder: it loads, adds LoRA, renders the chat rows with the
+tokenizer's template, trains with SFTTrainer and prints one JSON line of measurements.
+
+    python benchmarks/bare_unsloth.py --model DIR --data FILE.jsonl --max-seq-length 2048 \\
+        --batch 4 --rank 16 --steps 12
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+from trl import SFTConfig, SFTTrainer  # noqa: E402
+from unsloth import FastLanguageModel  # noqa: E402  (first, as Unsloth asks)
+
+
+class StepTimes(TrainerCallback):
+    def __init__(self):
+        self.seconds: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds.append(time.perf_counter() - self.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--max-seq-length", type=int, required=True)
+    parser.add_argument("--batch", type=int, required=True)
+    parser.add_argument("--rank", type=int, required=True)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--output", required=True)
+    args = parser.parse_args()
+
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=args.model, max_seq_length=args.max_seq_length, load_in_4bit=True
+    )
+    model = FastLanguageModel.get_peft_model(
+        model,
+        r=args.rank,
+        lora_alpha=args.rank,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        use_gradient_checkpointing="unsloth",
+        random_state=0,
+        max_seq_length=args.max_seq_length,
+    )
+    with open(args.data) as rows:
+        texts = [tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=False) for line in rows]
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        args=SFTConfig(
+            output_dir=args.output,
+            per_device_train_batch_size=args.batch,
+            gradient_accumulation_steps=1,
+            max_steps=args.steps,
+            learning_rate=2e-4,
+            warmup_steps=1,
+            optim="adamw_8bit",
+            max_length=args.max_seq_length,
+            logging_steps=1,
+            save_strategy="no",
+            report_to="none",
+            seed=0,
+        ),
+    )
+    timer = StepTimes()
+    trainer.add_callback(timer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    steady = timer.seconds[2:] or timer.seconds
+    on_gpu = torch.cuda.is_available()
+    print(
+        json.dumps(
+            {
+                "step_seconds": timer.seconds,
+                "median_step_seconds": statistics.median(steady),
+                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
