@@ -148,8 +148,34 @@ def run_one(variant: str, model: Path, data: Path, setting: dict, steps: int, ou
             predicted_step_seconds=predicted["step_seconds"],
             predicted_memory_bytes=predicted["memory_total_bytes"],
             predicted_tokens_per_micro_batch=predicted["tokens_per_micro_batch"],
+            gradient_accumulation_steps=1,
+            predicted=predicted,  # every term, for benchmarks/fit_constants.py
         )
     return result
+
+
+def environment(model: Path, argv: list[str], rehearse: bool) -> dict:
+    """What the results were measured on and with, for docs/benchmarks.md."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    from finetune.budget import CONSTANTS
+
+    versions = {}
+    for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not rehearse else "CPU"
+    return {
+        "gpu": gpu,
+        "versions": versions,
+        "command": "python benchmarks/gpu_truth.py " + " ".join(argv),
+        "model": str(model),
+        "constants": {name: value for name, (value, _) in CONSTANTS.items()},  # those the predictions used
+    }
 
 
 def matrix(lengths, batches, ranks) -> list[dict]:
@@ -201,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rehearse:
         env["CUDA_VISIBLE_DEVICES"] = ""
     model = build_model(args.out, args.rehearse)
+    setup = environment(model, sys.argv[1:] if argv is None else argv, args.rehearse)
+    (args.out / "environment.json").write_text(json.dumps(setup, indent=1))
     lengths = args.lengths or list(LENGTHS[mode])
     data = {n: write_data(args.out, n) for n in lengths}
     results_file = args.out / "results.jsonl"

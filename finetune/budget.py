@@ -75,6 +75,21 @@ CONSTANTS = {
 }
 
 
+# What benchmarks/fit_constants.py fitted from measured GPU runs (benchmarks/results/), when it has.
+FITTED_FILE = Path(__file__).resolve().parent / "fitted_constants.json"
+
+
+def load_fitted(path: Path = FITTED_FILE) -> dict:
+    """Put the fitted constants in CONSTANTS, each with where it came from; {} when none exist."""
+    fitted = json.loads(path.read_text()) if path.is_file() else {}
+    for name, entry in fitted.items():
+        CONSTANTS[name] = (entry["value"], entry["source"])
+    return fitted
+
+
+FITTED = load_fitted()
+
+
 def constant(name: str) -> float:
     return CONSTANTS[name][0]
 
@@ -498,11 +513,14 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
     device = plan.device
     speed = f"{device.bf16_tflops:.0f} TFLOP/s, {device.bandwidth_gbs:.0f} GB/s"
     lines.append(f"  ({device.name}: {speed}; {device.source})")
-    # Until the constants above are fitted against runs measured on a GPU, the plan says so.
-    lines.append(
-        "  (the margins are the targets; activations, logits, overheads and speed are not yet "
-        "calibrated on a GPU)"
-    )
+    # Until the constants are fitted against runs measured on a GPU, the plan says so.
+    if FITTED:
+        lines.append(f"  (speed and allocator constants {next(iter(FITTED.values()))['source']})")
+    else:
+        lines.append(
+            "  (the margins are the targets; activations, logits, overheads and speed are not yet "
+            "calibrated on a GPU)"
+        )
     lines += [v.line() for v in plan.verdicts]
     return lines
 

@@ -95,3 +95,50 @@ def calibration_table(records: list[dict]) -> list[str]:
         if errors:
             lines.append(f"{label}: mean |error| {sum(errors) / len(errors):.0%} over {len(errors)} runs")
     return lines
+
+
+# ---- Constants fitted from benchmarks/gpu_truth.py results ----------------------------------------
+
+
+def fit_constants(results: list[dict], constants_used: dict[str, float], where: str) -> dict[str, tuple]:
+    """The time and memory constants that the measured runs imply, each as (value, source).
+
+    Step time per micro-batch is matmuls / gemm_efficiency plus two costs that are the same for
+    every micro-batch: 4-bit dequantization and the fixed overhead. Runs that differ in length and
+    micro-batch size tell the first apart (a least-squares line in the matmuls' FLOP time) but not
+    the other two from each other: bandwidth_efficiency is kept and micro_batch_overhead_s is what
+    remains. allocator_overhead is reserved over allocated memory; transformers_slowdown the
+    transformers backend's step time over Unsloth's at the same setting. Only runner results with
+    a GPU's measurements count."""
+    import statistics
+
+    runner = [r for r in results if r.get("variant") == "runner" and "error" not in r and r.get("predicted")]
+    runner = [r for r in runner if r.get("peak_reserved_bytes")]
+    fitted: dict[str, tuple] = {}
+    if len(runner) >= 2:
+        flop_time, per_micro_batch = [], []
+        for r in runner:
+            causes = r["predicted"]["step_seconds_by_cause"]
+            flop_time.append(causes["matmuls"] * constants_used["gemm_efficiency"])
+            per_micro_batch.append(r["median_step_seconds"] / r["gradient_accumulation_steps"])
+        slope, intercept = statistics.linear_regression(flop_time, per_micro_batch)
+        dequant = statistics.mean(
+            r["predicted"]["step_seconds_by_cause"]["4-bit dequantization"] for r in runner
+        )
+        source = f"fitted: {len(runner)} runs, {where}"
+        fitted["gemm_efficiency"] = (1 / slope, source)
+        fitted["micro_batch_overhead_s"] = (intercept - dequant, source)
+        ratios = [r["peak_reserved_bytes"] / r["peak_allocated_bytes"] - 1 for r in runner]
+        fitted["allocator_overhead"] = (statistics.median(ratios), source)
+    by_setting = {(r["max_seq_length"], r["batch"], r["rank"]): r for r in runner}
+    slower = [
+        r["median_step_seconds"] / by_setting[key]["median_step_seconds"]
+        for r in results
+        if r.get("variant") == "transformers"
+        and "error" not in r
+        and r.get("peak_reserved_bytes")
+        and (key := (r["max_seq_length"], r["batch"], r["rank"])) in by_setting
+    ]
+    if slower:
+        fitted["transformers_slowdown"] = (statistics.median(slower), f"fitted: {len(slower)} pairs, {where}")
+    return fitted
