@@ -46,7 +46,15 @@ def main() -> None:
     parser.add_argument("--rank", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--output", required=True)
+    parser.add_argument("--alpha", type=int, help="LoRA alpha (default: the rank)")
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--warmup-steps", type=int, default=1)
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--save-steps", type=int, help="checkpoints every N steps (default: none)")
+    parser.add_argument("--save-total-limit", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    started = time.perf_counter()
 
     model, tokenizer = FastLanguageModel.from_pretrained(
         model_name=args.model, max_seq_length=args.max_seq_length, load_in_4bit=True
@@ -54,10 +62,10 @@ def main() -> None:
     model = FastLanguageModel.get_peft_model(
         model,
         r=args.rank,
-        lora_alpha=args.rank,
+        lora_alpha=args.alpha or args.rank,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         use_gradient_checkpointing="unsloth",
-        random_state=0,
+        random_state=args.seed,
         max_seq_length=args.max_seq_length,
     )
     with open(args.data) as rows:
@@ -69,29 +77,38 @@ def main() -> None:
         args=SFTConfig(
             output_dir=args.output,
             per_device_train_batch_size=args.batch,
-            gradient_accumulation_steps=1,
+            gradient_accumulation_steps=args.accumulation,
             max_steps=args.steps,
-            learning_rate=2e-4,
-            warmup_steps=1,
+            learning_rate=args.learning_rate,
+            warmup_steps=args.warmup_steps,
+            lr_scheduler_type="cosine",
             optim="adamw_8bit",
             max_length=args.max_seq_length,
             logging_steps=1,
-            save_strategy="no",
+            save_strategy="steps" if args.save_steps else "no",
+            save_steps=args.save_steps or 500,
+            save_total_limit=args.save_total_limit,
             report_to="none",
-            seed=0,
+            seed=args.seed,
         ),
     )
     timer = StepTimes()
     trainer.add_callback(timer)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    loop_started = time.perf_counter()
     trainer.train()
+    loop = time.perf_counter() - loop_started
+    model.save_pretrained(f"{args.output}/adapter")
+    tokenizer.save_pretrained(f"{args.output}/adapter")
     steady = timer.seconds[2:] or timer.seconds
     on_gpu = torch.cuda.is_available()
     print(
         json.dumps(
             {
                 "step_seconds": timer.seconds,
+                "loop_seconds": loop,
+                "seconds_after_imports": time.perf_counter() - started,
                 "median_step_seconds": statistics.median(steady),
                 "peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,

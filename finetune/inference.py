@@ -25,33 +25,39 @@ from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens: int) -> list[dict]:
     """Greedy completions of the first ``count`` held-out prompts (training rows when there is no
-    eval data): each prompt is its row up to the first trained token."""
+    eval data): each prompt is its row up to the first trained token. One batched generation,
+    left-padded, instead of one per prompt: the same greedy tokens in a fraction of the time."""
     if count == 0:
         return []
     split = "eval" if store.dataset("eval") is not None else "train"
-    samples = []
+    examples = list(store.examples(split, limit=count))
+    prompts = [
+        example.input_ids[: next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)]
+        for example in examples
+    ]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(prompt) for prompt in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
     stack.for_inference(model)
     # Generation must not move the random streams training draws from.
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        for example in store.examples(split, limit=count):
-            first = next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)
-            prompt = torch.tensor([example.input_ids[:first]], device=model.device)
-            generated = model.generate(
-                input_ids=prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
-            )
-            samples.append(
-                {
-                    "source": example.source,
-                    "prompt": tokenizer.decode(example.input_ids[:first]),
-                    "completion": tokenizer.decode(generated[0][first:], skip_special_tokens=True),
-                }
-            )
+        generated = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
     stack.for_training(model)
-    return samples
+    return [
+        {
+            "source": example.source,
+            "prompt": tokenizer.decode(prompt),
+            "completion": tokenizer.decode(row[width:], skip_special_tokens=True),
+        }
+        for example, prompt, row in zip(examples, prompts, generated, strict=True)
+    ]
 
 
 def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bool = True):
