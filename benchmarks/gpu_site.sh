@@ -20,13 +20,15 @@ download() {
 download unsloth==2026.10.9 unsloth_zoo==2026.10.9 trl==1.15.0 datasets==4.8.5 bitsandbytes==0.50.2 \
   cut_cross_entropy==25.1.1 torchao==0.18.0 tyro==1.0.17 msgspec==0.22.0 multiprocess==0.70.19 dill==0.4.1 \
   xxhash==4.1.0 docstring-parser typeguard hf_transfer structlog json5 nest-asyncio
-# Ours: pydantic (recipes), rich (console), PyYAML, psutil, tiktoken + llama-models (the tiny model's
-# Llama 3 tokenizer), tensorboard (the run's events), Pillow (the LR chart).
-download pydantic pydantic-core annotated-types typing-inspection rich markdown-it-py mdurl pygments pyyaml \
-  psutil tiktoken regex llama-models tensorboard tensorboard-data-server absl-py grpcio protobuf markdown \
-  werkzeug pillow
+# Ours, at requirements.txt's pins: pydantic (recipes), rich (console), PyYAML, psutil, tiktoken +
+# llama-models (the tiny model's Llama 3 tokenizer), tensorboard (the run's events; its writer needs
+# protobuf, not grpc). Pillow comes with the image's matplotlib.
+download pydantic==2.14.3 pydantic_core==2.50.4 annotated-types typing-inspection rich==15.0.0 markdown-it-py \
+  mdurl pygments PyYAML==6.0.3 psutil==7.2.2 tiktoken==0.14.0 regex llama_models==0.3.0 tensorboard==2.21.0 \
+  tensorboard-data-server==0.7.2 absl-py protobuf markdown werkzeug typing_extensions
 mkdir -p "$work/site"; for w in "$work"/whl/*.whl; do unzip -q -o "$w" -d "$work/site"; done
-rm -rf "$work/site/studio" "$work/site/unsloth_cli" "$work/site/test"
+# llama-models also installs its sources as a top-level `models` package, which nothing here imports.
+rm -rf "$work/site/studio" "$work/site/unsloth_cli" "$work/site/test" "$work/site/models"
 # keep the CPU and CUDA 13 builds of bitsandbytes; the GPU image runs CUDA 13
 find "$work/site/bitsandbytes" -name 'libbitsandbytes_*.so' ! -name 'libbitsandbytes_cuda13*.so' \
   ! -name 'libbitsandbytes_cpu.so' -delete
