@@ -62,7 +62,14 @@ canary:
 	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade $(CANARY_PACKAGES)
 	$(CANARY)/bin/python -m pip install --quiet --disable-pip-version-check --upgrade --no-deps unsloth unsloth_zoo
-	$(CANARY)/bin/python runner.py smoke --json canary-result.json --output runs/_canary
+	@# Both engines on the newest releases: when Unsloth's breaks, the verdict says whether plain
+	@# transformers (model.backend: transformers) still trains, the fallback until Unsloth is fixed.
+	@u=0; $(CANARY)/bin/python runner.py smoke --json canary-result.json --output runs/_canary || u=$$?; \
+	t=0; $(CANARY)/bin/python runner.py recipes/smoke.yaml model.backend=transformers train.max_steps=12 \
+		output.dir=runs/_canary/transformers || t=$$?; \
+	echo "canary: unsloth backend $$([ $$u = 0 ] && echo fine || echo broken)," \
+		"transformers backend $$([ $$t = 0 ] && echo fine || echo broken)"; \
+	[ $$u = 0 ] && [ $$t = 0 ]
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
