@@ -21,6 +21,7 @@ from finetune.budget import (
     Shapes,
     Workload,
     budget_as_dict,
+    count_parameters,
     describe_budget,
     plan_budget,
     suggest,
@@ -133,9 +134,14 @@ def disk_check(recipe: Recipe, plan: SchedulePlan, device: Device) -> DiskCheck:
     if folder is None and recipe.model.name != TINY_MODEL_NAME:  # fetched at load, in its own form
         four_bit = sixteen_bit_name(recipe.model.name) is not None
         download = sum(weight_bytes(shapes, four_bit, 2))
-    parameters = shapes.linear_parameters + shapes.embedding_parameters + shapes.norm_parameters
     disk = predict_disk(
-        recipe, shapes, plan.total_steps, device.is_gpu, tokenizer_bytes(folder), download, parameters
+        recipe,
+        shapes,
+        plan.total_steps,
+        device.is_gpu,
+        tokenizer_bytes(folder),
+        download,
+        count_parameters(config),
     )
     verdicts, notes = disk_verdicts(
         disk, _place(Path(recipe.output.dir)), _place(Path(constants.HF_HUB_CACHE))

@@ -15,8 +15,9 @@ FINETUNE_BACKEND from the recipe's model.backend):
 - transformers: plain transformers + PEFT + bitsandbytes (QLoRA), and unsloth is never imported (it
   would patch the libraries for the whole process).
 
-The functions below are the only places the two differ: loading, LoRA, switching between training
-and generation, and reloading an adapter. The trainer (TRL's SFTTrainer) is shared.
+The functions below hold what differs: loading, LoRA, the trainer's optimizer and mixed precision,
+switching between training and generation, and reloading an adapter. The trainer (TRL's SFTTrainer)
+is shared; on the CPU without Unsloth its loss is transformers' own (train.FinetuneTrainer).
 """
 
 import os
