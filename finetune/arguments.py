@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--output", type=Path, default=Path("runs/_smoke"), help="where the smoke runs go")
     smoke.add_argument("--bands", type=Path, help="the bands file (default: tests/smoke_bands.json)")
 
+    evaluate = verbs.add_parser(
+        "eval", help="score HumanEval-format completions by running them confined (pass@k)"
+    )
+    evaluate.add_argument("--completions", type=Path, required=True, help="task_id/completion JSON lines")
+    evaluate.add_argument(
+        "--tasks", type=Path, help="your own tasks in HumanEval's format (default: HumanEval)"
+    )
+    evaluate.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k for these k")
+    evaluate.add_argument(
+        "--allow-code-execution", action="store_true", help="confirm running model-written code"
+    )
+
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"
     )

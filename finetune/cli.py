@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from finetune import export, launch, lineage, run
+from finetune import evaluate, export, launch, lineage, run
 from finetune.arguments import json_schema, parse_args
 from finetune.audit import audit_recipe
 from finetune.calibration import BudgetExceeded, calibration_table
@@ -40,13 +40,15 @@ def _warn(warnings: list[str]) -> None:
         err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
 
 
-def _out(*lines: str) -> None:
-    """Plain lines (no markup): warnings to stderr, everything else to stdout."""
+def _out(*lines: str) -> int:
+    """Plain lines (no markup): warnings to stderr, everything else to stdout. Returns 0, the exit
+    code of a verb that only prints."""
     for line in lines:
         if line.startswith("warning: "):
             _warn([line.removeprefix("warning: ")])
         else:
             console.print(line, markup=False)
+    return 0
 
 
 def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
@@ -196,8 +198,7 @@ def cmd_calibration(folder: Path) -> int:
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("**/budget.json"))]
     if not records:
         raise UserError(f"no run under '{folder}' has a budget.json yet; train a recipe first")
-    _out(*calibration_table(records))
-    return 0
+    return _out(*calibration_table(records))
 
 
 def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int:
@@ -321,6 +322,7 @@ COMMANDS = {
     "copy": lambda a: cmd_copy(a.source, a.destination),
     "diff": lambda a: cmd_diff(a.recipe),
     "resume": lambda a: cmd_resume(a.run_dir, a.force),
+    "eval": lambda a: _out(*evaluate.score_completions(a.completions, a.tasks, a.allow_code_execution, a.k)),
     "export": lambda a: cmd_export(a.run_dir, a.out),
     "generate": lambda a: cmd_generate(a.run_dir, a.prompt, a.max_new_tokens),
     "smoke": lambda a: cmd_smoke(a.recipes, a.update_bands, a.json, a.output, a.bands),
