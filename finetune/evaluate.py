@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from finetune.recipe import UserError
+from finetune.run import check_writable
 from finetune.sandbox import isolation, run_programs
 
 TASK_FIELDS = ("task_id", "prompt", "test", "entry_point")
@@ -86,12 +87,12 @@ def score_completions(path: Path, tasks_file: Path | None, allow: bool, ks: list
         )
     tasks = read_tasks(tasks_file)
     samples = read_completions(path, tasks)
+    out = check_writable(path.with_name(path.name + "_results.jsonl"), "the results file")
     outcomes = run_programs([program(tasks[s["task_id"]], s["completion"]) for s in samples])
     results = [
         {"task_id": s["task_id"], "completion": s["completion"], "passed": o.passed, "result": o.result}
         for s, o in zip(samples, outcomes, strict=True)
     ]
-    out = path.with_name(path.name + "_results.jsonl")
     out.write_text("".join(json.dumps(r) + "\n" for r in results))
     covered = len({r["task_id"] for r in results})
     lines = [f"{len(results)} completions of {covered} of {len(tasks)} tasks"]
