@@ -23,13 +23,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 NOBODY = 65534
-# Inside the namespaces: private, small temporary folders, then the program as nobody.
-_CONFINE = (
-    "mount -t tmpfs -o size={tmp_bytes},mode=1777 tmpfs /tmp && "
-    "mount -t tmpfs -o size={tmp_bytes},mode=1777 tmpfs /var/tmp && "
-    "mount -t tmpfs -o size={tmp_bytes},mode=1777 tmpfs /dev/shm && cd /tmp && "
-    "exec setpriv --reuid={uid} --regid={uid} --clear-groups --inh-caps=-all {python} -I -"
-)
+WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where anyone may write: private tmpfs folders inside
+_PYTHON = os.path.realpath(sys.executable)  # a venv's link resolved: the interpreter itself
+
+
+def _private_folders() -> list[str]:
+    """The world-writable folders to hide under tmpfs: all, unless Python itself lives in one (a
+    virtual environment under /tmp), which must stay visible for the program to start."""
+    needed = (_PYTHON, os.path.realpath(sys.base_prefix))
+    return [f for f in WRITABLE if not any(p == f or p.startswith(f + "/") for p in needed)]
+
+
+def _confine(limits: Limits) -> str:
+    """Inside the namespaces: private, small temporary folders, then the program as nobody."""
+    private = _private_folders()
+    size = limits.file_bytes
+    mounts = "".join(f"mount -t tmpfs -o size={size},mode=1777 tmpfs {folder} && " for folder in private)
+    drop = f"setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups --inh-caps=-all"
+    return f"{mounts}cd {private[0] if private else '/'} && exec {drop} {_PYTHON} -I -"
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,9 @@ def isolation() -> str | None:
     )
     if probe.returncode != 0:
         return "this machine refuses new namespaces, so model-written code runs without network isolation"
+    shared = [f for f in WRITABLE if f not in _private_folders()]
+    if shared:
+        return f"namespaces as nobody, but {', '.join(shared)} stays shared: this Python lives there"
     return None
 
 
@@ -76,9 +90,8 @@ def _limit(limits: Limits):
 def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     """Run ``program`` (Python source) confined; it passes when it exits 0."""
     if isolation() is None:
-        inner = _CONFINE.format(tmp_bytes=limits.file_bytes, uid=NOBODY, python=sys.executable)
         command = ["unshare", "--net", "--pid", "--fork", "--kill-child", "--mount", "--mount-proc"]
-        command += ["sh", "-c", inner]
+        command += ["sh", "-c", _confine(limits)]
     else:
         command = [sys.executable, "-I", "-"]
     process = subprocess.Popen(
