@@ -9,53 +9,26 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from finetune import evaluate, export, launch, lineage, run
 from finetune.arguments import json_schema, parse_args
 from finetune.audit import audit_recipe
 from finetune.calibration import BudgetExceeded, calibration_table
+from finetune.console import console, err_console, print_lines, print_table, print_warnings
 from finetune.files import write_json
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device
-from finetune.recipe import UserError, dump_recipe, find_recipe, load_recipe, shipped_recipes
+from finetune.recipe import UserError, dump_recipe, load_recipe
+from finetune.recipe_files import find_recipe, shipped_recipes
 from finetune.schedule import describe_plan
 from finetune.store import count_rows
-
-# soft_wrap: never break a message or a path across lines, whatever the terminal width.
-console = Console(highlight=False, soft_wrap=True)
-err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_USER_ERROR = 2
 EXIT_OVER_BUDGET = 3
 EXIT_DIVERGED = 4
 EXIT_DISK_FULL = 5
 EXIT_INTERRUPTED = 130
-
-
-def _warn(warnings: list[str]) -> None:
-    for warning in warnings:
-        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
-
-
-def _out(*lines: str) -> int:
-    """Plain lines (no markup): warnings to stderr, everything else to stdout. Returns 0, the exit
-    code of a verb that only prints."""
-    for line in lines:
-        if line.startswith("warning: "):
-            _warn([line.removeprefix("warning: ")])
-        else:
-            console.print(line, markup=False)
-    return 0
-
-
-def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    table = Table(*columns, show_edge=False, box=None, pad_edge=False)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
 
 
 def _print_refusal(job: launch.Launch) -> None:
@@ -83,11 +56,11 @@ def cmd_plan(
     job = launch.plan_launch(recipe, str(path), device=training_device(gpu), full_length=full_length)
     if as_json:
         document = launch.plan_document(job.data, job.plan, job.budget, job.suggestions, job.disk)
-        _out(json.dumps(document))
+        print_lines(json.dumps(document))
         return EXIT_OVER_BUDGET if job.over_budget else 0
-    _warn(job.warnings)
-    _out(*job.lines())
-    _out(f"plot: {plot_schedule(job.plan, png)}")
+    print_warnings(job.warnings)
+    print_lines(*job.lines())
+    print_lines(f"plot: {plot_schedule(job.plan, png)}")
     if job.over_budget:
         _print_refusal(job)
         return EXIT_OVER_BUDGET
@@ -99,13 +72,13 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
     job = launch.plan_launch(recipe, str(path))
-    _warn(job.warnings)
+    print_warnings(job.warnings)
     where = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
     console.print(
         f"[bold]{job.name}[/bold] {recipe.version}: {recipe.model.name} on {where}, "
         f"{job.data.rows} conversations"
     )
-    _out(*job.lines())
+    print_lines(*job.lines())
     if job.over_budget:
         _print_refusal(job)
         if not force:
@@ -123,10 +96,10 @@ def cmd_resume(run_dir: Path, force: bool) -> int:
     run.read_run(run_dir)  # a clear error when this is not a run folder
     recipe = load_recipe(run_dir / "recipe.yaml")
     check_can_start(recipe, str(run_dir))
-    _out(f"resuming {run_dir}")
+    print_lines(f"resuming {run_dir}")
     # Changed inputs are refused here, before anything is prepared from them or torch is imported.
     checkpoint, lines = launch.resume_point(recipe, run_dir, force)
-    _out(*lines)
+    print_lines(*lines)
     job = launch.plan_launch(recipe, str(run_dir), run_dir.parent.name)
     return _train(job, run_dir, checkpoint, False, force)
 
@@ -134,7 +107,7 @@ def cmd_resume(run_dir: Path, force: bool) -> int:
 def _train(job: launch.Launch, run_dir: Path, checkpoint: Path | None, probe: bool, force: bool) -> int:
     """Train (or resume) and report how it ended: exit 0, or 3 (out of memory), 4 (diverged), 130."""
     try:
-        result = launch.start_run(job, run_dir, checkpoint, probe, force, _out)
+        result = launch.start_run(job, run_dir, checkpoint, probe, force, print_lines)
     except run.OutOfMemory as oom:
         lines = launch.out_of_memory_report(job, oom, run_dir)
         err_console.print(f"[bold red]error:[/bold red] {escape(lines[0])}")
@@ -156,7 +129,7 @@ def _train(job: launch.Launch, run_dir: Path, checkpoint: Path | None, probe: bo
             f"{escape(kept)}. A lower train.learning_rate or train.max_grad_norm usually helps."
         )
         return EXIT_DIVERGED
-    _out(*lines)
+    print_lines(*lines)
     console.print(
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "
         f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; adapter saved to {result.adapter_dir}"
@@ -177,19 +150,19 @@ def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, ban
     if update:
         updated, changes = smoke.new_bands(results, smoke.load_bands(bands_file))
         write_json(bands_file, updated)
-        _out(*(changes or ["no band changes"]), f"bands written to {bands_file}")
+        print_lines(*(changes or ["no band changes"]), f"bands written to {bands_file}")
         return 0
     checks, document = smoke.verdict(results, smoke.load_bands(bands_file))
     ok = {True: "[green]ok[/green]", False: "[bold red]FAIL[/bold red]"}
-    _table(
+    print_table(
         ("recipe", "check", "band", "measured", ""),
         [(c.recipe, c.name, c.expected, c.got, ok[c.ok]) for c in checks],
     )
     if document["differing_from_pins"]:
-        _out(f"versions differing from the pins: {', '.join(document['differing_from_pins'])}")
+        print_lines(f"versions differing from the pins: {', '.join(document['differing_from_pins'])}")
     write_json(json_path, document)
     passed = sum(c.ok for c in checks)
-    _out(f"{passed} of {len(checks)} checks within their bands; result in {json_path}")
+    print_lines(f"{passed} of {len(checks)} checks within their bands; result in {json_path}")
     return 0 if document["ok"] else 1
 
 
@@ -198,7 +171,7 @@ def cmd_calibration(folder: Path) -> int:
     records = [json.loads(p.read_text()) for p in sorted(folder.glob("**/budget.json"))]
     if not records:
         raise UserError(f"no run under '{folder}' has a budget.json yet; train a recipe first")
-    return _out(*calibration_table(records))
+    return print_lines(*calibration_table(records))
 
 
 def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int:
@@ -209,8 +182,8 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
     recipe = load_recipe(path, overrides)
     run.check_writable(png, "--png")
     found = audit_recipe(recipe, show)
-    _out(f"tokenizer: {found.tokenizer}", *found.audit.lines())
-    _out(f"histogram: {plot_lengths(found.lengths, recipe.model.max_seq_length, png)}")
+    print_lines(f"tokenizer: {found.tokenizer}", *found.audit.lines())
+    print_lines(f"histogram: {plot_lengths(found.lengths, recipe.model.max_seq_length, png)}")
     # Trained tokens in bold green on a terminal; between [[ and ]] when piped or without colour.
     marks = ("", "") if console.is_terminal and not console.no_color else ("[[", "]]")
     for source, pieces in found.shown:
@@ -235,7 +208,7 @@ def cmd_validate(recipe_args: list[str]) -> int:
             rows, report = count_rows(recipe)
             for line in report:
                 err_console.print(f"{escape(arg)}: {escape(line)}")
-            _warn(launch.checked_plan(recipe, rows, arg)[1])
+            print_warnings(launch.checked_plan(recipe, rows, arg)[1])
         except UserError as exc:
             failed += 1
             err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
@@ -250,17 +223,17 @@ def cmd_show(recipe_arg: str, overrides: list[str]) -> int:
     console.print(dump_recipe(recipe), end="", markup=False)
     batch, accumulation = recipe.train.per_device_train_batch_size, recipe.train.gradient_accumulation_steps
     effective = f"{batch * accumulation} sequences per optimizer step ({batch} x {accumulation} accumulation)"
-    _out(f"# effective batch: {effective}")
+    print_lines(f"# effective batch: {effective}")
     data = launch.training_data(recipe)
     plan, warnings = launch.checked_plan(recipe, data.sequences, str(path))
-    _warn(warnings)
-    _out(*(f"# {line}" for line in data.describe() + describe_plan(plan)))
+    print_warnings(warnings)
+    print_lines(*(f"# {line}" for line in data.describe() + describe_plan(plan)))
     return 0
 
 
 def cmd_list() -> int:
     recipes = [(path.stem, load_recipe(path)) for path in shipped_recipes()]
-    _table(("recipe", "version", "what it is for"), [(n, r.version, r.description) for n, r in recipes])
+    print_table(("recipe", "version", "what it is for"), [(n, r.version, r.description) for n, r in recipes])
     return 0
 
 
@@ -280,7 +253,7 @@ def cmd_diff(recipe_arg: str) -> int:
         console.print(f"{path} resolves to the same values as {parent_path}")
     for key, old, new in changes:
         old_text, new_text = (v if v is lineage.UNSET else json.dumps(v) for v in (old, new))
-        _out(f"{key}: {old_text} -> {new_text}")
+        print_lines(f"{key}: {old_text} -> {new_text}")
     return 0
 
 
@@ -299,9 +272,9 @@ def cmd_export(run_dir: Path, out: Path | None) -> int:
     base = export.merge_base(recipe)
     export.check_room(recipe, base, out)  # before the folder is made: a refusal leaves nothing
     run.check_export_folder(out)
-    _out(f"export: {base.why}")
+    print_lines(f"export: {base.why}")
     inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
-    _out(f"merged 16-bit model saved to {inference.export(run_dir, out, base)}")
+    print_lines(f"merged 16-bit model saved to {inference.export(run_dir, out, base)}")
     return 0
 
 
@@ -322,7 +295,9 @@ COMMANDS = {
     "copy": lambda a: cmd_copy(a.source, a.destination),
     "diff": lambda a: cmd_diff(a.recipe),
     "resume": lambda a: cmd_resume(a.run_dir, a.force),
-    "eval": lambda a: _out(*evaluate.score_completions(a.completions, a.tasks, a.allow_code_execution, a.k)),
+    "eval": lambda a: print_lines(
+        *evaluate.score_completions(a.completions, a.tasks, a.allow_code_execution, a.k)
+    ),
     "export": lambda a: cmd_export(a.run_dir, a.out),
     "generate": lambda a: cmd_generate(a.run_dir, a.prompt, a.max_new_tokens),
     "smoke": lambda a: cmd_smoke(a.recipes, a.update_bands, a.json, a.output, a.bands),

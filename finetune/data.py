@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.recipe import UserError
+from finetune.errors import UserError
 
 ROLES = {"system", "user", "assistant"}
 

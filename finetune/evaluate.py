@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from finetune.recipe import UserError
+from finetune.errors import UserError
 from finetune.run import check_writable
 from finetune.sandbox import isolation, run_programs
 

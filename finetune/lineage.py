@@ -8,17 +8,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from finetune.recipe import (
-    SCHEMA_FILE,
-    SHIPPED_DIR,
-    Recipe,
-    UserError,
-    extends_target,
-    find_recipe,
-    load_recipe,
-    read_document,
-    recipe_dict,
-)
+from finetune.errors import UserError
+from finetune.recipe import SCHEMA_FILE, Recipe, load_recipe, recipe_dict
+from finetune.recipe_files import SHIPPED_DIR, extends_target, find_recipe, read_document
 
 UNSET = "(unset)"  # a value one side of a diff does not have
 

@@ -1,4 +1,4 @@
-"""The recipe: one typed schema, and loading a YAML file into it.
+"""The recipe: one typed schema, and validating what recipe_files.py read into it.
 
 This module is the single source of truth for what a recipe may contain. Every section forbids
 unknown keys, so a misspelled key is an error with a suggestion instead of a silently ignored
@@ -11,19 +11,17 @@ from __future__ import annotations
 import difflib
 import hashlib
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from finetune.errors import UserError as UserError  # raised for every recipe mistake; re-exported
+from finetune.recipe_files import SHIPPED_DIR, Document, apply_override, parse_override, resolve, value_source
+
 SCHEMA_VERSION = 1
-
-
-class UserError(Exception):
-    """A mistake of the user's (recipe, data, flags, run folder): its message is one sentence naming
-    what and where, shown as it is, without a traceback, with exit code 2."""
+SCHEMA_FILE = SHIPPED_DIR / "recipe.schema.json"
 
 
 class _Section(BaseModel):
@@ -353,176 +351,6 @@ class Recipe(_Section):
         return self
 
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "recipes"
-SCHEMA_FILE = SHIPPED_DIR / "recipe.schema.json"
-
-
-@dataclass
-class _Document:
-    """One YAML file of a recipe's `extends` chain, kept for line numbers in error messages."""
-
-    source: str
-    root: yaml.Node
-    raw: dict[str, Any]
-
-
-def shipped_recipes() -> list[Path]:
-    return sorted(SHIPPED_DIR.rglob("*.yaml"))
-
-
-def find_recipe(name_or_path: str | Path) -> Path:
-    """A path as given, or the shipped recipe of that name (``code-gen`` -> recipes/code-gen.yaml)."""
-    path = Path(name_or_path)
-    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
-        return path
-    shipped = SHIPPED_DIR / f"{name_or_path}.yaml"
-    if shipped.exists() and shipped.is_relative_to(Path.cwd()):
-        return shipped.relative_to(Path.cwd())  # shorter in messages: recipes/code-gen.yaml
-    if not shipped.exists():
-        names = [p.stem for p in shipped_recipes()]
-        close = difflib.get_close_matches(str(name_or_path), names, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; shipped recipes: {', '.join(names)}"
-        raise UserError(f"no recipe named '{name_or_path}'{hint}")
-    return shipped
-
-
-def _duplicate_keys(node: yaml.Node, source: str) -> list[str]:
-    """YAML silently keeps the last of two equal keys; a recipe must not, so they are reported."""
-    problems = []
-    if isinstance(node, yaml.MappingNode):
-        seen: dict[str, int] = {}
-        for key, value in node.value:
-            line = key.start_mark.line + 1
-            if key.value in seen:
-                first = seen[key.value]
-                problems.append(f"{source}:{line}: key '{key.value}' is repeated (first on line {first})")
-            seen.setdefault(key.value, line)
-            problems += _duplicate_keys(value, source)
-    elif isinstance(node, yaml.SequenceNode):
-        for item in node.value:
-            problems += _duplicate_keys(item, source)
-    return problems
-
-
-def read_document(path: Path) -> _Document:
-    source = str(path)
-    if path.is_dir():
-        raise UserError(f"'{source}' is a directory, not a recipe file")
-    if not path.is_file():
-        raise UserError(f"recipe file '{source}' does not exist")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise UserError(f"{source}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x})") from None
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        raw = yaml.safe_load(text) if root is not None else None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        if "could not determine a constructor" in problem:
-            problem = f"unsupported YAML tag {problem.split('tag ')[-1]}; recipes hold plain values only"
-        raise UserError(f"{where}: not valid YAML ({problem})") from None
-    if root is None:
-        raise UserError(f"{source}: the recipe file is empty")
-    if not isinstance(raw, dict):
-        raise UserError(f"{source}: a recipe must be a YAML mapping of sections (model, data, train, ...)")
-    duplicates = _duplicate_keys(root, source)
-    if duplicates:
-        raise UserError("\n".join(duplicates))
-    return _Document(source, root, raw)
-
-
-def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Child values over parent values; sections merge key by key, lists and scalars are replaced."""
-    merged = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def extends_target(extends: Any, child: _Document) -> Path:
-    line = _line_of(child.root, ("extends",))
-    if not isinstance(extends, str) or not extends:
-        raise UserError(f"{child.source}:{line}: extends must name a recipe (e.g. extends: code-gen)")
-    if extends.endswith((".yaml", ".yml")) or "/" in extends:
-        return Path(child.source).parent / extends
-    try:
-        return find_recipe(extends)
-    except UserError as exc:
-        raise UserError(f"{child.source}:{line}: extends: {exc}") from None
-
-
-def _resolve(path: Path) -> tuple[dict[str, Any], list[_Document]]:
-    """The merged raw mapping of a recipe and its `extends` ancestors, and their documents (child first)."""
-    documents: list[_Document] = []
-    chain: list[Path] = []
-    while True:
-        key = path.resolve()
-        if key in chain:
-            cycle = " -> ".join(str(p) for p in [*chain, key])
-            raise UserError(f"{documents[0].source}: extends forms a cycle: {cycle}")
-        document = read_document(path)
-        chain.append(key)
-        documents.append(document)
-        if "extends" not in document.raw:
-            break
-        path = extends_target(document.raw["extends"], document)
-        if not path.is_file():
-            line = _line_of(document.root, ("extends",))
-            raise UserError(f"{document.source}:{line}: parent recipe '{path}' does not exist")
-    raw: dict[str, Any] = {}
-    for document in reversed(documents):
-        raw = _merge(raw, {k: v for k, v in document.raw.items() if k != "extends"})
-    return raw, documents
-
-
-def _line_of(node: yaml.Node | None, path: tuple[Any, ...]) -> int | None:
-    """1-based line of the YAML node at ``path`` (or of its deepest existing parent)."""
-    line = None
-    for key in path:
-        if isinstance(node, yaml.MappingNode):
-            pair = next(((k, v) for k, v in node.value if k.value == str(key)), None)
-            if pair is None:
-                break
-            line, node = pair[0].start_mark.line + 1, pair[1]
-        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
-            node = node.value[key]
-            line = node.start_mark.line + 1
-        else:
-            break
-    return line
-
-
-def _where(path: tuple[Any, ...], documents: list[_Document], overrides: dict[tuple[str, ...], str]) -> str:
-    """Where a value came from: the override that set it, or the file (and line) of the extends chain."""
-    for keys, text in overrides.items():
-        if tuple(map(str, path[: len(keys)])) == keys:
-            return f"override '{text}'"
-    if not documents:
-        return "<recipe>"
-    # The first document (child first) that holds the whole path wrote the value.
-    for document in documents:
-        node = document.root
-        for key in path:
-            if not isinstance(node, yaml.MappingNode):
-                node = None
-                break
-            node = next((v for k, v in node.value if k.value == str(key)), None)
-            if node is None:
-                break
-        if node is not None:
-            return f"{document.source}:{_line_of(document.root, path)}"
-    line = _line_of(documents[0].root, path)
-    return f"{documents[0].source}:{line}" if line else documents[0].source
-
-
 def _section_model(path: tuple[Any, ...]) -> type[BaseModel] | None:
     """The schema class that holds the last key of ``path``."""
     model: type[BaseModel] = Recipe
@@ -557,10 +385,10 @@ def _input_path(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
     return tuple(path)
 
 
-def _describe_error(error: dict[str, Any], raw: Any, documents: list[_Document], overrides: dict) -> str:
+def _describe_error(error: dict[str, Any], raw: Any, documents: list[Document], overrides: dict) -> str:
     path = _input_path(error["loc"], raw)
     dotted = ".".join(str(p) for p in path) or "(top level)"
-    where = _where(path, documents, overrides)
+    where = value_source(path, documents, overrides)
     section = _section_model(path)
     if error["type"] == "extra_forbidden":
         allowed = [f.alias or n for n, f in section.model_fields.items()] if section else []
@@ -578,30 +406,8 @@ def _describe_error(error: dict[str, Any], raw: Any, documents: list[_Document],
     return f"{where}: {dotted}: {message}{got}"
 
 
-def parse_override(text: str) -> tuple[tuple[str, ...], Any]:
-    """``train.max_steps=10`` -> (('train', 'max_steps'), 10); the value is read as YAML, then typed."""
-    key, sep, value = text.partition("=")
-    keys = tuple(key.strip().split("."))
-    if not sep or len(keys) < 2 or not all(keys):
-        raise UserError(f"override '{text}' must look like section.key=value (e.g. train.max_steps=10)")
-    try:
-        parsed = yaml.safe_load(value) if value.strip() else None
-    except yaml.YAMLError:
-        parsed = value  # not YAML: keep the text; the schema decides whether a string fits
-    return keys, parsed
-
-
-def _apply_override(raw: dict[str, Any], keys: tuple[str, ...], value: Any, text: str) -> None:
-    node = raw
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise UserError(f"override '{text}': '{key}' is a value, not a section")
-    node[keys[-1]] = value
-
-
 def validate_recipe(
-    raw: dict[str, Any], documents: list[_Document] = (), overrides: dict[tuple[str, ...], str] = None
+    raw: dict[str, Any], documents: list[Document] = (), overrides: dict[tuple[str, ...], str] = None
 ) -> Recipe:
     """Validate a merged mapping; every problem is reported together, each with where it came from."""
     source = documents[0].source if documents else "<recipe>"
@@ -620,11 +426,11 @@ def validate_recipe(
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a recipe (following `extends`), apply ``section.key=value`` overrides, and validate it."""
-    raw, documents = _resolve(Path(path))
+    raw, documents = resolve(Path(path))
     applied = {}
     for text in overrides:
         keys, value = parse_override(text)
-        _apply_override(raw, keys, value, text)
+        apply_override(raw, keys, value, text)
         applied[keys] = text
     return validate_recipe(raw, documents, applied)
 

@@ -23,7 +23,7 @@ is shared; on the CPU without Unsloth its loss is transformers' own (train.Finet
 import os
 from pathlib import Path
 
-from finetune.recipe import UserError
+from finetune.errors import UserError
 from finetune.tiny_model import cache_root
 
 BACKEND = os.environ.get("FINETUNE_BACKEND", "unsloth")

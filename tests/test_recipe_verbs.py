@@ -9,7 +9,8 @@ import yaml
 from finetune.arguments import json_schema
 from finetune.cli import main
 from finetune.lineage import file_sha256
-from finetune.recipe import SCHEMA_FILE, load_recipe, shipped_recipes
+from finetune.recipe import SCHEMA_FILE, load_recipe
+from finetune.recipe_files import shipped_recipes
 
 ROOT = Path(__file__).resolve().parent.parent
 

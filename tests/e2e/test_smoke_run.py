@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from finetune import smoke
-from finetune.recipe import shipped_recipes
+from finetune.recipe_files import shipped_recipes
 
 ROOT = Path(__file__).resolve().parents[2]
 

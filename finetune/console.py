@@ -1,0 +1,37 @@
+"""The terminal: one console for results (stdout) and one for warnings and errors (stderr).
+
+Plain lines go through print_lines, so a path or a user's text is never read as rich markup.
+"""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+# soft_wrap: never break a message or a path across lines, whatever the terminal width.
+console = Console(highlight=False, soft_wrap=True)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def print_warnings(warnings: list[str]) -> None:
+    for warning in warnings:
+        err_console.print(f"[yellow]warning:[/yellow] {escape(warning)}")
+
+
+def print_lines(*lines: str) -> int:
+    """Plain lines (no markup): warnings to stderr, everything else to stdout. Returns 0, the exit
+    code of a verb that only prints."""
+    for line in lines:
+        if line.startswith("warning: "):
+            print_warnings([line.removeprefix("warning: ")])
+        else:
+            console.print(line, markup=False)
+    return 0
+
+
+def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    table = Table(*columns, show_edge=False, box=None, pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
