@@ -59,6 +59,12 @@ def _recipe_verb(verbs, name: str, help: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _consent_flag(parser: argparse.ArgumentParser, when: str) -> None:
+    parser.add_argument(
+        "--allow-code-execution", action="store_true", help=f"confirm running model-written code{when}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner.py",
@@ -76,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a few real steps on the longest micro-batch first, checked against the budget "
         "(default: on with a GPU)",
     )
+    _consent_flag(train, " (the recipe's evaluate.humaneval after training)")
 
     plan = _recipe_verb(
         verbs, "plan", "preview steps, LR schedule, memory and time against the budget (exit 3 when over)"
@@ -112,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume = verbs.add_parser("resume", help="continue a stopped run from its latest sound checkpoint")
     resume.add_argument("run_dir", type=Path, help="the run folder (runs/<recipe>/<timestamp>-<hash>)")
     resume.add_argument("--force", action="store_true", help="resume although the data or tokenizer changed")
+    _consent_flag(resume, " (the recipe's evaluate.humaneval after training)")
 
     export = verbs.add_parser("export", help="merge a finished run's adapter into a 16-bit model")
     export.add_argument("run_dir", type=Path, help="the run folder")
@@ -134,16 +142,29 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--bands", type=Path, help="the bands file (default: tests/smoke_bands.json)")
 
     evaluate = verbs.add_parser(
-        "eval", help="score HumanEval-format completions by running them confined (pass@k)"
+        "eval",
+        help="HumanEval pass@k of a run's base model and adapter, or of --completions FILE, by running "
+        "the code confined",
     )
-    evaluate.add_argument("--completions", type=Path, required=True, help="task_id/completion JSON lines")
+    evaluate.add_argument("run_dir", nargs="?", type=Path, help="a finished run folder")
+    evaluate.add_argument(
+        "--completions", type=Path, help="score these task_id/completion JSON lines instead"
+    )
     evaluate.add_argument(
         "--tasks", type=Path, help="your own tasks in HumanEval's format (default: HumanEval)"
     )
     evaluate.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k for these k")
+    for flag, kind, what in (
+        ("--samples-per-task", int, "answers per task (needs --temperature)"),
+        ("--temperature", float, "sample at this temperature (default: greedy)"),
+        ("--max-new-tokens", int, "tokens per answer at most (default: 1024)"),
+        ("--batch-size", int, "answers generated at once (default: 16)"),
+    ):
+        evaluate.add_argument(flag, type=kind, help=f"{what}; the recipe's evaluate section otherwise")
     evaluate.add_argument(
-        "--allow-code-execution", action="store_true", help="confirm running model-written code"
+        "--prompt", choices=("auto", "chat", "raw"), help="how the task is put to the model"
     )
+    _consent_flag(evaluate, "")
 
     calibration = verbs.add_parser(
         "calibration", help="predicted vs measured memory and step time of past runs"

@@ -15,7 +15,7 @@ from finetune import evaluate, export, launch, lineage, run
 from finetune.arguments import json_schema, parse_args
 from finetune.audit import audit_recipe
 from finetune.calibration import BudgetExceeded, calibration_table
-from finetune.console import console, err_console, print_lines, print_table, print_warnings
+from finetune.console import console, err_console, print_lines, print_table, print_warnings, progress_bar
 from finetune.files import write_json
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device
@@ -67,10 +67,13 @@ def cmd_plan(
     return 0
 
 
-def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe: bool | None = None) -> int:
+def cmd_train(
+    recipe_arg: str, overrides: list[str], force: bool = False, probe: bool | None = None, allow: bool = False
+) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
     gpus = check_can_start(recipe, str(path))
+    print_warnings(evaluate.after_training(recipe, allow))
     job = launch.plan_launch(recipe, str(path))
     print_warnings(job.warnings)
     where = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
@@ -88,23 +91,26 @@ def cmd_train(recipe_arg: str, overrides: list[str], force: bool = False, probe:
     run_dir = launch.new_run_folder(job, str(path), overrides)
     # By default the probe runs on a GPU, where memory is the limit that ends runs.
     probing = bool(gpus) if probe is None else probe
-    return _train(job, run_dir, None, probing, force)
+    return _train(job, run_dir, None, probing, force, allow)
 
 
-def cmd_resume(run_dir: Path, force: bool) -> int:
+def cmd_resume(run_dir: Path, force: bool, allow: bool) -> int:
     """Continue a run from its latest sound checkpoint, with the recipe it was started with."""
     run.read_run(run_dir)  # a clear error when this is not a run folder
     recipe = load_recipe(run_dir / "recipe.yaml")
     check_can_start(recipe, str(run_dir))
+    print_warnings(evaluate.after_training(recipe, allow))
     print_lines(f"resuming {run_dir}")
     # Changed inputs are refused here, before anything is prepared from them or torch is imported.
     checkpoint, lines = launch.resume_point(recipe, run_dir, force)
     print_lines(*lines)
     job = launch.plan_launch(recipe, str(run_dir), run_dir.parent.name)
-    return _train(job, run_dir, checkpoint, False, force)
+    return _train(job, run_dir, checkpoint, False, force, allow)
 
 
-def _train(job: launch.Launch, run_dir: Path, checkpoint: Path | None, probe: bool, force: bool) -> int:
+def _train(
+    job: launch.Launch, run_dir: Path, checkpoint: Path | None, probe: bool, force: bool, allow: bool
+) -> int:
     """Train (or resume) and report how it ended: exit 0, or 3 (out of memory), 4 (diverged), 130."""
     try:
         result = launch.start_run(job, run_dir, checkpoint, probe, force, print_lines)
@@ -134,6 +140,8 @@ def _train(job: launch.Launch, run_dir: Path, checkpoint: Path | None, probe: bo
         f"[bold green]Done:[/bold green] {result.steps} steps in {result.seconds:.1f} s, "
         f"loss {result.first_loss:.4f} -> {result.final_loss:.4f}; adapter saved to {result.adapter_dir}"
     )
+    if job.recipe.evaluate.humaneval and allow:
+        return cmd_eval(run_dir, None, {}, [1, 10, 100], allow)
     return 0
 
 
@@ -278,6 +286,19 @@ def cmd_export(run_dir: Path, out: Path | None) -> int:
     return 0
 
 
+def cmd_eval(
+    run_dir: Path | None, completions: Path | None, changes: dict, ks: list[int], allow: bool
+) -> int:
+    """A run's base model and adapter answering the tasks (evaluate.flags checked the flags), or a
+    file of completions, scored."""
+    if completions is not None:
+        tasks = Path(changes["tasks"]) if "tasks" in changes else None
+        return print_lines(*evaluate.score_completions(completions, tasks, allow, ks))
+    with progress_bar("answering") as progress:
+        lines = evaluate.evaluate_run(run_dir, allow, changes, ks, progress)
+    return print_lines(*lines)
+
+
 def cmd_generate(run_dir: Path, prompt: str, max_new_tokens: int) -> int:
     recipe, _ = run.finished_adapter(run_dir)  # a clear error before the heavy import
     inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
@@ -286,7 +307,7 @@ def cmd_generate(run_dir: Path, prompt: str, max_new_tokens: int) -> int:
 
 
 COMMANDS = {
-    "train": lambda a: cmd_train(a.recipe, a.overrides, a.force, a.probe),
+    "train": lambda a: cmd_train(a.recipe, a.overrides, a.force, a.probe, a.allow_code_execution),
     "plan": lambda a: cmd_plan(a.recipe, a.overrides, a.json, a.png, a.gpu, a.full_length),
     "data": lambda a: cmd_data(a.recipe, a.overrides, a.show, a.png),
     "validate": lambda a: cmd_validate(a.recipes),
@@ -294,10 +315,8 @@ COMMANDS = {
     "list": lambda a: cmd_list(),
     "copy": lambda a: cmd_copy(a.source, a.destination),
     "diff": lambda a: cmd_diff(a.recipe),
-    "resume": lambda a: cmd_resume(a.run_dir, a.force),
-    "eval": lambda a: print_lines(
-        *evaluate.score_completions(a.completions, a.tasks, a.allow_code_execution, a.k)
-    ),
+    "resume": lambda a: cmd_resume(a.run_dir, a.force, a.allow_code_execution),
+    "eval": lambda a: cmd_eval(a.run_dir, a.completions, evaluate.flags(a), a.k, a.allow_code_execution),
     "export": lambda a: cmd_export(a.run_dir, a.out),
     "generate": lambda a: cmd_generate(a.run_dir, a.prompt, a.max_new_tokens),
     "smoke": lambda a: cmd_smoke(a.recipes, a.update_bands, a.json, a.output, a.bands),

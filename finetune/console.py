@@ -5,8 +5,11 @@ Plain lines go through print_lines, so a path or a user's text is never read as 
 
 from __future__ import annotations
 
+import contextlib
+
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 # soft_wrap: never break a message or a path across lines, whatever the terminal width.
@@ -35,3 +38,23 @@ def print_table(columns: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str):
+    """A bar on stderr for a long loop whose size is known later: yields ``start(total)``, which
+    shows the bar and returns its ``advance(n)``; the bar is closed however the block ends."""
+    bar = Progress(
+        TextColumn(description), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err_console
+    )
+
+    def start(total: int):
+        task = bar.add_task(description, total=total)
+        bar.start()
+        return lambda n: bar.advance(task, n)
+
+    try:
+        yield start
+    finally:
+        if bar.live.is_started:  # stopping a bar never shown would print an empty line
+            bar.stop()

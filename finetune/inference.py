@@ -9,7 +9,10 @@ from __future__ import annotations
 from finetune import stack  # first: the backend (Unsloth, set up, before the libraries it patches)
 
 # isort: split
+import contextlib
+import gc
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -25,8 +28,7 @@ from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens: int) -> list[dict]:
     """Greedy completions of the first ``count`` held-out prompts (training rows when there is no
-    eval data): each prompt is its row up to the first trained token. One batched generation,
-    left-padded, instead of one per prompt: the same greedy tokens in a fraction of the time."""
+    eval data): each prompt is its row up to the first trained token. One batched generation."""
     if count == 0:
         return []
     split = "eval" if store.dataset("eval") is not None else "train"
@@ -35,29 +37,114 @@ def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens:
         example.input_ids[: next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)]
         for example in examples
     ]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    width = max(len(prompt) for prompt in prompts)
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
-    stack.for_inference(model)
     # Generation must not move the random streams training draws from.
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
+    with torch.random.fork_rng(devices=[]):
+        completions = generate_texts(model, tokenizer, prompts, max_new_tokens, batch_size=len(prompts))
     stack.for_training(model)
     return [
-        {
-            "source": example.source,
-            "prompt": tokenizer.decode(prompt),
-            "completion": tokenizer.decode(row[width:], skip_special_tokens=True),
-        }
-        for example, prompt, row in zip(examples, prompts, generated, strict=True)
+        {"source": example.source, "prompt": tokenizer.decode(prompt), "completion": completion}
+        for example, prompt, completion in zip(examples, prompts, completions, strict=True)
     ]
+
+
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    stops: tuple[str, ...] = (),
+    temperature: float = 0.0,
+    batch_size: int = 16,
+    advance=None,
+) -> list[str]:
+    """The generated text (special tokens dropped) for each prompt, in their order. Batched and
+    left-padded (the same greedy tokens as one at a time, in a fraction of the time), longest prompts
+    first so that a batch too large for the GPU shows at once; such a batch is halved and retried.
+    Each answer ends at its end of turn or at the first of ``stops``; sampled (top_p 0.95) when
+    ``temperature`` > 0."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    order = sorted(range(len(prompts)), key=lambda k: -len(prompts[k]))
+    texts: list[str] = [""] * len(prompts)
+    sampling = {"temperature": temperature, "top_p": 0.95} if temperature else {}
+    stack.for_inference(model)
+    done = 0
+    while done < len(order):
+        chunk = order[done : done + batch_size]
+        width = max(len(prompts[k]) for k in chunk)
+        ids = torch.tensor(
+            [[pad] * (width - len(prompts[k])) + prompts[k] for k in chunk], device=model.device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(prompts[k])) + [1] * len(prompts[k]) for k in chunk], device=model.device
+        )
+        try:
+            with torch.no_grad():
+                rows = model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=bool(temperature),
+                    pad_token_id=pad,
+                    **({"stop_strings": list(stops), "tokenizer": tokenizer} if stops else {}),
+                    **sampling,
+                )
+        except torch.OutOfMemoryError:
+            if batch_size == 1:
+                raise
+            del ids, mask
+            torch.cuda.empty_cache()
+            batch_size //= 2
+            continue
+        for k, row in zip(chunk, rows, strict=True):
+            texts[k] = tokenizer.decode(row[width:], skip_special_tokens=True)
+        done += len(chunk)
+        if advance is not None:
+            advance(len(chunk))
+    return texts
+
+
+def prompt_ids(tokenizer, messages: list[dict] | None, text: str) -> list[int]:
+    """A prompt's tokens: chat ``messages`` through the tokenizer's chat template, followed by
+    ``text`` (the start of the assistant's answer); without messages, ``text`` after the BOS token."""
+    if messages is None:
+        return tokenizer(text).input_ids
+    rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(rendered + text, add_special_tokens=False).input_ids
+
+
+def answer_with_and_without_adapter(run_dir: Path, requests, settings, stops, progress=None):
+    """Each request answered by the base model (the adapter switched off) and by the adapter, from
+    one load: ({"base": texts, "adapter": texts}, seconds each). ``requests``: (messages, text)
+    pairs, see prompt_ids; ``settings``: the recipe's evaluate section; ``progress(total)``: a
+    callback advanced by answers generated. Both models draw the same random stream when sampling."""
+    recipe, adapter = finished_adapter(run_dir)
+    if torch.cuda.is_available():  # what a training run in this process left behind
+        gc.collect()
+        torch.cuda.empty_cache()
+    model, tokenizer = load_adapter(adapter, recipe.model.max_seq_length, recipe.model.load_in_4bit)
+    prompts = [prompt_ids(tokenizer, messages, text) for messages, text in requests]
+    advance = progress(2 * len(prompts)) if progress else None
+    answers, seconds = {}, {}
+    for name in ("base", "adapter"):
+        start = time.perf_counter()
+        torch.manual_seed(recipe.train.seed)
+        with model.disable_adapter() if name == "base" else contextlib.nullcontext():
+            answers[name] = generate_texts(
+                model,
+                tokenizer,
+                prompts,
+                settings.max_new_tokens,
+                stops,
+                settings.temperature,
+                settings.batch_size,
+                advance,
+            )
+        seconds[name] = time.perf_counter() - start
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return answers, seconds
 
 
 def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bool = True):

@@ -318,6 +318,42 @@ class OutputSection(_Section):
     sample_tokens: Annotated[int, Field(gt=0)] = Field(64, description="Tokens generated per sample.")
 
 
+class EvaluateSection(_Section):
+    humaneval: bool = Field(
+        False,
+        description="After training, HumanEval pass@1 of the base model and of the adapter, side by side "
+        "(it runs model-written code, confined: train with --allow-code-execution).",
+    )
+    tasks: str | None = Field(
+        None, description="Your own tasks in HumanEval's format (.jsonl) instead of HumanEval's 164."
+    )
+    prompt: Literal["auto", "chat", "raw"] = Field(
+        "auto",
+        description="'chat': an instruction through the chat template; 'raw': the function's start as "
+        "it is (base models); 'auto': chat when the tokenizer has a chat template.",
+    )
+    max_new_tokens: Annotated[int, Field(gt=0)] = Field(
+        1024, description="Tokens generated per answer at most (Meta's HumanEval setting is 1024)."
+    )
+    samples_per_task: Annotated[int, Field(gt=0)] = Field(
+        1, description="Answers per task: 1 is greedy pass@1; more, sampled, for pass@k."
+    )
+    temperature: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="0 is greedy; samples_per_task > 1 needs a temperature (e.g. 0.8, top_p 0.95)."
+    )
+    batch_size: Annotated[int, Field(gt=0)] = Field(
+        16, description="Answers generated at once (halved by itself when a batch runs out of memory)."
+    )
+
+    @model_validator(mode="after")
+    def _sampling_has_a_temperature(self) -> EvaluateSection:
+        if self.samples_per_task > 1 and self.temperature == 0:
+            raise ValueError(
+                "samples_per_task > 1 needs temperature > 0: greedy answers would all be the same"
+            )
+        return self
+
+
 class ParentRecord(_Section):
     name: str = Field(description="The recipe this one was copied from (a shipped name or a path).")
     version: str = Field(description="The parent's version at the time of the copy.")
@@ -338,6 +374,9 @@ class Recipe(_Section):
         default_factory=BudgetSection, description="Limits checked before launch (GPU memory always is)."
     )
     output: OutputSection = Field(default_factory=OutputSection)
+    evaluate: EvaluateSection = Field(
+        default_factory=EvaluateSection, description="Code evaluation after training (HumanEval)."
+    )
     parent: ParentRecord | None = Field(None, description="Lineage, written by `runner.py copy`.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)

@@ -153,3 +153,18 @@ def write_report(
             ]
     path = write_run_file(run_dir / "report.md", "\n".join(lines).rstrip() + "\n")
     return path, console + [f"warning: {w}" for w in warnings[:5]]
+
+
+def put_section(path: Path, title: str, body: list[str]) -> Path:
+    """report.md with its `## title` section replaced by ``body`` (or added at the end): a second
+    evaluation replaces the first instead of piling up."""
+    text = path.read_text() if path.is_file() else f"# Run report: {path.parent.name}\n"
+    lines = text.rstrip("\n").split("\n")
+    header = f"## {title}"
+    if header in lines:
+        start = lines.index(header)
+        end = next((k for k in range(start + 1, len(lines)) if lines[k].startswith("## ")), len(lines))
+        lines = lines[:start] + lines[end:]
+        while lines and not lines[-1].strip():
+            lines.pop()
+    return write_run_file(path, "\n".join([*lines, "", header, "", *body]).rstrip() + "\n")

@@ -59,9 +59,9 @@ def test_an_unusable_output_dir_is_refused_before_anything_heavy(tmp_path):
     assert taken.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("verb", ["generate", "export"])
-def test_generate_and_export_refuse_what_is_not_a_finished_run_at_once(tmp_path, verb):
-    args = ["--prompt", "hi"] if verb == "generate" else []
+@pytest.mark.parametrize("verb", ["generate", "export", "eval"])
+def test_generate_export_and_eval_refuse_what_is_not_a_finished_run_at_once(tmp_path, verb):
+    args = {"generate": ["--prompt", "hi"], "export": [], "eval": ["--allow-code-execution"]}[verb]
     out = run_cli(verb, str(tmp_path), *args)
     assert (
         out.returncode == 2

@@ -52,7 +52,7 @@ def test_copy_keeps_comments_and_records_parent_then_diff_shows_edits(tmp_path, 
     record = yaml.safe_load(copied)["parent"]
     assert record == {
         "name": "code-gen",
-        "version": "1.0.0",
+        "version": load_recipe(ROOT / "recipes/code-gen.yaml").version,
         "sha256": file_sha256(ROOT / "recipes/code-gen.yaml"),
     }
     capsys.readouterr()
