@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--completions", type=Path, help="score these task_id/completion JSON lines instead"
     )
     evaluate.add_argument(
-        "--tasks", type=Path, help="your own tasks in HumanEval's format (default: HumanEval)"
+        "--tasks", help="'humaneval' or your own tasks file in HumanEval's format (default: the recipe's)"
     )
     evaluate.add_argument("--k", type=int, nargs="+", default=[1, 10, 100], help="pass@k for these k")
     for flag, kind, what in (

@@ -292,7 +292,7 @@ def cmd_eval(
     """A run's base model and adapter answering the tasks (evaluate.flags checked the flags), or a
     file of completions, scored."""
     if completions is not None:
-        tasks = Path(changes["tasks"]) if "tasks" in changes else None
+        tasks = changes.get("tasks", evaluate.HUMANEVAL)
         return print_lines(*evaluate.score_completions(completions, tasks, allow, ks))
     with progress_bar("answering") as progress:
         lines = evaluate.evaluate_run(run_dir, allow, changes, ks, progress)

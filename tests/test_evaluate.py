@@ -17,7 +17,7 @@ from finetune.report import put_section
 
 @pytest.fixture(scope="module")
 def tasks() -> dict[str, dict]:
-    return evaluate.read_tasks(None)
+    return evaluate.read_tasks("humaneval")
 
 
 def test_the_chat_prompt_asks_for_the_function_and_begins_the_answer_with_it(tasks):
@@ -168,7 +168,7 @@ def test_flags_name_only_what_was_given():
     args = Namespace(
         run_dir=Path("r"),
         completions=None,
-        tasks=Path("t.jsonl"),
+        tasks="t.jsonl",
         samples_per_task=None,
         temperature=0.5,
         max_new_tokens=None,
