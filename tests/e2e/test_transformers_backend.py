@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cli_helpers import run_cli
 
+from finetune.evaluate import read_tasks
 from finetune.run import SEAL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +89,14 @@ def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(tmp
     answered = run_cli("generate", str(run_dir), "--prompt", "Reverse a list.", "--max-new-tokens", "8")
     assert answered.returncode == 0, answered.stderr[-3000:]
     assert "'unsloth'" not in answered.stdout.strip().splitlines()[-1]
+    tasks = tmp_path / "tasks.jsonl"  # two of HumanEval's, in its format
+    tasks.write_text("".join(json.dumps(task) + "\n" for task in list(read_tasks("humaneval").values())[:2]))
+    evaluated = run_cli(
+        "eval", str(run_dir), "--tasks", str(tasks), "--max-new-tokens", "4", "--allow-code-execution"
+    )
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert "'unsloth'" not in evaluated.stdout.strip().splitlines()[-1]
+    assert "0/2" in evaluated.stdout and (run_dir / "eval" / "humaneval.json").is_file()
     exported = run_cli("export", str(run_dir))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert "'unsloth'" not in exported.stdout.strip().splitlines()[-1]
