@@ -65,6 +65,23 @@ def _consent_flag(parser: argparse.ArgumentParser, when: str) -> None:
     )
 
 
+def _gpus_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--gpus", type=int, help="train on N GPUs of this machine: the same command under torchrun"
+    )
+
+
+def torchrun_argv(args: argparse.Namespace) -> list[str]:
+    """The command line of a `--gpus N` train or resume, without --gpus, for each torchrun process."""
+    if args.verb == "train":
+        argv = ["train", args.recipe, *args.overrides]
+        argv += [] if args.probe is None else ["--probe" if args.probe else "--no-probe"]
+    else:
+        argv = ["resume", str(args.run_dir)]
+    argv += ["--force"] if args.force else []
+    return argv + (["--allow-code-execution"] if args.allow_code_execution else [])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="runner.py",
@@ -83,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: on with a GPU)",
     )
     _consent_flag(train, " (the recipe's evaluate.humaneval after training)")
+    _gpus_flag(train)
 
     plan = _recipe_verb(
         verbs, "plan", "preview steps, LR schedule, memory and time against the budget (exit 3 when over)"
@@ -93,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument(
         "--full-length", action="store_true", help="plan every micro-batch at max_seq_length tokens"
     )
+    plan.add_argument("--gpus", type=int, help="plan for N GPUs training together (per GPU memory, time)")
 
     validate = verbs.add_parser("validate", help="check recipes and their data without training")
     validate.add_argument("recipes", nargs="+", help="recipe files or shipped names")
@@ -120,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("run_dir", type=Path, help="the run folder (runs/<recipe>/<timestamp>-<hash>)")
     resume.add_argument("--force", action="store_true", help="resume although the data or tokenizer changed")
     _consent_flag(resume, " (the recipe's evaluate.humaneval after training)")
+    _gpus_flag(resume)
 
     export = verbs.add_parser("export", help="merge a finished run's adapter into a 16-bit model")
     export.add_argument("run_dir", type=Path, help="the run folder")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.loss_memory import loss_bytes
+from finetune.multi_gpu import allreduce_seconds, link
 from finetune.prepare import count_packed_sequences
 from finetune.recipe import LLAMA_PROJECTIONS, Recipe
 from finetune.schedule import count_optimizer_steps
@@ -303,9 +304,14 @@ def effective_optimizer(optim: str, on_gpu: bool) -> str:
 
 
 def predict_memory(
-    recipe: Recipe, shapes: Shapes, tokens_per_micro_batch: int, dtype_bytes: int = 2, on_gpu: bool = True
+    recipe: Recipe,
+    shapes: Shapes,
+    tokens_per_micro_batch: int,
+    dtype_bytes: int = 2,
+    on_gpu: bool = True,
+    world_size: int = 1,
 ) -> MemoryPlan:
-    """Peak GPU memory of one training step, term by term."""
+    """Peak memory of one training step on one GPU (of ``world_size``), term by term."""
     optim = effective_optimizer(recipe.train.optim, on_gpu)
     linear, kept = weight_bytes(shapes, recipe.model.load_in_4bit, dtype_bytes)
     trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
@@ -325,6 +331,8 @@ def predict_memory(
         recipe.model.backend, shapes.hidden, shapes.vocab, tokens_per_micro_batch, on_gpu, dtype_bytes
     )
     terms[name] = loss
+    if world_size > 1:  # DDP's flat buckets: the gradients once more (see multi_gpu.py)
+        terms["DDP gradient buckets"] = trainable * adapter
     allocated = sum(terms.values())
     if on_gpu:  # PyTorch's CUDA caching allocator and the CUDA context; a CPU run has neither
         terms["allocator overhead"] = allocated * constant("allocator_overhead")
@@ -372,6 +380,8 @@ class TimePlan:
     total_seconds: float
     flops_per_token: float
     terms: dict[str, float]  # seconds per micro-batch, by cause
+    allreduce_seconds: float = 0.0  # per optimizer step, with several GPUs (multi_gpu.py)
+    link: str = ""  # what the gradients cross
 
 
 def flops_per_token(shapes: Shapes, seq_len: float, checkpointing: str) -> float:
@@ -388,7 +398,7 @@ def flops_per_token(shapes: Shapes, seq_len: float, checkpointing: str) -> float
 
 
 def predict_time(
-    recipe: Recipe, shapes: Shapes, device: Device, mean_tokens: float, total_steps: int
+    recipe: Recipe, shapes: Shapes, device: Device, mean_tokens: float, total_steps: int, world_size: int = 1
 ) -> TimePlan:
     train, model = recipe.train, recipe.model
     seq_len = mean_tokens / train.per_device_train_batch_size
@@ -404,7 +414,15 @@ def predict_time(
     if model.backend == "transformers" and device.is_gpu:  # without Unsloth's fused GPU kernels
         terms["without Unsloth's kernels"] = (compute + dequant) * (constant("transformers_slowdown") - 1)
     step = train.gradient_accumulation_steps * sum(terms.values())
-    return TimePlan(step, step * total_steps, per_token, terms)
+    allreduce, link_name = 0.0, ""
+    if world_size > 1:  # once per optimizer step, after the last micro-batch's backward
+        trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
+        bandwidth, link_name = link(device.name)
+        allreduce = allreduce_seconds(
+            trainable * adapter_bytes(model.backend, device.is_gpu), world_size, bandwidth
+        )
+        step += allreduce
+    return TimePlan(step, step * total_steps, per_token, terms, allreduce, link_name)
 
 
 # ---- The gate -------------------------------------------------------------------------------------
@@ -437,6 +455,7 @@ class BudgetPlan:
     time: TimePlan
     verdicts: list[Verdict]
     backend: str = "unsloth"  # the engine the plan is for (recipe.model.backend)
+    world_size: int = 1  # GPUs training together; memory is per GPU
 
     @property
     def ok(self) -> bool:
@@ -454,14 +473,15 @@ class Workload:
 
 
 def plan_budget(
-    recipe: Recipe, shapes: Shapes, device: Device, work: Workload, dtype_bytes: int = 2
+    recipe: Recipe, shapes: Shapes, device: Device, work: Workload, dtype_bytes: int = 2, world_size: int = 1
 ) -> BudgetPlan:
-    """Memory and time predictions for this recipe on this device, checked against every limit."""
+    """Memory and time predictions for this recipe on this device (each of ``world_size`` GPUs
+    training together), checked against every limit."""
     batch, seq = recipe.train.per_device_train_batch_size, recipe.model.max_seq_length
     peak = peak_tokens_per_micro_batch(work.lengths, batch, seq, work.packing)
     mean = mean_tokens_per_micro_batch(work.lengths, work.sequences, batch, seq, work.packing)
-    memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu)
-    time = predict_time(recipe, shapes, device, mean, work.total_steps)
+    memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu, world_size)
+    time = predict_time(recipe, shapes, device, mean, work.total_steps, world_size)
     # The upper end of the prediction must fit: a promise, not a coin toss.
     verdicts = [
         Verdict(
@@ -478,14 +498,15 @@ def plan_budget(
         verdicts.append(Verdict("seconds per step", time.step_seconds, budget.max_step_seconds, "s"))
     if budget.max_hours is not None:
         verdicts.append(Verdict("total hours", time.total_seconds / 3600, budget.max_hours, "h"))
-    return BudgetPlan(device, memory, time, verdicts, recipe.model.backend)
+    return BudgetPlan(device, memory, time, verdicts, recipe.model.backend, world_size)
 
 
 def describe_budget(plan: BudgetPlan) -> list[str]:
     memory = plan.memory
     engine = "Unsloth" if plan.backend == "unsloth" else "transformers + PEFT (no Unsloth)"
+    each = f"each of {plan.world_size} x " if plan.world_size > 1 else ""
     lines = [
-        f"memory on {plan.device.name} with {engine}, largest micro-batch "
+        f"memory on {each}{plan.device.name} with {engine}, largest micro-batch "
         f"{memory.tokens_per_micro_batch} tokens:"
     ]
     lines += [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in memory.terms.items()]
@@ -510,6 +531,11 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
         f"time: {t.step_seconds:.2f} s per optimizer step (+/-{constant('time_margin'):.0%}), "
         f"{total} in all; {t.flops_per_token / 1e9:.1f} GFLOP per token"
     )
+    if plan.world_size > 1:
+        lines.append(
+            f"  ({plan.world_size} GPUs: {plan.world_size}x the sequences per step; the LoRA gradients' "
+            f"all-reduce over {t.link}: {t.allreduce_seconds * 1e3:.1f} ms per step)"
+        )
     device = plan.device
     speed = f"{device.bf16_tflops:.0f} TFLOP/s, {device.bandwidth_gbs:.0f} GB/s"
     lines.append(f"  ({device.name}: {speed}; {device.source})")
@@ -538,6 +564,8 @@ def budget_as_dict(plan: BudgetPlan) -> dict:
         "tokens_per_micro_batch": plan.memory.tokens_per_micro_batch,
         "step_seconds": plan.time.step_seconds,
         "step_seconds_by_cause": dict(plan.time.terms),
+        "world_size": plan.world_size,
+        "allreduce_seconds_per_step": plan.time.allreduce_seconds,
         "time_margin": constant("time_margin"),
         "total_hours": plan.time.total_seconds / 3600,
         "verdicts": [
@@ -549,15 +577,15 @@ def budget_as_dict(plan: BudgetPlan) -> dict:
 
 
 def suggest(
-    recipe: Recipe, shapes: Shapes, device: Device, work: Workload, dtype_bytes: int = 2
+    recipe: Recipe, shapes: Shapes, device: Device, work: Workload, dtype_bytes: int = 2, world_size: int = 1
 ) -> list[str]:
     """Changes that would make a failing plan pass, each with its predicted effect."""
-    current = plan_budget(recipe, shapes, device, work, dtype_bytes)
+    current = plan_budget(recipe, shapes, device, work, dtype_bytes, world_size)
     ideas = []
     train, model = recipe.train, recipe.model
 
     def tried(label: str, changed: Recipe, changed_work: Workload = work, note: str = "") -> None:
-        plan = plan_budget(changed, shapes, device, changed_work, dtype_bytes)
+        plan = plan_budget(changed, shapes, device, changed_work, dtype_bytes, world_size)
         better = (
             plan.memory.upper < current.memory.upper
             or plan.time.step_seconds < current.time.step_seconds
@@ -584,7 +612,7 @@ def suggest(
         smaller = with_(
             "train", per_device_train_batch_size=batch, gradient_accumulation_steps=effective // batch
         )
-        if plan_budget(smaller, shapes, device, work, dtype_bytes).ok or batch == 1:
+        if plan_budget(smaller, shapes, device, work, dtype_bytes, world_size).ok or batch == 1:
             tried(
                 f"train.per_device_train_batch_size={batch} "
                 f"train.gradient_accumulation_steps={effective // batch} (the same effective batch)",
@@ -613,6 +641,6 @@ def suggest(
         tried(
             "data.packing=true (fewer, fuller sequences: faster, not smaller)",
             with_("data", packing=True),
-            Workload(work.lengths, packed, True, count_optimizer_steps(packed, train)),
+            Workload(work.lengths, packed, True, count_optimizer_steps(packed, train, world_size)),
         )
     return ideas

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from transformers import ProgressCallback, TrainerCallback
 
+from finetune import distributed
 from finetune.files import write_json
 from finetune.internals import progress_bar
 from finetune.recipe import TrainSection
@@ -64,8 +65,10 @@ class SealCheckpoints(TrainerCallback):
     the dtypes the trainable weights had (see RestoreTrainingDtypes)."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
+        # Under torchrun every rank writes its random state into the checkpoint: all must be done.
+        distributed.barrier()
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if checkpoint.is_dir():
+        if checkpoint.is_dir() and state.is_world_process_zero:
             dtypes = {
                 n: str(p.dtype).removeprefix("torch.") for n, p in model.named_parameters() if p.requires_grad
             }
@@ -111,7 +114,7 @@ class LogFile(TrainerCallback):
         self.path = path
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs:
+        if logs and state.is_world_process_zero:  # every rank logs the same, gathered figures
             with self.path.open("a") as file:
                 file.write(redact(json.dumps({**logs, "step": state.global_step})) + "\n")
 
@@ -142,7 +145,9 @@ class StopOnSignal(TrainerCallback):
         )
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.signal_name is not None:
+        # Under torchrun each rank gets the signal on its own: they agree, to stop at the same step.
+        if distributed.any_rank(self.signal_name is not None):
+            self.signal_name = self.signal_name or "a signal to another rank"
             control.should_save = True
             control.should_training_stop = True
 

@@ -11,12 +11,11 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from finetune import evaluate, export, launch, lineage, run
-from finetune.arguments import json_schema, parse_args
+from finetune import distributed, evaluate, export, launch, lineage, run
+from finetune.arguments import json_schema, parse_args, torchrun_argv
 from finetune.audit import audit_recipe
 from finetune.calibration import BudgetExceeded, calibration_table
 from finetune.console import console, err_console, print_lines, print_table, print_warnings, progress_bar
-from finetune.files import write_json
 from finetune.plots import plot_lengths, plot_schedule
 from finetune.preflight import check_can_start, detect_gpus, fits_a_cpu, training_device
 from finetune.recipe import UserError, dump_recipe, load_recipe
@@ -41,7 +40,13 @@ def _print_refusal(job: launch.Launch) -> None:
 
 
 def cmd_plan(
-    recipe_arg: str, overrides: list[str], as_json: bool, png: Path, gpu: str | None, full_length: bool
+    recipe_arg: str,
+    overrides: list[str],
+    as_json: bool,
+    png: Path,
+    gpu: str | None,
+    full_length: bool,
+    gpus: int | None = None,
 ) -> int:
     path = find_recipe(recipe_arg)
     recipe = load_recipe(path, overrides)
@@ -53,7 +58,9 @@ def cmd_plan(
         err_console.print(
             "note: no GPU here and this model needs one: planned for an RTX 4090; --gpu NAME for another"
         )
-    job = launch.plan_launch(recipe, str(path), device=training_device(gpu), full_length=full_length)
+    job = launch.plan_launch(
+        recipe, str(path), device=training_device(gpu), full_length=full_length, world_size=gpus
+    )
     if as_json:
         document = launch.plan_document(job.data, job.plan, job.budget, job.suggestions, job.disk)
         print_lines(json.dumps(document))
@@ -145,33 +152,10 @@ def _train(
     return 0
 
 
-def cmd_smoke(names: list[str], update: bool, json_path: Path, output: Path, bands_file: Path | None) -> int:
-    """Every shipped recipe (or the named ones) in smoke mode, checked against the stored bands."""
-    from finetune import smoke
+def smoke_verb(*args) -> int:
+    from finetune import smoke  # heavy when it trains
 
-    paths = [find_recipe(name) for name in names] if names else shipped_recipes()
-    bands_file = smoke.bands_file(bands_file, update)
-    # Both are written after minutes of training: a path that cannot be written fails now.
-    run.check_writable(bands_file if update else json_path, "--bands" if update else "--json")
-    run.check_writable(output, "--output", folder=True)
-    results = [smoke.smoke_recipe_or_failure(path, output) for path in paths]
-    if update:
-        updated, changes = smoke.new_bands(results, smoke.load_bands(bands_file))
-        write_json(bands_file, updated)
-        print_lines(*(changes or ["no band changes"]), f"bands written to {bands_file}")
-        return 0
-    checks, document = smoke.verdict(results, smoke.load_bands(bands_file))
-    ok = {True: "[green]ok[/green]", False: "[bold red]FAIL[/bold red]"}
-    print_table(
-        ("recipe", "check", "band", "measured", ""),
-        [(c.recipe, c.name, c.expected, c.got, ok[c.ok]) for c in checks],
-    )
-    if document["differing_from_pins"]:
-        print_lines(f"versions differing from the pins: {', '.join(document['differing_from_pins'])}")
-    write_json(json_path, document)
-    passed = sum(c.ok for c in checks)
-    print_lines(f"{passed} of {len(checks)} checks within their bands; result in {json_path}")
-    return 0 if document["ok"] else 1
+    return smoke.run_smoke(*args)
 
 
 def cmd_calibration(folder: Path) -> int:
@@ -299,6 +283,13 @@ def cmd_eval(
     return print_lines(*lines)
 
 
+def cmd_torchrun(args) -> int:
+    """`train --gpus N` and `resume --gpus N`: the same command, once per GPU, under torchrun."""
+    source = args.recipe if args.verb == "train" else str(args.run_dir / "recipe.yaml")
+    recipe = load_recipe(find_recipe(source), getattr(args, "overrides", []))
+    return launch.torchrun(args.gpus, torchrun_argv(args), recipe, source)
+
+
 def cmd_generate(run_dir: Path, prompt: str, max_new_tokens: int) -> int:
     recipe, _ = run.finished_adapter(run_dir)  # a clear error before the heavy import
     inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
@@ -308,7 +299,7 @@ def cmd_generate(run_dir: Path, prompt: str, max_new_tokens: int) -> int:
 
 COMMANDS = {
     "train": lambda a: cmd_train(a.recipe, a.overrides, a.force, a.probe, a.allow_code_execution),
-    "plan": lambda a: cmd_plan(a.recipe, a.overrides, a.json, a.png, a.gpu, a.full_length),
+    "plan": lambda a: cmd_plan(a.recipe, a.overrides, a.json, a.png, a.gpu, a.full_length, a.gpus),
     "data": lambda a: cmd_data(a.recipe, a.overrides, a.show, a.png),
     "validate": lambda a: cmd_validate(a.recipes),
     "show": lambda a: cmd_show(a.recipe, a.overrides),
@@ -319,7 +310,7 @@ COMMANDS = {
     "eval": lambda a: cmd_eval(a.run_dir, a.completions, evaluate.flags(a), a.k, a.allow_code_execution),
     "export": lambda a: cmd_export(a.run_dir, a.out),
     "generate": lambda a: cmd_generate(a.run_dir, a.prompt, a.max_new_tokens),
-    "smoke": lambda a: cmd_smoke(a.recipes, a.update_bands, a.json, a.output, a.bands),
+    "smoke": lambda a: smoke_verb(a.recipes, a.update_bands, a.json, a.output, a.bands),
     "calibration": lambda a: cmd_calibration(a.runs),
     "schema": lambda a: cmd_schema(a.output),
 }
@@ -328,6 +319,11 @@ COMMANDS = {
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     try:
+        if getattr(args, "gpus", None) and args.verb in ("train", "resume"):
+            return cmd_torchrun(args)
+        launch.join_job(args.verb)
+        if not distributed.is_main():
+            console.quiet = True  # rank 0 prints for the job
         return COMMANDS[args.verb](args)
     except (UserError, run.DiskFull) as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")

@@ -7,6 +7,7 @@ they found (plans, warnings, printed lines); presenting it is the command line's
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune import distributed
 from finetune.budget import (
     GIB,
     BudgetPlan,
@@ -39,7 +41,7 @@ from finetune.disk import (
 )
 from finetune.export import sixteen_bit_name
 from finetune.plots import plot_schedule
-from finetune.preflight import base_model, detect_gpus, planning_config, training_device
+from finetune.preflight import base_model, detect_gpus, fits_a_cpu, planning_config, training_device
 from finetune.recipe import Recipe, UserError, dump_recipe, recipe_name
 from finetune.report import write_report
 from finetune.run import (
@@ -76,10 +78,12 @@ def data_as_dict(data: DataPlan) -> dict:
     }
 
 
-def checked_plan(recipe: Recipe, num_examples: int, source: str) -> tuple[SchedulePlan, list[str]]:
+def checked_plan(
+    recipe: Recipe, num_examples: int, source: str, world_size: int = 1
+) -> tuple[SchedulePlan, list[str]]:
     """The schedule plan and its warnings (each naming ``source``); a schedule that would be wrong
     is refused."""
-    plan = plan_schedule(num_examples, recipe.train)
+    plan = plan_schedule(num_examples, recipe.train, world_size)
     errors, warnings = advise(plan, recipe.train)
     if errors:
         raise UserError("\n".join(f"{source}: {error}" for error in errors))
@@ -98,8 +102,8 @@ def budget_check(
     work = Workload(lengths, data.sequences, data.packing, plan.total_steps)
     dtype_bytes = 2 if device.is_gpu and recipe.model.dtype != "float32" else 4
     shapes = Shapes.from_config(config)
-    budget = plan_budget(recipe, shapes, device, work, dtype_bytes)
-    ideas = [] if budget.ok else suggest(recipe, shapes, device, work, dtype_bytes)
+    budget = plan_budget(recipe, shapes, device, work, dtype_bytes, plan.world_size)
+    ideas = [] if budget.ok else suggest(recipe, shapes, device, work, dtype_bytes, plan.world_size)
     return budget, describe_budget(budget), ideas
 
 
@@ -212,12 +216,15 @@ def plan_launch(
     name: str | None = None,
     device: Device | None = None,
     full_length: bool = False,
+    world_size: int | None = None,
 ) -> Launch:
     """Data, schedule, device and budget for one run of the recipe file ``source`` (``name``: its
-    folder under output.dir, the file's stem unless given; ``device``: this machine unless given)."""
+    folder under output.dir, the file's stem unless given; ``device``: this machine unless given;
+    ``world_size``: the processes training together, this job's under torchrun unless given)."""
     name = name or recipe_name(source)
-    data = training_data(recipe)
-    plan, warnings = checked_plan(recipe, data.sequences, source)
+    with distributed.main_first():  # under torchrun the store is built once, by rank 0
+        data = training_data(recipe)
+    plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
     disk = disk_check(recipe, plan, device)
@@ -236,11 +243,77 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list
             f"same run ({'; '.join(changes)}); --force resumes anyway"
         )
     lines = [f"warning: --force: resuming although {line}" for line in changes]
+    lines += _same_world_size(run_dir, force)
     checkpoint, skipped = latest_checkpoint(run_dir)
     lines += skipped
     if checkpoint is None:
         raise UserError(f"{run_dir}: no complete checkpoint to resume from")
     return checkpoint, [*lines, f"resuming from {checkpoint.name}"]
+
+
+def _same_world_size(run_dir: Path, force: bool) -> list[str]:
+    """A run resumes on as many processes as it started with: with another number every global
+    batch, and so the order the rows are seen in, changes from the checkpoint on."""
+    run_file = run_dir / "run.json"
+    started = json.loads(run_file.read_text()).get("world_size", 1) if run_file.is_file() else 1
+    now = distributed.world_size()
+    if started == now:
+        return []
+    why = (
+        f"{run_dir} was started on {started} process{'es' if started > 1 else ''} and this is "
+        f"{now}: the global batch and the order of the rows would change from the checkpoint on"
+    )
+    if not force:
+        resume = (
+            f"torchrun --nproc_per_node {started} runner.py resume"
+            if started > 1
+            else "python runner.py resume"
+        )
+        raise UserError(f"{why}; resume with `{resume} {run_dir}`, or --force to continue anyway")
+    return [f"warning: --force: resuming although {why}"]
+
+
+def join_job(verb: str) -> None:
+    """Under torchrun: join the job's process group (train and resume only: everything else runs
+    in one process)."""
+    if not distributed.active():
+        return
+    if verb not in ("train", "resume"):
+        raise UserError(f"{verb} runs in one process: start it with `python runner.py {verb}`, not torchrun")
+    distributed.start()
+
+
+def torchrun(processes: int, argv: list[str], recipe: Recipe, source: str) -> int:
+    """`--gpus N`: the same command under torchrun, one process per GPU on this machine (several
+    machines: run torchrun on each, see the README). Returns its exit code."""
+    import subprocess
+
+    gpus = len(detect_gpus())
+    if distributed.active():
+        raise UserError("--gpus under torchrun: torchrun already started this job's processes")
+    if processes < 2:
+        raise UserError(f"--gpus {processes}: give 2 or more (one GPU is a plain `python runner.py`)")
+    if gpus == 0 and not fits_a_cpu(recipe):
+        raise UserError(
+            f"--gpus {processes}: this machine has no GPU that torch can use, and {source} needs one"
+        )
+    if 0 < gpus < processes:
+        raise UserError(f"--gpus {processes}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    command += [str(Path(__file__).resolve().parent.parent / "runner.py"), *argv]
+    where = f"{processes} GPUs" if gpus else f"{processes} processes on the CPU (gloo; no GPU here)"
+    print(f"torchrun: {where}: {' '.join(command[1:])}", flush=True)
+    try:
+        code = subprocess.run(command).returncode
+    except KeyboardInterrupt:  # torchrun got it too, and stops its processes
+        return 130
+    if code != 0:
+        print(
+            f"error: the job stopped: torchrun exited with {code} (its report above names the rank); "
+            "a run that saved a checkpoint continues with the same --gpus and `resume`",
+            file=sys.stderr,
+        )
+    return code
 
 
 def use_backend(backend: str) -> None:
@@ -270,6 +343,10 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
     imported once the folder exists and before anything is written in it, so a machine Unsloth
     refuses (a UserError, see finetune/stack.py) leaves no folder behind."""
     use_backend(launch.recipe.model.backend)
+    if not distributed.is_main():  # under torchrun: rank 0 makes the folder and says where it is
+        from finetune import stack  # noqa: F401
+
+        return Path(distributed.from_main(None))
     run_dir = make_run_dir(launch.recipe, launch.name)
     try:
         from finetune import stack  # noqa: F401  (heavy: unsloth, torch, transformers, trl)
@@ -282,13 +359,18 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
     # The resolved recipe already holds the overridden values; this records how they got there.
     write_run_json(
         run_dir / "run.json",
-        {"recipe": recipe_file, "overrides": overrides, "version": launch.recipe.version},
+        {
+            "recipe": recipe_file,
+            "overrides": overrides,
+            "version": launch.recipe.version,
+            "world_size": launch.plan.world_size,
+        },
     )
     write_run_json(
         run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget, disk=launch.disk)
     )
     plot_schedule(launch.plan, run_dir / "lr_schedule.png")
-    return run_dir
+    return Path(distributed.from_main(str(run_dir)))
 
 
 def probe_verdict(launch: Launch, measured, force: bool) -> list[str]:

@@ -23,13 +23,14 @@ class SchedulePlan:
 
     scheduler: str
     num_examples: int
-    effective_batch_size: int
+    effective_batch_size: int  # sequences per optimizer step, over every process
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     peak_lr: float
     final_lr: float
     lrs: list[float] = field(repr=False)
+    world_size: int = 1  # processes (GPUs) training together under torchrun
 
     def lr_at_fraction(self, fraction: float) -> tuple[int, float]:
         """(1-based step, LR) at a fraction of training."""
@@ -37,18 +38,23 @@ class SchedulePlan:
         return step, self.lrs[step - 1]
 
 
-def steps_per_epoch(num_examples: int, per_device_batch_size: int, gradient_accumulation_steps: int) -> int:
-    """Optimizer steps in one pass: the last, partial accumulation window still makes a step."""
+def steps_per_epoch(
+    num_examples: int, per_device_batch_size: int, gradient_accumulation_steps: int, world_size: int = 1
+) -> int:
+    """Optimizer steps in one pass: the last, partial accumulation window still makes a step. With
+    several processes, accelerate deals the micro-batches out in turn and gives every process as
+    many (the last ones topped up from the start), so each sees ceil(micro-batches / processes)."""
     micro_batches = math.ceil(num_examples / per_device_batch_size)  # the last micro-batch may be short
-    return max(math.ceil(micro_batches / gradient_accumulation_steps), 1)
+    per_process = math.ceil(micro_batches / world_size)
+    return max(math.ceil(per_process / gradient_accumulation_steps), 1)
 
 
-def count_optimizer_steps(num_examples: int, train: TrainSection) -> int:
+def count_optimizer_steps(num_examples: int, train: TrainSection, world_size: int = 1) -> int:
     """Total optimizer steps, as transformers' Trainer computes them (max_steps wins over epochs)."""
     if train.max_steps is not None:
         return train.max_steps
     per_epoch = steps_per_epoch(
-        num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps
+        num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps, world_size
     )
     return math.ceil(train.num_train_epochs * per_epoch)
 
@@ -152,24 +158,28 @@ def _wsd_factor(train: TrainSection, step: int, warmup_steps: int, total_steps: 
     return rate
 
 
-def plan_schedule(num_examples: int, train: TrainSection) -> SchedulePlan:
-    """The whole schedule: step counts and the LR of every optimizer step."""
-    total = count_optimizer_steps(num_examples, train)
+def plan_schedule(num_examples: int, train: TrainSection, world_size: int = 1) -> SchedulePlan:
+    """The whole schedule: step counts and the LR of every optimizer step, for ``world_size``
+    processes training together (one per GPU)."""
+    total = count_optimizer_steps(num_examples, train, world_size)
     warmup = count_warmup_steps(train, total)
     # The optimizer's step k (1-based) runs with the LR set after k - 1 scheduler steps.
     lrs = [train.learning_rate * lr_factor(train, k, warmup, total) for k in range(total)]
     return SchedulePlan(
         scheduler=train.lr_scheduler_type,
         num_examples=num_examples,
-        effective_batch_size=train.per_device_train_batch_size * train.gradient_accumulation_steps,
+        effective_batch_size=train.per_device_train_batch_size
+        * train.gradient_accumulation_steps
+        * world_size,
         steps_per_epoch=steps_per_epoch(
-            num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps
+            num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps, world_size
         ),
         total_steps=total,
         warmup_steps=warmup,
         peak_lr=train.learning_rate,
         final_lr=lrs[-1],
         lrs=lrs,
+        world_size=world_size,
     )
 
 
@@ -179,7 +189,9 @@ def describe_plan(plan: SchedulePlan) -> list[str]:
     lines = [
         f"schedule: {plan.scheduler}, {plan.total_steps} optimizer steps "
         f"({plan.num_examples} sequences, {plan.effective_batch_size} per step, "
-        f"{plan.steps_per_epoch} steps per epoch)",
+        f"{plan.steps_per_epoch} steps per epoch"
+        + (f", over {plan.world_size} processes" if plan.world_size > 1 else "")
+        + ")",
         f"warmup: {plan.warmup_steps} steps ({warmup_share:.1f}% of training), "
         f"from {plan.lrs[0]:.3g} to {plan.peak_lr:.3g}",
         f"learning rate: peak {plan.peak_lr:.3g}, last step {plan.final_lr:.3g}",
@@ -199,6 +211,7 @@ def plan_as_dict(plan: SchedulePlan) -> dict:
         "scheduler": plan.scheduler,
         "num_examples": plan.num_examples,
         "effective_batch_size": plan.effective_batch_size,
+        "world_size": plan.world_size,
         "steps_per_epoch": plan.steps_per_epoch,
         "total_steps": plan.total_steps,
         "warmup_steps": plan.warmup_steps,

@@ -21,8 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.calibration import measured_peak_bytes
+from finetune.console import print_lines, print_table
+from finetune.files import write_json
 from finetune.recipe import Recipe, UserError, load_recipe
-from finetune.run import installed_versions
+from finetune.recipe_files import find_recipe, shipped_recipes
+from finetune.run import check_writable, installed_versions
 
 ROOT = Path(__file__).resolve().parent.parent
 BANDS_FILE = ROOT / "tests" / "smoke_bands.json"
@@ -251,3 +254,31 @@ def bands_file(path: Path | None, update: bool) -> Path:
 
 def load_bands(path: Path = BANDS_FILE) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_smoke(names: list[str], update: bool, json_path: Path, output: Path, bands_arg: Path | None) -> int:
+    """`runner.py smoke`: every shipped recipe (or the named ones) in smoke mode, checked against the
+    stored bands; the exit code."""
+    paths = [find_recipe(name) for name in names] if names else shipped_recipes()
+    bands = bands_file(bands_arg, update)
+    # Both are written after minutes of training: a path that cannot be written fails now.
+    check_writable(bands if update else json_path, "--bands" if update else "--json")
+    check_writable(output, "--output", folder=True)
+    results = [smoke_recipe_or_failure(path, output) for path in paths]
+    if update:
+        updated, changes = new_bands(results, load_bands(bands))
+        write_json(bands, updated)
+        print_lines(*(changes or ["no band changes"]), f"bands written to {bands}")
+        return 0
+    checks, document = verdict(results, load_bands(bands))
+    ok = {True: "[green]ok[/green]", False: "[bold red]FAIL[/bold red]"}
+    print_table(
+        ("recipe", "check", "band", "measured", ""),
+        [(c.recipe, c.name, c.expected, c.got, ok[c.ok]) for c in checks],
+    )
+    if document["differing_from_pins"]:
+        print_lines(f"versions differing from the pins: {', '.join(document['differing_from_pins'])}")
+    write_json(json_path, document)
+    passed = sum(c.ok for c in checks)
+    print_lines(f"{passed} of {len(checks)} checks within their bands; result in {json_path}")
+    return 0 if document["ok"] else 1

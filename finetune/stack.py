@@ -199,3 +199,16 @@ def load_adapter(adapter_dir: Path, max_seq_length: int, load_in_4bit: bool):
         tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
     for_inference(model)
     return model, tokenizer
+
+
+def device_record() -> dict:
+    """What this process trains on, for the run's manifest."""
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        return {
+            "type": "cuda",
+            "name": props.name,
+            "memory_bytes": props.total_memory,
+            "cuda": torch.version.cuda,
+        }
+    return {"type": "cpu", "threads": torch.get_num_threads()}

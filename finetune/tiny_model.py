@@ -182,7 +182,12 @@ def build_tiny_model(out_dir: Path) -> Path:
     tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
-    tmp_dir.rename(out_dir)
+    try:
+        tmp_dir.rename(out_dir)
+    except OSError:  # another process (a second rank, a parallel test) built it first: the same model
+        if not (out_dir / "config.json").is_file():
+            raise
+        shutil.rmtree(tmp_dir)
     return out_dir
 
 

@@ -27,7 +27,7 @@ from transformers.integrations import TensorBoardCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 
-from finetune import schedule
+from finetune import distributed, schedule
 from finetune.budget import checkpointing
 from finetune.callbacks import (
     LogFile,
@@ -368,11 +368,12 @@ def train(
     model = add_lora(model, recipe)
     if recipe.data.chat_template:  # saved with the adapter, so inference renders as training did
         tokenizer.chat_template = resolve_chat_template(recipe.data.chat_template)
-    store = prepared_data(recipe)
+    with distributed.main_first():  # under torchrun, built once: rank 0 builds, the others open it
+        store = prepared_data(recipe)
     samples_file = run_dir / "samples.json"
-    if not resume:
+    if not resume and distributed.is_main():  # rank 0 alone writes the run folder
         # After loading: a hub model is in the cache now, with the revision the run trains.
-        record = manifest(recipe, run_fingerprints(recipe), _device(), base_model(recipe))
+        record = manifest(recipe, run_fingerprints(recipe), stack.device_record(), base_model(recipe))
         write_run_json(run_dir / "manifest.json", record)
         samples = generate_samples(
             model, tokenizer, store, recipe.output.samples, recipe.output.sample_tokens
@@ -385,7 +386,8 @@ def train(
         model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"), save=True
     )
     log_file = run_dir / "log.jsonl"
-    keep_log_until(log_file, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
+    if distributed.is_main():
+        keep_log_until(log_file, int(checkpoint.name.split("-")[-1]) if checkpoint else 0)
     trainer.add_callback(LogFile(log_file))
     if checkpoint is not None:
         trainer.add_callback(RestoreTrainingDtypes(model, checkpoint))
@@ -406,9 +408,10 @@ def train(
         raise _out_of_memory(trainer)
     seconds = time.perf_counter() - start
     history = trainer.state.log_history
-    write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     adapter_dir = run_dir / "adapter"
-    if stopper.signal_name is None and watchdog.stopped is None:
+    if distributed.is_main():
+        write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
+    if stopper.signal_name is None and watchdog.stopped is None and distributed.is_main():
         with disk_full_as("the adapter", adapter_dir, run_dir):
             model.save_pretrained(adapter_dir)
             tokenizer.save_pretrained(adapter_dir)
@@ -430,15 +433,3 @@ def train(
         diverged=watchdog.stopped,
         spikes=watchdog.watch.spikes,
     )
-
-
-def _device() -> dict:
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        return {
-            "type": "cuda",
-            "name": props.name,
-            "memory_bytes": props.total_memory,
-            "cuda": torch.version.cuda,
-        }
-    return {"type": "cpu", "threads": torch.get_num_threads()}
