@@ -325,9 +325,9 @@ def main(argv: list[str]) -> int:
         if not distributed.is_main():
             console.quiet = True  # rank 0 prints for the job
         return COMMANDS[args.verb](args)
-    except (UserError, run.DiskFull) as exc:
+    except (UserError, run.DiskFull, distributed.PeerLost) as exc:
         err_console.print(f"[bold red]error:[/bold red] {escape(str(exc))}")
-        return EXIT_DISK_FULL if isinstance(exc, run.DiskFull) else EXIT_USER_ERROR
+        return EXIT_DISK_FULL if isinstance(exc, run.DiskFull) else 2 if isinstance(exc, UserError) else 1
     except BudgetExceeded as exc:
         err_console.print(
             f"[bold red]over budget (measured):[/bold red] {escape(str(exc))}; stopped before training. "

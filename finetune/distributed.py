@@ -21,6 +21,31 @@ from datetime import timedelta
 COLLECTIVE_TIMEOUT = timedelta(seconds=int(os.environ.get("FINETUNE_COLLECTIVE_TIMEOUT", "300")))
 
 
+class PeerLost(Exception):
+    """Another process of the job stopped (killed, crashed, out of memory) in the middle of a step."""
+
+    def __init__(self, run_dir):
+        super().__init__(
+            f"another process of this torchrun job (rank {rank()} of {world_size()} here) stopped in the "
+            f"middle of a step, so this one stops too (torchrun's report names it); the run is in "
+            f"{run_dir}: continue it from its last checkpoint with as many processes: "
+            f"torchrun --nproc_per_node {world_size()} runner.py resume {run_dir}"
+        )
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether a failed collective means another rank went away (gloo, NCCL and torch's own words)."""
+    if not active():
+        return False
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or any(
+        sign in text
+        for sign in ("Connection closed by peer", "Connection reset by peer", "NCCL", "timed out")
+    )
+
+
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 

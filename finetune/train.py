@@ -401,6 +401,8 @@ def train(
         with stopper, disk_full_as("a checkpoint", run_dir / "checkpoints", run_dir):
             measured = _timed_train(trainer, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as error:
+        if distributed.lost_a_peer(error):
+            raise distributed.PeerLost(run_dir) from None
         if not is_out_of_memory(error):
             raise
         ran_out = True
