@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from datetime import timedelta
 
 # How long a collective waits for a rank that stopped answering before the job ends with an error.
@@ -71,9 +73,23 @@ def start() -> None:
 
     if dist.is_initialized():
         return
+    _stop_with_torchrun()
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=COLLECTIVE_TIMEOUT)
+
+
+def _stop_with_torchrun() -> None:
+    """torchrun starts each process in a session of its own, so a `kill -9` of torchrun alone would
+    leave them training on, orphaned. On Linux the kernel sends this process SIGTERM when its
+    parent dies: it stops at the end of the step with a checkpoint, as on Ctrl-C."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # torchrun died before this was set
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def barrier() -> None:

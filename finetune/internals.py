@@ -16,12 +16,16 @@ so a release that removes one fails under that name (`make canary` runs against 
   checkpoint's tensors, undone by `save_pretrained`. After `dequantize()` it still lists the
   bitsandbytes 4-bit deserialization, which has no reverse (NotImplementedError at save), so the
   dequantized model's export drops that entry.
+- transformers' ``Trainer._load_optimizer_and_scheduler`` maps the optimizer state to
+  ``args.device`` when several processes train; on the CPU (gloo) that is a ``cpu:N`` device,
+  which torch.load cannot restore to (RuntimeError), so resuming there gets ``cpu`` instead.
 
 Nothing here imports torch; the trainer and callback functions take the objects they reach into.
 """
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -71,3 +75,24 @@ def forget_quantized_loading(model) -> None:
         for conversion in conversions
         if not any(type(op).__module__.endswith("integrations.bitsandbytes") for op in conversion.operations)
     ]
+
+
+@contextlib.contextmanager
+def cpu_map_location():
+    """While a resume on the CPU under torchrun loads its checkpoint: torch.load maps any CPU
+    device to plain 'cpu' (the same memory), the one CPU location it can restore to."""
+    import torch
+
+    load = torch.load
+
+    def load_on_cpu(*args, map_location=None, **kwargs):
+        if map_location is not None and not callable(map_location) and not isinstance(map_location, dict):
+            if torch.device(map_location).type == "cpu":
+                map_location = "cpu"
+        return load(*args, map_location=map_location, **kwargs)
+
+    torch.load = load_on_cpu
+    try:
+        yield
+    finally:
+        torch.load = load

@@ -10,6 +10,7 @@ from __future__ import annotations
 from finetune import stack  # first: the backend (Unsloth, set up, before the libraries it patches)
 
 # isort: split
+import contextlib
 import gc
 import json
 import math
@@ -40,7 +41,7 @@ from finetune.callbacks import (
     Watchdog,
 )
 from finetune.inference import generate_samples
-from finetune.internals import save_checkpoint_now
+from finetune.internals import cpu_map_location, save_checkpoint_now
 from finetune.preflight import base_model
 from finetune.prepare import Example, resolve_chat_template
 from finetune.recipe import Recipe, TrainSection
@@ -398,8 +399,10 @@ def train(
     start = time.perf_counter()
     ran_out = False
     try:
+        cpu_job = distributed.active() and not torch.cuda.is_available()  # see internals.cpu_map_location
         with stopper, disk_full_as("a checkpoint", run_dir / "checkpoints", run_dir):
-            measured = _timed_train(trainer, resume_from=checkpoint)
+            with cpu_map_location() if cpu_job else contextlib.nullcontext():
+                measured = _timed_train(trainer, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if distributed.lost_a_peer(error):
             raise distributed.PeerLost(run_dir) from None

@@ -51,3 +51,27 @@ def test_transformers_PreTrainedModel_weight_conversions(tmp_path, four_bit_tiny
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
     for name, tensor in model.state_dict().items():
         assert torch.equal(again.state_dict()[name], tensor), name
+
+
+def test_transformers_Trainer_load_optimizer_and_scheduler_maps_to_args_device():
+    """While the trainer maps a resumed optimizer state to args.device under several processes,
+    and torch.load cannot restore to a 'cpu:N' device, a resume on the CPU under torchrun needs
+    internals.cpu_map_location (tests/e2e/test_distributed.py resumes through it)."""
+    import io
+
+    import pytest
+    import torch
+    from transformers import Trainer
+
+    source = inspect.getsource(Trainer._load_optimizer_and_scheduler)
+    assert "map_location = self.args.device if self.args.world_size > 1" in source
+    saved = io.BytesIO()
+    torch.save({"exp_avg": torch.ones(3)}, saved)
+    saved.seek(0)
+    with pytest.raises(RuntimeError, match="restore data location"):
+        torch.load(saved, map_location=torch.device("cpu", 0), weights_only=True)
+    saved.seek(0)
+    with internals.cpu_map_location():
+        state = torch.load(saved, map_location=torch.device("cpu", 0), weights_only=True)
+    assert state["exp_avg"].sum() == 3 and torch.load is not None
+    assert torch.load.__name__ == "load"  # put back afterwards
