@@ -533,7 +533,8 @@ def describe_budget(plan: BudgetPlan) -> list[str]:
     )
     if plan.world_size > 1:
         lines.append(
-            f"  ({plan.world_size} GPUs: {plan.world_size}x the sequences per step; the LoRA gradients' "
+            f"  ({plan.world_size} {'GPUs' if plan.device.is_gpu else 'processes'}: {plan.world_size}x the "
+            "sequences per step; the LoRA gradients' "
             f"all-reduce over {t.link}: {t.allreduce_seconds * 1e3:.1f} ms per step)"
         )
     device = plan.device

@@ -127,6 +127,8 @@ def _train(
         for line in lines[1:]:
             err_console.print(line, markup=False)
         return EXIT_OVER_BUDGET
+    if not distributed.is_main():
+        return 0  # rank 0 reports for the job
     lines = launch.finish_run(job, run_dir, result)
     if result.interrupted_by:
         err_console.print(

@@ -126,9 +126,11 @@ def any_rank(flag: bool) -> bool:
 
 @contextlib.contextmanager
 def main_first():
-    """Rank 0 runs the block first, the others after it (to open what it built, not build it again)."""
-    if not is_main():
+    """Rank 0 runs the block first; then the first process of each other machine (whose cache may
+    be its own); then the rest, which open what was built instead of building it again."""
+    turn = 0 if is_main() else 1 if int(os.environ.get("LOCAL_RANK", "0")) == 0 else 2
+    for _ in range(turn):
         barrier()
     yield
-    if is_main():
+    for _ in range(2 - turn):
         barrier()

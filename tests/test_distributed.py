@@ -1,0 +1,98 @@
+"""Several GPUs, without running them: the step count, the per-GPU budget, and the refusals that
+come before anything heavy. Training under torchrun is tested in tests/e2e/test_distributed.py."""
+
+import json
+
+import pytest
+from cli_helpers import run_cli
+
+from finetune import budget, launch, multi_gpu
+from finetune.budget import GPUS, Shapes, Workload, lora_parameters, plan_budget, shipped_config
+from finetune.errors import UserError
+from finetune.recipe import load_recipe
+from finetune.schedule import count_optimizer_steps, plan_schedule, steps_per_epoch
+
+
+def test_steps_follow_accelerates_sharding_of_the_micro_batches():
+    # 40 rows in micro-batches of 1 dealt to 2 processes: 20 each, in windows of 3: 7 steps.
+    assert steps_per_epoch(40, 1, 3, world_size=2) == 7 == steps_per_epoch(40, 2, 3)
+    # 41 micro-batches over 2: each process gets 21 (the last one topped up from the start).
+    assert steps_per_epoch(41, 1, 1, world_size=2) == 21
+    assert steps_per_epoch(40, 1, 3) == 14  # one process
+    train = load_recipe("recipes/smoke.yaml").train
+    assert count_optimizer_steps(40, train, world_size=4) == train.max_steps  # max_steps wins
+    plan = plan_schedule(40, load_recipe("recipes/code-gen.yaml").train, world_size=2)
+    assert plan.effective_batch_size == 2 * 8 * 2 and plan.total_steps == 4 and plan.world_size == 2
+    # code-gen: 40 rows in micro-batches of 2 over 2 processes, 10 each, windows of 8: 2 steps, 2 epochs.
+
+
+def test_each_gpu_holds_the_model_and_the_gradients_are_all_reduced_once_per_step():
+    recipe = load_recipe("recipes/code-gen.yaml")
+    shapes = Shapes.from_config(shipped_config(recipe.model.name))
+    work = Workload([500] * 64, 64, False, 10)
+    one = plan_budget(recipe, shapes, GPUS["h100"], work)
+    four = plan_budget(recipe, shapes, GPUS["h100"], work, world_size=4)
+    gradients = four.memory.terms["DDP gradient buckets"]
+    assert gradients == one.memory.terms["LoRA gradients"]
+    overhead = budget.constant("allocator_overhead")
+    assert four.memory.total == pytest.approx(one.memory.total + gradients * (1 + overhead))
+    # 83,886,080 fp32 LoRA gradients: 2 x 3/4 of 335.5 MB over NVLink 4 at 70% of 450 GB/s.
+    assert lora_parameters(shapes, 32, recipe.lora.target_modules) == 83_886_080
+    expected = 2 * 3 / 4 * 83_886_080 * 4 / (0.7 * 450e9)
+    assert four.time.allreduce_seconds == pytest.approx(expected)
+    assert four.time.step_seconds == pytest.approx(one.time.step_seconds + expected)
+    pcie = plan_budget(recipe, shapes, GPUS["rtx-4090"], work, world_size=2)
+    assert pcie.time.link == "PCIe 4.0 x16" and multi_gpu.link("H100 SXM", nodes=2)[1].startswith(
+        "a 100 Gb/s"
+    )
+
+
+def test_plan_for_several_gpus_says_what_is_per_gpu(tmp_path):
+    out = run_cli(
+        "plan", "recipes/code-gen.yaml", "--gpu", "rtx-4090", "--gpus", "2", "--png", str(tmp_path / "p.png")
+    )
+    assert out.returncode == 0, out.stderr
+    assert "4 optimizer steps (40 sequences, 32 per step, 2 steps per epoch, over 2 processes)" in out.stdout
+    assert (
+        "memory on each of 2 x RTX 4090 with Unsloth" in out.stdout and "DDP gradient buckets" in out.stdout
+    )
+    assert "the LoRA gradients' all-reduce over PCIe 4.0 x16:" in out.stdout
+    document = json.loads(
+        run_cli("plan", "recipes/code-gen.yaml", "--gpu", "h100", "--gpus", "2", "--json").stdout.split(
+            "\nheavy imports"
+        )[0]
+    )
+    assert document["world_size"] == 2 and document["budget"]["world_size"] == 2
+    assert document["budget"]["allreduce_seconds_per_step"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["recipes/code-gen.yaml", "--gpus", "2"], "--gpus 2: this machine has no GPU that torch can use"),
+        (["recipes/smoke.yaml", "--gpus", "1"], "--gpus 1: give 2 or more"),
+    ],
+)
+def test_gpus_that_cannot_be_used_are_refused_at_once(args, message):
+    out = run_cli(*args)
+    assert out.returncode == 2 and f"error: {message}" in out.stderr and "heavy imports: []" in out.stdout
+
+
+@pytest.mark.parametrize("verb", [["export", "runs/x"], ["plan", "recipes/smoke.yaml"], ["eval", "runs/x"]])
+def test_only_training_runs_under_torchrun(verb):
+    out = run_cli(*verb, env_extra={"WORLD_SIZE": "2", "RANK": "0"})
+    assert out.returncode == 2 and f"error: {verb[0]} runs in one process" in out.stderr
+
+
+def test_a_run_resumes_on_as_many_processes_as_it_started_with(tmp_path, monkeypatch):
+    (tmp_path / "run.json").write_text(json.dumps({"world_size": 2}))
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(UserError, match="started on 2 processes and this is 1: the global batch"):
+        launch._same_world_size(tmp_path, force=False)
+    (warning,) = launch._same_world_size(tmp_path, force=True)
+    assert warning.startswith("warning: --force: resuming although")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert launch._same_world_size(tmp_path, force=False) == []
+    (tmp_path / "run.json").write_text(json.dumps({}))  # a run from before world sizes were recorded
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launch._same_world_size(tmp_path, force=False) == []
