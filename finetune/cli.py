@@ -96,8 +96,9 @@ def cmd_train(
             return EXIT_OVER_BUDGET
         err_console.print("[yellow]warning:[/yellow] --force: launching although the budget check failed")
     run_dir = launch.new_run_folder(job, str(path), overrides)
-    # By default the probe runs on a GPU, where memory is the limit that ends runs.
-    probing = bool(gpus) if probe is None else probe
+    # By default the probe runs on a GPU, where memory is the limit that ends runs; not under
+    # torchrun, where each process would judge its own steps and could disagree.
+    probing = (bool(gpus) if probe is None else probe) and not distributed.active()
     return _train(job, run_dir, None, probing, force, allow)
 
 

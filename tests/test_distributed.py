@@ -1,5 +1,5 @@
 """Several GPUs, without running them: the step count, the per-GPU budget, and the refusals that
-come before anything heavy. Training under torchrun is tested in tests/e2e/test_distributed.py."""
+come before anything heavy. Training under torchrun is tested in tests/e2e/test_torchrun.py."""
 
 import json
 

@@ -73,3 +73,11 @@ def test_modules_stay_short_enough_to_read():
     lines = {path.stem: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
     assert lines["cli"] < 350 and lines["train"] < 450
     assert not {name: n for name, n in lines.items() if n > 650}
+
+
+def test_no_two_test_files_share_a_name():
+    """pytest imports test files by basename (rootdir-relative, no __init__.py): two files named alike
+    in tests/ and tests/e2e/ stop the whole collection with 'import file mismatch', as CI once did."""
+    tests = Path(__file__).resolve().parent
+    names = [path.name for path in tests.rglob("test_*.py")]
+    assert not {name for name in names if names.count(name) > 1}

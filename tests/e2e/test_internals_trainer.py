@@ -56,7 +56,7 @@ def test_transformers_PreTrainedModel_weight_conversions(tmp_path, four_bit_tiny
 def test_transformers_Trainer_load_optimizer_and_scheduler_maps_to_args_device():
     """While the trainer maps a resumed optimizer state to args.device under several processes,
     and torch.load cannot restore to a 'cpu:N' device, a resume on the CPU under torchrun needs
-    internals.cpu_map_location (tests/e2e/test_distributed.py resumes through it)."""
+    internals.cpu_map_location (tests/e2e/test_torchrun.py resumes through it)."""
     import io
 
     import pytest
