@@ -12,9 +12,16 @@ STAMP := $(VENV)/.installed-$(REQ_HASH)
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: setup demo test test-fast fuzz smoke canary lint clean
+# llama.cpp's GGUF converter (see requirements-gguf.txt): unpacked once from the registry's source
+# distribution, never fetched at run time.
+GGUF_HASH := $(shell sha256sum requirements-gguf.txt | cut -c1-16)
+CONVERTER := $(VENV)/llama.cpp/.from-$(GGUF_HASH)
+SDIST := $(VENV)/llama.cpp-sdist
+LLAMA_CPP_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
 
-setup: $(STAMP)
+.PHONY: setup demo test test-fast fuzz smoke canary lint clean gguf-quantize
+
+setup: $(STAMP) $(CONVERTER)
 
 $(STAMP):
 	@if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then \
@@ -32,6 +39,22 @@ $(STAMP):
 	if [ -n "$$problems" ]; then echo "pip check: $$problems"; exit 1; fi
 	@touch $@
 	@echo "$(VENV) is ready"
+
+$(CONVERTER): $(STAMP)
+	@rm -rf $(VENV)/llama.cpp $(SDIST)
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+		--require-hashes -r requirements-gguf.txt -d $(SDIST)
+	@mkdir -p $(SDIST)/x $(VENV)/llama.cpp
+	@tar -xzf $(SDIST)/llama_cpp_python-*.tar.gz -C $(SDIST)/x \
+		$(foreach f,$(LLAMA_CPP_FILES),--wildcards '*/vendor/llama.cpp/$(f)')
+	@for f in $(LLAMA_CPP_FILES); do mv $(SDIST)/x/*/vendor/llama.cpp/$$f $(VENV)/llama.cpp/; done
+	@rm -rf $(SDIST)
+	@touch $@
+	@echo "llama.cpp's GGUF converter is in $(VENV)/llama.cpp"
+
+# Optional: llama.cpp compiled (several minutes on two cores), for `export --quant q4_k_m`.
+gguf-quantize: setup
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --require-hashes -r requirements-gguf.txt
 
 demo: setup
 	$(PY) runner.py recipes/smoke.yaml

@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from finetune.budget import GPUS
+from finetune.gguf_export import DEFAULT_QUANT, QUANTS
 from finetune.recipe import Recipe
 
 _OVERRIDES_HELP = "overrides section.key=value, e.g. train.learning_rate=1e-4 lora.r=32"
@@ -141,9 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     _consent_flag(resume, " (the recipe's evaluate.humaneval after training)")
     _gpus_flag(resume)
 
-    export = verbs.add_parser("export", help="merge a finished run's adapter into a 16-bit model")
+    export = verbs.add_parser(
+        "export", help="merge a finished run's adapter into a 16-bit model, or a GGUF for llama.cpp/Ollama"
+    )
     export.add_argument("run_dir", type=Path, help="the run folder")
-    export.add_argument("--out", type=Path, help="where to save it (default: RUN_DIR/merged)")
+    export.add_argument("--out", type=Path, help="where to save it (default: RUN_DIR/merged or RUN_DIR/gguf)")
+    export.add_argument(
+        "--format", choices=("safetensors", "gguf"), help="safetensors (default) or gguf, with a Modelfile"
+    )
+    export.add_argument(
+        "--quant", help=f"GGUF quantization: {', '.join(QUANTS)} (default {DEFAULT_QUANT}; implies gguf)"
+    )
 
     generate = verbs.add_parser("generate", help="stream a finished run's answer to a prompt")
     generate.add_argument("run_dir", type=Path, help="the run folder")

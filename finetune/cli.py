@@ -11,7 +11,7 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from finetune import distributed, evaluate, export, launch, lineage, run
+from finetune import distributed, evaluate, export, gguf_export, launch, lineage, run
 from finetune.arguments import json_schema, parse_args, torchrun_argv
 from finetune.audit import audit_recipe
 from finetune.calibration import BudgetExceeded, calibration_table
@@ -261,7 +261,10 @@ def cmd_schema(output: Path | None) -> int:
     return 0
 
 
-def cmd_export(run_dir: Path, out: Path | None) -> int:
+def cmd_export(run_dir: Path, out: Path | None, quant: str | None) -> int:
+    if quant:  # GGUF for llama.cpp and Ollama: finetune/gguf_export.py
+        gguf_export.export_gguf(run_dir, out or run_dir / "gguf", quant, print_lines)
+        return 0
     out = out or run_dir / "merged"
     recipe, _ = run.finished_adapter(run_dir)  # clear errors before the heavy import
     base = export.merge_base(recipe)
@@ -311,7 +314,7 @@ COMMANDS = {
     "diff": lambda a: cmd_diff(a.recipe),
     "resume": lambda a: cmd_resume(a.run_dir, a.force, a.allow_code_execution),
     "eval": lambda a: cmd_eval(a.run_dir, a.completions, evaluate.flags(a), a.k, a.allow_code_execution),
-    "export": lambda a: cmd_export(a.run_dir, a.out),
+    "export": lambda a: cmd_export(a.run_dir, a.out, gguf_export.quantization(a.format, a.quant)),
     "generate": lambda a: cmd_generate(a.run_dir, a.prompt, a.max_new_tokens),
     "smoke": lambda a: smoke_verb(a.recipes, a.update_bands, a.json, a.output, a.bands),
     "calibration": lambda a: cmd_calibration(a.runs),
