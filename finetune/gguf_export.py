@@ -178,15 +178,58 @@ _OLLAMA_TEMPLATES = {
         "template trims each message; Go's templates cannot)",
     ),
 }
+# Conversations a template is recognised by: with and without a system message, several turns, a
+# system message late, and contents with surrounding whitespace (which tell the two apart).
+PROBES = [
+    [{"role": "user", "content": "Write fizzbuzz."}],
+    [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "def f(x):"},
+        {"role": "assistant", "content": "def f(x):\n    return x"},
+        {"role": "user", "content": "Now in one line."},
+    ],
+    [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "system", "content": "late"},
+        {"role": "user", "content": "again"},
+    ],
+    [
+        {"role": "user", "content": "  indented\n"},
+        {"role": "assistant", "content": "    return x\n\n"},
+        {"role": "user", "content": "\nmore "},
+    ],
+    [{"role": "system", "content": " spaced system \n"}, {"role": "user", "content": "x"}],
+]
+
+
+def _renderings(chat_template: str) -> list[str] | None:
+    """The probes rendered as training renders them (transformers' Jinja environment), or None for a
+    template that cannot render them."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    try:
+        rendered, _ = render_jinja_template(
+            PROBES, chat_template=chat_template, add_generation_prompt=True, bos_token="<|begin_of_text|>"
+        )
+    except Exception:  # noqa: BLE001 - any template error means: not one we know
+        return None
+    return rendered
 
 
 def ollama_template(chat_template: str | None) -> tuple[str, str] | None:
-    """(the Go template, how it relates to the run's Jinja one), or None for a template we do not
-    know a faithful translation of (then the Modelfile leaves TEMPLATE out and says why)."""
+    """(the Go template, how it relates to the run's Jinja one) when the run's template renders every
+    probe conversation as one of ours does (a copy that differs only in comments or spacing is
+    still recognised), or None (then the Modelfile leaves TEMPLATE out and says why)."""
+    if chat_template is None:
+        return None
     folder = Path(__file__).parent / "templates"
-    for name, (template, how) in _OLLAMA_TEMPLATES.items():
-        if chat_template is not None and chat_template == (folder / f"{name}.jinja").read_text():
-            return template, how
+    rendered = _renderings(chat_template)
+    for name, translation in _OLLAMA_TEMPLATES.items():
+        ours = (folder / f"{name}.jinja").read_text()
+        if chat_template == ours or (rendered is not None and rendered == _renderings(ours)):
+            return translation
     return None
 
 

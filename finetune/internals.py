@@ -19,6 +19,11 @@ so a release that removes one fails under that name (`make canary` runs against 
 - transformers' ``Trainer._load_optimizer_and_scheduler`` maps the optimizer state to
   ``args.device`` when several processes train; on the CPU (gloo) that is a ``cpu:N`` device,
   which torch.load cannot restore to (RuntimeError), so resuming there gets ``cpu`` instead.
+- bitsandbytes' ``Linear4bit.support_avx512bf16_for_cpu``: on a CPU with AVX512-BF16, a 4-bit
+  layer's first inference forward repacks its weight for a faster kernel, dequantizing the nested
+  absmax; the way back re-quantizes it, not exactly. Training after the samples generated before it
+  then saw slightly different weights than a resumed run (which generates none first), so resume
+  was no longer exact. Training processes turn the repacking off.
 
 Nothing here imports torch; the trainer and callback functions take the objects they reach into.
 """
@@ -96,3 +101,12 @@ def cpu_map_location():
         yield
     finally:
         torch.load = load
+
+
+def keep_4bit_layout(model) -> None:
+    """Stop bitsandbytes repacking this model's 4-bit weights at inference on the CPU (see above)."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -41,7 +41,7 @@ from finetune.callbacks import (
     Watchdog,
 )
 from finetune.inference import generate_samples
-from finetune.internals import cpu_map_location, save_checkpoint_now
+from finetune.internals import cpu_map_location, keep_4bit_layout, save_checkpoint_now
 from finetune.preflight import base_model
 from finetune.prepare import Example, resolve_chat_template
 from finetune.recipe import Recipe, TrainSection
@@ -88,7 +88,11 @@ def model_path(recipe: Recipe) -> str:
 def load_model(recipe: Recipe):
     """The base model (4-bit when the recipe says so) and its tokenizer, on the recipe's backend."""
     model = recipe.model
-    return stack.load_model(model_path(recipe), model.max_seq_length, model.load_in_4bit, model.dtype)
+    loaded, tokenizer = stack.load_model(
+        model_path(recipe), model.max_seq_length, model.load_in_4bit, model.dtype
+    )
+    keep_4bit_layout(loaded)  # the samples before training must not change the weights it sees
+    return loaded, tokenizer
 
 
 def add_lora(model, recipe: Recipe):

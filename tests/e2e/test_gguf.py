@@ -167,32 +167,11 @@ def template_of(modelfile: str) -> str:
     return modelfile.split('TEMPLATE """', 1)[1].split('"""', 1)[0]
 
 
-CLEAN = [
-    [{"role": "user", "content": "Write fizzbuzz."}],
-    [{"role": "system", "content": "You write Python."}, {"role": "user", "content": "Add two numbers."}],
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "def f(x):"},
-        {"role": "assistant", "content": "def f(x):\n    return x"},
-        {"role": "user", "content": "Now in one line."},
-    ],
-    [
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "system", "content": "late"},
-        {"role": "user", "content": "again"},
-    ],
-]
-# Code as the code-gen data holds it: leading indentation and trailing newlines, which only the exact
-# template keeps (Meta's trims them).
-RAGGED = [
-    [
-        {"role": "user", "content": "  indented\n"},
-        {"role": "assistant", "content": "    return x\n\n"},
-        {"role": "user", "content": "\nmore "},
-    ],
-    [{"role": "system", "content": " spaced system \n"}, {"role": "user", "content": "x"}],
-]
+# The conversations the export recognises a template by (gguf_export.PROBES): four whose contents
+# have no surrounding whitespace, then two with code-like leading indentation and trailing newlines,
+# which only the exact template keeps (Meta's trims them).
+CLEAN, RAGGED = gguf_export.PROBES[:4], gguf_export.PROBES[4:]
+assert all(m["content"] == m["content"].strip() for c in CLEAN for m in c)
 
 
 @pytest.mark.parametrize(
@@ -234,6 +213,21 @@ def test_the_trimming_template_differs_only_where_it_trims(tiny_model_dir):
         messages, chat_template=jinja, tokenize=False, add_generation_prompt=True
     )
     assert render_with_go(template, messages) != want.removeprefix("<|begin_of_text|>")
+
+
+def test_a_chat_template_we_do_not_translate_leaves_template_out_and_says_so():
+    stops = gguf_export.Stops(2, None, None, (2,), ("</s>",))
+    text, note = gguf_export.modelfile("m.gguf", "{{ messages }}", stops)
+    assert "TEMPLATE" not in text.replace("no TEMPLATE", "") and 'PARAMETER stop "</s>"' in text
+    assert "not one we translate for Ollama" in note and "--jinja" in note
+
+
+def test_the_shipped_templates_are_the_ones_translated():
+    for name in ("llama-3.1-instruct", "llama-3.1-instruct-exact"):
+        jinja = (TEMPLATES / f"{name}.jinja").read_text()
+        assert gguf_export.ollama_template(jinja) is not None
+    edited = (TEMPLATES / "llama-3.1-instruct.jinja").read_text().replace("2023", "2024")
+    assert gguf_export.ollama_template(edited) is None  # any change: no longer the template we know
 
 
 # --- refusals --------------------------------------------------------------------------------------

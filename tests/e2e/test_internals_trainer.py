@@ -75,3 +75,34 @@ def test_transformers_Trainer_load_optimizer_and_scheduler_maps_to_args_device()
         state = torch.load(saved, map_location=torch.device("cpu", 0), weights_only=True)
     assert state["exp_avg"].sum() == 3 and torch.load is not None
     assert torch.load.__name__ == "load"  # put back afterwards
+
+
+def test_bitsandbytes_Linear4bit_support_avx512bf16_for_cpu():
+    """A 4-bit layer's eval forward on the CPU leaves its weight and quantization state as loaded once
+    keep_4bit_layout turned the repacking off. Where the CPU has AVX512-BF16 the same forward without
+    it does repack (the state's nested absmax dequantized), which is what changed training after the
+    samples and broke exact resume."""
+    import bitsandbytes as bnb
+    import torch
+
+    def layer():
+        torch.manual_seed(0)
+        linear = bnb.nn.Linear4bit(256, 256, compute_dtype=torch.float32, quant_type="nf4")
+        linear.weight = bnb.nn.Params4bit(
+            torch.randn(256, 256) * 0.1, requires_grad=False, compress_statistics=True, quant_type="nf4"
+        )
+        return linear.to("cpu").eval()  # quantizes
+
+    kept = layer()
+    assert hasattr(kept, "support_avx512bf16_for_cpu")
+    internals.keep_4bit_layout(torch.nn.Sequential(kept))
+    before = (kept.weight.data.clone(), kept.weight.quant_state.absmax.clone())
+    with torch.no_grad():
+        kept(torch.randn(2, 256))
+    assert not getattr(kept.weight.quant_state, "packing_format_for_cpu", False)
+    assert torch.equal(kept.weight.data, before[0]) and torch.equal(kept.weight.quant_state.absmax, before[1])
+    repacking = layer()
+    if repacking.support_avx512bf16_for_cpu:  # this CPU has the fast path the fix turns off
+        with torch.no_grad():
+            repacking(torch.randn(2, 256))
+        assert getattr(repacking.weight.quant_state, "packing_format_for_cpu", False)
