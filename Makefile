@@ -42,7 +42,7 @@ $(STAMP):
 
 $(CONVERTER): $(STAMP)
 	@rm -rf $(VENV)/llama.cpp $(SDIST)
-	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary :all: \
+	$(PY) -m pip download --quiet --disable-pip-version-check --no-deps --no-binary llama-cpp-python \
 		--require-hashes -r requirements-gguf.txt -d $(SDIST)
 	@mkdir -p $(SDIST)/x $(VENV)/llama.cpp
 	@tar -xzf $(SDIST)/llama_cpp_python-*.tar.gz -C $(SDIST)/x \

@@ -252,7 +252,10 @@ def test_a_disk_too_small_for_the_gguf_is_refused_before_the_merge(tmp_path, exp
 def test_q4_k_m_through_llama_cpps_quantizer_and_llama_cpp_reading_it(exported, tmp_path):
     """Where `make gguf-quantize` has built llama-cpp-python: q4_k_m end to end, and llama.cpp itself
     loading each GGUF, marking the three stops end-of-generation, and computing the merged model's
-    logits (f16 close; q8_0 and q4_k_m within their quantization error)."""
+    logits within a share of the largest logit: f16 1% (measured 0.1%: llama.cpp's CPU kernels round
+    differently), q8_0 8% (measured 3.8-4.8%: llama.cpp also quantizes the activations to 8 bits),
+    q4_k_m 35% (measured 23-24%: the tiny model's 128-wide rows take llama.cpp's Q5_0 fallback, and
+    its random weights are the worst case for 4-5-bit blocks)."""
     import llama_cpp
 
     out = tmp_path / "q4"
@@ -267,8 +270,8 @@ def test_q4_k_m_through_llama_cpps_quantizer_and_llama_cpp_reading_it(exported, 
         want = merged(torch.tensor([ids])).logits[0]
     for path, bound in [
         (exported / "gguf-f16" / "smoke-f16.gguf", 0.01),
-        (exported / "gguf" / "smoke-q8_0.gguf", 0.05),
-        (out / "smoke-q4_k_m.gguf", 0.25),
+        (exported / "gguf" / "smoke-q8_0.gguf", 0.08),
+        (out / "smoke-q4_k_m.gguf", 0.35),
     ]:
         model = llama_cpp.Llama(str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
         vocab = llama_cpp.llama_model_get_vocab(model.model)

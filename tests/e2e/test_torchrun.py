@@ -198,7 +198,7 @@ def test_killing_torchrun_alone_leaves_no_process_training_on(tmp_path):
     workers = _children_with_rank(0) + _children_with_rank(1)
     assert len(workers) == 2
     job.kill()
-    job.communicate()
+    _, stderr = job.communicate()
     deadline = time.monotonic() + 60
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -207,4 +207,4 @@ def test_killing_torchrun_alone_leaves_no_process_training_on(tmp_path):
         os.kill(pid, signal.SIGKILL)
     assert not left, "processes outlived torchrun"
     checkpoints = list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-*/{SEAL}"))
-    assert checkpoints, "stopped without the checkpoint SIGTERM saves"
+    assert checkpoints, f"stopped without the checkpoint SIGTERM saves: {stderr[-3000:]}"
