@@ -62,7 +62,7 @@ def cmd_plan(
         recipe, str(path), device=training_device(gpu), full_length=full_length, world_size=gpus
     )
     if as_json:
-        document = launch.plan_document(job.data, job.plan, job.budget, job.suggestions, job.disk)
+        document = launch.plan_document(job, job.suggestions)
         print_lines(json.dumps(document))
         return EXIT_OVER_BUDGET if job.over_budget else 0
     print_warnings(job.warnings)

@@ -25,6 +25,7 @@ from finetune.budget import (
     budget_as_dict,
     count_parameters,
     describe_budget,
+    lora_parameters,
     plan_budget,
     suggest,
     weight_bytes,
@@ -168,18 +169,32 @@ def disk_suggestions(recipe: Recipe, check: DiskCheck) -> list[str]:
     return ideas
 
 
-def plan_document(
-    data: DataPlan,
-    plan: SchedulePlan,
-    budget: BudgetPlan | None,
-    suggestions: list[str] | None = None,
-    disk: DiskCheck | None = None,
-) -> dict:
+def parameter_counts(recipe: Recipe) -> dict | None:
+    """The LoRA weights the recipe trains and the model's total, from its shape (None when unknown)."""
+    config = planning_config(recipe)
+    if config is None:
+        return None
+    shapes, lora = Shapes.from_config(config), recipe.lora
+    return {
+        "trainable": lora_parameters(shapes, lora.r, lora.target_modules),
+        "total": count_parameters(config),
+    }
+
+
+def describe_parameters(counts: dict | None) -> list[str]:
+    if counts is None:
+        return []
+    share = counts["trainable"] / counts["total"]
+    return [f"parameters: {counts['trainable']:,} trainable (LoRA), {share:.2%} of {counts['total']:,}"]
+
+
+def plan_document(job: Launch, suggestions: list[str] | None = None) -> dict:
     """What `plan --json` prints and a run folder's plan.json holds: the schedule with the LR of every
-    step, the data, the budget, the disk and (for `plan`) the changes that would fit."""
-    document = {**plan_as_dict(plan), "data": data_as_dict(data)}
-    document["budget"] = budget_as_dict(budget) if budget else None
-    document["disk"] = disk_as_dict(disk.plan, disk.verdicts) if disk and disk.plan else None
+    step, the data, the parameters, the budget, the disk and (for `plan`) the changes that would fit."""
+    document = {**plan_as_dict(job.plan), "data": data_as_dict(job.data)}
+    document["parameters"] = parameter_counts(job.recipe)
+    document["budget"] = budget_as_dict(job.budget) if job.budget else None
+    document["disk"] = disk_as_dict(job.disk.plan, job.disk.verdicts) if job.disk and job.disk.plan else None
     if suggestions is not None:
         document["suggestions"] = suggestions
     return document
@@ -227,6 +242,7 @@ def plan_launch(
     plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
+    budget_lines = describe_parameters(parameter_counts(recipe)) + budget_lines
     disk = disk_check(recipe, plan, device)
     suggestions = suggestions + disk_suggestions(recipe, disk)
     return Launch(recipe, source, name, data, plan, device, budget, budget_lines, warnings, suggestions, disk)
@@ -366,9 +382,7 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
             "world_size": launch.plan.world_size,
         },
     )
-    write_run_json(
-        run_dir / "plan.json", plan_document(launch.data, launch.plan, launch.budget, disk=launch.disk)
-    )
+    write_run_json(run_dir / "plan.json", plan_document(launch))
     plot_schedule(launch.plan, run_dir / "lr_schedule.png")
     return Path(distributed.from_main(str(run_dir)))
 

@@ -70,6 +70,21 @@ class LoraSection(_Section):
     )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA (scale = alpha / sqrt(r)).")
 
+    @field_validator("target_modules")
+    @classmethod
+    def _known_projections(cls, names: list[str]) -> list[str]:
+        """Only the Llama decoder's linear layers (Qwen2's share the names): PEFT would otherwise
+        fail on a name the model lacks only when the model is loaded, after the wait."""
+        for name in names:
+            if name not in LLAMA_PROJECTIONS:
+                close = difflib.get_close_matches(name, LLAMA_PROJECTIONS, n=1, cutoff=0.6)
+                hint = f"did you mean '{close[0]}'? " if close else ""
+                raise ValueError(
+                    f"'{name}' is not a linear layer of a Llama decoder layer; {hint}"
+                    f"the layers are {', '.join(LLAMA_PROJECTIONS)}"
+                )
+        return names
+
 
 def _one_or_more_paths(schema: dict[str, Any]) -> None:
     """JSON Schema for a field that takes one path or a list of them (the model stores a list)."""

@@ -1,5 +1,6 @@
 """What a user sees when a run cannot start: one sentence, a non-zero exit, no traceback."""
 
+import json
 import os
 import subprocess
 import sys
@@ -214,3 +215,11 @@ def test_the_gpus_planned_for_are_the_ones_cuda_visible_devices_leaves(tmp_path,
     assert names("GPU-2222bbbb") == [h100]  # a UUID prefix, as CUDA takes it
     assert names("") == [] and names("7") == [] and names("0,7,1") == [a100]
     assert preflight.detect_gpus()[0].driver == "580.82.07"
+
+
+def test_plan_prints_the_trainable_parameters_and_their_share_and_json_carries_both():
+    out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "RTX 4090")
+    assert "parameters: 83,886,080 trainable (LoRA), 1.04% of 8,030,261,248\n" in out.stdout
+    out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "RTX 4090", "lora.r=16", "--json")
+    document = json.loads(out.stdout.splitlines()[0])
+    assert document["parameters"] == {"trainable": 41_943_040, "total": 8_030_261_248}

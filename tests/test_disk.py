@@ -72,7 +72,7 @@ def test_plan_refuses_a_run_the_disk_cannot_hold_and_says_what_would_fit(monkeyp
     assert line.endswith("(free 0.04 GiB)")
     assert job.suggestions[0].endswith("GiB there, or set output.dir to a folder on a larger disk")
     assert job.suggestions[1].startswith("train.save_total_limit=1 (2 checkpoints at once instead of 6: ")
-    document = launch.plan_document(job.data, job.plan, job.budget, job.suggestions, job.disk)
+    document = launch.plan_document(job, job.suggestions)
     assert document["disk"]["verdicts"][0]["ok"] is False
     assert document["disk"]["checkpoint_bytes"] == job.disk.plan.checkpoint_bytes
 

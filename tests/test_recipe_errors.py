@@ -91,6 +91,19 @@ BAD = [
         "lora.target_modules: List should have at least 1 item",
     ),
     (
+        "targets-unknown",
+        "  r: 8",
+        "  target_modules: [q_proj, gate]",
+        "lora.target_modules: 'gate' is not a linear layer of a Llama decoder layer; did you mean "
+        "'gate_proj'? the layers are q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj",
+    ),
+    (
+        "targets-foo",
+        "  r: 8",
+        "  target_modules: [foo]",
+        "lora.target_modules: 'foo' is not a linear layer of a Llama decoder layer; the layers are q_proj",
+    ),
+    (
         "train-empty",
         "train: data_samples/code_chat.jsonl",
         "train: []",
