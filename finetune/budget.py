@@ -155,10 +155,10 @@ SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
 
 
 def shipped_config(model_name: str) -> dict | None:
-    """The public config of a model the shipped recipes use, so planning needs no download."""
-    if "llama-3.1-8b" in model_name.lower():
-        return json.loads((SHIPPED_CONFIGS / "llama-3.1-8b.json").read_text())
-    return None
+    """The public config of a model the shipped recipes use (its file named as the model's name
+    contains it: llama-3.2-1b, ...), so planning needs no download."""
+    found = [path for path in SHIPPED_CONFIGS.glob("*.json") if path.stem in model_name.lower()]
+    return json.loads(found[0].read_text()) if found else None
 
 
 @dataclass(frozen=True)

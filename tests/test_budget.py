@@ -29,6 +29,24 @@ def test_llama_8b_counts_from_the_shipped_config():
     assert budget.lora_parameters(shapes, 16, ALL_SEVEN) == 41_943_040
 
 
+@pytest.mark.parametrize(
+    "name, total",
+    [
+        # The totals the models' safetensors indexes publish (Hugging Face's "Model size").
+        ("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit", 8_030_261_248),
+        ("unsloth/Meta-Llama-3.1-70B-Instruct-bnb-4bit", 70_553_706_496),
+        ("unsloth/Llama-3.2-3B-Instruct-bnb-4bit", 3_212_749_824),  # tied embeddings
+        ("unsloth/Llama-3.2-1B-Instruct-bnb-4bit", 1_235_814_400),  # tied embeddings
+    ],
+)
+def test_each_shipped_config_counts_its_published_total(name, total):
+    assert budget.count_parameters(shipped_config(name)) == total
+
+
+def test_a_model_without_a_shipped_config_has_none():
+    assert shipped_config("Qwen/Qwen2.5-Coder-7B-Instruct") is None
+
+
 def _work(lengths=None, steps=100):
     return Workload(lengths, 200, False, steps)
 

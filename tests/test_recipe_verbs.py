@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from cli_helpers import run_cli
 
 from finetune.arguments import json_schema
 from finetune.cli import main
@@ -118,3 +119,29 @@ def test_show_prints_resolved_recipe_with_overrides(capsys):
     assert resolved["lora"]["dropout"] == 0.0  # defaults are filled in
     assert "effective batch: 6 sequences per optimizer step (2 x 3 accumulation)" in out
     assert "# schedule: cosine, 30 optimizer steps" in out and "# warmup: 3 steps (10.0% of training)" in out
+
+
+# The card each GPU recipe is written for; a new shipped recipe must say which it is.
+TARGET_CARDS = {
+    "code-gen": "rtx-4090",
+    "instruct-alpaca": "rtx-4090",
+    "code-gen-16k": "rtx-4090",
+    "code-gen-80gb": "h100",
+    "llama-3.2-1b": "rtx-4090",  # its budget.max_memory_gib is 8
+    "llama-3.2-3b": "rtx-4090",  # and 12
+    "llama-3.1-70b": "h100",
+}
+
+
+def test_every_gpu_recipe_names_its_card():
+    assert set(TARGET_CARDS) == {p.stem for p in shipped_recipes()} - {"smoke"}
+
+
+@pytest.mark.parametrize("name, card", TARGET_CARDS.items())
+def test_each_gpu_recipe_fits_its_card_with_every_micro_batch_at_full_length(name, card):
+    out = run_cli("plan", f"recipes/{name}.yaml", "--gpu", card, "--full-length", "--json")
+    assert out.returncode == 0, out.stderr
+    document = json.loads(out.stdout.splitlines()[0])
+    failed = [v for v in document["budget"]["verdicts"] if not v["ok"]]
+    assert document["budget"]["ok"] and not failed, failed
+    assert document["parameters"]["trainable"] > 0
