@@ -7,7 +7,7 @@ time (Unsloth's save_pretrained_gguf clones and compiles llama.cpp when first ca
   from the llama-cpp-python source distribution on PyPI (pinned with its hash in
   requirements-gguf.txt) into .venv/llama.cpp. f16 and q8_0 need nothing more.
 - q4_k_m needs llama.cpp compiled: `make gguf-quantize` builds llama-cpp-python from the same source
-  (minutes), whose `llama_model_quantize` is the very function the `llama-quantize` tool calls.
+  (about 25 minutes on two cores), whose `llama_model_quantize` is the function llama-quantize calls.
 
 The converter writes the chat template and the tokenizer's end-of-sequence token; we add Llama 3's
 other stops by id (`tokenizer.ggml.eot_token_id`, `eom_token_id`, and the `eos_token_ids` array
@@ -35,7 +35,7 @@ DEFAULT_QUANT = "q8_0"  # close to lossless, and needs no compiled tool
 LLAMA3_STOPS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")
 SETUP_HINT = "`make setup` unpacks it from the llama-cpp-python source distribution (PyPI)"
 QUANTIZE_HINT = (
-    "`make gguf-quantize` compiles it once from the same source (several minutes on two cores); "
+    "`make gguf-quantize` compiles it once from the same source (about 25 minutes on two cores); "
     "f16 and q8_0 need nothing more"
 )
 
@@ -277,6 +277,8 @@ def _convert(model_dir: Path, out_file: Path, quant: str) -> None:
     import torch
     from conversion import ModelBase, ModelType, get_model_architecture, get_model_class
 
+    if os.environ.get("FINETUNE_INJECT_FAULT") == "gguf-convert":  # the tests' failing converter
+        raise SystemExit("injected converter failure")
     hparams = ModelBase.load_hparams(model_dir, False)
     model_class = get_model_class(get_model_architecture(hparams, ModelType.TEXT))
     ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quant]
@@ -368,11 +370,10 @@ def check_gguf(path: Path, expected: Expected) -> str:
 # --- the export ----------------------------------------------------------------------------------
 
 
-def write_gguf(merged: Path, out_dir: Path, quant: str, name: str) -> tuple[Path, list[str]]:
+def write_gguf(merged: Path, out_dir: Path, quant: str, name: str, log: Path) -> tuple[Path, list[str]]:
     """Convert (and for q4_k_m quantize) a merged 16-bit model folder into OUT_DIR/NAME-QUANT.gguf,
     check it and write a Modelfile beside it; the lines to print. The merged folder is an
     intermediate: removed once converted, and on failure, with any partial file."""
-    log = out_dir / "llama.cpp.log"
     final = out_dir / f"{name}-{quant}.gguf"
     partial = final.with_name(final.name + ".partial")
     f16 = out_dir / f"{name}-f16.gguf.partial"
@@ -407,16 +408,25 @@ def export_gguf(run_dir: Path, out_dir: Path, quant: str, say) -> Path:
     check_tools(quant)
     base = export.merge_base(recipe)
     export.check_room(recipe, base, out_dir)  # the merge's disk, download and RAM
-    folder = base_model(recipe)["path"]
+    folder, config = base_model(recipe)["path"], planning_config(recipe)
     tokenizer = tokenizer_bytes(Path(folder) if folder else None) or LLAMA3_TOKENIZER_BYTES
-    shapes = Shapes.from_config(planning_config(recipe))
-    check_room(out_dir, disk_needed(shapes, quant, tokenizer, export.merged_bytes(recipe)))
+    if config is not None:  # the trained model's shape is on disk; without it only the merge is checked
+        need = disk_needed(Shapes.from_config(config), quant, tokenizer, export.merged_bytes(recipe))
+        check_room(out_dir, need)
     run.check_export_folder(out_dir)
-    say(f"export: {base.why}", f"then llama.cpp's converter ({quant}); its log: {out_dir / 'llama.cpp.log'}")
+    # The log goes in the run folder, so that a failed export can remove all it made and still be read.
+    log = run_dir / "llama.cpp.log"
+    say(f"export: {base.why}", f"then llama.cpp's converter ({quant}); its log: {log}")
     inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
-    merged = inference.export(run_dir, out_dir / ".merged-16bit", base)
     name = run_dir.parent.name or "model"  # runs/<recipe>/<run>: the recipe's name
-    path, lines = write_gguf(merged, out_dir, quant, name)
+    try:
+        merged = inference.export(run_dir, out_dir / ".merged-16bit", base)
+        path, lines = write_gguf(merged, out_dir, quant, name, log)
+    except BaseException:
+        # The folder was new or empty (checked): removing it loses nothing of the user's, and the
+        # export can simply be run again.
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     size = path.stat().st_size
     say(
         *lines,

@@ -131,16 +131,12 @@ def test_the_predicted_size_bounds_the_file_closely(exported):
 
 
 def test_the_export_folder_holds_the_gguf_its_modelfile_and_the_log_and_no_intermediate(exported):
-    assert sorted(p.name for p in (exported / "gguf").iterdir()) == [
-        "Modelfile",
-        "llama.cpp.log",
-        "smoke-q8_0.gguf",
-    ]
+    assert sorted(p.name for p in (exported / "gguf").iterdir()) == ["Modelfile", "smoke-q8_0.gguf"]
     modelfile = (exported / "gguf" / "Modelfile").read_text()
     assert "FROM ./smoke-q8_0.gguf\n" in modelfile
     for stop in ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"):
         assert f'PARAMETER stop "{stop}"\n' in modelfile
-    assert "INFO:hf-to-gguf:Set model tokenizer" in (exported / "gguf" / "llama.cpp.log").read_text()
+    assert "INFO:hf-to-gguf:Set model tokenizer" in (exported / "llama.cpp.log").read_text()
 
 
 # --- the Modelfile's TEMPLATE, rendered by Go ------------------------------------------------------
