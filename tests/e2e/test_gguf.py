@@ -15,6 +15,7 @@ import torch
 from finetune import gguf_export
 from finetune.budget import Shapes
 from finetune.disk import tokenizer_bytes
+from finetune.tiny_model import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -150,7 +151,15 @@ def render_with_go(template: str, messages: list[dict]) -> str:
         input=json.dumps({"template": template, "messages": messages}),
         capture_output=True,
         text=True,
-        env={**os.environ, "GOTOOLCHAIN": "local", "GOPROXY": "off", "GOFLAGS": ""},
+        # Offline and self-contained: no toolchain or module downloads, caches beside the tiny model's.
+        env={
+            **os.environ,
+            "GOTOOLCHAIN": "local",
+            "GOPROXY": "off",
+            "GOFLAGS": "",
+            "GOCACHE": str(cache_root() / "go-build"),
+            "GOPATH": str(cache_root() / "go"),
+        },
         timeout=300,
     )
     assert done.returncode == 0, done.stderr
