@@ -121,7 +121,7 @@ class LogFile(TrainerCallback):
 
 class StopOnSignal(TrainerCallback):
     """Ctrl-C or SIGTERM: finish the current optimizer step, save a checkpoint, stop cleanly.
-    A second Ctrl-C stops at once (KeyboardInterrupt)."""
+    A second Ctrl-C stops at once (KeyboardInterrupt); a second SIGTERM changes nothing."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -138,10 +138,16 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame):
         if self.signal_name is not None:
-            raise KeyboardInterrupt
+            # Only a person's second Ctrl-C means "now". A SIGTERM that comes again (the kernel's
+            # parent-death signal under torchrun, a scheduler that repeats itself) must not cut the
+            # checkpoint the first one asked for; what cannot wait sends SIGKILL.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return
         self.signal_name = signal.Signals(signum).name
         print(
-            f"\n{self.signal_name}: saving a checkpoint after this step (again to stop at once)", flush=True
+            f"\n{self.signal_name}: saving a checkpoint after this step (Ctrl-C again to stop at once)",
+            flush=True,
         )
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -160,6 +160,28 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert run.returncode == 130 and "interrupted" in stderr and "stopped after step" not in stderr
 
 
+def test_a_second_sigterm_does_not_cut_the_checkpoint(tmp_path):
+    """Only a person's second Ctrl-C means "now": a SIGTERM that comes again (torchrun's workers can
+    get the parent-death signal and another) still ends with the checkpoint the first asked for."""
+    run = start("recipes/smoke.yaml", output=tmp_path)
+    wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 1, run)
+    lines = []
+
+    def read_stdout():
+        for line in run.stdout:
+            lines.append(line)
+
+    threading.Thread(target=read_stdout, daemon=True).start()
+    run.send_signal(signal.SIGTERM)
+    wait_for(lambda: any("saving a checkpoint after this step" in line for line in lines), run, 60)
+    run.send_signal(signal.SIGTERM)
+    run.wait(timeout=120)
+    stderr = run.stderr.read()
+    assert run.returncode == 130 and "SIGTERM: stopped after step" in stderr, stderr[-3000:]
+    (run_dir,) = (tmp_path / "smoke").iterdir()
+    assert latest_checkpoint(run_dir) is not None
+
+
 def logged_or_empty(output: Path) -> list[str]:
     """Loss lines the running trainer has finished writing so far."""
     logs = list(output.glob("smoke/*/log.jsonl"))
