@@ -45,7 +45,7 @@ def build_model(out: Path, rehearse: bool) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-    from finetune.budget import shipped_config
+    from finetune.shapes import shipped_config
 
     public = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
     values = {k: v for k, v in public.items() if not k.startswith("_") and k != "quantization_config"}

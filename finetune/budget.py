@@ -18,17 +18,18 @@ from pathlib import Path
 from finetune.loss_memory import loss_bytes
 from finetune.multi_gpu import allreduce_seconds, link
 from finetune.prepare import count_packed_sequences
-from finetune.recipe import LLAMA_PROJECTIONS, Recipe
+from finetune.recipe import Recipe
 from finetune.schedule import count_optimizer_steps
+from finetune.shapes import (
+    Shapes,
+    lora_parameters,
+    lora_tensor_sizes,
+    nf4_bytes,
+    nf4_bytes_single_quant,
+    targeted_projections,
+)
 
 GIB = 1024**3
-
-# bitsandbytes NF4 as Unsloth loads it (bnb_4bit_use_double_quant=True): 4 bits per weight, one
-# absmax per 64 weights, stored as uint8 and itself quantized with one fp32 absmax per 256 blocks.
-BNB_BLOCKSIZE = 64
-BNB_NESTED_BLOCKSIZE = 256
-# Per quantized tensor: the 16-entry NF4 code (fp32), the 256-entry nested code (fp32), the offset.
-BNB_PER_TENSOR_BYTES = 16 * 4 + 256 * 4 + 4
 
 
 def adapter_bytes(backend: str, on_gpu: bool) -> int:
@@ -149,97 +150,6 @@ def gpu_by_name(name: str) -> Device | None:
     return None
 
 
-# ---- Model shapes ---------------------------------------------------------------------------------
-
-SHIPPED_CONFIGS = Path(__file__).parent / "model_configs"
-
-
-def shipped_config(model_name: str) -> dict | None:
-    """The public config of a model the shipped recipes use (its file named as the model's name
-    contains it: llama-3.2-1b, ...), so planning needs no download."""
-    found = [path for path in SHIPPED_CONFIGS.glob("*.json") if path.stem in model_name.lower()]
-    return json.loads(found[0].read_text()) if found else None
-
-
-@dataclass(frozen=True)
-class Shapes:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-
-    @classmethod
-    def from_config(cls, config: dict) -> Shapes:
-        heads = config["num_attention_heads"]
-        return cls(
-            hidden=config["hidden_size"],
-            intermediate=config["intermediate_size"],
-            layers=config["num_hidden_layers"],
-            heads=heads,
-            kv_heads=config.get("num_key_value_heads", heads),
-            head_dim=config.get("head_dim") or config["hidden_size"] // heads,
-            vocab=config["vocab_size"],
-            tied=config.get("tie_word_embeddings", False),
-        )
-
-    def projections(self) -> dict[str, tuple[int, int]]:
-        """(in features, out features) of each linear layer in one decoder layer."""
-        h, q, kv, f = (
-            self.hidden,
-            self.heads * self.head_dim,
-            self.kv_heads * self.head_dim,
-            self.intermediate,
-        )
-        # q, k, v, o, then gate, up, down (LLAMA_PROJECTIONS' order)
-        shapes = [(h, q), (h, kv), (h, kv), (q, h), (h, f), (h, f), (f, h)]
-        return dict(zip(LLAMA_PROJECTIONS, shapes, strict=True))
-
-    @property
-    def linear_parameters(self) -> int:
-        return self.layers * sum(i * o for i, o in self.projections().values())
-
-    @property
-    def embedding_parameters(self) -> int:
-        """Input embeddings plus lm_head (one matrix when tied)."""
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def norm_parameters(self) -> int:
-        return (2 * self.layers + 1) * self.hidden
-
-
-def count_parameters(config: dict) -> int:
-    """Parameters of a Llama-style decoder from its config.json (embeddings, attention, MLP, norms)."""
-    shapes = Shapes.from_config(config)
-    return shapes.linear_parameters + shapes.embedding_parameters + shapes.norm_parameters
-
-
-def lora_tensor_sizes(shapes: Shapes, r: int, target_modules: list[str]) -> list[int]:
-    """Elements of each LoRA tensor: A (r x in) and B (out x r) for every targeted projection of
-    every layer."""
-    targeted = [(i, o) for name, (i, o) in shapes.projections().items() if name in target_modules]
-    return [n for i, o in targeted for n in (r * i, o * r)] * shapes.layers
-
-
-def lora_parameters(shapes: Shapes, r: int, target_modules: list[str]) -> int:
-    return sum(lora_tensor_sizes(shapes, r, target_modules))
-
-
-def nf4_bytes(num_weights: int) -> int:
-    """Bytes of one NF4-quantized weight tensor with double quantization (data, absmax, constants)."""
-    blocks = math.ceil(num_weights / BNB_BLOCKSIZE)
-    return num_weights // 2 + blocks + math.ceil(blocks / BNB_NESTED_BLOCKSIZE) * 4 + BNB_PER_TENSOR_BYTES
-
-
-def nf4_bytes_single_quant(num_weights: int) -> int:
-    """The same without double quantization: one fp32 absmax per 64 weights."""
-    return num_weights // 2 + math.ceil(num_weights / BNB_BLOCKSIZE) * 4 + 16 * 4
-
-
 # ---- Memory ---------------------------------------------------------------------------------------
 
 
@@ -303,6 +213,26 @@ def effective_optimizer(optim: str, on_gpu: bool) -> str:
     return optim if on_gpu or not ("8bit" in optim or "paged" in optim) else "adamw_torch_fused"
 
 
+def dora_activation_bytes_per_token(
+    shapes: Shapes, target_modules: list[str], checkpointing: str, dtype_bytes: int
+) -> float:
+    """What DoRA keeps for the backward pass besides LoRA's, per token: PEFT's DoraLinearLayer
+    scales the base output and the LoRA output by the magnitude (two products, each saving an
+    out-features tensor). Checkpointing keeps them for the one layer being recomputed only."""
+    per_layer = 2 * dtype_bytes * sum(o for _, o in targeted_projections(shapes, target_modules))
+    return per_layer * (shapes.layers if checkpointing == "off" else 1)
+
+
+def dora_workspace_bytes(shapes: Shapes, target_modules: list[str], adapter: int, dtype_bytes: int) -> float:
+    """DoRA's transient peak in one projection's forward (PEFT's dora.py): B @ A built by passing an
+    in x in identity through the adapter (in the adapters' dtype), the base weight dequantized, and
+    W + s * B @ A for the weight norm, all dense; the largest projection sets it."""
+    return max(
+        i * i * adapter + i * o * (adapter + 3 * dtype_bytes)
+        for i, o in targeted_projections(shapes, target_modules)
+    )
+
+
 def predict_memory(
     recipe: Recipe,
     shapes: Shapes,
@@ -314,19 +244,26 @@ def predict_memory(
     """Peak memory of one training step on one GPU (of ``world_size``), term by term."""
     optim = effective_optimizer(recipe.train.optim, on_gpu)
     linear, kept = weight_bytes(shapes, recipe.model.load_in_4bit, dtype_bytes)
-    trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
+    lora = recipe.lora
+    sizes = lora_tensor_sizes(shapes, lora.r, lora.target_modules, lora.use_dora)
+    trainable = sum(sizes)
     adapter = adapter_bytes(recipe.model.backend, on_gpu)
     terms = {
         "4-bit base weights" if recipe.model.load_in_4bit else "base weights": linear,
         "embeddings, lm_head, norms": kept,
         "LoRA parameters": trainable * adapter,
         "LoRA gradients": trainable * adapter,
-        f"optimizer state ({optim})": optimizer_state_bytes(
-            optim, lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules), adapter
-        ),
+        f"optimizer state ({optim})": optimizer_state_bytes(optim, sizes, adapter),
         f"activations ({checkpointing(recipe.model)} checkpointing)": tokens_per_micro_batch
         * activation_bytes_per_token(shapes, checkpointing(recipe.model), dtype_bytes),
     }
+    if lora.use_dora:
+        terms["DoRA activations"] = tokens_per_micro_batch * dora_activation_bytes_per_token(
+            shapes, lora.target_modules, checkpointing(recipe.model), dtype_bytes
+        )
+        terms["DoRA weight-norm workspace"] = dora_workspace_bytes(
+            shapes, lora.target_modules, adapter, dtype_bytes
+        )
     name, loss = loss_bytes(
         recipe.model.backend, shapes.hidden, shapes.vocab, tokens_per_micro_batch, on_gpu, dtype_bytes
     )
@@ -411,18 +348,35 @@ def predict_time(
         dequant = traffic / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
     overhead = constant("micro_batch_overhead_s")
     terms = {"matmuls": compute, "4-bit dequantization": dequant, "fixed overhead": overhead}
+    if recipe.lora.use_dora:
+        terms["DoRA weight norms"] = passes * dora_seconds_per_pass(
+            shapes, recipe.lora, device, model.backend
+        )
     if model.backend == "transformers" and device.is_gpu:  # without Unsloth's fused GPU kernels
         terms["without Unsloth's kernels"] = (compute + dequant) * (constant("transformers_slowdown") - 1)
     step = train.gradient_accumulation_steps * sum(terms.values())
     allreduce, link_name = 0.0, ""
     if world_size > 1:  # once per optimizer step, after the last micro-batch's backward
-        trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules)
+        trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules, recipe.lora.use_dora)
         bandwidth, link_name = link(device.name)
         allreduce = allreduce_seconds(
             trainable * adapter_bytes(model.backend, device.is_gpu), world_size, bandwidth
         )
         step += allreduce
     return TimePlan(step, step * total_steps, per_token, terms, allreduce, link_name)
+
+
+def dora_seconds_per_pass(shapes: Shapes, lora, device: Device, backend: str) -> float:
+    """DoRA's extra work in one pass over the layers, independent of the tokens: every targeted
+    projection builds B @ A through an identity matrix (2 i^2 r + 2 i r o FLOPs) and writes and
+    reads the dense tensors of dora_workspace_bytes once each (memory-bound)."""
+    adapter = adapter_bytes(backend, device.is_gpu)
+    targeted = targeted_projections(shapes, lora.target_modules)
+    flops = shapes.layers * sum(2 * i * i * lora.r + 2 * i * lora.r * o for i, o in targeted)
+    traffic = 2 * shapes.layers * sum(i * i * adapter + i * o * (adapter + 3 * 2) for i, o in targeted)
+    return flops / (constant("gemm_efficiency") * device.bf16_tflops * 1e12) + traffic / (
+        constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9
+    )
 
 
 # ---- The gate -------------------------------------------------------------------------------------

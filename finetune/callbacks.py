@@ -190,3 +190,50 @@ class OutOfMemoryInOptimizerStep(TrainerCallback):
         raise torch.OutOfMemoryError(
             f"injected out-of-memory fault in the optimizer step {state.global_step + 1}"
         )
+
+
+class RecordTrackerIds(TrainerCallback):
+    """Writes RUN/trackers.json with the tracker runs this run logs to, once transformers' own
+    callbacks (added before this one, so called first) have started them: a resume continues the
+    MLflow run by its id (trackers.tracker_environment), and the report can name both."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        ids = {}
+        import os
+
+        print("DEBUG", os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("WANDB_DIR"))
+        if "mlflow" in args.report_to:
+            import mlflow
+
+            run = mlflow.active_run()
+            if run is not None:
+                ids.update(mlflow_run_id=run.info.run_id, mlflow_tracking_uri=mlflow.get_tracking_uri())
+        if "wandb" in args.report_to:
+            import wandb
+
+            if wandb.run is not None:
+                ids.update(wandb_run_id=wandb.run.id, wandb_project=wandb.run.project)
+        if ids:
+            from finetune.run import write_run_json
+            from finetune.trackers import TRACKERS_FILE
+
+            write_run_json(self.run_dir / TRACKERS_FILE, ids)
+
+
+def tracker_callbacks(report_to: list[str], run_dir: Path) -> list[TrainerCallback]:
+    """Ours beside the trackers transformers runs itself (SFTConfig's report_to): TensorBoard's
+    writer, since transformers 5 takes its folder only from an environment variable (a writer of
+    our own puts the events in the run folder without changing the process's environment), and
+    the record of the tracker runs' ids."""
+    callbacks: list[TrainerCallback] = [RecordTrackerIds(run_dir)]
+    if "tensorboard" in report_to:
+        from torch.utils.tensorboard import SummaryWriter
+        from transformers.integrations import TensorBoardCallback
+
+        callbacks.insert(0, TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
+    return callbacks

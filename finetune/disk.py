@@ -15,16 +15,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.budget import (
-    GIB,
-    Shapes,
-    Verdict,
-    adapter_bytes,
-    effective_optimizer,
-    lora_tensor_sizes,
-    optimizer_state_bytes,
-)
+from finetune.budget import GIB, Verdict, adapter_bytes, effective_optimizer, optimizer_state_bytes
 from finetune.recipe import Recipe
+from finetune.shapes import Shapes, lora_tensor_sizes
 
 MIB = 2**20
 # The tokenizer files saved with every checkpoint and the adapter, when none is on disk to measure:
@@ -97,7 +90,7 @@ def predict_disk(
     parameters: int,
 ) -> DiskPlan:
     """Bytes in the run folder at its fullest, and beside it (see the module's docstring)."""
-    sizes = lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules)
+    sizes = lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules, recipe.lora.use_dora)
     tensors = len(sizes)
     per_parameter = adapter_bytes(recipe.model.backend, on_gpu)
     adapter = sum(sizes) * per_parameter + tensors * TENSOR_OVERHEAD_BYTES

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune import disk
-from finetune.budget import GIB, count_parameters
+from finetune.budget import GIB
 from finetune.disk import tokenizer_bytes
 from finetune.internals import hub_snapshot
 from finetune.preflight import base_model, hub_reachable, planning_config
 from finetune.recipe import Recipe, UserError
+from finetune.shapes import count_parameters
 
 # The suffixes of Unsloth's pre-quantized repositories; removing one names the 16-bit original.
 _FOUR_BIT_SUFFIXES = ("-unsloth-bnb-4bit", "-bnb-4bit")

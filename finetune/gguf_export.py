@@ -26,8 +26,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.budget import GIB, Shapes
+from finetune.budget import GIB
 from finetune.errors import UserError
+from finetune.shapes import Shapes
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
 DEFAULT_QUANT = "q8_0"  # close to lossless, and needs no compiled tool

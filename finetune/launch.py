@@ -20,12 +20,9 @@ from finetune.budget import (
     GIB,
     BudgetPlan,
     Device,
-    Shapes,
     Workload,
     budget_as_dict,
-    count_parameters,
     describe_budget,
-    lora_parameters,
     plan_budget,
     suggest,
     weight_bytes,
@@ -56,8 +53,10 @@ from finetune.run import (
     write_run_json,
 )
 from finetune.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
+from finetune.shapes import Shapes, count_parameters, lora_parameters
 from finetune.store import PADDING_FREE, DataPlan, plan_data, run_fingerprints
 from finetune.tiny_model import TINY_MODEL_NAME
+from finetune.trackers import check_trackers
 
 
 def training_data(recipe: Recipe) -> DataPlan:
@@ -176,8 +175,9 @@ def parameter_counts(recipe: Recipe) -> dict | None:
         return None
     shapes, lora = Shapes.from_config(config), recipe.lora
     return {
-        "trainable": lora_parameters(shapes, lora.r, lora.target_modules),
+        "trainable": lora_parameters(shapes, lora.r, lora.target_modules, lora.use_dora),
         "total": count_parameters(config),
+        "dora": lora.use_dora,
     }
 
 
@@ -185,7 +185,8 @@ def describe_parameters(counts: dict | None) -> list[str]:
     if counts is None:
         return []
     share = counts["trainable"] / counts["total"]
-    return [f"parameters: {counts['trainable']:,} trainable (LoRA), {share:.2%} of {counts['total']:,}"]
+    kind = "DoRA" if counts.get("dora") else "LoRA"
+    return [f"parameters: {counts['trainable']:,} trainable ({kind}), {share:.2%} of {counts['total']:,}"]
 
 
 def plan_document(job: Launch, suggestions: list[str] | None = None) -> dict:
@@ -237,9 +238,13 @@ def plan_launch(
     folder under output.dir, the file's stem unless given; ``device``: this machine unless given;
     ``world_size``: the processes training together, this job's under torchrun unless given)."""
     name = name or recipe_name(source)
+    problems, tracker_warnings = check_trackers(recipe.output.report_to)
+    if problems:
+        raise UserError("\n".join(f"{source}: {problem}" for problem in problems))
     with distributed.main_first():  # under torchrun the store is built once, by rank 0
         data = training_data(recipe)
     plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
+    warnings += [f"{source}: {warning}" for warning in tracker_warnings]
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
     budget_lines = describe_parameters(parameter_counts(recipe)) + budget_lines

@@ -15,9 +15,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.budget import GIB, GPUS, Device, constant, count_parameters, gpu_by_name, shipped_config
+from finetune.budget import GIB, GPUS, Device, constant, gpu_by_name
 from finetune.internals import hub_cached_file, hub_snapshot
 from finetune.recipe import Recipe, UserError
+from finetune.shapes import count_parameters, shipped_config
 from finetune.tiny_model import TINY_CONFIG, TINY_MODEL_NAME, tiny_model_dir
 
 # Above this size, training on a CPU would take days: refuse and point at the smoke recipe.

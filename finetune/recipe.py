@@ -69,6 +69,16 @@ class LoraSection(_Section):
         description="Linear layers that get LoRA adapters.",
     )
     use_rslora: bool = Field(False, description="Rank-stabilized LoRA (scale = alpha / sqrt(r)).")
+    use_dora: bool = Field(
+        False,
+        description="DoRA: a trainable magnitude per output row besides the LoRA direction (PEFT's "
+        "use_dora; slower: Unsloth's fused LoRA kernels skip DoRA layers).",
+    )
+    init_lora_weights: Literal["default", "gaussian", "pissa", "loftq"] = Field(
+        "default",
+        description="Adapter initialisation: PEFT's default (B = 0, A Kaiming-uniform) or 'gaussian'; "
+        "'pissa' and 'loftq' are refused, saying why.",
+    )
 
     @field_validator("target_modules")
     @classmethod
@@ -84,6 +94,24 @@ class LoraSection(_Section):
                     f"the layers are {', '.join(LLAMA_PROJECTIONS)}"
                 )
         return names
+
+    @field_validator("init_lora_weights")
+    @classmethod
+    def _initialisations_that_run(cls, name: str) -> str:
+        """PiSSA and LoftQ rewrite the base weights into a residual (W - BA) when the adapter is made.
+        Unsloth 2026.10.9 refuses both on a 4-bit base (validate_init_lora_weights: they need
+        float weights), and on a 16-bit base the residual would break what this runner promises
+        after training: eval's base model is the adapter switched off, which would then be the
+        residual, and an adapter reloaded by plain PEFT (the transformers backend, or anyone's
+        PeftModel) rebuilds the residual with PEFT's own SVD, not the one Unsloth trained on."""
+        if name in ("pissa", "loftq"):
+            raise ValueError(
+                f"'{name}' is not supported: it rewrites the base weights into a residual, which Unsloth "
+                "refuses on a 4-bit base (it needs 16-bit weights) and which this runner's evaluation "
+                "(the base is the adapter switched off) and plain PEFT's reloading do not handle; "
+                "use 'default' or 'gaussian'"
+            )
+        return name
 
 
 def _one_or_more_paths(schema: dict[str, Any]) -> None:
@@ -331,6 +359,24 @@ class OutputSection(_Section):
         3, description="Held-out prompts answered (greedy) before and after training, for the report."
     )
     sample_tokens: Annotated[int, Field(gt=0)] = Field(64, description="Tokens generated per sample.")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers (transformers' names): tensorboard (events in the run folder), "
+        "wandb, mlflow, trackio; 'none' or [] for none.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _one_tracker_or_none(cls, value: Any) -> Any:
+        # transformers' spellings: one name, a list, or "none"; a YAML null means none too.
+        if value is None or value == "none" or value == ["none"]:
+            return []
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("report_to")
+    @classmethod
+    def _each_tracker_once(cls, names: list[str]) -> list[str]:
+        return list(dict.fromkeys(names))
 
 
 class EvaluateSection(_Section):

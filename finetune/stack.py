@@ -53,6 +53,8 @@ import torch  # noqa: E402  (after unsloth, on its backend)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _UNSLOTH_CHECKPOINTING = {"unsloth": "unsloth", "standard": True, "off": False}
+# The recipe's lora.init_lora_weights as LoraConfig takes it (True: B = 0, A Kaiming-uniform).
+_INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian"}
 
 
 def compute_dtype(dtype: str) -> torch.dtype | None:
@@ -122,6 +124,8 @@ def add_lora(model, lora, checkpointing: str, seed: int, max_seq_length: int):
             lora_dropout=lora.dropout,
             target_modules=list(lora.target_modules),
             use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,  # through **kwargs to LoraConfig; Unsloth checks it on reuse
+            init_lora_weights=_INIT_LORA_WEIGHTS[lora.init_lora_weights],
             bias="none",
             use_gradient_checkpointing=_UNSLOTH_CHECKPOINTING[checkpointing],
             random_state=seed,
@@ -143,6 +147,8 @@ def add_lora(model, lora, checkpointing: str, seed: int, max_seq_length: int):
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
+        init_lora_weights=_INIT_LORA_WEIGHTS[lora.init_lora_weights],
         bias="none",
         task_type="CAUSAL_LM",
     )

@@ -22,13 +22,11 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from torch.utils.tensorboard import SummaryWriter
 from transformers import ProgressCallback, Trainer
-from transformers.integrations import TensorBoardCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 
-from finetune import distributed, schedule
+from finetune import distributed, schedule, trackers
 from finetune.budget import checkpointing
 from finetune.callbacks import (
     LogFile,
@@ -39,6 +37,7 @@ from finetune.callbacks import (
     StepTimer,
     StopOnSignal,
     Watchdog,
+    tracker_callbacks,
 )
 from finetune.inference import generate_samples
 from finetune.internals import cpu_map_location, keep_4bit_layout, save_checkpoint_now
@@ -141,7 +140,10 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         padding_free=PADDING_FREE,
         packing_strategy="bfd",  # the strategy prepare.count_packed_sequences counts for
         dataset_num_proc=1,
-        report_to="none",  # TensorBoard is added by build_trainer, writing where we say
+        # Trackers but TensorBoard (build_trainer adds ours); the run reports, never the probe.
+        report_to=trackers.transformers_report_to(recipe.output.report_to, training=save),
+        run_name=output_dir.parent.name,  # the run folder's name, in W&B, MLflow and trackio
+        project=output_dir.parent.parent.name,  # the recipe's name (trackio's project)
         logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
         include_num_input_tokens_seen="non_padding",  # trained tokens per second, for the report
         disable_tqdm=False,
@@ -299,11 +301,8 @@ def build_trainer(
         )
     if save:
         trainer.add_callback(SealCheckpoints())
-        # transformers 5 takes TensorBoard's folder only from an environment variable; a writer of
-        # our own puts the events in the run folder without changing the process's environment.
-        trainer.add_callback(
-            TensorBoardCallback(SummaryWriter(log_dir=str(output_dir.parent / "tensorboard")))
-        )
+        for callback in tracker_callbacks(recipe.output.report_to, output_dir.parent):
+            trainer.add_callback(callback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(LossProgress())
     return trainer
@@ -400,11 +399,17 @@ def train(
     trainer.add_callback(stopper)
     watchdog = Watchdog(recipe.train)
     trainer.add_callback(watchdog)
+    # transformers' tracker callbacks read their settings from the environment when training begins.
+    tracking = trackers.run_environment(recipe.output.report_to, run_dir, Path(recipe.output.dir))
     start = time.perf_counter()
     ran_out = False
     try:
         cpu_job = distributed.active() and not torch.cuda.is_available()  # see internals.cpu_map_location
-        with stopper, disk_full_as("a checkpoint", run_dir / "checkpoints", run_dir):
+        with (
+            stopper,
+            disk_full_as("a checkpoint", run_dir / "checkpoints", run_dir),
+            trackers.environment(tracking),
+        ):
             with cpu_map_location() if cpu_job else contextlib.nullcontext():
                 measured = _timed_train(trainer, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as error:

@@ -11,10 +11,11 @@ import PIL.Image
 import pytest
 from cli_helpers import run_cli
 
-from finetune import budget, loss_memory
-from finetune.budget import GIB, GPUS, Shapes, Workload, gpu_by_name, plan_budget, shipped_config, suggest
+from finetune import budget, loss_memory, shapes
+from finetune.budget import GIB, GPUS, Workload, gpu_by_name, plan_budget, suggest
 from finetune.plots import nice_ticks
 from finetune.recipe import load_recipe
+from finetune.shapes import Shapes, shipped_config
 from finetune.tiny_model import TINY_CONFIG
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,10 +24,10 @@ ALL_SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "do
 
 
 def test_llama_8b_counts_from_the_shipped_config():
-    shapes = Shapes.from_config(LLAMA_8B)
-    assert budget.count_parameters(LLAMA_8B) == 8_030_261_248
-    assert shapes.linear_parameters == 6_979_321_856 and shapes.embedding_parameters == 1_050_673_152
-    assert budget.lora_parameters(shapes, 16, ALL_SEVEN) == 41_943_040
+    llama = Shapes.from_config(LLAMA_8B)
+    assert shapes.count_parameters(LLAMA_8B) == 8_030_261_248
+    assert llama.linear_parameters == 6_979_321_856 and llama.embedding_parameters == 1_050_673_152
+    assert shapes.lora_parameters(llama, 16, ALL_SEVEN) == 41_943_040
 
 
 @pytest.mark.parametrize(
@@ -40,7 +41,7 @@ def test_llama_8b_counts_from_the_shipped_config():
     ],
 )
 def test_each_shipped_config_counts_its_published_total(name, total):
-    assert budget.count_parameters(shipped_config(name)) == total
+    assert shapes.count_parameters(shipped_config(name)) == total
 
 
 def test_a_model_without_a_shipped_config_has_none():
@@ -319,7 +320,7 @@ def test_eight_bit_adamw_keeps_32_bit_state_for_small_tensors():
     assert budget.optimizer_state_bytes("adamw_8bit", [4096], 4) == 2 * 4096 + 2 * 4 * 16
     assert budget.optimizer_state_bytes("adamw_8bit", [4097], 4) == 2 * 4097 + 2 * 4 * 17
     assert budget.optimizer_state_bytes("adamw_torch", [1024, 4096], 4) == 8 * 5120
-    tiny = budget.lora_tensor_sizes(Shapes.from_config(TINY_CONFIG), 8, ["q_proj", "down_proj"])
+    tiny = shapes.lora_tensor_sizes(Shapes.from_config(TINY_CONFIG), 8, ["q_proj", "down_proj"])
     assert tiny == [8 * 128, 128 * 8, 8 * 512, 128 * 8] * 2  # 2 layers
     # down_proj's A (8 x 512) is the one 8-bit tensor there.
     expected = 2 * (3 * 2 * 4 * 1024 + 2 * 4096 + 2 * 4 * 16)
@@ -405,3 +406,28 @@ def test_a_paged_optimizer_is_said_to_live_outside_what_pytorch_measures(tmp_pat
     assert "state live in CUDA unified memory" in text.stdout
     plain = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "rtx-4090", "--json")
     assert json.loads(plain.stdout.splitlines()[0])["budget"]["paged_bytes"] == 0
+
+
+def test_dora_adds_its_magnitudes_its_kept_outputs_its_workspace_and_its_time():
+    llama = Shapes.from_config(LLAMA_8B)
+    plain = load_recipe(ROOT / "recipes" / "code-gen.yaml")
+    dora = load_recipe(ROOT / "recipes" / "code-gen.yaml", ["lora.use_dora=true"])
+    tokens, rows_out = 4096, 4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096  # one layer's outputs
+    without = budget.predict_memory(plain, llama, tokens)
+    with_dora = budget.predict_memory(dora, llama, tokens)
+    assert not any(name.startswith("DoRA") for name in without.terms)
+    # The magnitudes are trained like the LoRA weights: parameters, gradients, optimizer state.
+    assert with_dora.terms["LoRA parameters"] - without.terms["LoRA parameters"] == 32 * rows_out * 4
+    # Offloaded checkpointing: the base and LoRA outputs of the one layer being recomputed.
+    assert with_dora.terms["DoRA activations"] == tokens * 2 * 2 * rows_out
+    # down_proj's identity (14336^2, fp32 adapters) and its dense tensors set the workspace.
+    assert with_dora.terms["DoRA weight-norm workspace"] == 14336**2 * 4 + 14336 * 4096 * (4 + 3 * 2)
+    off = load_recipe(
+        ROOT / "recipes" / "code-gen.yaml", ["lora.use_dora=true", "model.gradient_checkpointing=off"]
+    )
+    assert (
+        budget.predict_memory(off, llama, tokens).terms["DoRA activations"] == 32 * tokens * 2 * 2 * rows_out
+    )
+    h100 = GPUS["h100"]
+    slower = budget.predict_time(dora, llama, h100, tokens, 100).step_seconds
+    assert slower > budget.predict_time(plain, llama, h100, tokens, 100).step_seconds

@@ -10,8 +10,8 @@ import pytest
 from cli_helpers import run_cli
 
 from finetune import preflight
-from finetune.budget import count_parameters
 from finetune.recipe import UserError, load_recipe
+from finetune.shapes import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -222,4 +222,7 @@ def test_plan_prints_the_trainable_parameters_and_their_share_and_json_carries_b
     assert "parameters: 83,886,080 trainable (LoRA), 1.04% of 8,030,261,248\n" in out.stdout
     out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "RTX 4090", "lora.r=16", "--json")
     document = json.loads(out.stdout.splitlines()[0])
-    assert document["parameters"] == {"trainable": 41_943_040, "total": 8_030_261_248}
+    assert document["parameters"] == {"trainable": 41_943_040, "total": 8_030_261_248, "dora": False}
+    # DoRA adds a magnitude per output row of each targeted projection: 43,008 per layer of 32.
+    out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "RTX 4090", "lora.use_dora=true")
+    assert "parameters: 85,262,336 trainable (DoRA), 1.06% of 8,030,261,248\n" in out.stdout

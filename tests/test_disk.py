@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from finetune import disk, launch
-from finetune.budget import GIB, Shapes, shipped_config
+from finetune.budget import GIB
 from finetune.recipe import load_recipe
+from finetune.shapes import Shapes, shipped_config
 
 ROOT = Path(__file__).resolve().parent.parent
 FLAGSHIP = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"

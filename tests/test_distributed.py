@@ -7,10 +7,11 @@ import pytest
 from cli_helpers import run_cli
 
 from finetune import budget, launch, multi_gpu
-from finetune.budget import GPUS, Shapes, Workload, lora_parameters, plan_budget, shipped_config
+from finetune.budget import GPUS, Workload, plan_budget
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
 from finetune.schedule import count_optimizer_steps, plan_schedule, steps_per_epoch
+from finetune.shapes import Shapes, lora_parameters, shipped_config
 
 
 def test_steps_follow_accelerates_sharding_of_the_micro_batches():

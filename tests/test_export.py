@@ -8,9 +8,10 @@ import pytest
 from huggingface_hub import constants
 
 from finetune import disk, export
-from finetune.budget import GIB, count_parameters
+from finetune.budget import GIB
 from finetune.preflight import shipped_config
 from finetune.recipe import UserError, load_recipe
+from finetune.shapes import count_parameters
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR_BIT = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"

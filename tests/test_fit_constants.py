@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from finetune import budget
-from finetune.budget import GPUS, Shapes, budget_as_dict, plan_budget, shipped_config
+from finetune.budget import GPUS, budget_as_dict, plan_budget
 from finetune.recipe import load_recipe
+from finetune.shapes import Shapes, shipped_config
 
 ROOT = Path(__file__).resolve().parent.parent
 TRUE = {"gemm_efficiency": 0.31, "micro_batch_overhead_s": 0.012, "allocator": 0.07, "slowdown": 1.8}

@@ -104,6 +104,16 @@ BAD = [
         "lora.target_modules: 'foo' is not a linear layer of a Llama decoder layer; the layers are q_proj",
     ),
     (
+        "init-pissa",
+        "  r: 8",
+        "  init_lora_weights: pissa",
+        "lora.init_lora_weights: 'pissa' is not supported: it rewrites the base weights into a residual, "
+        "which Unsloth refuses on a 4-bit base",
+    ),
+    ("init-loftq", "  r: 8", "  init_lora_weights: loftq", "init_lora_weights: 'loftq' is not supported"),
+    ("init-olora", "  r: 8", "  init_lora_weights: olora", "init_lora_weights: Input should be 'default'"),
+    ("tracker", "  r: 8", "  r: 8\noutput:\n  report_to: comet", "output.report_to.0: Input should be"),
+    (
         "train-empty",
         "train: data_samples/code_chat.jsonl",
         "train: []",

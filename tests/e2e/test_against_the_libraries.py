@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune import budget, loss_memory
-from finetune.budget import Shapes, shipped_config
+from finetune import loss_memory, shapes
 from finetune.data import load_conversations
 from finetune.prepare import count_packed_sequences, find_tokenizer, prepare
 from finetune.recipe import LLAMA_PROJECTIONS, DataSection
+from finetune.shapes import Shapes, shipped_config
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
@@ -28,10 +28,25 @@ def test_llama_8b_counts_against_the_model_instantiated_on_the_meta_device():
     config = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if not k.startswith("_")})
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
-    assert sum(p.numel() for p in model.parameters()) == budget.count_parameters(LLAMA_8B)
+    assert sum(p.numel() for p in model.parameters()) == shapes.count_parameters(LLAMA_8B)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, target_modules=ALL_SEVEN))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert trainable == budget.lora_parameters(Shapes.from_config(LLAMA_8B), 16, ALL_SEVEN) == 41_943_040
+    assert trainable == shapes.lora_parameters(Shapes.from_config(LLAMA_8B), 16, ALL_SEVEN) == 41_943_040
+
+
+def test_llama_8b_dora_count_against_peft_on_the_meta_device():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**{k: v for k, v in LLAMA_8B.items() if not k.startswith("_")})
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = get_peft_model(model, LoraConfig(r=32, lora_alpha=16, target_modules=ALL_SEVEN, use_dora=True))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    # code-gen's rank: 83,886,080 LoRA weights and one magnitude per output row of each projection.
+    assert trainable == shapes.lora_parameters(Shapes.from_config(LLAMA_8B), 32, ALL_SEVEN, dora=True)
+    assert trainable == 83_886_080 + 32 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096)
 
 
 @pytest.mark.parametrize("shape", [(128, 128), (512, 128), (4096, 1024), (300, 7)])
@@ -41,7 +56,7 @@ def test_nf4_bytes_equal_what_bitsandbytes_stores(shape):
     import torch
 
     weight = torch.randn(shape, dtype=torch.float32)
-    for nested, predicted in ((True, budget.nf4_bytes), (False, budget.nf4_bytes_single_quant)):
+    for nested, predicted in ((True, shapes.nf4_bytes), (False, shapes.nf4_bytes_single_quant)):
         data, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type="nf4")
         tensors = [data, state.absmax, state.code]
         if nested:

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from finetune import gguf_export
-from finetune.budget import Shapes
 from finetune.disk import tokenizer_bytes
+from finetune.shapes import Shapes
 from finetune.tiny_model import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -121,7 +121,8 @@ def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
 def test_static_memory_terms_equal_the_bytes_of_the_loaded_and_trained_model(trained):
     """The budget's weight, LoRA and optimizer terms, byte for byte, against what Unsloth loaded
     (4-bit through bitsandbytes' CPU backend, fp32 on this CPU) and what the optimizer holds."""
-    from finetune.budget import Shapes, predict_memory
+    from finetune.budget import predict_memory
+    from finetune.shapes import Shapes
 
     recipe, trainer, *_ = trained
     model = trainer.model

@@ -1,0 +1,77 @@
+"""What PEFT offers beyond plain LoRA, through Unsloth on the tiny model: DoRA trains (its magnitude
+vectors too), counts as the plan counts it, saves and reloads; 'gaussian' initialisation reaches PEFT."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune import inference, shapes, train
+from finetune.recipe import load_recipe
+from finetune.store import prepared_data
+from finetune.tiny_model import TINY_CONFIG
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def smoke_recipe(*overrides):
+    return load_recipe(ROOT / "recipes" / "smoke.yaml", ["train.max_steps=6", *overrides])
+
+
+@pytest.fixture(scope="module")
+def dora_run(tmp_path_factory):
+    recipe = smoke_recipe("lora.use_dora=true")
+    run_dir = tmp_path_factory.mktemp("dora")
+    model, tokenizer = train.load_model(recipe)
+    model = train.add_lora(model, recipe)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    store = prepared_data(recipe)
+    trainer = train.build_trainer(model, tokenizer, store.dataset("train"), recipe, run_dir)
+    trainer.train()
+    after = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    return recipe, model, before, after, trainable, run_dir
+
+
+def test_dora_trains_every_adapter_weight_and_its_magnitudes_and_no_base_weight(dora_run):
+    _, _, before, after, trainable, _ = dora_run
+    magnitudes = [name for name in trainable if "lora_magnitude_vector" in name]
+    layers, targets = TINY_CONFIG["num_hidden_layers"], 7
+    assert len(magnitudes) == layers * targets  # one per targeted projection: DoRA really is on
+    assert [name for name in trainable if torch.equal(before[name], after[name])] == []
+    frozen = [name for name in before if name not in trainable]
+    assert [name for name in frozen if not torch.equal(before[name], after[name])] == []
+
+
+def test_the_plan_counts_the_trainable_parameters_dora_has(dora_run):
+    recipe, model, *_ = dora_run
+    counted = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    tiny = shapes.Shapes.from_config(TINY_CONFIG)
+    assert counted == shapes.lora_parameters(tiny, recipe.lora.r, recipe.lora.target_modules, dora=True)
+    assert counted > shapes.lora_parameters(tiny, recipe.lora.r, recipe.lora.target_modules)
+
+
+def test_a_dora_adapter_reloads_with_its_trained_magnitudes(dora_run):
+    recipe, _, _, after, trainable, run_dir = dora_run
+    model, tokenizer = inference.load_adapter(run_dir / "adapter", recipe.model.max_seq_length)
+    assert model.peft_config["default"].use_dora
+    reloaded = dict(model.named_parameters())
+    for name in trainable:
+        assert torch.equal(reloaded[name].detach().to(after[name].dtype), after[name]), name
+    assert inference.generate(model, tokenizer, "Reverse a string in Python.", max_new_tokens=4)
+
+
+def test_gaussian_initialisation_reaches_peft():
+    default = train.add_lora(train.load_model(smoke_recipe())[0], smoke_recipe())
+    zero_b = [p for name, p in default.named_parameters() if "lora_B" in name]
+    assert zero_b and all(torch.count_nonzero(p) == 0 for p in zero_b)  # PEFT's default: B = 0
+    recipe = smoke_recipe("lora.init_lora_weights=gaussian")
+    model = train.add_lora(train.load_model(recipe)[0], recipe)
+    assert model.peft_config["default"].init_lora_weights == "gaussian"
+    a = [p for name, p in model.named_parameters() if "lora_A" in name]
+    # PEFT's gaussian: A ~ N(0, 1/r), B = 0.
+    assert torch.cat([p.detach().flatten().float() for p in a]).std().item() == pytest.approx(
+        1 / recipe.lora.r, rel=0.05
+    )
