@@ -238,13 +238,12 @@ def plan_launch(
     folder under output.dir, the file's stem unless given; ``device``: this machine unless given;
     ``world_size``: the processes training together, this job's under torchrun unless given)."""
     name = name or recipe_name(source)
-    problems, tracker_warnings = check_trackers(recipe.output.report_to)
+    problems = check_trackers(recipe.output.report_to)
     if problems:
         raise UserError("\n".join(f"{source}: {problem}" for problem in problems))
     with distributed.main_first():  # under torchrun the store is built once, by rank 0
         data = training_data(recipe)
     plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
-    warnings += [f"{source}: {warning}" for warning in tracker_warnings]
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
     budget_lines = describe_parameters(parameter_counts(recipe)) + budget_lines

@@ -47,27 +47,25 @@ def transformers_report_to(report_to: list[str], training: bool = True) -> list[
     return names or "none"
 
 
-def check_trackers(
-    report_to: list[str], environ: Mapping[str, str] | None = None
-) -> tuple[list[str], list[str]]:
-    """(errors, warnings) about the recipe's trackers on this machine, before anything is loaded:
-    a tracker whose package is missing would fail only when training starts."""
+def check_trackers(report_to: list[str], environ: Mapping[str, str] | None = None) -> list[str]:
+    """What stops the recipe's trackers on this machine, found before anything is loaded: a
+    tracker whose package is missing, or W&B online without a key, would fail only once the model
+    has loaded and training starts (wandb.init raises UsageError: no API key)."""
     environ = os.environ if environ is None else environ
-    errors, warnings = [], []
-    for name in report_to:
-        module = "sqlalchemy" if name == "mlflow" and _mlflow_default_store(environ) else name
-        if importlib.util.find_spec(name) is None or importlib.util.find_spec(module) is None:
-            errors.append(
-                f"output.report_to: {name} is not installed here; `pip install {_PACKAGES[name]}`, "
-                "or remove it from report_to"
-            )
-    if "wandb" in report_to and not _wandb_offline(environ) and not _wandb_credentials(environ):
-        warnings.append(
-            "output.report_to: wandb found no W&B key (WANDB_API_KEY, or ~/.netrc from `wandb login`), "
-            "so wandb.init will fail when training starts; log in, or set WANDB_MODE=offline to log "
-            "locally and `wandb sync` later"
+    missing = [name for name in report_to if not _installed(name, environ)]
+    problems = [
+        f"output.report_to: {name} is not installed here; `pip install {_PACKAGES[name]}`, "
+        "or remove it from report_to"
+        for name in missing
+    ]
+    wandb_online = "wandb" in report_to and "wandb" not in missing and not _wandb_offline(environ)
+    if wandb_online and not _wandb_credentials(environ):
+        problems.append(
+            "output.report_to: wandb has no W&B key here (WANDB_API_KEY, or ~/.netrc from `wandb login`) "
+            "and would fail when training starts; log in, or set WANDB_MODE=offline to log locally "
+            "and `wandb sync` later"
         )
-    return errors, warnings
+    return problems
 
 
 def tracker_environment(
@@ -123,8 +121,12 @@ def recorded_ids(run_dir: Path) -> dict[str, str]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _mlflow_default_store(environ: Mapping[str, str]) -> bool:
-    return "MLFLOW_TRACKING_URI" not in environ or environ["MLFLOW_TRACKING_URI"].startswith("sqlite:")
+def _installed(name: str, environ: Mapping[str, str]) -> bool:
+    """The tracker's module, and for MLflow's SQLite store (ours, unless the user names another
+    store) SQLAlchemy, which mlflow-skinny leaves out."""
+    uri = environ.get("MLFLOW_TRACKING_URI", "sqlite:")
+    needs = [name, "sqlalchemy"] if name == "mlflow" and uri.startswith("sqlite:") else [name]
+    return all(importlib.util.find_spec(module) is not None for module in needs)
 
 
 def _wandb_offline(environ: Mapping[str, str]) -> bool:

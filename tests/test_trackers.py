@@ -89,7 +89,7 @@ def test_a_tracker_that_is_not_installed_stops_the_plan_in_one_sentence(monkeypa
 
 
 @pytest.mark.parametrize(
-    ("environ", "warned"),
+    ("environ", "refused"),
     [
         ({}, True),
         ({"WANDB_API_KEY": "k" * 40}, False),
@@ -97,18 +97,18 @@ def test_a_tracker_that_is_not_installed_stops_the_plan_in_one_sentence(monkeypa
         ({"WANDB_MODE": "disabled"}, False),
     ],
 )
-def test_wandb_online_without_a_key_is_a_warning_before_launch(tmp_path, environ, warned):
+def test_wandb_online_without_a_key_is_refused_before_launch(tmp_path, environ, refused):
     environ = {"NETRC": str(tmp_path / "no-netrc"), **environ}
-    errors, warnings = trackers.check_trackers(["wandb"], environ)
-    assert errors == [] and bool(warnings) == warned
-    assert not warned or "WANDB_MODE=offline" in warnings[0]
+    problems = trackers.check_trackers(["wandb"], environ)
+    assert len(problems) == refused
+    assert not refused or "set WANDB_MODE=offline" in problems[0]
 
 
 def test_a_key_from_wandb_login_in_netrc_counts(tmp_path):
     netrc = tmp_path / "netrc"
     netrc.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
     netrc.chmod(0o600)
-    assert trackers.check_trackers(["wandb"], {"NETRC": str(netrc)}) == ([], [])
+    assert trackers.check_trackers(["wandb"], {"NETRC": str(netrc)}) == []
 
 
 def test_checking_the_trackers_imports_none_of_them():
@@ -124,3 +124,15 @@ def test_checking_the_trackers_imports_none_of_them():
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_mlflows_sqlite_store_needs_sqlalchemy_and_a_server_does_not(monkeypatch):
+    real = trackers.importlib.util.find_spec
+    monkeypatch.setattr(
+        trackers.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "sqlalchemy" else real(name, *a),
+    )
+    (problem,) = trackers.check_trackers(["mlflow"], {})
+    assert "`pip install mlflow-skinny sqlalchemy alembic`" in problem
+    assert trackers.check_trackers(["mlflow"], {"MLFLOW_TRACKING_URI": "http://mlflow.internal:5000"}) == []
