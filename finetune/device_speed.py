@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from finetune.files import write_atomic
+from finetune.processes import child_setup
 
 CACHE_SECONDS = 24 * 3600
 
@@ -100,6 +101,7 @@ def _ask_child(command: str) -> dict | None:
             text=True,
             timeout=300,
             env={**os.environ, "PYTHONPATH": path},
+            preexec_fn=child_setup(),
         )
         return json.loads(out.stdout.strip().splitlines()[-1]) if out.returncode == 0 else None
     except (subprocess.TimeoutExpired, ValueError, IndexError):  # hung, or printed no answer

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from finetune.budget import GIB
 from finetune.errors import UserError
+from finetune.processes import child_setup
 from finetune.shapes import Shapes
 
 QUANTS = ("f16", "q8_0", "q4_k_m")
@@ -259,7 +260,12 @@ def run_tool(args: list[str], log: Path, what: str) -> None:
     """`python -m finetune.gguf_export ARGS` with its output in ``log``; a failure is one sentence
     quoting the tool's last line."""
     with log.open("a") as out:
-        done = subprocess.run([sys.executable, "-m", "finetune.gguf_export", *args], stdout=out, stderr=out)
+        done = subprocess.run(
+            [sys.executable, "-m", "finetune.gguf_export", *args],
+            stdout=out,
+            stderr=out,
+            preexec_fn=child_setup(),  # a converter writing gigabytes must not outlive the export
+        )
     if done.returncode:
         last = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:]
         raise UserError(

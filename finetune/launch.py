@@ -306,7 +306,10 @@ def join_job(verb: str) -> None:
 def torchrun(processes: int, argv: list[str], recipe: Recipe, source: str) -> int:
     """`--gpus N`: the same command under torchrun, one process per GPU on this machine (several
     machines: run torchrun on each, see the README). Returns its exit code."""
+    import signal
     import subprocess
+
+    from finetune.processes import child_setup
 
     gpus = len(detect_gpus())
     if distributed.active():
@@ -324,7 +327,8 @@ def torchrun(processes: int, argv: list[str], recipe: Recipe, source: str) -> in
     where = f"{processes} GPUs" if gpus else f"{processes} processes on the CPU (gloo; no GPU here)"
     print(f"torchrun: {where}: {' '.join(command[1:])}", flush=True)
     try:
-        code = subprocess.run(command).returncode
+        # SIGTERM, not SIGKILL, if we die: torchrun passes it on and the workers save a checkpoint.
+        code = subprocess.run(command, preexec_fn=child_setup(signal.SIGTERM)).returncode
     except KeyboardInterrupt:  # torchrun got it too, and stops its processes
         return 130
     if code != 0:

@@ -183,6 +183,7 @@ def llama3_tokenizer_dir() -> Path:
     The conversion needs transformers (and so torch); it runs in a child process so that planning
     in this one stays light.
     """
+    from finetune.processes import child_setup
     from finetune.tiny_model import cache_root, tokenizer_digest
 
     directory = cache_root() / f"llama-3-tokenizer-{tokenizer_digest()}"
@@ -193,6 +194,7 @@ def llama3_tokenizer_dir() -> Path:
             check=True,
             capture_output=True,
             env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+            preexec_fn=child_setup(),
         )
     return directory
 

@@ -22,6 +22,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from finetune.processes import child_setup
+
 NOBODY = 65534
 WRITABLE = ("/tmp", "/var/tmp", "/dev/shm")  # where anyone may write: private tmpfs folders inside
 _PYTHON = os.path.realpath(sys.executable)  # a venv's link resolved: the interpreter itself
@@ -77,7 +79,10 @@ def isolation() -> str | None:
 
 
 def _limit(limits: Limits):
+    die_with_evaluation = child_setup()  # an evaluation killed with SIGKILL leaves no program running
+
     def apply() -> None:
+        die_with_evaluation()
         resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu_seconds, limits.cpu_seconds))
         resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_bytes, limits.file_bytes))

@@ -49,6 +49,7 @@ from finetune.prepare import (
     resolve_chat_template,
     tokenize_conversations,
 )
+from finetune.processes import children_die_with_us
 from finetune.recipe import Recipe, UserError, recipe_digest
 
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
@@ -394,22 +395,23 @@ def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object,
             "error": Value("string"),
         }
     )
-    tokenized = raw.map(
-        _tokenize_batch,
-        batched=True,
-        batch_size=256,
-        num_proc=processes if processes > 1 else None,
-        fn_kwargs={
-            "tokenizer": tokenizer,
-            "responses_only": data.train_on_responses_only,
-            "max_seq_length": max_seq_length,
-            "overlong": data.overlong,
-        },
-        remove_columns=["messages", "segments"],
-        features=features,
-        desc="tokenizing",
-        new_fingerprint=fingerprint,
-    )
+    with children_die_with_us():  # datasets' workers and their manager process, when processes > 1
+        tokenized = raw.map(
+            _tokenize_batch,
+            batched=True,
+            batch_size=256,
+            num_proc=processes if processes > 1 else None,
+            fn_kwargs={
+                "tokenizer": tokenizer,
+                "responses_only": data.train_on_responses_only,
+                "max_seq_length": max_seq_length,
+                "overlong": data.overlong,
+            },
+            remove_columns=["messages", "segments"],
+            features=features,
+            desc="tokenizing",
+            new_fingerprint=fingerprint,
+        )
     statuses, sources, lengths = tokenized["status"], tokenized["source"], tokenized["length"]
     prepared = Prepared(examples=[])
     for k, status in enumerate(statuses):
