@@ -46,6 +46,7 @@ from finetune.run import (
     OutOfMemory,
     disk_full_as,
     fingerprint_changes,
+    hold_run,
     latest_checkpoint,
     make_run_dir,
     read_run,
@@ -372,6 +373,7 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
 
         return Path(distributed.from_main(None))
     run_dir = make_run_dir(launch.recipe, launch.name)
+    hold_run(run_dir)
     try:
         from finetune import stack  # noqa: F401  (heavy: unsloth, torch, transformers, trl)
     except UserError:

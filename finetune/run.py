@@ -203,6 +203,22 @@ def make_run_dir(recipe: Recipe, name: str) -> Path:
             ) from None
 
 
+RUN_LOCK = "run.lock"  # held (flock) by the process training the run; the kernel drops it at its end
+
+
+def hold_run(run_dir: Path) -> None:
+    """Mark ``run_dir`` as trained by this process until it ends, however it ends: a `resume` of a
+    run that is still training is refused, instead of two processes training into one folder."""
+    from finetune import distributed, locks
+
+    if distributed.is_main() and not locks.hold(run_dir / RUN_LOCK):
+        pid = locks.holder(run_dir / RUN_LOCK)
+        raise UserError(
+            f"{run_dir} is still being trained (process {pid}); resuming it now would train it twice "
+            "into one folder: wait for it to end, or stop it (Ctrl-C saves a checkpoint) and resume then"
+        )
+
+
 def finished_adapter(run_dir: Path) -> tuple[Recipe, Path]:
     """A finished run's recipe and adapter folder; a clear error for anything else."""
     read_run(run_dir)
