@@ -18,3 +18,9 @@ def write_atomic(path: Path, text: str) -> Path:
 
 def write_json(path: Path, document) -> Path:
     return write_atomic(path, json.dumps(document, indent=2) + "\n")
+
+
+def cache_root() -> Path:
+    """Our cache (the tiny model, tokenizers, prepared data, digests): FINETUNE_CACHE, or
+    ~/.cache/finetune."""
+    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))

@@ -13,14 +13,12 @@ import json
 import mmap
 from pathlib import Path
 
-from finetune.files import write_atomic
+from finetune.files import cache_root, write_atomic
 
 MEMO_ENTRIES = 10_000
 
 
 def _memo_file() -> Path:
-    from finetune.tiny_model import cache_root
-
     return cache_root() / "digests.json"
 
 
@@ -59,3 +57,34 @@ def content_digest(path: Path) -> str:
         del memo[stale]
     write_atomic(memo_file, json.dumps(memo))  # a concurrent reader sees the old memo or the new one
     return digest
+
+
+def folder_files(folder: Path, skip: tuple[str, ...] = ()) -> dict[str, list]:
+    """Every file under ``folder`` (but ``skip``) as {relative path: [size, mtime_ns, digest]}: what
+    folder_damage checks a cached folder against before it is used."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder).as_posix()
+        if name not in skip:
+            stat = path.stat()
+            files[name] = [stat.st_size, stat.st_mtime_ns, file_digest(path)]
+    return files
+
+
+def folder_damage(folder: Path, recorded: dict[str, list] | None) -> str | None:
+    """What is wrong with ``folder`` against its record (folder_files), or None. Cheap when nothing
+    changed: sizes are always compared, digests only for a file whose size or mtime differs from
+    the record (a truncated file, a flipped byte written since)."""
+    if not recorded:
+        return "it records no file digests"
+    for name, (size, mtime_ns, digest) in recorded.items():
+        path = folder / name
+        try:
+            stat = path.stat()
+        except OSError:
+            return f"{name} is missing"
+        if stat.st_size != size:
+            return f"{name} is {stat.st_size:,} bytes, {size:,} when it was written"
+        if stat.st_mtime_ns != mtime_ns and file_digest(path) != digest:
+            return f"{name} changed since it was written (its digest differs)"
+    return None

@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from finetune import locks
 from finetune.data import (
     HubSplit,
     expand_files,
@@ -32,7 +34,7 @@ from finetune.data import (
     skipped_report,
     source_file,
 )
-from finetune.fingerprint import content_digest
+from finetune.fingerprint import content_digest, folder_damage, folder_files
 from finetune.internals import dataset_fingerprint
 from finetune.preflight import base_model
 from finetune.prepare import (
@@ -53,8 +55,9 @@ from finetune.processes import children_die_with_us
 from finetune.recipe import Recipe, UserError, recipe_digest
 
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
-# (4: CSV records that do not match their header are bad rows, no longer read short).
-STORE_VERSION = "4"
+# (4: CSV records that do not match their header are bad rows, no longer read short; 5: the summary
+# records every file's size and digest, checked at each open).
+STORE_VERSION = "5"
 KEEP_STORES = 8  # the most recently used stores kept in the cache; older ones are deleted
 _WRITE_BATCH = 1000  # rows per Arrow record batch while reading: bounds memory while streaming
 _ROWS_PER_PROCESS = 5000  # below this, starting worker processes costs more than it saves
@@ -218,13 +221,46 @@ def data_tokenizer(recipe: Recipe) -> TokenizerSource | None:
 
 
 def open_store(recipe: Recipe, tokenizer: TokenizerSource) -> Store:
-    """The prepared data for this recipe and tokenizer: from the cache, or prepared now and cached."""
+    """The prepared data for this recipe and tokenizer: from the cache, or prepared now and cached.
+
+    This process holds the store (a shared lock, until it ends) so that evicting old stores leaves
+    it alone. A store whose files were damaged (truncated, changed; checked against the digests its
+    summary records) is moved aside and prepared again, never used. Building is exclusive: a second
+    process preparing the same data waits, then opens what the first built."""
     directory = cache_dir() / store_key(recipe, tokenizer)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    locks.hold(_lock(directory, "use"), shared=True, wait=True)
+    store = _sound(directory)
+    if store is None:
+        with locks.exclusive(_lock(directory, "build")):
+            store = _sound(directory, repair=True) or _build(recipe, tokenizer, directory)
+    os.utime(directory / "summary.json")  # marks it recently used, so pruning keeps it
+    return store
+
+
+def _lock(directory: Path, kind: str) -> Path:
+    """The store's lock files sit beside it, so deleting a store never deletes a lock in use."""
+    return directory.with_name(f"{directory.name}.{kind}.lock")
+
+
+def _sound(directory: Path, repair: bool = False) -> Store | None:
+    """The store in ``directory`` when it is there and whole; with ``repair`` (under the build
+    lock), a damaged one is moved aside and deleted, and said so."""
     summary_file = directory / "summary.json"
-    if summary_file.is_file():
-        os.utime(summary_file)  # marks it recently used, so pruning keeps it
-        return Store(directory, json.loads(summary_file.read_text()))
-    return _build(recipe, tokenizer, directory)
+    if not summary_file.is_file():
+        return None
+    summary = json.loads(summary_file.read_text())
+    damage = folder_damage(directory, summary.get("files"))
+    if damage is None:
+        return Store(directory, summary)
+    if repair:
+        print(
+            f"warning: prepared data {directory} is damaged ({damage}): preparing it again", file=sys.stderr
+        )
+        aside = directory.with_name(f".{directory.name}.damaged{os.getpid()}")
+        directory.rename(aside)  # processes reading it keep their open files
+        shutil.rmtree(aside, ignore_errors=True)
+    return None
 
 
 def packing_runs(recipe: Recipe, on_gpu: bool) -> tuple[bool, str | None]:
@@ -437,8 +473,11 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
         origin = f"{tokenizer.origin}, template {data.chat_template}"
     else:
         origin = tokenizer.origin
+    # Under the build lock nobody else builds this store: any temporary folder of it, or a folder
+    # without a summary, was left by a process that died (SIGKILL) and goes.
+    for debris in [*directory.parent.glob(f".{directory.name}.tmp*"), directory]:
+        shutil.rmtree(debris, ignore_errors=True)
     work = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         rows, skipped = _write_raw(data.train, recipe, work / "raw-train.arrow", "train")
@@ -486,11 +525,9 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
             (work / name).unlink(missing_ok=True)
         for leftover in work.glob("cache-*.arrow"):  # datasets.map's intermediate files
             leftover.unlink()
+        summary["files"] = folder_files(work)  # checked at every open (folder_damage)
         (work / "summary.json").write_text(json.dumps(summary))
-        try:
-            work.rename(directory)
-        except OSError:  # another process built the same store first: use its copy
-            shutil.rmtree(work, ignore_errors=True)
+        work.rename(directory)  # under the build lock: no other process builds this store now
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -499,11 +536,24 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
 
 
 def _prune(keep: Path) -> None:
-    """Delete all but the KEEP_STORES most recently used stores (a store can be gigabytes)."""
+    """Delete all but the KEEP_STORES most recently used stores (a store can be gigabytes), except
+    any that a live process holds (open_store): a run training from it keeps it."""
     stores = [d for d in cache_dir().iterdir() if (d / "summary.json").is_file() and d != keep]
     stores.sort(key=lambda d: (d / "summary.json").stat().st_mtime, reverse=True)
     for old in stores[KEEP_STORES - 1 :]:
-        shutil.rmtree(old, ignore_errors=True)
+        use = _lock(old, "use")
+        if locks.hold(use):  # exclusive, not waiting: held by nobody else
+            try:
+                shutil.rmtree(old, ignore_errors=True)
+            finally:
+                locks.release(use)
+    # Lock files of stores that are gone (deleted above, or whose build failed), when free. A
+    # process that was waiting on one holds a deleted file's lock; it finds no store and builds.
+    for lock in cache_dir().glob("*.lock"):
+        store = lock.with_name(lock.name.split(".")[0])
+        if not store.exists() and locks.hold(lock):
+            lock.unlink(missing_ok=True)
+            locks.release(lock)
 
 
 @contextmanager

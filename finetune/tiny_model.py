@@ -11,11 +11,16 @@ cheap, and the training path imports unsloth before calling into it.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
+
+from finetune.files import cache_root, write_json
+from finetune.fingerprint import folder_damage, folder_files
 
 TINY_MODEL_NAME = "tiny-llama-3"
 
@@ -73,7 +78,7 @@ TINY_CONFIG = {
 TINY_SEED = 1234
 
 # Bump when the builder changes what it writes, so stale caches are rebuilt rather than trusted.
-_BUILDER_VERSION = "1"
+_BUILDER_VERSION = "2"  # 2: the files record (finetune-files.json)
 
 
 def special_tokens() -> dict[str, int]:
@@ -94,10 +99,6 @@ def tiktoken_file() -> Path:
     import llama_models.llama3 as llama3_pkg
 
     return Path(llama3_pkg.__file__).parent / "tokenizer.model"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FINETUNE_CACHE", Path.home() / ".cache" / "finetune"))
 
 
 def tiny_model_dir() -> Path:
@@ -167,7 +168,9 @@ def build_tiny_model(out_dir: Path) -> Path:
     specials = special_tokens()
     tokenizer = build_llama3_tokenizer()
     config = LlamaConfig(
-        **TINY_CONFIG,
+        # A copy: transformers writes rope_theta into the rope_scaling dict it is given, which would
+        # change TINY_CONFIG, and so tiny_model_dir's name, for the rest of the process.
+        **copy.deepcopy(TINY_CONFIG),
         bos_token_id=specials["<|begin_of_text|>"],
         eos_token_id=[specials["<|end_of_text|>"], specials["<|eom_id|>"], specials["<|eot_id|>"]],
         pad_token_id=specials["<|finetune_right_pad_id|>"],
@@ -182,6 +185,7 @@ def build_tiny_model(out_dir: Path) -> Path:
     tmp_dir = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
     model.save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
+    write_json(tmp_dir / FILES_RECORD, folder_files(tmp_dir))  # checked at every use (ensure_tiny_model)
     try:
         tmp_dir.rename(out_dir)
     except OSError:  # another process (a second rank, a parallel test) built it first: the same model
@@ -191,11 +195,42 @@ def build_tiny_model(out_dir: Path) -> Path:
     return out_dir
 
 
+FILES_RECORD = "finetune-files.json"  # the size and digest of every file, written with the model
+
+
+def tiny_model_damage(out_dir: Path) -> str | None:
+    """What is wrong with the cached tiny model's files (truncated, changed), or None."""
+    record = out_dir / FILES_RECORD
+    try:
+        recorded = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return f"{FILES_RECORD} is missing or unreadable"
+    return folder_damage(out_dir, recorded)
+
+
 def ensure_tiny_model() -> Path:
-    """Path to the tiny model, building it on first use (a few seconds)."""
+    """Path to the tiny model, building it on first use (a few seconds). A cached copy whose files
+    were damaged is built again, never loaded; one process builds while the others wait."""
+    from finetune import locks
+
     out_dir = tiny_model_dir()
-    if not (out_dir / "config.json").exists():
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    if out_dir.is_dir() and tiny_model_damage(out_dir) is None:
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with locks.exclusive(out_dir.with_name(out_dir.name + ".build.lock")):
+        if out_dir.is_dir():
+            damage = tiny_model_damage(out_dir)
+            if damage is None:  # built meanwhile by another process
+                return out_dir
+            print(
+                f"warning: the cached tiny model {out_dir} is damaged ({damage}): building it again",
+                file=sys.stderr,
+            )
+            aside = out_dir.with_name(f".{out_dir.name}.damaged{os.getpid()}")
+            out_dir.rename(aside)
+            shutil.rmtree(aside, ignore_errors=True)
+        for debris in out_dir.parent.glob(f"{out_dir.name}.tmp*"):  # left by a build killed midway
+            shutil.rmtree(debris, ignore_errors=True)
         build_tiny_model(out_dir)
     return out_dir
 

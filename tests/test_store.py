@@ -125,7 +125,8 @@ def test_rows_over_the_limit_stop_preparation_naming_the_first(cache):
     with pytest.raises(UserError) as stored:
         store.open_store(recipe, locate_tokenizer(recipe.model.name))
     assert str(stored.value) == str(in_memory.value) and "longer than max_seq_length 150" in str(stored.value)
-    assert not list(cache.glob("*"))  # nothing half-built is left to be trusted
+    # Nothing half-built is left to be trusted (only the store's lock files, empty).
+    assert [path.name for path in cache.glob("*") if path.suffix != ".lock"] == []
 
 
 def test_a_planned_store_is_read_without_tokenizing_or_importing_datasets(tmp_path):
@@ -211,7 +212,7 @@ def test_hub_dataset_names_are_read_from_the_local_hugging_face_cache(tmp_path):
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout.splitlines()[0])["data"]
     assert data["rows"] == data["trained_rows"] == 6
-    built = next((tmp_path / "cache" / "prepared").iterdir())
+    (built,) = [path for path in (tmp_path / "cache" / "prepared").iterdir() if path.is_dir()]
     summary = json.loads((built / "summary.json").read_text())
     assert summary["eval_rows"] == 2
     missing = run_cli("plan", "recipes/smoke.yaml", "data.train=someorg/missing", env_extra=env)
@@ -239,3 +240,91 @@ def test_content_digests_are_remembered_until_the_file_changes(tmp_path, monkeyp
         with pytest.raises(AssertionError, match="hashed again"):
             fingerprint.content_digest(data)
     assert fingerprint.content_digest(data) != first
+
+
+def test_a_damaged_store_is_found_before_use_and_prepared_again(cache, capsys):
+    recipe = smoke()
+    tokenizer = locate_tokenizer(recipe.model.name)
+    first = store.open_store(recipe, tokenizer)
+    rows = [list(e.input_ids) for e in first.examples()]
+    (arrow,) = (first.directory / "train").glob("*.arrow")
+    whole = arrow.read_bytes()
+
+    arrow.write_bytes(whole[: len(whole) // 2])  # truncated
+    again = store.open_store(recipe, tokenizer)
+    said = capsys.readouterr().err
+    assert f"prepared data {first.directory} is damaged (train/{arrow.name} is " in said
+    assert "when it was written): preparing it again" in said
+    assert arrow.read_bytes() == whole and [list(e.input_ids) for e in again.examples()] == rows
+
+    flipped = bytearray(whole)
+    flipped[len(flipped) // 2] ^= 0xFF  # one byte, same size
+    arrow.write_bytes(bytes(flipped))
+    capsys.readouterr()
+    store.open_store(recipe, tokenizer)
+    assert "changed since it was written (its digest differs)" in capsys.readouterr().err
+    assert arrow.read_bytes() == whole
+
+    capsys.readouterr()
+    store.open_store(recipe, tokenizer)  # whole again: opened without a word
+    assert capsys.readouterr().err == ""
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from finetune import store
+from finetune.prepare import locate_tokenizer
+from finetune.recipe import load_recipe
+store.cache_dir = lambda: Path(sys.argv[1])
+recipe = load_recipe("recipes/smoke.yaml", sys.argv[2:])
+built = store._build
+def counting(*args):
+    print("built", flush=True)
+    import time
+    time.sleep(1)  # long enough for the other process to arrive while this one builds
+    return built(*args)
+store._build = counting
+opened = store.open_store(recipe, locate_tokenizer(recipe.model.name))
+print("opened", opened.directory.name, flush=True)
+sys.stdin.readline()  # holds the store until told to end
+"""
+
+
+def hold_store(cache: Path, *overrides) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(cache), *overrides],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_evicting_old_stores_never_removes_one_a_live_process_holds(cache, monkeypatch, tmp_path):
+    monkeypatch.setattr(store, "KEEP_STORES", 1)  # every other store is old
+    data = tmp_path / "a.jsonl"
+    shutil.copy(SAMPLE, data)
+    holder = hold_store(cache, f"data.train={data}")
+    held = holder.stdout.readline() and holder.stdout.readline().split()[1]
+    other = tmp_path / "b.jsonl"
+    shutil.copy(SAMPLE, other)
+    other.write_bytes(other.read_bytes().replace(b"def ", b"def  ", 1))
+    store.open_store(smoke(f"data.train={other}"), locate_tokenizer("tiny-llama-3"))  # builds, then prunes
+    assert (cache / held / "summary.json").is_file()  # in use: kept
+    holder.communicate("\n")
+    third = tmp_path / "c.jsonl"
+    third.write_bytes(other.read_bytes().replace(b"def ", b"def   ", 1))
+    store.open_store(smoke(f"data.train={third}"), locate_tokenizer("tiny-llama-3"))
+    assert not (cache / held).exists()  # no longer in use: evicted
+
+
+def test_two_processes_preparing_the_same_data_build_it_once(cache, tmp_path):
+    data = tmp_path / "same.jsonl"
+    shutil.copy(SAMPLE, data)
+    both = [hold_store(cache, f"data.train={data}") for _ in range(2)]
+    outputs = [process.communicate("\n", timeout=300)[0] for process in both]
+    assert all(process.returncode == 0 for process in both), outputs
+    assert sum(out.count("built") for out in outputs) == 1, outputs  # one built, the other waited
+    opened = {line.split()[1] for out in outputs for line in out.splitlines() if line.startswith("opened")}
+    assert len(opened) == 1 and (cache / opened.pop() / "summary.json").is_file()

@@ -17,12 +17,12 @@ def test_plan_then_train_open_one_store_and_tokenize_once(tmp_path, tiny_model_d
     env = {"FINETUNE_CACHE": str(cache)}
     plan = run_cli("plan", "recipes/smoke.yaml", "--json", env_extra=env)
     assert plan.returncode == 0, plan.stderr
-    (store_dir,) = (cache / "prepared").iterdir()
+    (store_dir,) = [path for path in (cache / "prepared").iterdir() if path.is_dir()]
     files = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (store_dir / "train").iterdir()}
     runs = tmp_path / "runs"
     train = run_cli("recipes/smoke.yaml", "train.max_steps=4", f"output.dir={runs}", env_extra=env)
     assert train.returncode == 0, train.stderr
-    assert list((cache / "prepared").iterdir()) == [store_dir]
+    assert [path for path in (cache / "prepared").iterdir() if path.is_dir()] == [store_dir]
     # The prepared rows were not written again, and nothing was added beside them (TRL's and
     # Unsloth's dataset steps write their cache files elsewhere).
     assert {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (store_dir / "train").iterdir()} == files
