@@ -104,7 +104,7 @@ def cmd_train(
 
 def cmd_resume(run_dir: Path, force: bool, allow: bool) -> int:
     """Continue a run from its latest sound checkpoint, with the recipe it was started with."""
-    run.read_run(run_dir)  # a clear error when this is not a run folder
+    run.check_started_run(run_dir)  # a clear error when this is not a run folder
     run.hold_run(run_dir)  # refused while another process still trains it
     recipe = load_recipe(run_dir / "recipe.yaml")
     check_can_start(recipe, str(run_dir))

@@ -44,6 +44,7 @@ from finetune.recipe import Recipe, UserError, dump_recipe, recipe_name
 from finetune.report import write_report
 from finetune.run import (
     OutOfMemory,
+    clear_for_restart,
     disk_full_as,
     fingerprint_changes,
     hold_run,
@@ -253,22 +254,28 @@ def plan_launch(
     return Launch(recipe, source, name, data, plan, device, budget, budget_lines, warnings, suggestions, disk)
 
 
-def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path, list[str]]:
+def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path | None, list[str]]:
     """The checkpoint a resume continues from, and the lines to print about it. The run's inputs are
     compared with its manifest first, so changed inputs are refused (unless ``force``) before
-    anything is prepared from them or anything heavy is imported."""
-    changes = fingerprint_changes(read_run(run_dir)["fingerprints"], run_fingerprints(recipe))
-    if changes and not force:
-        raise UserError(
-            f"{run_dir}: the inputs changed since the run started, so resuming would not continue the "
-            f"same run ({'; '.join(changes)}); --force resumes anyway"
-        )
-    lines = [f"warning: --force: resuming although {line}" for line in changes]
+    anything is prepared from them or anything heavy is imported. A run that died before its first
+    sound checkpoint (in data preparation, model loading, its first steps) is trained again from
+    the first step in the same folder: None."""
+    lines = []
+    if (run_dir / "manifest.json").is_file():  # not yet written when it died loading the model
+        changes = fingerprint_changes(read_run(run_dir)["fingerprints"], run_fingerprints(recipe))
+        if changes and not force:
+            raise UserError(
+                f"{run_dir}: the inputs changed since the run started, so resuming would not continue the "
+                f"same run ({'; '.join(changes)}); --force resumes anyway"
+            )
+        lines = [f"warning: --force: resuming although {line}" for line in changes]
     lines += _same_world_size(run_dir, force)
     checkpoint, skipped = latest_checkpoint(run_dir)
     lines += skipped
     if checkpoint is None:
-        raise UserError(f"{run_dir}: no complete checkpoint to resume from")
+        gone = clear_for_restart(run_dir)
+        removed = f" (removed {', '.join(gone)})" if gone else ""
+        return None, [*lines, f"no sound checkpoint yet: training again from the first step{removed}"]
     return checkpoint, [*lines, f"resuming from {checkpoint.name}"]
 
 
@@ -364,9 +371,9 @@ def inference_stack(recipe: Recipe):
 
 def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Path:
     """runs/<name>/<timestamp>-<hash> with the resolved recipe, how it was resolved, and the plan;
-    made before the heavy import, so an unusable output.dir fails in a second. The training stack is
-    imported once the folder exists and before anything is written in it, so a machine Unsloth
-    refuses (a UserError, see finetune/stack.py) leaves no folder behind."""
+    made before the heavy import, so an unusable output.dir fails in a second, and a run killed
+    while the stack loads can be resumed (trained from its first step). A machine Unsloth refuses
+    at that import (a UserError, see finetune/stack.py) leaves no folder behind."""
     use_backend(launch.recipe.model.backend)
     if not distributed.is_main():  # under torchrun: rank 0 makes the folder and says where it is
         from finetune import stack  # noqa: F401
@@ -374,13 +381,6 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
         return Path(distributed.from_main(None))
     run_dir = make_run_dir(launch.recipe, launch.name)
     hold_run(run_dir)
-    try:
-        from finetune import stack  # noqa: F401  (heavy: unsloth, torch, transformers, trl)
-    except UserError:
-        run_dir.rmdir()  # still empty, as may be the recipe's folder above it
-        if not any(run_dir.parent.iterdir()):
-            run_dir.parent.rmdir()
-        raise
     write_run_file(run_dir / "recipe.yaml", dump_recipe(launch.recipe))
     # The resolved recipe already holds the overridden values; this records how they got there.
     write_run_json(
@@ -394,6 +394,13 @@ def new_run_folder(launch: Launch, recipe_file: str, overrides: list[str]) -> Pa
     )
     write_run_json(run_dir / "plan.json", plan_document(launch))
     plot_schedule(launch.plan, run_dir / "lr_schedule.png")
+    try:
+        from finetune import stack  # noqa: F401  (heavy: unsloth, torch, transformers, trl)
+    except UserError:
+        shutil.rmtree(run_dir)  # only what was just written, as may be the recipe's folder above it
+        if not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
+        raise
     return Path(distributed.from_main(str(run_dir)))
 
 

@@ -13,6 +13,7 @@ import bisect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field, replace
@@ -183,11 +184,19 @@ def llama3_tokenizer_dir() -> Path:
     The conversion needs transformers (and so torch); it runs in a child process so that planning
     in this one stays light.
     """
+    from finetune import locks
     from finetune.processes import child_setup
     from finetune.tiny_model import cache_root, tokenizer_digest
 
     directory = cache_root() / f"llama-3-tokenizer-{tokenizer_digest()}"
-    if not (directory / "tokenizer.json").is_file():
+    if (directory / "tokenizer.json").is_file():
+        return directory
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with locks.exclusive(directory.with_name(directory.name + ".build.lock")):  # one process converts
+        if (directory / "tokenizer.json").is_file():
+            return directory
+        for debris in directory.parent.glob(f"{directory.name}.tmp*"):  # a conversion killed midway
+            shutil.rmtree(debris, ignore_errors=True)
         # Output captured: `plan --json` prints JSON alone on stdout.
         subprocess.run(
             [sys.executable, "-m", "finetune.tiny_model", "--tokenizer", str(directory)],

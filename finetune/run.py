@@ -354,6 +354,30 @@ def latest_checkpoint(run_dir: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
+def check_started_run(run_dir: Path) -> None:
+    """A clear error unless ``run_dir`` is a run folder: one that was started (its recipe and
+    run.json are written first), trained or not."""
+    if not ((run_dir / "recipe.yaml").is_file() and (run_dir / "run.json").is_file()):
+        read_run(run_dir)  # says what is missing, or that the record is damaged
+
+
+def clear_for_restart(run_dir: Path) -> list[str]:
+    """Make a run folder with no sound checkpoint ready to train again from the first step: what
+    the attempt that died wrote while training goes (unsealed checkpoints, log, TensorBoard events,
+    the probe's folder); the recipe, plan, manifest and trackers' records stay. Returns what went."""
+    gone = []
+    for name in ("checkpoints", "tensorboard", "probe", "log.jsonl", "samples.json"):
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        gone.append(name)
+    return gone
+
+
 def read_run(run_dir: Path) -> dict:
     """The manifest of an existing run folder; a clear error when it is not one."""
     path = run_dir / "manifest.json"
