@@ -19,7 +19,7 @@ CONVERTER := $(VENV)/llama.cpp/.from-$(GGUF_HASH)
 SDIST := $(VENV)/llama.cpp-sdist
 LLAMA_CPP_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
 
-.PHONY: setup demo test test-fast fuzz smoke canary lint clean gguf-quantize
+.PHONY: setup demo test test-fast fuzz smoke chaos canary lint clean gguf-quantize
 
 setup: $(STAMP) $(CONVERTER)
 
@@ -73,6 +73,13 @@ fuzz: setup
 # Every shipped recipe on the tiny model, checked against tests/smoke_bands.json (GPU if present).
 smoke: setup
 	$(PY) runner.py smoke
+
+# The smoke run killed with SIGKILL at seeded moments of every phase of its life, each recovered and
+# held to the uninterrupted run's adapter (benchmarks/chaos.py): KILLS=20 SEED=7 by default.
+KILLS ?= 20
+SEED ?= 7
+chaos: setup
+	$(PY) benchmarks/chaos.py --kills $(KILLS) --seed $(SEED)
 
 # The same smoke against the newest releases of the training stack, in its own environment, so a
 # breaking upstream release shows up as a failed band naming the versions that changed.
