@@ -272,6 +272,12 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path | Non
     lines += _same_world_size(run_dir, force)
     checkpoint, skipped = latest_checkpoint(run_dir)
     lines += skipped
+    if checkpoint is None and (run_dir / "adapter" / "adapter_config.json").is_file():
+        # Finished without a checkpoint (save_steps past its last step): training it again would
+        # replace the adapter it made.
+        raise UserError(
+            f"{run_dir} has finished (its adapter is in {run_dir / 'adapter'}): nothing to resume"
+        )
     if checkpoint is None:
         gone = clear_for_restart(run_dir)
         removed = f" (removed {', '.join(gone)})" if gone else ""

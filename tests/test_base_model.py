@@ -55,3 +55,24 @@ def test_resume_refuses_a_changed_base_model_before_anything_heavy(tmp_path):
     checkpoint, lines = launch.resume_point(recipe, tmp_path, force=True)
     assert checkpoint is None and lines[0].startswith("warning: --force: resuming although base model: was")
     assert lines[-1] == "no sound checkpoint yet: training again from the first step"
+
+
+def test_resume_trains_again_from_the_first_step_only_a_run_that_never_finished(tmp_path):
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
+    (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # unsealed: died while writing it
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 12.0}\n')
+    checkpoint, lines = launch.resume_point(recipe, tmp_path, force=False)
+    assert (
+        checkpoint is None
+        and not (tmp_path / "checkpoints").exists()
+        and not (tmp_path / "log.jsonl").exists()
+    )
+    assert (
+        lines[-1]
+        == "no sound checkpoint yet: training again from the first step (removed checkpoints, log.jsonl)"
+    )
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(UserError, match="has finished .*: nothing to resume"):
+        launch.resume_point(recipe, tmp_path, force=False)
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
