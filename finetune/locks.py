@@ -54,22 +54,6 @@ def holder(path: Path) -> str:
         return "?"
 
 
-def is_free(path: Path) -> bool:
-    """Nobody holds ``path`` (shared or exclusive); checked without keeping a lock."""
-    if str(path) in _HELD:
-        return False
-    if not path.exists():
-        return True
-    fd = _open(path)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    finally:
-        os.close(fd)
-
-
 @contextmanager
 def exclusive(path: Path):
     """Hold ``path`` exclusively for the block, waiting for any other holder first."""
