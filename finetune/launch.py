@@ -279,9 +279,9 @@ def resume_point(recipe: Recipe, run_dir: Path, force: bool) -> tuple[Path | Non
             f"{run_dir} has finished (its adapter is in {run_dir / 'adapter'}): nothing to resume"
         )
     if checkpoint is None:
-        gone = clear_for_restart(run_dir)
-        removed = f" (removed {', '.join(gone)})" if gone else ""
-        return None, [*lines, f"no sound checkpoint yet: training again from the first step{removed}"]
+        done = clear_for_restart(run_dir)
+        said = f" ({'; '.join(done)})" if done else ""
+        return None, [*lines, f"no sound checkpoint yet: training again from the first step{said}"]
     return checkpoint, [*lines, f"resuming from {checkpoint.name}"]
 
 

@@ -364,8 +364,25 @@ def check_started_run(run_dir: Path) -> None:
 def clear_for_restart(run_dir: Path) -> list[str]:
     """Make a run folder with no sound checkpoint ready to train again from the first step: what
     the attempt that died wrote while training goes (unsealed checkpoints, log, TensorBoard events,
-    the probe's folder); the recipe, plan, manifest and trackers' records stay. Returns what went."""
-    gone = []
+    the probe's folder); the recipe, plan, manifest and trackers' records stay. A checkpoint that was
+    sealed and has since been damaged is trained work, maybe partly recoverable by hand: it is moved
+    to RUN/damaged-checkpoints/, never deleted. Returns what was done, said for the user."""
+    damaged = [
+        checkpoint
+        for checkpoint in sorted((run_dir / "checkpoints").glob("checkpoint-*"))
+        if checkpoint.is_dir() and (checkpoint / SEAL).is_file()  # sealed, yet latest_checkpoint refused it
+    ]
+    if damaged:
+        aside = run_dir / "damaged-checkpoints"
+        aside.mkdir(exist_ok=True)
+        for checkpoint in damaged:
+            target, copy = aside / checkpoint.name, 1
+            while target.exists():  # one set aside by an earlier restart keeps its place
+                copy += 1
+                target = aside / f"{checkpoint.name}.{copy}"
+            checkpoint.rename(target)
+        moved = f"moved {', '.join(c.name for c in damaged)} (damaged since sealed) to {aside.name}/"
+    removed = []
     for name in ("checkpoints", "tensorboard", "probe", "log.jsonl", "samples.json"):
         path = run_dir / name
         if path.is_dir():
@@ -374,8 +391,8 @@ def clear_for_restart(run_dir: Path) -> list[str]:
             path.unlink()
         else:
             continue
-        gone.append(name)
-    return gone
+        removed.append(name)
+    return ([moved] if damaged else []) + ([f"removed {', '.join(removed)}"] if removed else [])
 
 
 def read_run(run_dir: Path) -> dict:

@@ -76,3 +76,24 @@ def test_resume_trains_again_from_the_first_step_only_a_run_that_never_finished(
     with pytest.raises(UserError, match="has finished .*: nothing to resume"):
         launch.resume_point(recipe, tmp_path, force=False)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_restart_moves_damaged_sealed_checkpoints_aside_and_never_deletes_them(tmp_path):
+    from finetune.run import seal_checkpoint
+
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
+    sealed = tmp_path / "checkpoints" / "checkpoint-4"
+    sealed.mkdir(parents=True)
+    (sealed / "adapter_model.safetensors").write_bytes(b"trained" * 100)
+    seal_checkpoint(sealed)
+    (sealed / "adapter_model.safetensors").write_bytes(b"trainee" * 100)  # damaged since: same size
+    (tmp_path / "checkpoints" / "checkpoint-6").mkdir()  # unsealed: died while writing it
+    checkpoint, lines = launch.resume_point(recipe, tmp_path, force=False)
+    assert checkpoint is None
+    assert "skipped checkpoint-4: adapter_model.safetensors differs from when it was saved" in lines
+    assert lines[-1] == (
+        "no sound checkpoint yet: training again from the first step "
+        "(moved checkpoint-4 (damaged since sealed) to damaged-checkpoints/; removed checkpoints)"
+    )
+    kept = tmp_path / "damaged-checkpoints" / "checkpoint-4" / "adapter_model.safetensors"
+    assert kept.read_bytes() == b"trainee" * 100 and not (tmp_path / "checkpoints").exists()
