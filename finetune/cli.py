@@ -273,7 +273,9 @@ def cmd_export(run_dir: Path, out: Path | None, quant: str | None) -> int:
     run.check_export_folder(out)
     print_lines(f"export: {base.why}")
     inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
-    print_lines(f"merged 16-bit model saved to {inference.export(run_dir, out, base)}")
+    with run.export_folder(out, run_dir, "the merged model") as staging:
+        inference.export(run_dir, staging, base)
+    print_lines(f"merged 16-bit model saved to {out}")
     return 0
 
 

@@ -426,14 +426,10 @@ def export_gguf(run_dir: Path, out_dir: Path, quant: str, say) -> Path:
     say(f"export: {base.why}", f"then llama.cpp's converter ({quant}); its log: {log}")
     inference = launch.inference_stack(recipe)  # heavy: the run's backend, torch, transformers
     name = run_dir.parent.name or "model"  # runs/<recipe>/<run>: the recipe's name
-    try:
-        merged = inference.export(run_dir, out_dir / ".merged-16bit", base)
-        path, lines = write_gguf(merged, out_dir, quant, name, log)
-    except BaseException:
-        # The folder was new or empty (checked): removing it loses nothing of the user's, and the
-        # export can simply be run again.
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    with run.export_folder(out_dir, run_dir, "the GGUF export") as staging:
+        merged = inference.export(run_dir, staging / ".merged-16bit", base)
+        written, lines = write_gguf(merged, staging, quant, name, log)
+    path = out_dir / written.name
     size = path.stat().st_size
     say(
         *lines,

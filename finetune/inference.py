@@ -11,7 +11,6 @@ from finetune import stack  # first: the backend (Unsloth, set up, before the li
 # isort: split
 import contextlib
 import gc
-import shutil
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from finetune.export import MergeBase, readme
 from finetune.files import write_atomic
 from finetune.internals import forget_quantized_loading
 from finetune.prepare import IGNORE_INDEX, Example
-from finetune.run import disk_full_as, finished_adapter
+from finetune.run import finished_adapter
 from finetune.store import Store
 from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
@@ -154,8 +153,9 @@ def load_adapter(adapter_dir: Path, max_seq_length: int = 2048, load_in_4bit: bo
 
 def export(run_dir: Path, out_dir: Path, base: MergeBase) -> Path:
     """The adapter merged into ``base`` (finetune/export.py chose it and checked the room), saved as
-    16-bit safetensors with the run's tokenizer and a README.md saying which base it is. Plain
-    transformers and PEFT, on the CPU: the same on every machine, and a GPU of any size can export."""
+    16-bit safetensors with the run's tokenizer and a README.md saying which base it is, into
+    ``out_dir`` (run.export_folder's staging folder). Plain transformers and PEFT, on the CPU: the
+    same on every machine, and a GPU of any size can export."""
     from huggingface_hub import snapshot_download
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -172,17 +172,9 @@ def export(run_dir: Path, out_dir: Path, base: MergeBase) -> Path:
         forget_quantized_loading(model)
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     tokenizer = AutoTokenizer.from_pretrained(adapter)
-    then = f"nothing of the run changed and {out_dir} was removed; free some space and export again"
-    try:
-        with disk_full_as("the merged model", out_dir, run_dir, then=then):
-            merged.save_pretrained(out_dir, safe_serialization=True)
-            tokenizer.save_pretrained(out_dir)
-            write_atomic(out_dir / "README.md", readme(run_dir, base))
-    except BaseException:
-        # A half-written merge must not pass for a model; the folder was new or empty (checked), so
-        # removing it loses nothing of the user's, and `export` can simply be run again.
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
+    merged.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    write_atomic(out_dir / "README.md", readme(run_dir, base))
     return out_dir
 
 

@@ -155,17 +155,20 @@ def write_run_json(path: Path, document) -> Path:
     return write_run_file(path, json.dumps(document, indent=2) + "\n")
 
 
-def check_writable(path: Path, what: str, folder: bool = False) -> Path:
+def check_writable(path: Path, what: str, folder: bool = False, make: bool = True) -> Path:
     """Fail now, in one sentence, when a file (or ``folder``) the user named could not be written
     later (after a smoke of several minutes, say): a file is a folder, or the folder cannot be made
     or written in. Checked by writing, since permission bits do not tell (root, read-only or
-    virtual filesystems)."""
+    virtual filesystems). ``make=False``: a folder that will be renamed into place (an export), so
+    only the folder holding it is made and written in."""
     if path.is_dir() and not folder:
         raise UserError(f"{what} '{path}' is a folder; name a file")
     parent = path if folder else path.parent
     blocker = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         raise UserError(f"{what} '{path}': '{blocker}' is a file, not a folder")
+    if folder and not make:
+        parent = path.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=parent, prefix=".write-check."):
@@ -232,7 +235,40 @@ def check_export_folder(out_dir: Path) -> Path:
     """Where `export` writes: a new or empty folder, so no earlier export is overwritten."""
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise UserError(f"'{out_dir}' already exists and is not empty; nothing was overwritten")
-    return check_writable(out_dir, "--out", folder=True)
+    return check_writable(out_dir, "--out", folder=True, make=False)  # written beside, then renamed
+
+
+@contextmanager
+def export_folder(out_dir: Path, run_dir: Path, what: str):
+    """The folder an export writes into: a staging folder beside OUT (.OUT.partial), renamed to OUT
+    once everything in it is written and checked, so OUT is never a half-written model. An export
+    that fails removes its staging folder; one killed leaves it, and the next export to OUT removes
+    it, unless the export writing it is still alive (a lock beside it): then it is refused."""
+    from finetune import locks
+
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    lock = out_dir.with_name(f".{out_dir.name}.lock")
+    if not locks.hold(lock):
+        pid = locks.holder(lock)
+        raise UserError(f"another export (process {pid}) is writing {out_dir}; wait for it to end")
+    try:
+        check_export_folder(out_dir)  # again, under the lock: an export that just ended made OUT
+        shutil.rmtree(staging, ignore_errors=True)  # a killed export's
+        staging.mkdir()
+        then = (
+            f"nothing of the run changed and nothing was left in {out_dir}; free some space and export again"
+        )
+        with disk_full_as(what, out_dir, run_dir, then=then):
+            yield staging
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        lock.unlink(missing_ok=True)  # a process that opens it now finds OUT made, or no export
+        locks.release(lock)
 
 
 def _git_commit() -> str | None:

@@ -1,13 +1,15 @@
 """What `export` merges into, and whether there is room, decided before anything heavy is imported."""
 
 import json
+import subprocess
+import sys
 from collections import namedtuple
 from pathlib import Path
 
 import pytest
 from huggingface_hub import constants
 
-from finetune import disk, export
+from finetune import disk, export, run
 from finetune.budget import GIB
 from finetune.preflight import shipped_config
 from finetune.recipe import UserError, load_recipe
@@ -126,3 +128,67 @@ def test_the_merged_folder_says_which_base_it_is(tmp_path):
     base = export.MergeBase(FOUR_BIT, tmp_path, True, "merged into X dequantized to 16 bits")
     text = export.readme(tmp_path, base)
     assert f"The adapter of the run {tmp_path.resolve()} merged into X dequantized to 16 bits." in text
+
+
+# --- the folder an export writes into (run.export_folder) ---------------------------------------
+
+
+def test_an_export_appears_whole_or_not_at_all(tmp_path):
+    out = tmp_path / "merged"
+    with run.export_folder(out, tmp_path, "the merged model") as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+        assert not out.exists()  # nothing at OUT while it is being written
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder, no lock
+
+
+def test_a_failed_export_leaves_nothing(tmp_path):
+    out = tmp_path / "merged"
+    with pytest.raises(RuntimeError, match="converter failed"):
+        with run.export_folder(out, tmp_path, "the merged model") as staging:
+            (staging / "model.safetensors").write_bytes(b"half")
+            raise RuntimeError("converter failed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_exports_leftovers_are_removed_by_the_next_export(tmp_path):
+    out = tmp_path / "merged"
+    left = tmp_path / ".merged.partial"
+    left.mkdir()
+    (left / "model-00001-of-00002.safetensors").write_bytes(b"half")  # SIGKILLed mid-write
+    (tmp_path / ".merged.lock").write_text("12345")  # its lock file; the kernel dropped the lock
+    with run.export_folder(out, tmp_path, "the merged model") as staging:
+        (staging / "model.safetensors").write_bytes(b"weights")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_an_export_still_writing_is_not_disturbed(tmp_path):
+    out = tmp_path / "merged"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_AND_WAIT, str(tmp_path / ".merged.lock")],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (tmp_path / ".merged.partial").mkdir()
+        (tmp_path / ".merged.partial" / "model.safetensors").write_bytes(b"being written")
+        with pytest.raises(UserError, match=rf"another export \(process {holder.pid}\) is writing .*merged"):
+            with run.export_folder(out, tmp_path, "the merged model"):
+                pass
+        assert (tmp_path / ".merged.partial" / "model.safetensors").read_bytes() == b"being written"
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+HOLD_AND_WAIT = """
+import sys, time
+from pathlib import Path
+from finetune import locks
+assert locks.hold(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(60)
+"""

@@ -125,5 +125,6 @@ def test_a_disk_that_fills_during_export_leaves_no_half_merged_model(
         message = " ".join(capfd.readouterr().err.split())
         assert code == 5 and not (disk / "merged").exists(), message
         assert f"error: the disk is full: writing the merged model into {disk / 'merged'} failed (" in message
-        assert f"nothing of the run changed and {disk / 'merged'} was removed; free some space and" in message
+        assert f"nothing of the run changed and nothing was left in {disk / 'merged'}; free some" in message
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no staging folder, no lock
     assert (finished_run / "adapter" / "adapter_model.safetensors").is_file()  # the run is untouched

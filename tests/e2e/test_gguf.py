@@ -140,6 +140,28 @@ def test_the_export_folder_holds_the_gguf_its_modelfile_and_the_log_and_no_inter
     assert "INFO:hf-to-gguf:Set model tokenizer" in (exported / "llama.cpp.log").read_text()
 
 
+def test_an_export_killed_midway_leaves_no_model_and_simply_runs_again(exported, tmp_path):
+    """SIGKILL while llama.cpp's converter writes: OUT does not exist (the export is written beside it
+    and renamed whole), and the same command then exports, removing what the killed one left."""
+    import signal
+    import time
+
+    out, staging = tmp_path / "gguf", tmp_path / ".gguf.partial"
+    command = [sys.executable, "runner.py", "export", str(exported), "--quant", "f16", "--out", str(out)]
+    killed = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 600
+    while not (staging / "smoke-f16.gguf.partial").exists():  # the converter has started writing
+        assert killed.poll() is None and time.monotonic() < deadline, "the export ended before it was killed"
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not out.exists() and staging.is_dir()
+    again = runner("export", str(exported), "--quant", "f16", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "smoke-f16.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gguf"]  # no staging folder, no lock
+
+
 # --- the Modelfile's TEMPLATE, rendered by Go ------------------------------------------------------
 
 
