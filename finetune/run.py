@@ -239,32 +239,37 @@ def check_export_folder(out_dir: Path) -> Path:
 
 
 @contextmanager
+def folder_whole(folder: Path):
+    """Write a folder beside its place (.NAME.partial) and move it there once complete, replacing an
+    earlier one: whoever reads ``folder`` finds the old one, none, or the new one whole, however the
+    writer ends. What a writer killed midway left beside it is removed by the next."""
+    staging = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    yield staging
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+
+
+@contextmanager
 def export_folder(out_dir: Path, run_dir: Path, what: str):
-    """The folder an export writes into: a staging folder beside OUT (.OUT.partial), renamed to OUT
-    once everything in it is written and checked, so OUT is never a half-written model. An export
-    that fails removes its staging folder; one killed leaves it, and the next export to OUT removes
-    it, unless the export writing it is still alive (a lock beside it): then it is refused."""
+    """The folder an export writes into, made whole (folder_whole): OUT is never a half-written
+    model. An export that fails removes what it wrote; one killed leaves its staging folder, which
+    the next export to OUT removes, unless the export writing it is still alive (a lock beside it):
+    then it is refused."""
     from finetune import locks
 
-    staging = out_dir.with_name(f".{out_dir.name}.partial")
     lock = out_dir.with_name(f".{out_dir.name}.lock")
     if not locks.hold(lock):
         pid = locks.holder(lock)
         raise UserError(f"another export (process {pid}) is writing {out_dir}; wait for it to end")
+    then = f"nothing of the run changed and nothing was left in {out_dir}; free some space and export again"
     try:
         check_export_folder(out_dir)  # again, under the lock: an export that just ended made OUT
-        shutil.rmtree(staging, ignore_errors=True)  # a killed export's
-        staging.mkdir()
-        then = (
-            f"nothing of the run changed and nothing was left in {out_dir}; free some space and export again"
-        )
-        with disk_full_as(what, out_dir, run_dir, then=then):
+        with disk_full_as(what, out_dir, run_dir, then=then), folder_whole(out_dir) as staging:
             yield staging
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked)
-        staging.rename(out_dir)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(out_dir.with_name(f".{out_dir.name}.partial"), ignore_errors=True)
         raise
     finally:
         lock.unlink(missing_ok=True)  # a process that opens it now finds OUT made, or no export
@@ -419,7 +424,7 @@ def clear_for_restart(run_dir: Path) -> list[str]:
             checkpoint.rename(target)
         moved = f"moved {', '.join(c.name for c in damaged)} (damaged since sealed) to {aside.name}/"
     removed = []
-    for name in ("checkpoints", "tensorboard", "probe", "log.jsonl", "samples.json"):
+    for name in ("checkpoints", "tensorboard", "probe", "log.jsonl", "samples.json", ".adapter.partial"):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)

@@ -142,6 +142,24 @@ def test_an_export_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder, no lock
 
 
+def test_a_folder_written_whole_replaces_the_old_one_only_once_complete(tmp_path):
+    """The run's adapter is saved this way: a save that dies midway leaves the earlier adapter (or
+    none), never a folder that looks finished and is not."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("old")
+    with pytest.raises(KeyboardInterrupt):
+        with run.folder_whole(adapter) as staging:
+            (staging / "adapter_config.json").write_text("new")
+            raise KeyboardInterrupt  # killed before the weights were written
+    assert (adapter / "adapter_config.json").read_text() == "old"
+    with run.folder_whole(adapter) as staging:  # the next save removes what the dead one left
+        (staging / "adapter_model.safetensors").write_text("weights")
+        (staging / "adapter_config.json").write_text("new")
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
 def test_a_failed_export_leaves_nothing(tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="converter failed"):
