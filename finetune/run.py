@@ -251,6 +251,14 @@ def folder_whole(folder: Path):
     staging.rename(folder)
 
 
+def save_adapter(model, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
+    """The trained adapter and its tokenizer, saved whole or not at all: a run killed while saving
+    must not look finished, since resume and export trust adapter/ once its config is there."""
+    with disk_full_as("the adapter", adapter_dir, run_dir), folder_whole(adapter_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
 @contextmanager
 def export_folder(out_dir: Path, run_dir: Path, what: str):
     """The folder an export writes into, made whole (folder_whole): OUT is never a half-written

@@ -49,9 +49,9 @@ from finetune.run import (
     OutOfMemory,
     TrainResult,
     disk_full_as,
-    folder_whole,
     keep_log_until,
     manifest,
+    save_adapter,
     write_run_file,
     write_run_json,
 )
@@ -427,11 +427,7 @@ def train(
     if distributed.is_main():
         write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     if stopper.signal_name is None and watchdog.stopped is None and distributed.is_main():
-        # Whole or not at all: a run killed while saving must not look finished (resume and export
-        # trust adapter/ once its config is there).
-        with disk_full_as("the adapter", adapter_dir, run_dir), folder_whole(adapter_dir) as staging:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+        save_adapter(model, tokenizer, adapter_dir, run_dir)
         before = json.loads(samples_file.read_text()) if samples_file.is_file() else []
         after = generate_samples(model, tokenizer, store, len(before), recipe.output.sample_tokens)
         write_run_json(

@@ -142,21 +142,37 @@ def test_an_export_appears_whole_or_not_at_all(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no staging folder, no lock
 
 
-def test_a_folder_written_whole_replaces_the_old_one_only_once_complete(tmp_path):
-    """The run's adapter is saved this way: a save that dies midway leaves the earlier adapter (or
-    none), never a folder that looks finished and is not."""
+class Saver:
+    """Stands in for a PEFT model or a tokenizer: writes its files, or dies after the first."""
+
+    def __init__(self, files: dict[str, str], dies: bool = False):
+        self.files, self.dies = files, dies
+
+    def save_pretrained(self, folder):
+        for name, text in self.files.items():
+            (Path(folder) / name).write_text(text)
+            if self.dies:
+                raise KeyboardInterrupt  # killed midway
+
+
+def test_the_adapter_replaces_the_old_one_only_once_saved_whole(tmp_path):
+    """A save that dies midway leaves the earlier adapter (or none), never a folder that looks
+    finished (its config written) and is not."""
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("old")
+    model = Saver({"adapter_config.json": "new", "adapter_model.safetensors": "weights"}, dies=True)
     with pytest.raises(KeyboardInterrupt):
-        with run.folder_whole(adapter) as staging:
-            (staging / "adapter_config.json").write_text("new")
-            raise KeyboardInterrupt  # killed before the weights were written
+        run.save_adapter(model, Saver({"tokenizer.json": "t"}), adapter, tmp_path)
+    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]
     assert (adapter / "adapter_config.json").read_text() == "old"
-    with run.folder_whole(adapter) as staging:  # the next save removes what the dead one left
-        (staging / "adapter_model.safetensors").write_text("weights")
-        (staging / "adapter_config.json").write_text("new")
-    assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    model.dies = False  # the next save (a resume's) removes what the dead one left
+    run.save_adapter(model, Saver({"tokenizer.json": "t"}), adapter, tmp_path)
+    assert sorted(p.name for p in adapter.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+    ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
 
