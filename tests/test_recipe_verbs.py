@@ -140,8 +140,11 @@ def test_every_gpu_recipe_names_its_card():
 @pytest.mark.parametrize("name, card", TARGET_CARDS.items())
 def test_each_gpu_recipe_fits_its_card_with_every_micro_batch_at_full_length(name, card):
     out = run_cli("plan", f"recipes/{name}.yaml", "--gpu", card, "--full-length", "--json")
-    assert out.returncode == 0, out.stderr
     document = json.loads(out.stdout.splitlines()[0])
     failed = [v for v in document["budget"]["verdicts"] if not v["ok"]]
     assert document["budget"]["ok"] and not failed, failed
+    # The disk verdict is this machine's free space (the 70B download alone is 37 GiB), not the
+    # recipe's: a plan refused for the disk alone (exit 3) still shows the recipe fits its card.
+    short_of_disk = [v for v in document["disk"]["verdicts"] if not v["ok"]]
+    assert out.returncode == (3 if short_of_disk else 0), out.stderr
     assert document["parameters"]["trainable"] > 0
