@@ -1,35 +1,80 @@
 #!/usr/bin/env bash
-# The one command for a lent GPU machine (../shared/GPU.md), run from the project root with `.gpu`
-# carried: unpack the packages its image lacks (benchmarks/gpu_site.sh built them), check that every
-# module this project imports loads and that torch sees the GPU, then run the GPU matrix
-# (benchmarks/gpu_truth.py) into $OUT, and with the time left the GPU tests. Everything it learns is
-# written under $OUT as it goes, so a command cut short still returns what it found.
-#   LIMIT=420 bash benchmarks/gpu_first_command.sh      (LIMIT: seconds for the matrix)
+# The commands for a lent GPU machine (../shared/GPU.md), run from the project root with `.gpu` carried
+# (benchmarks/gpu_site.sh builds .gpu/site.tar.gz), as two calls of the device tool, each under a hard
+# wall-clock budget that includes unpacking, imports and building the model:
+#   bash benchmarks/gpu_first_command.sh matrix   # BUDGET=270: the GPU matrix (benchmarks/gpu_truth.py)
+#   bash benchmarks/gpu_first_command.sh tests    # BUDGET=420: pytest -m gpu, then the GPU-host tests
+# Both first check that every package and every module of finetune/ imports (Unsloth first) and record
+# the versions there. Small results are written under $OUT as they come, so a call cut short still
+# returns what it found; the 8B-shaped model, the data and the run folders go under $WORK (/tmp), which
+# does not come back. When the budget ends, what still runs is killed with its process group, and the
+# processes left on the GPU are listed (there should be none).
+# `make rehearse-gpu` runs this same script on the CPU, as `python3` of a reproduction of the image with
+# the network off (benchmarks/rehearse_gpu.sh sets REHEARSE=1: the tiny model, no GPU expected).
 set -u
+mode=${1:-}
+case "$mode" in
+  matrix) budget=${BUDGET:-270} ;;
+  tests) budget=${BUDGET:-420} ;;
+  *) echo "usage: OUT=DIR bash benchmarks/gpu_first_command.sh matrix|tests"; exit 2 ;;
+esac
 OUT=${OUT:?set OUT to the folder whose files come back}
-mkdir -p /tmp/site "$OUT" && tar -xzf .gpu/site.tar.gz -C /tmp/site
-export PYTHONPATH=/tmp/site:$PWD:${PYTHONPATH:-}
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-python - > "$OUT/imports.txt" 2>&1 <<'EOF'
-import importlib, sys
-missing = []
-for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "trl", "unsloth_zoo",
-             "unsloth", "pydantic", "rich", "yaml", "psutil", "tiktoken", "llama_models", "tensorboard",
-             "PIL", "matplotlib", "safetensors", "finetune.cli"):
-    try:
-        module = importlib.import_module(name)
-        print(name, getattr(module, "__version__", ""))
-    except Exception as error:  # report every failure, not just the first
-        missing.append(name)
-        print(name, "FAILED:", type(error).__name__, str(error)[:300])
-import torch
-print("cuda:", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-sys.exit(1 if missing or not torch.cuda.is_available() else 0)
-EOF
+WORK=${WORK:-/tmp/gpu-work}
+GPU_SITE=${GPU_SITE:-/tmp/gpu-site}
+REHEARSE=${REHEARSE:-0}
+deadline=$((SECONDS + budget))
+mkdir -p "$OUT" "$WORK" "$GPU_SITE"
+say() { echo "[+${SECONDS}s] $*" | tee -a "$OUT/progress.txt"; }
+left() { echo $((deadline - SECONDS)); }
+say "$mode: budget ${budget}s, python3 is $(command -v python3), rehearse=$REHEARSE"
+
+# The packages the image lacks: site/ always, peft-pin/ only when the image's peft is not our pin.
+tar -xzf .gpu/site.tar.gz -C "$GPU_SITE" || { say "cannot unpack .gpu/site.tar.gz"; exit 1; }
+ours=$(grep -m1 -i '^peft==' requirements.txt | cut -d= -f3)
+image_peft=$(python3 -c 'import peft; print(peft.__version__)' 2>/dev/null || echo absent)
+export PYTHONPATH=$GPU_SITE/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if [ "$image_peft" != "$ours" ]; then export PYTHONPATH=$GPU_SITE/peft-pin:$PYTHONPATH; fi
+say "peft: the image has $image_peft, our pin is $ours: using $([ "$image_peft" = "$ours" ] && echo the image\'s || echo ours)"
+export FINETUNE_LLAMA_CPP=$GPU_SITE/llama.cpp FINETUNE_CACHE=$WORK/cache
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 PYTHONUNBUFFERED=1
+export TRITON_CACHE_DIR=$WORK/triton
+cpu_flag=()
+if [ "$REHEARSE" = 1 ]; then export CUDA_VISIBLE_DEVICES=; cpu_flag=(--cpu); fi
+
+# The GPU as the driver sees it, before anything of ours touches it.
+{ nvidia-smi || echo "no nvidia-smi"; } > "$OUT/nvidia-smi.txt" 2>&1
+
+timeout -k 5 "$(left)" python3 benchmarks/gpu_check_imports.py --out "$OUT/imports.json" "${cpu_flag[@]}" \
+  > "$OUT/imports.txt" 2>&1
 status=$?
 cat "$OUT/imports.txt"
-if [ $status -ne 0 ]; then echo "imports failed: see imports.txt"; exit 1; fi
-python benchmarks/gpu_truth.py --out "$OUT/gpu_truth" --time-limit "${LIMIT:-420}" 2>&1 | tee "$OUT/gpu_truth.log"
-rm -rf "$OUT/gpu_truth"/llama-3.1-8b-shaped* "$OUT/gpu_truth/runs" "$OUT"/gpu_truth/data-*.jsonl  # too large to return
-timeout 120 python -m pytest -q -m gpu tests/e2e/test_gpu.py > "$OUT/pytest_gpu.txt" 2>&1
-tail -5 "$OUT/pytest_gpu.txt"
+if [ $status -ne 0 ]; then say "imports failed (exit $status): see imports.txt"; exit 1; fi
+say "imports: ok"
+
+gpu_processes() {  # what still holds the GPU: pid, name, memory
+  nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader 2>/dev/null || true
+}
+
+status=0
+if [ "$mode" = matrix ]; then
+  rehearse=(); [ "$REHEARSE" = 1 ] && rehearse=(--rehearse ${MATRIX_ARGS:-})
+  # gpu_truth.py keeps its own deadline (no run starts that cannot finish, a run past it is killed);
+  # timeout is the last resort, a few seconds later.
+  timeout -k 5 $(($(left) - 5)) python3 benchmarks/gpu_truth.py --out "$WORK/gpu_truth" \
+    --results "$OUT/gpu_truth" --time-limit $(($(left) - 15)) "${rehearse[@]}" 2>&1 | tee "$OUT/gpu_truth.log"
+  status=${PIPESTATUS[0]}
+else
+  tests=(tests/e2e/test_gpu.py ${EXTRA_TESTS:-tests/e2e/test_gpu_host.py})
+  [ "$REHEARSE" = 1 ] && export FINETUNE_GPU_TESTS_ON_CPU=1
+  # One test may not take more than half of what is left; the whole run ends before the budget.
+  timeout -k 5 $(($(left) - 5)) python3 -m pytest -q -p no:cacheprovider \
+    --timeout $(($(left) / 2)) --durations=0 --junitxml="$OUT/pytest.xml" "${tests[@]}" \
+    > "$OUT/pytest.txt" 2>&1
+  status=$?
+  tail -25 "$OUT/pytest.txt"
+fi
+left_on_gpu=$(gpu_processes)
+echo "${left_on_gpu:-none}" > "$OUT/gpu_processes_after.txt"
+[ -z "$left_on_gpu" ] || say "processes still on the GPU: $left_on_gpu"
+say "$mode: exit $status, $(left)s of the budget left"
+exit $status

@@ -5,13 +5,18 @@ On a GPU it builds a Llama 3.1 8B-shaped model with random weights from the publ
 (finetune/model_configs; nothing is downloaded), saves it pre-quantized to NF4 as Unsloth's
 `-bnb-4bit` repositories are, and for each setting (max_seq_length x micro-batch x LoRA rank) times
 about ten steps after warm-up of each of the three, recording tokens/s, the median step time and
-peak allocated and reserved memory. Every result is appended to OUT/results.jsonl the moment it
-exists, so a run cut short by --time-limit (or the machine) still leaves its data; a table is
-printed at the end. `--rehearse` runs the same matrix on the CPU with the tiny model and short
-lengths, so the script is known to work before a GPU minute is spent.
+peak allocated and reserved memory. The headline setting runs first for all three, then the other
+settings for our runner (the predictions' calibration points), cheapest first, then those for the
+other two. Every result is appended to RESULTS/results.jsonl the moment it exists, with the tail of
+each run's output in RESULTS/logs/, so a run cut short still leaves its data; the model, data and
+run folders stay in OUT, which need not come back. --time-limit is a hard deadline from the start:
+a run that the ones before it say cannot finish in time is skipped, one still going at the deadline
+is killed with its process group. A table is printed at the end. `--rehearse` runs the same matrix
+on the CPU with the tiny model and short lengths (benchmarks/rehearse_gpu.sh, in a reproduction of
+the GPU image), so the script is known to work before a GPU minute is spent.
 
-    python benchmarks/gpu_truth.py --out results/ --time-limit 480
-    python benchmarks/gpu_truth.py --rehearse --out /tmp/rehearsal --lengths 64 --batches 1
+    python3 benchmarks/gpu_truth.py --out /tmp/work --results "$OUT" --time-limit 250
+    python3 benchmarks/gpu_truth.py --rehearse --out /tmp/rehearsal --lengths 64 --batches 1
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -108,8 +114,11 @@ def runner_overrides(model: Path, data: Path, length: int, batch: int, rank: int
     ]
 
 
-def run_one(variant: str, model: Path, data: Path, setting: dict, steps: int, out: Path, env: dict) -> dict:
-    """One measured run in a fresh process; its measurements and our prediction for it."""
+def run_one(
+    variant: str, model: Path, data: Path, setting: dict, steps: int, out: Path, env: dict, seconds: float
+) -> dict:
+    """One measured run in a fresh process, killed with its process group after ``seconds``; its
+    measurements and our prediction for it. The tail of its output is kept in result["log"]."""
     length, batch, rank = setting["max_seq_length"], setting["batch"], setting["rank"]
     folder = out / "runs" / f"{variant}-{length}-{batch}-r{rank}"
     started = time.perf_counter()
@@ -123,12 +132,29 @@ def run_one(variant: str, model: Path, data: Path, setting: dict, steps: int, ou
             overrides.append("model.backend=transformers")
         command = [sys.executable, str(ROOT / "runner.py"), "recipes/smoke.yaml", *overrides]
         command += ["--no-probe", "--force"]
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    result = {**setting, "variant": variant, "seconds": time.perf_counter() - started}
-    if done.returncode != 0:
-        return {**result, "error": (done.stderr or done.stdout)[-2000:]}
+    # A session of its own: at the deadline the run and every process it started go (a worker left
+    # behind would hold GPU memory into the next run).
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = process.communicate(timeout=max(seconds, 1.0))
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        output += f"\nkilled at the time limit after {time.perf_counter() - started:.0f} s"
+        process.returncode = -signal.SIGKILL
+    result = {**setting, "variant": variant, "seconds": time.perf_counter() - started, "log": output[-20000:]}
+    if process.returncode != 0:
+        return {**result, "error": output[-2000:] or f"exit {process.returncode}"}
     if variant == "bare":
-        measured = json.loads(done.stdout.strip().splitlines()[-1])
+        measured = json.loads(output.strip().splitlines()[-1])
         predicted = None
     else:
         (run_dir,) = (folder / "smoke").iterdir()
@@ -178,12 +204,35 @@ def environment(model: Path, argv: list[str], rehearse: bool) -> dict:
     }
 
 
-def matrix(lengths, batches, ranks) -> list[dict]:
-    settings = [
-        {"max_seq_length": n, "batch": b, "rank": r} for r in ranks[:1] for n in lengths for b in batches
-    ]
+def matrix(lengths, batches, ranks, variants) -> list[tuple[str, dict]]:
+    """The runs in the order they are worth having when time runs out: the headline setting (the
+    first length, the largest micro-batch, the first rank) for every variant, side by side; then the
+    other settings for our runner, cheapest first (its predictions' calibration points); then the
+    same for the other variants."""
+    headline = {"max_seq_length": lengths[0], "batch": max(batches), "rank": ranks[0]}
+    settings = [{"max_seq_length": n, "batch": b, "rank": ranks[0]} for n in lengths for b in batches]
     settings += [{"max_seq_length": lengths[0], "batch": b, "rank": r} for r in ranks[1:] for b in batches]
-    return settings
+    others = sorted(
+        (s for s in settings if s != headline), key=lambda s: (s["max_seq_length"] * s["batch"], s["rank"])
+    )
+    runs = [(variant, headline) for variant in variants]
+    runs += [("runner", s) for s in others if "runner" in variants]
+    runs += [(variant, s) for variant in variants if variant != "runner" for s in others]
+    return runs
+
+
+def expected_seconds(variant: str, setting: dict, steps: int, done: list[dict]) -> float:
+    """How long a run should take, from the finished ones: the same variant's start-up (imports,
+    loading) plus its steps scaled by tokens per step; before any, the slowest start-up seen, or 30 s."""
+    tokens = setting["max_seq_length"] * setting["batch"]
+    measured = [r for r in done if "error" not in r and r.get("median_step_seconds")]
+    same = [r for r in measured if r["variant"] == variant]
+    if not same:
+        return max((r["seconds"] for r in measured), default=30.0)
+    last = same[-1]
+    startup = last["seconds"] - sum(last["step_seconds"])
+    per_token = last["median_step_seconds"] / (last["max_seq_length"] * last["batch"])
+    return startup + 1.2 * steps * per_token * tokens
 
 
 def table(results: list[dict]) -> list[str]:
@@ -211,8 +260,11 @@ def table(results: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for the model, data and results")
-    parser.add_argument("--time-limit", type=float, default=480, help="seconds; no run starts after")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the model, data and runs")
+    parser.add_argument("--results", type=Path, help="folder for the small results (default: --out)")
+    parser.add_argument(
+        "--time-limit", type=float, default=250, help="seconds from the start, a hard deadline"
+    )
     parser.add_argument("--rehearse", action="store_true", help="the CPU, the tiny model, short lengths")
     parser.add_argument("--lengths", type=int, nargs="+", help="max_seq_length values (first: headline)")
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
@@ -220,37 +272,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (2 are warm-up)")
     args = parser.parse_args(argv)
-    start = time.monotonic()
-    args.out.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + args.time_limit
+    results_dir = args.results or args.out
+    for folder in (args.out, results_dir / "logs"):
+        folder.mkdir(parents=True, exist_ok=True)
     mode = "rehearse" if args.rehearse else "gpu"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if args.rehearse:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    started = time.monotonic()
     model = build_model(args.out, args.rehearse)
     setup = environment(model, sys.argv[1:] if argv is None else argv, args.rehearse)
-    (args.out / "environment.json").write_text(json.dumps(setup, indent=1))
+    setup["model_build_seconds"] = time.monotonic() - started
+    (results_dir / "environment.json").write_text(json.dumps(setup, indent=1))
+    print(f"model ready in {setup['model_build_seconds']:.0f} s: {model}", flush=True)
     lengths = args.lengths or list(LENGTHS[mode])
     data = {n: write_data(args.out, n) for n in lengths}
-    results_file = args.out / "results.jsonl"
-    results, longest = [], 0.0
-    for setting in matrix(lengths, args.batches, args.ranks):
-        for variant in args.variants:
-            elapsed = time.monotonic() - start
-            if elapsed + max(longest, 30.0) > args.time_limit:
-                print(f"time limit: stopped before {variant} {setting} ({elapsed:.0f} s used)", flush=True)
-                break
-            result = run_one(
-                variant, model, data[setting["max_seq_length"]], setting, args.steps, args.out, env
-            )
-            longest = max(longest, result["seconds"])
-            results.append(result)
-            with results_file.open("a") as out:
-                out.write(json.dumps(result) + "\n")
-            print(json.dumps({k: v for k, v in result.items() if k != "step_seconds"}), flush=True)
-        else:
+    results_file = results_dir / "results.jsonl"
+    results: list[dict] = []
+    for variant, setting in matrix(lengths, args.batches, args.ranks, args.variants):
+        left = deadline - time.monotonic()
+        expected = expected_seconds(variant, setting, args.steps, results)
+        if expected > left:
+            print(f"time limit: skipped {variant} {setting} (expected {expected:.0f} s, {left:.0f} s left)")
             continue
-        break
+        result = run_one(
+            variant, model, data[setting["max_seq_length"]], setting, args.steps, args.out, env, left
+        )
+        name = f"{variant}-{setting['max_seq_length']}-{setting['batch']}-r{setting['rank']}"
+        (results_dir / "logs" / f"{name}.txt").write_text(result.pop("log"))
+        results.append(result)
+        with results_file.open("a") as out:
+            out.write(json.dumps(result) + "\n")
+        print(
+            json.dumps({k: v for k, v in result.items() if k not in ("step_seconds", "predicted")}),
+            flush=True,
+        )
     print("\n".join(table(results)))
+    (results_dir / "table.txt").write_text("\n".join(table(results)) + "\n")
     return 1 if any("error" in r for r in results) else 0
 
 

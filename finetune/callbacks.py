@@ -204,9 +204,6 @@ class RecordTrackerIds(TrainerCallback):
         if not state.is_world_process_zero:
             return
         ids = {}
-        import os
-
-        print("DEBUG", os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("WANDB_DIR"))
         if "mlflow" in args.report_to:
             import mlflow
 

@@ -43,7 +43,9 @@ QUANTIZE_HINT = (
 
 
 def converter_dir() -> Path:
-    return Path(sys.prefix) / "llama.cpp"
+    """Where `make setup` unpacked llama.cpp's converter, or FINETUNE_LLAMA_CPP (the GPU machine's
+    image is not our environment: benchmarks/gpu_first_command.sh unpacks the converter beside it)."""
+    return Path(os.environ.get("FINETUNE_LLAMA_CPP") or Path(sys.prefix) / "llama.cpp")
 
 
 def quantizer_installed() -> bool:
