@@ -19,7 +19,7 @@ CONVERTER := $(VENV)/llama.cpp/.from-$(GGUF_HASH)
 SDIST := $(VENV)/llama.cpp-sdist
 LLAMA_CPP_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
 
-.PHONY: setup demo test test-fast fuzz smoke chaos canary lint clean gguf-quantize
+.PHONY: setup demo test test-fast fuzz smoke chaos canary lint clean gguf-quantize rehearse-gpu
 
 setup: $(STAMP) $(CONVERTER)
 
@@ -100,6 +100,14 @@ canary:
 	echo "canary: unsloth backend $$([ $$u = 0 ] && echo fine || echo broken)," \
 		"transformers backend $$([ $$t = 0 ] && echo fine || echo broken)"; \
 	[ $$u = 0 ] && [ $$t = 0 ]
+
+# The GPU machine's two commands (benchmarks/gpu_first_command.sh) rehearsed on the CPU as its image
+# runs them (benchmarks/rehearse_gpu.sh): Python 3.12, torch 2.11, the site tarball, no network.
+# What would come back lands in runs/rehearse-gpu/.
+rehearse-gpu: setup
+	MATRIX_ARGS="--lengths 64 --batches 2 --ranks 8 --steps 4" BUDGET=900 \
+		bash benchmarks/rehearse_gpu.sh matrix runs/rehearse-gpu/matrix
+	BUDGET=1500 bash benchmarks/rehearse_gpu.sh tests runs/rehearse-gpu/tests
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -116,7 +116,7 @@ def main() -> int:
     import finetune
 
     for info in pkgutil.iter_modules(finetune.__path__, "finetune."):
-        report["imports"][info.name] = try_import(info.name)
+        report["imports"].setdefault(info.name, try_import(info.name))
     failed = sorted(name for name, result in report["imports"].items() if not result["ok"])
     if "torch" not in failed:
         report["gpu"] = gpu_facts()

@@ -1,43 +1,96 @@
-"""benchmarks/gpu_truth.py rehearsed on the CPU, so its first GPU minutes give results: the three
-variants run, each result is written the moment it exists, and the time limit stops it cleanly."""
+"""The GPU command rehearsed on the CPU, so its first GPU minutes give results.
+
+The first test runs benchmarks/rehearse_gpu.sh: benchmarks/gpu_first_command.sh as the GPU machine
+will run it (python3 of a reproduction of its image, torch 2.11 and no package of ours but the site
+tarball, in a copy of what the device tool sends, with the network off), on the tiny model. The
+second holds gpu_truth.py's deadline: a run still going when it passes is killed with every process
+it started, and the table is still printed.
+"""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_truth.py"
 
 
-def rehearse(out: Path, *args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(SCRIPT), "--rehearse", "--out", str(out), "--lengths", "64"]
-    command += ["--batches", "2", "--ranks", "8", "--steps", "4", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-
-
-def test_the_rehearsal_measures_all_three_variants_next_to_their_predictions(tmp_path):
-    done = rehearse(tmp_path)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_path):
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "BUDGET": "900",  # the CPU is slower than the GPU's 270 s; the deadline itself is tested below
+        "MATRIX_ARGS": "--lengths 64 --batches 2 --ranks 8 --steps 4",
+    }
+    done = subprocess.run(
+        ["bash", "benchmarks/rehearse_gpu.sh", "matrix", str(out)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,  # a fresh clone builds the image's environment first (about 3 minutes)
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    imports = json.loads((out / "imports.json").read_text())
+    # The image's Python and torch, not ours; our pins of what it lacks, from the tarball.
+    assert imports["python"].startswith("3.12.") and "/.venv-gpu-image/" in imports["executable"]
+    versions = {name: result.get("version") for name, result in imports["imports"].items()}
+    assert versions["torch"].startswith("2.11.0") and versions["finetune.stack"] == "2026.10.9"
+    assert (versions["trl"], versions["peft"], versions["bitsandbytes"]) == ("1.15.0", "0.21.2", "0.50.2")
+    assert imports["failed"] == [] and next(iter(imports["imports"])) == "finetune.stack"  # Unsloth first
+    assert all(result["ok"] for name, result in imports["imports"].items() if name.startswith("finetune."))
+    for theirs in ("rich", "psutil", "tensorboard", "tiktoken", "yaml"):  # the image's own copies
+        assert "/.venv-gpu-image/" in imports["imports"][theirs]["file"], theirs
+    progress = (out / "progress.txt").read_text()
+    assert "peft: the image has absent, our pin is 0.21.2: using ours" in progress
+    assert "matrix: exit 0" in progress
+    results = [json.loads(line) for line in (out / "gpu_truth" / "results.jsonl").read_text().splitlines()]
     assert [r["variant"] for r in results] == ["runner", "bare", "transformers"]
     for result in results:
+        assert "error" not in result, result["error"]
         assert (result["max_seq_length"], result["batch"], result["rank"]) == (64, 2, 8)
         assert len(result["step_seconds"]) == 4 and result["median_step_seconds"] > 0
         assert result["tokens_per_second"] == 128 / result["median_step_seconds"]  # full micro-batches
+        assert (out / "gpu_truth" / "logs" / f"{result['variant']}-64-2-r8.txt").is_file()
     runner, bare, transformers = results
     assert "predicted_step_seconds" not in bare  # a bare script has no plan
     for planned in (runner, transformers):
         assert planned["predicted_step_seconds"] > 0 and planned["predicted_tokens_per_micro_batch"] == 128
     assert transformers["predicted_memory_bytes"] != runner["predicted_memory_bytes"]  # its own model
-    table = done.stdout.strip().splitlines()[-4:]
+    table = (out / "gpu_truth" / "table.txt").read_text().splitlines()
     assert table[0].split()[:4] == ["variant", "seq", "mb", "r"]
     assert [line.split()[0] for line in table[1:]] == ["runner", "bare", "transformers"]
+    assert "\n".join(table) in done.stdout  # printed last, as the device tool's reply will show it
+    # What comes back stays small: the model, data and run folders were written elsewhere.
+    sizes = [path.stat().st_size for path in out.rglob("*") if path.is_file()]
+    assert sum(sizes) < 2 * 2**20, sorted(str(p) for p in out.rglob("*"))
+    assert (out / "gpu_processes_after.txt").read_text().strip() == "none"
 
 
-def test_a_time_limit_stops_before_a_run_and_still_prints_the_table(tmp_path):
-    done = rehearse(tmp_path, "--time-limit", "1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "time limit: stopped before runner" in done.stdout
-    assert not (tmp_path / "results.jsonl").exists()
-    assert done.stdout.strip().splitlines()[-1].split()[:4] == ["variant", "seq", "mb", "r"]
+def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_printed(tmp_path):
+    """Time limit 40 s: the first run starts (about 30 s expected before any has run) and, with 400
+    steps, cannot finish; it is killed at the deadline, not waited for."""
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--rehearse", "--out", str(tmp_path), "--lengths", "64"]
+        + ["--batches", "2", "--ranks", "8", "--steps", "400", "--variants", "runner", "bare"]
+        + ["--time-limit", "40"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-3000:]
+    (result,) = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert result["variant"] == "runner" and "killed at the time limit" in result["error"]
+    assert "time limit: skipped bare" in done.stdout  # nothing starts after the deadline
+    assert took < 40 + 25, took  # the kill came at the deadline (start-up of this script on top)
+    # No process of the killed run lives on (its run folder appears in none's command line).
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(tmp_path / "runs") not in ps
+    assert done.stdout.strip().splitlines()[-2].split()[:4] == ["variant", "seq", "mb", "r"]
+    assert "error: " in done.stdout.strip().splitlines()[-1]
