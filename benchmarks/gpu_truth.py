@@ -39,28 +39,37 @@ VARIANTS = ("runner", "bare", "transformers")
 ROWS = 64  # enough rows for every step of the largest micro-batch
 
 
-def build_model(out: Path, rehearse: bool) -> Path:
-    """The model every run loads: the tiny one, or an 8B-shaped random one saved in NF4."""
-    from finetune.tiny_model import build_llama3_tokenizer, ensure_tiny_model
+def build_model(out: Path, rehearse: bool, seconds: float) -> Path:
+    """The model every run loads, with random weights, saved pre-quantized to NF4 (double-quantized,
+    bf16 compute) as Unsloth's `-bnb-4bit` repositories are: 8B-shaped on the GPU, the tiny model's
+    shape in the rehearsal (the same code on the CPU). Built in a process of its own, so this one
+    never holds GPU memory while the runs measure theirs."""
+    folder = out / ("tiny-llama-3-shaped-bnb-4bit" if rehearse else "llama-3.1-8b-shaped-bnb-4bit")
+    if not (folder / "config.json").is_file():
+        command = [sys.executable, __file__, "--out", str(out), "--build-model", str(folder)]
+        command += ["--rehearse"] * rehearse
+        subprocess.run(command, cwd=ROOT, check=True, timeout=max(seconds, 1.0))
+    return folder
 
-    if rehearse:
-        return ensure_tiny_model()
-    folder = out / "llama-3.1-8b-shaped-bnb-4bit"
-    if (folder / "config.json").is_file():
-        return folder
+
+def _build_model(folder: Path, rehearse: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     from finetune.shapes import shipped_config
+    from finetune.tiny_model import build_llama3_tokenizer, ensure_tiny_model
 
-    public = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
-    values = {k: v for k, v in public.items() if not k.startswith("_") and k != "quantization_config"}
-    sixteen = out / "llama-3.1-8b-shaped"
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(LlamaConfig(**values), dtype=torch.bfloat16)
+    if rehearse:
+        config, device = LlamaConfig.from_pretrained(ensure_tiny_model()), "cpu"
+    else:
+        public = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
+        values = {k: v for k, v in public.items() if not k.startswith("_") and k != "quantization_config"}
+        config, device = LlamaConfig(**values), "cuda"
+    sixteen = folder.with_name(folder.name + "-16bit")
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(sixteen)
     del model
-    torch.cuda.empty_cache()
     quantization = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -68,16 +77,26 @@ def build_model(out: Path, rehearse: bool) -> Path:
         bnb_4bit_compute_dtype=torch.bfloat16,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        sixteen, quantization_config=quantization, device_map={"": 0}
+        sixteen, quantization_config=quantization, device_map={"": 0} if device == "cuda" else "cpu"
     )
-    model.save_pretrained(folder)
-    build_llama3_tokenizer().save_pretrained(folder)  # the real Llama 3 tokenizer and chat template
-    for file in sixteen.iterdir():  # 16 GB the runs do not need
+    partial = folder.with_name(folder.name + ".partial")  # a build killed midway is not taken as done
+    model.save_pretrained(partial)
+    build_llama3_tokenizer().save_pretrained(partial)  # the real Llama 3 tokenizer and chat template
+    partial.rename(folder)
+    for file in sixteen.iterdir():  # 16 GB on the GPU, which the runs do not need
         file.unlink()
     sixteen.rmdir()
-    del model
-    torch.cuda.empty_cache()
-    return folder
+
+
+def gpu_name(rehearse: bool) -> str:
+    """The card, from nvidia-smi: this process never initialises CUDA (its context would hold memory
+    beside every measured run)."""
+    if rehearse:
+        return "CPU"
+    smi = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    return smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "unknown"
 
 
 def write_data(out: Path, length: int) -> Path:
@@ -184,8 +203,6 @@ def environment(model: Path, argv: list[str], rehearse: bool) -> dict:
     """What the results were measured on and with, for docs/benchmarks.md."""
     from importlib.metadata import PackageNotFoundError, version
 
-    import torch
-
     from finetune.budget import CONSTANTS
 
     versions = {}
@@ -194,9 +211,8 @@ def environment(model: Path, argv: list[str], rehearse: bool) -> dict:
             versions[name] = version(name)
         except PackageNotFoundError:
             versions[name] = None
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and not rehearse else "CPU"
     return {
-        "gpu": gpu,
+        "gpu": gpu_name(rehearse),
         "versions": versions,
         "command": "python benchmarks/gpu_truth.py " + " ".join(argv),
         "model": str(model),
@@ -271,7 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="the first for every length")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (2 are warm-up)")
+    parser.add_argument("--build-model", type=Path, help=argparse.SUPPRESS)  # build_model's own process
     args = parser.parse_args(argv)
+    if args.build_model:
+        _build_model(args.build_model, args.rehearse)
+        return 0
     deadline = time.monotonic() + args.time_limit
     results_dir = args.results or args.out
     for folder in (args.out, results_dir / "logs"):
@@ -281,7 +301,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.rehearse:
         env["CUDA_VISIBLE_DEVICES"] = ""
     started = time.monotonic()
-    model = build_model(args.out, args.rehearse)
+    try:
+        model = build_model(args.out, args.rehearse, deadline - time.monotonic())
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as failure:
+        print(f"the model was not built: {failure}", flush=True)
+        return 1
     setup = environment(model, sys.argv[1:] if argv is None else argv, args.rehearse)
     setup["model_build_seconds"] = time.monotonic() - started
     (results_dir / "environment.json").write_text(json.dumps(setup, indent=1))

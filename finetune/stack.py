@@ -94,12 +94,11 @@ def load_model(path: str, max_seq_length: int, load_in_4bit: bool, dtype: str):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=kind,
         )
+    # quantization_config only when we quantize: transformers 5.17 takes an explicit None as "none"
+    # and then cannot load a pre-quantized checkpoint (every 4-bit weight a size mismatch).
+    extra = {"quantization_config": quantization} if quantization is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        path,
-        dtype=kind,
-        quantization_config=quantization,
-        device_map=_device_map(),
-        attn_implementation="sdpa",
+        path, dtype=kind, device_map=_device_map(), attn_implementation="sdpa", **extra
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
