@@ -5,9 +5,11 @@
 #   bash benchmarks/gpu_first_command.sh matrix   # BUDGET=270: the GPU matrix (benchmarks/gpu_truth.py)
 #   bash benchmarks/gpu_first_command.sh tests    # BUDGET=420: pytest -m gpu, then the GPU-host tests
 # Both first check that every package and every module of finetune/ imports (Unsloth first) and record
-# the versions there. Small results are written under $OUT as they come, so a call cut short still
-# returns what it found; the 8B-shaped model, the data and the run folders go under $WORK (/tmp), which
-# does not come back. When the budget ends, what still runs is killed with its process group, and the
+# the versions there. Small results are written flat in $OUT as they come (the device tool returns at
+# most 8 files), so a call cut short still returns what it found: progress.txt (each step, nvidia-smi,
+# what was left on the GPU), imports.json, then environment.json, results.jsonl, table.txt,
+# run_logs.txt and gpu_truth.log for the matrix, pytest.txt and pytest.xml for the tests. The
+# 8B-shaped model, the data and the run folders go under $WORK (/tmp), which does not come back. When the budget ends, what still runs is killed with its process group, and the
 # processes left on the GPU are listed (there should be none).
 # `make rehearse-gpu` runs this same script on the CPU, as `python3` of a reproduction of the image with
 # the network off (benchmarks/rehearse_gpu.sh sets REHEARSE=1: the tiny model, no GPU expected).
@@ -42,13 +44,11 @@ cpu_flag=()
 if [ "$REHEARSE" = 1 ]; then export CUDA_VISIBLE_DEVICES=; cpu_flag=(--cpu); fi
 
 # The GPU as the driver sees it, before anything of ours touches it.
-{ nvidia-smi || echo "no nvidia-smi"; } > "$OUT/nvidia-smi.txt" 2>&1
+{ nvidia-smi || echo "no nvidia-smi"; } >> "$OUT/progress.txt" 2>&1
 
-timeout -k 5 "$(left)" python3 benchmarks/gpu_check_imports.py --out "$OUT/imports.json" "${cpu_flag[@]}" \
-  > "$OUT/imports.txt" 2>&1
+timeout -k 5 "$(left)" python3 benchmarks/gpu_check_imports.py --out "$OUT/imports.json" "${cpu_flag[@]}"
 status=$?
-cat "$OUT/imports.txt"
-if [ $status -ne 0 ]; then say "imports failed (exit $status): see imports.txt"; exit 1; fi
+if [ $status -ne 0 ]; then say "imports failed (exit $status): see imports.json"; exit 1; fi
 say "imports: ok"
 
 gpu_processes() {  # what still holds the GPU: pid, name, memory
@@ -61,7 +61,7 @@ if [ "$mode" = matrix ]; then
   # gpu_truth.py keeps its own deadline (no run starts that cannot finish, a run past it is killed);
   # timeout is the last resort, a few seconds later.
   timeout -k 5 $(($(left) - 5)) python3 benchmarks/gpu_truth.py --out "$WORK/gpu_truth" \
-    --results "$OUT/gpu_truth" --time-limit $(($(left) - 15)) "${rehearse[@]}" 2>&1 | tee "$OUT/gpu_truth.log"
+    --results "$OUT" --time-limit $(($(left) - 15)) "${rehearse[@]}" 2>&1 | tee "$OUT/gpu_truth.log"
   status=${PIPESTATUS[0]}
 else
   tests=(tests/e2e/test_gpu.py ${EXTRA_TESTS:-tests/e2e/test_gpu_host.py})
@@ -74,7 +74,6 @@ else
   tail -25 "$OUT/pytest.txt"
 fi
 left_on_gpu=$(gpu_processes)
-echo "${left_on_gpu:-none}" > "$OUT/gpu_processes_after.txt"
-[ -z "$left_on_gpu" ] || say "processes still on the GPU: $left_on_gpu"
+say "processes left on the GPU: ${left_on_gpu:-none}"
 say "$mode: exit $status, $(left)s of the budget left"
 exit $status

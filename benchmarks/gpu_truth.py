@@ -8,7 +8,7 @@ about ten steps after warm-up of each of the three, recording tokens/s, the medi
 peak allocated and reserved memory. The headline setting runs first for all three, then the other
 settings for our runner (the predictions' calibration points), cheapest first, then those for the
 other two. Every result is appended to RESULTS/results.jsonl the moment it exists, with the tail of
-each run's output in RESULTS/logs/, so a run cut short still leaves its data; the model, data and
+each run's output in RESULTS/run_logs.txt, so a run cut short still leaves its data; the model, data and
 run folders stay in OUT, which need not come back. --time-limit is a hard deadline from the start:
 a run that the ones before it say cannot finish in time is skipped, one still going at the deadline
 is killed with its process group. A table is printed at the end. `--rehearse` runs the same matrix
@@ -22,6 +22,7 @@ the GPU image), so the script is known to work before a GPU minute is spent.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -33,10 +34,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from finetune.processes import child_setup  # noqa: E402  (no torch: the standard library only)
+
 LENGTHS = {"gpu": (2048, 512, 8192), "rehearse": (128, 64, 256)}  # the first is the headline
 BATCHES = (1, 4)
 VARIANTS = ("runner", "bare", "transformers")
 ROWS = 64  # enough rows for every step of the largest micro-batch
+RUNNING: list[subprocess.Popen] = []  # the run in progress, killed with its group if this script is
+
+
+def stop_the_running_run(signum, frame):
+    """SIGTERM (the command's `timeout`) or SIGINT: the run in progress goes with all it started."""
+    for process in RUNNING:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    raise SystemExit(128 + signum)
 
 
 def build_model(out: Path, rehearse: bool, seconds: float) -> Path:
@@ -152,7 +164,8 @@ def run_one(
         command = [sys.executable, str(ROOT / "runner.py"), "recipes/smoke.yaml", *overrides]
         command += ["--no-probe", "--force"]
     # A session of its own: at the deadline the run and every process it started go (a worker left
-    # behind would hold GPU memory into the next run).
+    # behind would hold GPU memory into the next run). It dies with this script too (the device
+    # tool ends a command's processes when it returns, but not those in a session of their own).
     process = subprocess.Popen(
         command,
         cwd=ROOT,
@@ -161,7 +174,9 @@ def run_one(
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=child_setup(),
     )
+    RUNNING[:] = [process]
     try:
         output, _ = process.communicate(timeout=max(seconds, 1.0))
     except subprocess.TimeoutExpired:
@@ -169,6 +184,8 @@ def run_one(
         output, _ = process.communicate()
         output += f"\nkilled at the time limit after {time.perf_counter() - started:.0f} s"
         process.returncode = -signal.SIGKILL
+    finally:
+        RUNNING.clear()
     result = {**setting, "variant": variant, "seconds": time.perf_counter() - started, "log": output[-20000:]}
     if process.returncode != 0:
         return {**result, "error": output[-2000:] or f"exit {process.returncode}"}
@@ -294,8 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     deadline = time.monotonic() + args.time_limit
     results_dir = args.results or args.out
-    for folder in (args.out, results_dir / "logs"):
+    for folder in (args.out, results_dir):
         folder.mkdir(parents=True, exist_ok=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop_the_running_run)
     mode = "rehearse" if args.rehearse else "gpu"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     if args.rehearse:
@@ -324,7 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             variant, model, data[setting["max_seq_length"]], setting, args.steps, args.out, env, left
         )
         name = f"{variant}-{setting['max_seq_length']}-{setting['batch']}-r{setting['rank']}"
-        (results_dir / "logs" / f"{name}.txt").write_text(result.pop("log"))
+        with (results_dir / "run_logs.txt").open("a") as logs:  # one file: the device tool returns 8
+            logs.write(
+                f"===== {name} (exit {'error' if 'error' in result else 0}) =====\n{result.pop('log')}\n"
+            )
         results.append(result)
         with results_file.open("a") as out:
             out.write(json.dumps(result) + "\n")

@@ -18,6 +18,26 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_truth.py"
 
 
+def processes_naming(text: str) -> list[str]:
+    """The command lines of the live processes that contain ``text`` (read whole, from /proc)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if text in args:
+            found.append(args)
+    return found
+
+
+def build_the_model(out: Path) -> None:
+    """The pre-quantized model gpu_truth.py builds first, built ahead so its time does not count."""
+    folder = out / "tiny-llama-3-shaped-bnb-4bit"
+    command = [sys.executable, str(SCRIPT), "--rehearse", "--out", str(out), "--build-model", str(folder)]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+
 def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_path):
     out = tmp_path / "out"
     env = {
@@ -47,32 +67,41 @@ def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_p
     progress = (out / "progress.txt").read_text()
     assert "peft: the image has absent, our pin is 0.21.2: using ours" in progress
     assert "matrix: exit 0" in progress
-    results = [json.loads(line) for line in (out / "gpu_truth" / "results.jsonl").read_text().splitlines()]
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["variant"] for r in results] == ["runner", "bare", "transformers"]
     for result in results:
         assert "error" not in result, result["error"]
         assert (result["max_seq_length"], result["batch"], result["rank"]) == (64, 2, 8)
         assert len(result["step_seconds"]) == 4 and result["median_step_seconds"] > 0
         assert result["tokens_per_second"] == 128 / result["median_step_seconds"]  # full micro-batches
-        assert (out / "gpu_truth" / "logs" / f"{result['variant']}-64-2-r8.txt").is_file()
     runner, bare, transformers = results
     assert "predicted_step_seconds" not in bare  # a bare script has no plan
     for planned in (runner, transformers):
         assert planned["predicted_step_seconds"] > 0 and planned["predicted_tokens_per_micro_batch"] == 128
     assert transformers["predicted_memory_bytes"] != runner["predicted_memory_bytes"]  # its own model
-    table = (out / "gpu_truth" / "table.txt").read_text().splitlines()
+    logs = (out / "run_logs.txt").read_text()
+    for name in ("runner", "bare", "transformers"):
+        assert f"===== {name}-64-2-r8 (exit 0) =====" in logs
+    table = (out / "table.txt").read_text().splitlines()
     assert table[0].split()[:4] == ["variant", "seq", "mb", "r"]
     assert [line.split()[0] for line in table[1:]] == ["runner", "bare", "transformers"]
     assert "\n".join(table) in done.stdout  # printed last, as the device tool's reply will show it
-    # What comes back stays small: the model, data and run folders were written elsewhere.
-    sizes = [path.stat().st_size for path in out.rglob("*") if path.is_file()]
-    assert sum(sizes) < 2 * 2**20, sorted(str(p) for p in out.rglob("*"))
-    assert (out / "gpu_processes_after.txt").read_text().strip() == "none"
+    # What comes back fits the device tool: at most 8 files, flat, small (the model, data and run
+    # folders were written elsewhere).
+    files = sorted(path.name for path in out.iterdir())
+    assert all(path.is_file() for path in out.iterdir()) and len(files) <= 8, files
+    assert files == sorted(
+        ["progress.txt", "imports.json", "environment.json", "results.jsonl", "table.txt"]
+        + ["run_logs.txt", "gpu_truth.log"]
+    )
+    assert sum(path.stat().st_size for path in out.iterdir()) < 2 * 2**20
+    assert "processes left on the GPU: none" in progress
 
 
 def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_printed(tmp_path):
     """Time limit 40 s: the first run starts (about 30 s expected before any has run) and, with 400
     steps, cannot finish; it is killed at the deadline, not waited for."""
+    build_the_model(tmp_path)
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--rehearse", "--out", str(tmp_path), "--lengths", "64"]
@@ -90,7 +119,33 @@ def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_prin
     assert "time limit: skipped bare" in done.stdout  # nothing starts after the deadline
     assert took < 40 + 25, took  # the kill came at the deadline (start-up of this script on top)
     # No process of the killed run lives on (its run folder appears in none's command line).
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    assert str(tmp_path / "runs") not in ps
+    assert processes_naming(str(tmp_path / "runs")) == []
     assert done.stdout.strip().splitlines()[-2].split()[:4] == ["variant", "seq", "mb", "r"]
     assert "error: " in done.stdout.strip().splitlines()[-1]
+
+
+def test_the_run_in_progress_dies_with_the_script_though_it_has_a_session_of_its_own(tmp_path):
+    """The command's `timeout` sends SIGTERM to gpu_truth.py's process group; each run has a session
+    of its own (so the deadline can kill all it started), which that signal does not reach, and the
+    device tool leaves such processes running on the GPU. They must go with the script."""
+    build_the_model(tmp_path)
+    script = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--rehearse", "--out", str(tmp_path), "--lengths", "64"]
+        + ["--batches", "2", "--ranks", "8", "--steps", "400", "--variants", "runner"]
+        + ["--time-limit", "600"],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    def run_processes() -> list[str]:
+        return processes_naming(str(tmp_path / "runs"))
+
+    deadline = time.monotonic() + 240
+    while not run_processes() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert run_processes(), "the run never started"
+    script.terminate()
+    assert script.wait(timeout=30) == 128 + 15
+    time.sleep(2)
+    assert run_processes() == []
