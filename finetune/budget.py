@@ -22,7 +22,6 @@ from finetune.recipe import Recipe
 from finetune.schedule import count_optimizer_steps
 from finetune.shapes import (
     Shapes,
-    lora_parameters,
     lora_tensor_sizes,
     nf4_bytes,
     nf4_bytes_single_quant,
@@ -32,11 +31,37 @@ from finetune.shapes import (
 GIB = 1024**3
 
 
-def adapter_bytes(backend: str, on_gpu: bool) -> int:
-    """Bytes per trainable (LoRA) parameter. PEFT creates adapters in fp32 on a 4-bit base; only
-    Unsloth's CPU fallback trainer holds the adapters, their gradients and AdamW's moments in bf16
-    (measured: tests/e2e/test_train.py checks the bytes against the live model)."""
-    return 2 if backend == "unsloth" and not on_gpu else 4
+def adapter_bytes(model, on_gpu: bool) -> int:
+    """Bytes per LoRA A and B value as the trainer holds them, and so their gradients and AdamW's
+    moments (``model``: the recipe's model section). PEFT creates them in fp32; TRL's own SFTTrainer
+    casts them to bf16 on a 4-bit base (trl/trainer/sft_trainer.py, "When using QLoRA"), and TRL's
+    own trainer is the one that trains on the transformers backend, and in Unsloth's CPU fallback
+    (unsloth_zoo/cpu/trainer.py subclasses it). Unsloth's GPU trainer, generated from TRL's source,
+    leaves the cast out (unsloth/models/rl.py turns `if _is_quantized_model:` into `if False:`).
+    Checked against the trained model on the CPU (tests/e2e/test_train.py and test_lora_variants.py
+    on Unsloth's backend, test_transformers_backend.py) and on a GPU (tests/e2e/test_gpu.py)."""
+    trl_casts = model.load_in_4bit and (model.backend == "transformers" or not on_gpu)
+    return 2 if trl_casts else 4
+
+
+# DoRA's magnitude vectors stay fp32: TRL's bf16 cast leaves them out (their updates can be smaller
+# than bf16 resolves), and PEFT creates them in fp32.
+MAGNITUDE_BYTES = 4
+
+
+def trainable_tensors(shapes: Shapes, lora, model, on_gpu: bool) -> list[tuple[list[int], int]]:
+    """The trainable tensors' sizes (``lora``: the recipe's section), grouped by the bytes per value
+    the trainer holds them in: LoRA's A and B (adapter_bytes), and DoRA's magnitudes."""
+    groups = [(lora_tensor_sizes(shapes, lora.r, lora.target_modules), adapter_bytes(model, on_gpu))]
+    if lora.use_dora:
+        magnitudes = [o for _, o in targeted_projections(shapes, lora.target_modules)] * shapes.layers
+        groups.append((magnitudes, MAGNITUDE_BYTES))
+    return groups
+
+
+def trainable_bytes(groups: list[tuple[list[int], int]]) -> int:
+    """Bytes of the trainable tensors (trainable_tensors), and so of their gradients."""
+    return sum(sum(sizes) * size for sizes, size in groups)
 
 
 # bitsandbytes' 8-bit optimizers keep 32-bit state for tensors smaller than this (min_8bit_size).
@@ -245,15 +270,15 @@ def predict_memory(
     optim = effective_optimizer(recipe.train.optim, on_gpu)
     linear, kept = weight_bytes(shapes, recipe.model.load_in_4bit, dtype_bytes)
     lora = recipe.lora
-    sizes = lora_tensor_sizes(shapes, lora.r, lora.target_modules, lora.use_dora)
-    trainable = sum(sizes)
-    adapter = adapter_bytes(recipe.model.backend, on_gpu)
+    groups = trainable_tensors(shapes, lora, recipe.model, on_gpu)
+    trainable = trainable_bytes(groups)
+    adapter = adapter_bytes(recipe.model, on_gpu)
     terms = {
         "4-bit base weights" if recipe.model.load_in_4bit else "base weights": linear,
         "embeddings, lm_head, norms": kept,
-        "LoRA parameters": trainable * adapter,
-        "LoRA gradients": trainable * adapter,
-        f"optimizer state ({optim})": optimizer_state_bytes(optim, sizes, adapter),
+        "LoRA parameters": trainable,
+        "LoRA gradients": trainable,
+        f"optimizer state ({optim})": sum(optimizer_state_bytes(optim, s, n) for s, n in groups),
         f"activations ({checkpointing(recipe.model)} checkpointing)": tokens_per_micro_batch
         * activation_bytes_per_token(shapes, checkpointing(recipe.model), dtype_bytes),
     }
@@ -269,7 +294,7 @@ def predict_memory(
     )
     terms[name] = loss
     if world_size > 1:  # DDP's flat buckets: the gradients once more (see multi_gpu.py)
-        terms["DDP gradient buckets"] = trainable * adapter
+        terms["DDP gradient buckets"] = trainable
     allocated = sum(terms.values())
     if on_gpu:  # PyTorch's CUDA caching allocator and the CUDA context; a CPU run has neither
         terms["allocator overhead"] = allocated * constant("allocator_overhead")
@@ -349,28 +374,24 @@ def predict_time(
     overhead = constant("micro_batch_overhead_s")
     terms = {"matmuls": compute, "4-bit dequantization": dequant, "fixed overhead": overhead}
     if recipe.lora.use_dora:
-        terms["DoRA weight norms"] = passes * dora_seconds_per_pass(
-            shapes, recipe.lora, device, model.backend
-        )
+        terms["DoRA weight norms"] = passes * dora_seconds_per_pass(shapes, recipe.lora, device, model)
     if model.backend == "transformers" and device.is_gpu:  # without Unsloth's fused GPU kernels
         terms["without Unsloth's kernels"] = (compute + dequant) * (constant("transformers_slowdown") - 1)
     step = train.gradient_accumulation_steps * sum(terms.values())
     allreduce, link_name = 0.0, ""
     if world_size > 1:  # once per optimizer step, after the last micro-batch's backward
-        trainable = lora_parameters(shapes, recipe.lora.r, recipe.lora.target_modules, recipe.lora.use_dora)
+        gradients = trainable_bytes(trainable_tensors(shapes, recipe.lora, model, device.is_gpu))
         bandwidth, link_name = link(device.name)
-        allreduce = allreduce_seconds(
-            trainable * adapter_bytes(model.backend, device.is_gpu), world_size, bandwidth
-        )
+        allreduce = allreduce_seconds(gradients, world_size, bandwidth)
         step += allreduce
     return TimePlan(step, step * total_steps, per_token, terms, allreduce, link_name)
 
 
-def dora_seconds_per_pass(shapes: Shapes, lora, device: Device, backend: str) -> float:
+def dora_seconds_per_pass(shapes: Shapes, lora, device: Device, model) -> float:
     """DoRA's extra work in one pass over the layers, independent of the tokens: every targeted
     projection builds B @ A through an identity matrix (2 i^2 r + 2 i r o FLOPs) and writes and
     reads the dense tensors of dora_workspace_bytes once each (memory-bound)."""
-    adapter = adapter_bytes(backend, device.is_gpu)
+    adapter = adapter_bytes(model, device.is_gpu)
     targeted = targeted_projections(shapes, lora.target_modules)
     flops = shapes.layers * sum(2 * i * i * lora.r + 2 * i * lora.r * o for i, o in targeted)
     traffic = 2 * shapes.layers * sum(i * i * adapter + i * o * (adapter + 3 * 2) for i, o in targeted)

@@ -15,9 +15,16 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.budget import GIB, Verdict, adapter_bytes, effective_optimizer, optimizer_state_bytes
+from finetune.budget import (
+    GIB,
+    Verdict,
+    effective_optimizer,
+    optimizer_state_bytes,
+    trainable_bytes,
+    trainable_tensors,
+)
 from finetune.recipe import Recipe
-from finetune.shapes import Shapes, lora_tensor_sizes
+from finetune.shapes import Shapes
 
 MIB = 2**20
 # The tokenizer files saved with every checkpoint and the adapter, when none is on disk to measure:
@@ -90,12 +97,12 @@ def predict_disk(
     parameters: int,
 ) -> DiskPlan:
     """Bytes in the run folder at its fullest, and beside it (see the module's docstring)."""
-    sizes = lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules, recipe.lora.use_dora)
-    tensors = len(sizes)
-    per_parameter = adapter_bytes(recipe.model.backend, on_gpu)
-    adapter = sum(sizes) * per_parameter + tensors * TENSOR_OVERHEAD_BYTES
+    groups = trainable_tensors(shapes, recipe.lora, recipe.model, on_gpu)  # in their training dtypes
+    tensors = sum(len(sizes) for sizes, _ in groups)
+    adapter = trainable_bytes(groups) + tensors * TENSOR_OVERHEAD_BYTES
     optim = effective_optimizer(recipe.train.optim, on_gpu)
-    optimizer = optimizer_state_bytes(optim, sizes, per_parameter) + 2 * tensors * TENSOR_OVERHEAD_BYTES
+    state = sum(optimizer_state_bytes(optim, sizes, size) for sizes, size in groups)
+    optimizer = state + 2 * tensors * TENSOR_OVERHEAD_BYTES
     tokenizer = LLAMA3_TOKENIZER_BYTES if tokenizer_files is None else tokenizer_files
     steps_log = total_steps * BYTES_PER_STEP
     checkpoint = adapter + optimizer + tokenizer + CHECKPOINT_SMALL_FILES_BYTES + steps_log

@@ -110,8 +110,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
     return SFTConfig(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
-        # Schedules we build ourselves (see FinetuneTrainer) never reach get_scheduler; the
-        # placeholder keeps SFTConfig's validation happy.
+        # Our own schedules (see FinetuneTrainer) never reach get_scheduler; this passes validation.
         lr_scheduler_type="constant"
         if train.lr_scheduler_type in schedule.OWN_SCHEDULES
         else train.lr_scheduler_type,
@@ -147,6 +146,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         project=output_dir.parent.parent.name,  # the recipe's name (trackio's project)
         logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
         include_num_input_tokens_seen="non_padding",  # trained tokens per second, for the report
+        gradient_checkpointing=checkpointing(recipe.model) != "off",  # TRL's default (on) would undo 'off'
         disable_tqdm=False,
         **stack.trainer_settings(train.optim, recipe.model.dtype),  # the optimizer, mixed precision
     )

@@ -11,7 +11,7 @@ import PIL.Image
 import pytest
 from cli_helpers import run_cli
 
-from finetune import budget, loss_memory, shapes
+from finetune import budget, disk, loss_memory, shapes
 from finetune.budget import GIB, GPUS, Workload, gpu_by_name, plan_budget, suggest
 from finetune.plots import nice_ticks
 from finetune.recipe import load_recipe
@@ -342,7 +342,7 @@ def test_the_transformers_backend_has_its_own_memory_and_time_model():
     assert theirs["lm_head and loss (TRL's fused head)"] == tile + 2048 * 4096 * 8 + 40 * 2048
     on_cpu = budget.predict_memory(plain, shapes, 100, 4, on_gpu=False).terms
     assert on_cpu["logits and loss (transformers)"] == 100 * 128256 * 12 + 40 * 100
-    assert budget.adapter_bytes("transformers", False) == 4 and budget.adapter_bytes("unsloth", False) == 2
+    assert theirs["LoRA parameters"] == ours["LoRA parameters"] / 2  # TRL's bf16 cast on a 4-bit base
     h100 = GPUS["h100"]
     work = Workload([2048] * 64, 64, False, 10)
     fast, slow = (plan_budget(r, shapes, h100, work) for r in (code_gen, plain))
@@ -352,6 +352,41 @@ def test_the_transformers_backend_has_its_own_memory_and_time_model():
     assert kernels == pytest.approx((matmuls + dequant) * 0.54)
     assert slow.time.step_seconds > fast.time.step_seconds
     assert budget.describe_budget(slow)[0].startswith("memory on H100 SXM with transformers + PEFT")
+
+
+def test_the_adapters_are_planned_in_the_dtype_their_trainer_holds_them_in():
+    """PEFT makes them fp32; TRL's own SFTTrainer casts them to bf16 on a 4-bit base, and it is the
+    trainer of the transformers backend and of Unsloth's CPU fallback; Unsloth's generated GPU trainer
+    leaves the cast out. DoRA's magnitudes stay fp32 under the cast (measured on the CPU:
+    tests/e2e/test_train.py, test_transformers_backend.py)."""
+
+    def model(backend: str, four_bit: bool = True):
+        overrides = [f"model.backend={backend}", f"model.load_in_4bit={str(four_bit).lower()}"]
+        return load_recipe(ROOT / "recipes" / "smoke.yaml", overrides).model
+
+    assert budget.adapter_bytes(model("unsloth"), on_gpu=True) == 4
+    assert budget.adapter_bytes(model("unsloth"), on_gpu=False) == 2
+    assert budget.adapter_bytes(model("transformers"), on_gpu=True) == 2
+    assert budget.adapter_bytes(model("transformers"), on_gpu=False) == 2
+    for backend in ("unsloth", "transformers"):  # no cast without a quantized base
+        assert budget.adapter_bytes(model(backend, four_bit=False), on_gpu=True) == 4
+        assert budget.adapter_bytes(model(backend, four_bit=False), on_gpu=False) == 4
+
+    llama = Shapes.from_config(LLAMA_8B)
+    lora = 32 * 2_621_440  # code-gen: r=32 on all seven projections
+    rows_out = 32 * (4096 + 1024 + 1024 + 4096 + 14336 + 14336 + 4096)  # DoRA's magnitudes
+    plain = ["model.backend=transformers", "train.optim=adamw_torch"]
+    for overrides, fp32 in [([], 0), (["lora.use_dora=true"], rows_out)]:
+        recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml", plain + overrides)
+        terms = budget.predict_memory(recipe, llama, 2048).terms
+        assert terms["LoRA parameters"] == terms["LoRA gradients"] == 2 * lora + 4 * fp32
+        assert terms["optimizer state (adamw_torch)"] == 2 * (2 * lora + 4 * fp32)  # two moments each
+    recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml", plain)
+    checkpoint = disk.predict_disk(recipe, llama, 1000, True, None, 0, 8_030_261_248).checkpoint_bytes
+    tensors = 32 * 7 * 2
+    adapter, moments = 2 * lora + 512 * tensors, 4 * lora + 2 * 512 * tensors  # bf16, as saved
+    small = disk.CHECKPOINT_SMALL_FILES_BYTES + 1000 * disk.BYTES_PER_STEP
+    assert checkpoint == adapter + moments + disk.LLAMA3_TOKENIZER_BYTES + small
 
 
 def test_the_report_says_a_sample_is_empty_or_missing_instead_of_leaving_a_blank(tmp_path):

@@ -1,12 +1,13 @@
 """What PEFT offers beyond plain LoRA, through Unsloth on the tiny model: DoRA trains (its magnitude
-vectors too), counts as the plan counts it, saves and reloads; 'gaussian' initialisation reaches PEFT."""
+vectors too), counts as the plan counts it, saves and reloads; 'gaussian' initialisation reaches PEFT.
+The DoRA run also trains with model.gradient_checkpointing=off, which must reach the trainer."""
 
 from pathlib import Path
 
 import pytest
 import torch
 
-from finetune import inference, shapes, train
+from finetune import budget, inference, shapes, train
 from finetune.recipe import load_recipe
 from finetune.store import prepared_data
 from finetune.tiny_model import TINY_CONFIG
@@ -20,7 +21,7 @@ def smoke_recipe(*overrides):
 
 @pytest.fixture(scope="module")
 def dora_run(tmp_path_factory):
-    recipe = smoke_recipe("lora.use_dora=true")
+    recipe = smoke_recipe("lora.use_dora=true", "model.gradient_checkpointing=off")
     run_dir = tmp_path_factory.mktemp("dora")
     model, tokenizer = train.load_model(recipe)
     model = train.add_lora(model, recipe)
@@ -51,6 +52,32 @@ def test_the_plan_counts_the_trainable_parameters_dora_has(dora_run):
     tiny = shapes.Shapes.from_config(TINY_CONFIG)
     assert counted == shapes.lora_parameters(tiny, recipe.lora.r, recipe.lora.target_modules, dora=True)
     assert counted > shapes.lora_parameters(tiny, recipe.lora.r, recipe.lora.target_modules)
+
+
+def test_the_plan_counts_the_bytes_dora_trains_in(dora_run):
+    """On this CPU Unsloth's trainer is TRL's own, which casts LoRA's A and B to bf16 on the 4-bit
+    base and leaves the magnitudes fp32 (on a GPU Unsloth's keeps all fp32): as the plan counts."""
+    recipe, model, *_ = dora_run
+    trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    on_gpu = torch.cuda.is_available()
+    adapter = budget.adapter_bytes(recipe.model, on_gpu)
+    found: dict[str, set[int]] = {}
+    for name, p in trained:
+        found.setdefault("magnitudes" if "lora_magnitude_vector" in name else "A and B", set()).add(
+            p.element_size()
+        )
+    assert found == {"A and B": {adapter}, "magnitudes": {budget.MAGNITUDE_BYTES}}
+    assert on_gpu or adapter == 2
+    tiny = shapes.Shapes.from_config(TINY_CONFIG)
+    planned = budget.predict_memory(recipe, tiny, 1, on_gpu=on_gpu).terms["LoRA parameters"]
+    assert sum(p.numel() * p.element_size() for _, p in trained) == planned
+
+
+def test_gradient_checkpointing_off_reaches_the_trainer(dora_run):
+    """TRL's SFTConfig defaults gradient_checkpointing on, and Trainer.train() would turn it on over the
+    recipe's 'off' (Unsloth's CPU trainer does not undo it, as its GPU one does)."""
+    _, model, *_ = dora_run
+    assert model.is_gradient_checkpointing is False
 
 
 def test_a_dora_adapter_reloads_with_its_trained_magnitudes(dora_run):

@@ -3,10 +3,13 @@ TRL's SFTTrainer, with unsloth never imported. Every test runs in processes of i
 test process has Unsloth loaded (and patching the libraries) already.
 
 On this CPU the 4-bit base is bitsandbytes' CPU NF4 (the same as on a GPU, slower), and the 8-bit
-AdamW falls back to torch's fused AdamW, which the plan says (budget.effective_optimizer).
+AdamW falls back to torch's fused AdamW, which the plan says (budget.effective_optimizer). TRL's
+SFTTrainer casts the LoRA weights to bf16 on a 4-bit base, here as on a GPU; the plan counts them so
+(budget.adapter_bytes).
 """
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 from cli_helpers import run_cli
+from safetensors import safe_open
 
 from finetune.evaluate import read_tasks
 from finetune.run import SEAL
@@ -23,16 +27,21 @@ ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
 BACKEND = "model.backend=transformers"
 
-# Trains the smoke recipe in-process on the transformers backend and reports what changed.
+# Trains the smoke recipe in-process on the transformers backend, from a pre-quantized 4-bit base (the
+# GPU recipes' form) without gradient checkpointing, and reports what changed and what ran.
 _TRAIN_AND_COMPARE = """
 import json, sys
 from pathlib import Path
 from finetune.launch import use_backend
 use_backend("transformers")
 from finetune import stack, train
+from finetune.budget import predict_memory
 from finetune.recipe import load_recipe
+from finetune.shapes import Shapes
 from finetune.store import prepared_data
-recipe = load_recipe("recipes/smoke.yaml", ["model.backend=transformers", "train.max_steps=10"])
+from finetune.tiny_model import TINY_CONFIG
+overrides = [f"model.name={sys.argv[2]}", "model.gradient_checkpointing=off"]
+recipe = load_recipe("recipes/smoke.yaml", ["model.backend=transformers", "train.max_steps=10", *overrides])
 model, tokenizer = train.load_model(recipe)
 model = train.add_lora(model, recipe)
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -50,13 +59,21 @@ print(json.dumps({
     "four_bit": sorted({str(p.dtype) for n, p in before.items() if "lora_" not in n}),
     "optimizer": type(trainer.optimizer.optimizer).__name__,
     "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
+    "lora_dtypes": sorted({str(after[n].dtype) for n in lora}),
+    "lora_bytes": sum(after[n].numel() * after[n].element_size() for n in lora),
+    "planned_lora_bytes": predict_memory(recipe, Shapes.from_config(TINY_CONFIG), 1, on_gpu=False).terms[
+        "LoRA parameters"
+    ],
+    "checkpointing": [trainer.args.gradient_checkpointing, model.is_gradient_checkpointing],
 }))
 """
 
 
-def test_the_smoke_recipe_trains_without_unsloth_lora_changing_and_the_base_frozen(tmp_path):
+def test_the_smoke_recipe_trains_without_unsloth_lora_changing_and_the_base_frozen(
+    tmp_path, four_bit_tiny_model_dir
+):
     out = subprocess.run(
-        [sys.executable, "-c", _TRAIN_AND_COMPARE, str(tmp_path)],
+        [sys.executable, "-c", _TRAIN_AND_COMPARE, str(tmp_path), str(four_bit_tiny_model_dir)],
         cwd=ROOT,
         env=ENV,
         capture_output=True,
@@ -71,6 +88,11 @@ def test_the_smoke_recipe_trains_without_unsloth_lora_changing_and_the_base_froz
     assert result["optimizer"] == "AdamW"  # adamw_8bit falls back to torch's fused AdamW on the CPU
     losses = result["losses"]
     assert len(losses) == 10 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3
+    # TRL's bf16 cast on the 4-bit base, as the plan counts it: half the bytes of fp32 adapters.
+    assert result["lora_dtypes"] == ["torch.bfloat16"]
+    assert result["lora_bytes"] == result["planned_lora_bytes"]
+    # model.gradient_checkpointing=off reaches the trainer (TRL's SFTConfig defaults it on).
+    assert result["checkpointing"] == [False, False]
 
 
 def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(tmp_path):
@@ -84,6 +106,12 @@ def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(tmp
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["budget"]["backend"] == "transformers"
     assert "logits and loss (transformers)" in plan["budget"]["memory_bytes"]
+    with safe_open(run_dir / "adapter" / "adapter_model.safetensors", "pt") as adapter:
+        saved = [
+            (str(t.get_dtype()), math.prod(t.get_shape())) for t in map(adapter.get_slice, adapter.keys())
+        ]
+    assert {dtype for dtype, _ in saved} == {"BF16"}  # as trained: TRL's cast, the plan's 2 bytes
+    assert sum(2 * n for _, n in saved) == plan["budget"]["memory_bytes"]["LoRA parameters"]
     assert (run_dir / "report.md").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
     answered = run_cli("generate", str(run_dir), "--prompt", "Reverse a list.", "--max-new-tokens", "8")
