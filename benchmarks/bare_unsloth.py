@@ -1,7 +1,14 @@
 """A minimal Unsloth + TRL training script, the way Unsloth's notebooks write one, for measuring our
-runner against (benchmarks/gpu_truth.py runs it with the runner's settings). No part of finetune/
-is used beyond the shared tiny-model builder: it loads, adds LoRA, renders the chat rows with the
-tokenizer's template, trains with SFTTrainer and prints one JSON line of measurements.
+runner against (benchmarks/gpu_truth.py runs it with the runner's settings). It loads, adds LoRA,
+renders the chat rows with the tokenizer's template, trains with SFTTrainer and prints one JSON line
+of measurements. Of finetune/ it uses only gpu_memory.py (torch alone), so that its peak memory is
+measured exactly as the runner's is.
+
+Unsloth is imported before datasets, transformers and TRL, as in its notebooks: on a GPU, importing
+it replaces trl.SFTTrainer and trl.SFTConfig with classes it generates (unsloth/models/rl.py), and a
+name bound by an earlier `from trl import SFTTrainer` would keep TRL's own trainer (its bf16 cast of
+LoRA weights on a 4-bit base, its fused LM head): the baseline would not be Unsloth's.
+tests/test_import_order.py holds every script that trains to this.
 
     python benchmarks/bare_unsloth.py --model DIR --data FILE.jsonl --max-seq-length 2048 \\
         --batch 4 --rank 16 --steps 12
@@ -13,15 +20,22 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # finetune/gpu_memory.py
 
 import torch  # noqa: E402
+from unsloth import FastLanguageModel  # noqa: E402  (before what it patches, as Unsloth asks)
+
+# isort: split
 from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
-from unsloth import FastLanguageModel  # noqa: E402  (first, as Unsloth asks)
+
+from finetune.gpu_memory import read_peak_memory, reset_peak_memory  # noqa: E402
 
 
 class StepTimes(TrainerCallback):
@@ -94,15 +108,14 @@ def main() -> None:
     )
     timer = StepTimes()
     trainer.add_callback(timer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()  # as the runner does (train._timed_train): loading's cache freed first
     loop_started = time.perf_counter()
     trainer.train()
     loop = time.perf_counter() - loop_started
+    peak_allocated, peak_reserved = read_peak_memory()  # the loop's, as the runner's: before saving
     model.save_pretrained(f"{args.output}/adapter")
     tokenizer.save_pretrained(f"{args.output}/adapter")
     steady = timer.seconds[2:] or timer.seconds
-    on_gpu = torch.cuda.is_available()
     print(
         json.dumps(
             {
@@ -110,8 +123,8 @@ def main() -> None:
                 "loop_seconds": loop,
                 "seconds_after_imports": time.perf_counter() - started,
                 "median_step_seconds": statistics.median(steady),
-                "peak_allocated_bytes": torch.cuda.max_memory_allocated() if on_gpu else None,
-                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if on_gpu else None,
+                "peak_allocated_bytes": peak_allocated,
+                "peak_reserved_bytes": peak_reserved,
             }
         )
     )

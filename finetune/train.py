@@ -39,6 +39,7 @@ from finetune.callbacks import (
     Watchdog,
     tracker_callbacks,
 )
+from finetune.gpu_memory import read_peak_memory, reset_peak_memory
 from finetune.inference import generate_samples
 from finetune.internals import cpu_map_location, keep_4bit_layout, save_checkpoint_now
 from finetune.preflight import base_model
@@ -66,16 +67,13 @@ from finetune.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 
 
 def _timed_train(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
-    """Train with a step timer and fresh peak-memory counters."""
+    """Train with a step timer and fresh peak-memory counters, measured as bare_unsloth.py measures."""
     timer = StepTimer()
     trainer.add_callback(timer)
-    if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory()
     trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     trainer.remove_callback(timer)
-    if torch.cuda.is_available():
-        return Measured(timer.seconds, torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved())
-    return Measured(timer.seconds, None, None)
+    return Measured(timer.seconds, *read_peak_memory())
 
 
 def model_path(recipe: Recipe) -> str:
