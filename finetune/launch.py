@@ -322,6 +322,7 @@ def torchrun(processes: int, argv: list[str], recipe: Recipe, source: str) -> in
     machines: run torchrun on each, see the README). Returns its exit code."""
     import signal
     import subprocess
+    import tempfile
 
     from finetune.processes import child_setup
 
@@ -340,11 +341,23 @@ def torchrun(processes: int, argv: list[str], recipe: Recipe, source: str) -> in
     command += [str(Path(__file__).resolve().parent.parent / "runner.py"), *argv]
     where = f"{processes} GPUs" if gpus else f"{processes} processes on the CPU (gloo; no GPU here)"
     print(f"torchrun: {where}: {' '.join(command[1:])}", flush=True)
-    try:
-        # SIGTERM, not SIGKILL, if we die: torchrun passes it on and the workers save a checkpoint.
-        code = subprocess.run(command, preexec_fn=child_setup(signal.SIGTERM)).returncode
-    except KeyboardInterrupt:  # torchrun got it too, and stops its processes
-        return 130
+    with tempfile.TemporaryDirectory() as folder:
+        ran_out = Path(folder) / "out-of-memory"  # written by a rank that runs out (torchrun exits 1)
+        env = {**os.environ, distributed.OUT_OF_MEMORY_FILE: str(ran_out)}
+        try:
+            # SIGTERM, not SIGKILL, if we die: torchrun passes it on and the workers save a checkpoint.
+            code = subprocess.run(command, env=env, preexec_fn=child_setup(signal.SIGTERM)).returncode
+        except KeyboardInterrupt:  # torchrun got it too, and stops its processes
+            return 130
+        out_of_memory = ran_out.read_text().split() if ran_out.is_file() else None
+    if code != 0 and out_of_memory:
+        peer, step = out_of_memory
+        print(
+            f"error: the job stopped: rank {peer} ran out of memory at step {step} (its report above says "
+            "what to change)",
+            file=sys.stderr,
+        )
+        return 3  # as a run in one process that runs out of memory
     if code != 0:
         print(
             f"error: the job stopped: torchrun exited with {code} (its report above names the rank); "
@@ -455,11 +468,19 @@ def start_run(
 
 
 def out_of_memory_report(launch: Launch, oom: OutOfMemory, run_dir: Path) -> list[str]:
-    """What ran out against what was predicted, and changes predicted to need a fifth less memory."""
+    """What ran out against what was predicted, and changes predicted to need a fifth less memory;
+    under torchrun, where another process ran out, one line that says so (that one reports)."""
+    if oom.rank is not None and oom.rank != distributed.rank():
+        return [
+            f"rank {oom.rank} of this torchrun job ran out of memory at step {oom.step}, so this process "
+            f"(rank {distributed.rank()}) stopped too; rank {oom.rank}'s report says what to change"
+        ]
     saved = f"saved {oom.checkpoint.name}" if oom.checkpoint else f"not saved: {oom.unsaved}"
     peak = measured_peak_bytes(oom.peak_reserved)
     peak = f"{peak / GIB:.2f} GiB" if peak is not None else "not measured on the CPU"
     where = "in the probe, on the worst-case micro-batch" if oom.step is None else f"at step {oom.step}"
+    if oom.rank is not None:
+        where = f"on rank {oom.rank} of {distributed.world_size()} {where}"
     lines = [f"out of memory {where} ({oom.tokens} tokens in the micro-batch); {saved}"]
     lines.append(f"peak memory measured: {peak}")
     budget = launch.budget

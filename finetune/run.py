@@ -85,9 +85,10 @@ class TrainResult:
 
 
 class OutOfMemory(Exception):
-    """The GPU ran out of memory: where (the probe or step ``step`` of training), the micro-batch's
-    tokens, the allocator's peak (``peak_reserved``, torch.cuda.max_memory_reserved), and what was
-    saved (``checkpoint``) or why nothing was (``unsaved``)."""
+    """The GPU ran out of memory: where (the probe or step ``step`` of training; under torchrun, on
+    ``rank``, this process's unless given), the micro-batch's tokens, the allocator's peak
+    (``peak_reserved``, torch.cuda.max_memory_reserved), and what was saved (``checkpoint``) or why
+    nothing was (``unsaved``)."""
 
     def __init__(
         self,
@@ -96,10 +97,27 @@ class OutOfMemory(Exception):
         peak_reserved: int | None,
         checkpoint: Path | None = None,
         unsaved: str | None = None,
+        rank: int | None = None,
     ):
-        super().__init__("out of memory in the probe" if step is None else f"out of memory at step {step}")
+        from finetune import distributed
+
+        self.rank = rank if rank is not None or not distributed.active() else distributed.rank()
+        on = "" if self.rank is None else f" on rank {self.rank}"
+        super().__init__(f"out of memory{on} " + ("in the probe" if step is None else f"at step {step}"))
         self.step, self.tokens, self.peak_reserved = step, tokens, peak_reserved
         self.checkpoint, self.unsaved = checkpoint, unsaved
+
+    @classmethod
+    def on_another_rank(cls) -> OutOfMemory | None:
+        """The out-of-memory error another process of this torchrun job ended with, if that is why
+        this one's step failed (distributed.tell_out_of_memory)."""
+        from finetune import distributed
+
+        found = distributed.peer_out_of_memory()
+        if found is None:
+            return None
+        peer, step = found
+        return cls(step, None, None, unsaved=f"rank {peer} ran out of memory", rank=peer)
 
 
 class DiskFull(Exception):

@@ -78,9 +78,10 @@ def _timed_train(trainer: FinetuneTrainer, resume_from: Path | None = None) -> M
 
 def model_path(recipe: Recipe) -> str:
     """What to hand to from_pretrained: the tiny model's cache folder, a local folder, or a hub id."""
-    if recipe.model.name == TINY_MODEL_NAME:
+    if recipe.model.name != TINY_MODEL_NAME:
+        return recipe.model.name
+    with distributed.main_first():  # rank 0 builds it: under torchrun transformers saves no weights elsewhere
         return str(ensure_tiny_model())
-    return recipe.model.name
 
 
 def load_model(recipe: Recipe):
@@ -213,11 +214,11 @@ FAULTS = ("oom", "cublas", "oom-optimizer", "nan")
 
 
 def _injected_fault() -> tuple[str, int | str] | None:
-    """FINETUNE_INJECT_FAULT=KIND@N (KIND one of FAULTS) or oom@probe: the tests' way to make step N
-    (or the probe) run out of memory, in the forward and backward pass (oom; cublas as cuBLAS reports
-    it) or in the optimizer's step (oom-optimizer), or diverge (nan), so the handling of each is
-    exercised without a GPU or a bad recipe."""
-    kind, _, step = os.environ.get("FINETUNE_INJECT_FAULT", "").partition("@")
+    """FINETUNE_INJECT_FAULT=KIND@N (KIND one of FAULTS; KIND@N:R on rank R alone) or oom@probe: the
+    tests' way to make step N (or the probe) run out of memory, in the forward and backward pass (oom;
+    cublas as cuBLAS reports it) or in the optimizer's step (oom-optimizer), or diverge (nan)."""
+    fault, _, on_rank = os.environ.get("FINETUNE_INJECT_FAULT", "").partition(":")
+    kind, _, step = fault.partition("@") if on_rank in ("", str(distributed.rank())) else ("", "", "")
     if kind == "oom" and step == "probe":
         return kind, step
     return (kind, int(step)) if kind in FAULTS and step.isdigit() else None
@@ -225,11 +226,9 @@ def _injected_fault() -> tuple[str, int | str] | None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """torch's out-of-memory error, or cuBLAS failing to allocate its workspace (a RuntimeError)."""
-    if isinstance(error, torch.OutOfMemoryError):
-        return True
     text = str(error)
-    return isinstance(error, RuntimeError) and (
-        "CUBLAS_STATUS_ALLOC_FAILED" in text or "out of memory" in text
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and ("CUBLAS_STATUS_ALLOC_FAILED" in text or "out of memory" in text)
     )
 
 
@@ -245,16 +244,18 @@ def _release(trainer: FinetuneTrainer | None = None) -> None:
 
 
 def _out_of_memory(trainer: FinetuneTrainer) -> OutOfMemory:
-    """What ran out, after freeing what the failed step held, and a sealed checkpoint of the last
-    completed step when the weights are known to be whole: the failure came in the forward or
-    backward pass, which changes no weight (inside the optimizer's step some may be updated)."""
+    """What ran out, and a sealed checkpoint of the last completed step where one is sound (it ran out
+    in the forward or backward pass, which changes no weight) and needs no other process (torchrun's)."""
     peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
     step = trainer.state.global_step
     oom = OutOfMemory(step + 1, trainer.batch_tokens, peak)
+    distributed.tell_out_of_memory(step + 1)
     if step == 0:
         oom.unsaved = "no step had finished"
     elif not trainer.in_forward_backward:
         oom.unsaved = "it ran out outside the forward and backward pass, where weights may be half updated"
+    elif distributed.active():  # the others wait in this step's collectives: saving would wait with them
+        oom.unsaved = "under torchrun a checkpoint needs every process, and the others are mid-step"
     else:
         _release()  # room to write from
         save_checkpoint_now(trainer)
@@ -412,8 +413,8 @@ def train(
             with cpu_map_location() if cpu_job else contextlib.nullcontext():
                 measured = _timed_train(trainer, resume_from=checkpoint)
     except (torch.OutOfMemoryError, RuntimeError) as error:
-        if distributed.lost_a_peer(error):
-            raise distributed.PeerLost(run_dir) from None
+        if distributed.lost_a_peer(error):  # the peer that left may have run out of memory
+            raise OutOfMemory.on_another_rank() or distributed.PeerLost(run_dir) from None
         if not is_out_of_memory(error):
             raise
         ran_out = True

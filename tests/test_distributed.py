@@ -2,14 +2,17 @@
 come before anything heavy. Training under torchrun is tested in tests/e2e/test_torchrun.py."""
 
 import json
+import subprocess
+from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli
 
-from finetune import budget, launch, multi_gpu
+from finetune import budget, distributed, launch, multi_gpu
 from finetune.budget import GPUS, Workload, plan_budget
 from finetune.errors import UserError
 from finetune.recipe import load_recipe
+from finetune.run import OutOfMemory
 from finetune.schedule import count_optimizer_steps, plan_schedule, steps_per_epoch
 from finetune.shapes import Shapes, lora_parameters, shipped_config
 
@@ -97,3 +100,61 @@ def test_a_run_resumes_on_as_many_processes_as_it_started_with(tmp_path, monkeyp
     (tmp_path / "run.json").write_text(json.dumps({}))  # a run from before world sizes were recorded
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert launch._same_world_size(tmp_path, force=False) == []
+
+
+def test_each_process_trains_on_its_local_rank_wrapped_around_the_gpus_it_sees():
+    """As Unsloth's loader and accelerate place it (tests/e2e/test_torchrun.py holds it to Unsloth's):
+    with one GPU visible per process (Slurm's --gpus-per-task) LOCAL_RANK 3 is an invalid ordinal,
+    and every process trains on the one GPU it sees."""
+    assert [distributed.device_index(local_rank, 1) for local_rank in range(4)] == [0, 0, 0, 0]
+    assert [distributed.device_index(local_rank, 8) for local_rank in (0, 3, 7)] == [0, 3, 7]
+    assert distributed.device_index(5, 4) == 1 and distributed.device_index(-1, 4) == 0
+
+
+def test_each_machine_waits_for_rank_0_and_its_other_processes_for_its_first():
+    """main_first's turns on two machines of 8 processes (ranks 0-7, 8-15): rank 0 builds; the second
+    machine's first (rank 8, whose cache may be its own) after it; the others after their machine's first."""
+    assert distributed._turn(0, 0) == (None, True)
+    assert distributed._turn(3, 3) == (0, False)
+    assert distributed._turn(8, 0) == (0, True)
+    assert distributed._turn(13, 5) == (8, False)
+
+
+def test_out_of_memory_under_torchrun_names_its_rank_and_the_others_say_one_line(tmp_path, monkeypatch):
+    job = launch.plan_launch(load_recipe("recipes/smoke.yaml"), "recipes/smoke.yaml", "smoke", GPUS["h100"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    unsaved = "under torchrun a checkpoint needs every process, and the others are mid-step"
+    own = launch.out_of_memory_report(job, OutOfMemory(4, 125, None, unsaved=unsaved), tmp_path)
+    assert (
+        own[0]
+        == f"out of memory on rank 1 of 2 at step 4 (125 tokens in the micro-batch); not saved: {unsaved}"
+    )
+    assert "changes predicted to need at least a fifth less memory:" in own  # what to change
+    monkeypatch.setenv("RANK", "0")  # rank 0, whose step failed when rank 1 left
+    assert launch.out_of_memory_report(job, OutOfMemory(4, None, None, rank=1), tmp_path) == [
+        "rank 1 of this torchrun job ran out of memory at step 4, so this process (rank 0) stopped too; "
+        "rank 1's report says what to change"
+    ]
+
+
+def test_gpus_exits_3_when_a_process_ran_out_of_memory(monkeypatch, capsys):
+    """torchrun itself exits 1 whatever its processes did; `--gpus` reads what the one that ran out
+    of memory left (distributed.tell_out_of_memory) and exits 3, as a run in one process does."""
+
+    def torchrun_whose_rank_1_ran_out(command, env, preexec_fn):
+        Path(env[distributed.OUT_OF_MEMORY_FILE]).write_text("1 4\n")
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(subprocess, "run", torchrun_whose_rank_1_ran_out)
+    recipe = load_recipe("recipes/smoke.yaml")
+    assert launch.torchrun(2, ["train", "recipes/smoke.yaml"], recipe, "recipes/smoke.yaml") == 3
+    assert (
+        "error: the job stopped: rank 1 ran out of memory at step 4 (its report above"
+        in capsys.readouterr().err
+    )
+    monkeypatch.setattr(
+        subprocess, "run", lambda command, env, preexec_fn: subprocess.CompletedProcess(command, 1)
+    )
+    assert launch.torchrun(2, ["train", "recipes/smoke.yaml"], recipe, "recipes/smoke.yaml") == 1

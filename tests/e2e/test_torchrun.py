@@ -208,3 +208,81 @@ def test_killing_torchrun_alone_leaves_no_process_training_on(tmp_path):
     assert not left, "processes outlived torchrun"
     checkpoints = list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-*/{SEAL}"))
     assert checkpoints, f"stopped without the checkpoint SIGTERM saves: {stderr[-3000:]}"
+
+
+def test_out_of_memory_on_one_rank_ends_the_job_at_once_with_exit_3_and_the_run_resumes(tmp_path):
+    """--gpus 2 and rank 1 alone out of memory at step 4: it enters no collective (a checkpoint needs
+    rank 0, which waits in the step's own), reports on its rank what to change and exits 3; rank 0's
+    step fails as rank 1 leaves; the job ends in seconds, not the collective timeout, with exit 3.
+    Nothing trained before the last checkpoint is lost: the run resumes from it and finishes."""
+    env = {**ENV, "FINETUNE_INJECT_FAULT": "oom@4:1", "FINETUNE_COLLECTIVE_TIMEOUT": "120"}
+    command = [sys.executable, "runner.py", "recipes/smoke.yaml", "train.max_steps=10", "train.save_steps=2"]
+    with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
+        job = subprocess.Popen(
+            [*command, f"output.dir={tmp_path}", "--gpus", "2"],
+            cwd=ROOT, env=env, text=True, stdout=stdout, stderr=stderr, start_new_session=True,
+        )  # fmt: skip
+        try:
+            log = lambda: next(tmp_path.glob("smoke/*/log.jsonl"), None)  # noqa: E731
+            deadline = time.monotonic() + 600
+            while job.poll() is None and not (log() and log().read_text().count('"loss"') >= 3):
+                assert time.monotonic() < deadline, "timed out"
+                time.sleep(0.1)
+            step_3 = time.monotonic()  # step 4, the one that runs out, starts
+            job.wait(timeout=300)
+        finally:
+            if job.poll() is None:
+                os.killpg(job.pid, signal.SIGKILL)
+    assert time.monotonic() - step_3 < 60  # not the 120 s collective timeout
+    out = " ".join((tmp_path / "stderr").read_text().split())
+    folder = run_folder(tmp_path)
+    assert job.returncode == 3, out[-3000:]
+    assert (
+        "error: out of memory on rank 1 of 2 at step 4 (" in out
+        and "not saved: under torchrun a checkpoint needs every process, and the others are mid-step" in out
+    )
+    assert f"the last sound checkpoint is {folder / 'checkpoints' / 'checkpoint-2'}" in out
+    assert "error: the job stopped: rank 1 ran out of memory at step 4 (its report above says" in out
+    assert "exitcode : 3" in out  # torchrun's report: rank 1's own code
+    assert "[rank0]: Traceback" not in out and "[rank1]: Traceback" not in out
+    # Rank 0, when torchrun's SIGTERM has not ended it first, says why it stopped: not a lost peer.
+    assert "stopped in the middle of a step" not in out
+    latest, _ = latest_checkpoint(folder)
+    assert latest.name == "checkpoint-2" and checkpoint_problem(latest) is None
+    assert not (folder / "adapter").exists()
+    resumed = subprocess.run(
+        [*TORCHRUN, "resume", str(folder)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert resumed.stdout.count("resuming from checkpoint-2\n") == 1
+    assert list(losses(folder)) == list(range(1, 11))
+
+
+def test_a_data_build_longer_than_the_collective_timeout_does_not_end_the_job(tmp_path):
+    """Rank 0 builds the prepared data (20 s longer here, tests/e2e/slow_build_runner.py) and, in an
+    empty cache, the tiny model, while rank 1 waits its turn (distributed.main_first) on the job's
+    store, not in a barrier bounded by the 10 s collective timeout: the job trains to the end."""
+    env = {
+        **ENV,
+        "FINETUNE_CACHE": str(tmp_path / "cache"),
+        "FINETUNE_COLLECTIVE_TIMEOUT": "10",
+        "FINETUNE_SLOW_BUILD": "20",
+    }
+    recipe = ["recipes/smoke.yaml", "train.max_steps=4", "train.warmup_steps=1", "output.samples=0"]
+    command = [*TORCHRUN[:-1], "tests/e2e/slow_build_runner.py", *recipe, f"output.dir={tmp_path / 'runs'}"]
+    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert out.stdout.count("Done: 4 steps") == 1
+
+
+def test_the_gpu_of_a_process_is_the_one_unsloth_loads_it_on(monkeypatch):
+    """distributed.device_index against Unsloth's own placement (loader_utils._infer_local_rank)."""
+    from unsloth.models import loader_utils
+
+    from finetune.distributed import device_index
+
+    for visible in (1, 2, 8):
+        monkeypatch.setattr(loader_utils, "_visible_device_count", lambda visible=visible: visible)
+        for local_rank in range(10):
+            monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+            assert device_index(local_rank, visible) == loader_utils._infer_local_rank(None)
