@@ -125,6 +125,10 @@ def main() -> None:
                 "median_step_seconds": statistics.median(steady),
                 "peak_allocated_bytes": peak_allocated,
                 "peak_reserved_bytes": peak_reserved,
+                # Left to Unsloth, as in its notebooks (unsloth/utils/padding_choice.py: padding-free
+                # on an H100); the runner pads (store.PADDING_FREE), so the table shows both.
+                "padding_free": getattr(trainer.args, "padding_free", None),
+                "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF"),
             }
         )
     )

@@ -5,6 +5,10 @@ comes before them). Then every other package our code imports and every module o
 failure recorded rather than the first one only, and the GPU as torch sees it. Writes OUT (JSON) and
 prints one line per package; exits 1 if anything failed or, unless --cpu, torch sees no GPU.
 
+On the CPU (--cpu, the rehearsal) Unsloth takes its CPU backend, so a second process also imports it
+the way a GPU machine does, with its own switch for CPU-only CI (UNSLOTH_ALLOW_CPU=1: its CUDA
+import path, its Llama loader and trainer patches), and our training modules on top of it.
+
     python3 benchmarks/gpu_check_imports.py --out "$OUT/imports.json" [--cpu]
 """
 
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -77,6 +82,32 @@ def distribution_version(name: str) -> str | None:
         return None
 
 
+GPU_IMPORT_PATH = """
+import finetune.stack, unsloth
+assert not unsloth._IS_CPU_BACKEND, "Unsloth took its CPU backend"
+from unsloth.models.llama import FastLlamaModel
+import finetune.train, finetune.inference, finetune.callbacks
+"""
+
+
+def gpu_import_path() -> dict:
+    """Unsloth's CUDA import path, taken without a GPU (UNSLOTH_ALLOW_CPU=1), with our modules."""
+    env = {**os.environ, "UNSLOTH_ALLOW_CPU": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", GPU_IMPORT_PATH],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    result = {"ok": done.returncode == 0, "seconds": round(time.perf_counter() - started, 1)}
+    if done.returncode != 0:
+        result["error"] = (done.stderr or done.stdout)[-1500:]
+    return result
+
+
 def gpu_facts() -> dict:
     import torch
 
@@ -117,6 +148,8 @@ def main() -> int:
 
     for info in pkgutil.iter_modules(finetune.__path__, "finetune."):
         report["imports"].setdefault(info.name, try_import(info.name))
+    if args.cpu:
+        report["imports"]["unsloth's GPU import path"] = gpu_import_path()
     failed = sorted(name for name, result in report["imports"].items() if not result["ok"])
     if "torch" not in failed:
         report["gpu"] = gpu_facts()

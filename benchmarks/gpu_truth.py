@@ -51,32 +51,43 @@ def stop_the_running_run(signum, frame):
     raise SystemExit(128 + signum)
 
 
+def model_folder(out: Path, rehearse: bool) -> Path:
+    return out / ("tiny-llama-3-shaped-bnb-4bit" if rehearse else "llama-3.1-8b-shaped-bnb-4bit")
+
+
 def build_model(out: Path, rehearse: bool, seconds: float) -> Path:
     """The model every run loads, with random weights, saved pre-quantized to NF4 (double-quantized,
     bf16 compute) as Unsloth's `-bnb-4bit` repositories are: 8B-shaped on the GPU, the tiny model's
     shape in the rehearsal (the same code on the CPU). Built in a process of its own, so this one
-    never holds GPU memory while the runs measure theirs."""
-    folder = out / ("tiny-llama-3-shaped-bnb-4bit" if rehearse else "llama-3.1-8b-shaped-bnb-4bit")
+    never holds GPU memory while the runs measure theirs (gpu_first_command.sh starts that process
+    beside the import check, `--build-model`; then it is here already)."""
+    folder = model_folder(out, rehearse)
     if not (folder / "config.json").is_file():
-        command = [sys.executable, __file__, "--out", str(out), "--build-model", str(folder)]
-        command += ["--rehearse"] * rehearse
-        subprocess.run(command, cwd=ROOT, check=True, timeout=max(seconds, 1.0))
+        command = [sys.executable, __file__, "--out", str(out), "--build-model"]
+        subprocess.run(command + ["--rehearse"] * rehearse, cwd=ROOT, check=True, timeout=max(seconds, 1.0))
     return folder
 
 
-def _build_model(folder: Path, rehearse: bool) -> None:
+def _build_model(out: Path, rehearse: bool) -> None:
+    folder = model_folder(out, rehearse)
+    if (folder / "config.json").is_file():
+        return
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
     from finetune.shapes import shipped_config
     from finetune.tiny_model import build_llama3_tokenizer, ensure_tiny_model
 
+    tiny = LlamaConfig.from_pretrained(ensure_tiny_model())
     if rehearse:
-        config, device = LlamaConfig.from_pretrained(ensure_tiny_model()), "cpu"
+        config, device = tiny, "cpu"
     else:
         public = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
         values = {k: v for k, v in public.items() if not k.startswith("_") and k != "quantization_config"}
         config, device = LlamaConfig(**values), "cuda"
+        # Llama 3's special token ids, as the tiny model (and the tokenizer saved beside) has them.
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            setattr(config, name, getattr(tiny, name))
     sixteen = folder.with_name(folder.name + "-16bit")
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -190,12 +201,19 @@ def run_one(
     if process.returncode != 0:
         return {**result, "error": output[-2000:] or f"exit {process.returncode}"}
     if variant == "bare":
-        measured = json.loads(output.strip().splitlines()[-1])
+        measured = bare_measurements(output)
+        if measured is None:
+            return {**result, "error": "no measurements in its output\n" + output[-2000:]}
         predicted = None
     else:
         (run_dir,) = (folder / "smoke").iterdir()
         record = json.loads((run_dir / "budget.json").read_text())
         measured, predicted = record["measured"], record["predicted"]
+        measured["padding_free"] = json.loads((run_dir / "plan.json").read_text())["data"]["padding_free"]
+        # Unsloth sets expandable segments when imported (unsloth_zoo); the transformers backend,
+        # which never imports it, runs with PyTorch's default allocator, as its users get it.
+        device = json.loads((run_dir / "manifest.json").read_text())["device"]
+        measured["alloc_conf"] = device.get("allocator")
     tokens = length * batch  # rows are truncated to max_seq_length: every micro-batch is full
     step = measured["median_step_seconds"]
     result.update(
@@ -204,6 +222,8 @@ def run_one(
         step_seconds=measured["step_seconds"],
         peak_allocated_bytes=measured["peak_allocated_bytes"],
         peak_reserved_bytes=measured["peak_reserved_bytes"],
+        padding_free=measured.get("padding_free"),
+        alloc_conf=measured.get("alloc_conf"),
     )
     if predicted is not None:
         result.update(
@@ -214,6 +234,18 @@ def run_one(
             predicted=predicted,  # every term, for benchmarks/fit_constants.py
         )
     return result
+
+
+def bare_measurements(output: str) -> dict | None:
+    """The JSON line bare_unsloth.py prints last, found from the end: compile workers share the
+    output and may print after it."""
+    for line in reversed(output.splitlines()):
+        if line.startswith("{") and "median_step_seconds" in line:
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                continue
+    return None
 
 
 def environment(model: Path, argv: list[str], rehearse: bool) -> dict:
@@ -256,22 +288,28 @@ def matrix(lengths, batches, ranks, variants) -> list[tuple[str, dict]]:
 
 def expected_seconds(variant: str, setting: dict, steps: int, done: list[dict]) -> float:
     """How long a run should take, from the finished ones: the same variant's start-up (imports,
-    loading) plus its steps scaled by tokens per step; before any, the slowest start-up seen, or 30 s."""
+    loading, and its first two steps, which carry the compiles) plus its other steps scaled by tokens
+    per step; before any, the slowest whole run seen, or 30 s."""
     tokens = setting["max_seq_length"] * setting["batch"]
     measured = [r for r in done if "error" not in r and r.get("median_step_seconds")]
     same = [r for r in measured if r["variant"] == variant]
     if not same:
         return max((r["seconds"] for r in measured), default=30.0)
     last = same[-1]
-    startup = last["seconds"] - sum(last["step_seconds"])
+    startup = last["seconds"] - sum(last["step_seconds"][2:])
     per_token = last["median_step_seconds"] / (last["max_seq_length"] * last["batch"])
-    return startup + 1.2 * steps * per_token * tokens
+    return startup + 1.2 * max(steps - 2, 0) * per_token * tokens
+
+
+# pf: padding-free batching (flattened micro-batches) or padded ones, which on torch >= 2.11 Unsloth
+# compiles block by block (unsloth/utils/padding_choice.py); None: left to Unsloth, who decides later.
+PADDING_FREE_MARK = {True: "yes", False: "no", None: "auto"}
 
 
 def table(results: list[dict]) -> list[str]:
     lines = [
         f"{'variant':<13} {'seq':>5} {'mb':>3} {'r':>3} {'tok/s':>9} {'step s':>8} {'pred s':>8}"
-        f" {'alloc GiB':>9} {'resv GiB':>9} {'pred GiB':>9}"
+        f" {'alloc GiB':>9} {'resv GiB':>9} {'pred GiB':>9} {'pf':>3}"
     ]
 
     def fmt(value, width: int, digits: int, scale: float = 1.0) -> str:
@@ -287,6 +325,7 @@ def table(results: list[dict]) -> list[str]:
             f"{head} {fmt(r['tokens_per_second'], 9, 0)} {fmt(r['median_step_seconds'], 8, 3)}"
             f" {fmt(r.get('predicted_step_seconds'), 8, 3)} {fmt(r['peak_allocated_bytes'], 9, 2, gib)}"
             f" {fmt(r['peak_reserved_bytes'], 9, 2, gib)} {fmt(r.get('predicted_memory_bytes'), 9, 2, gib)}"
+            f" {PADDING_FREE_MARK.get(r.get('padding_free'), '?'):>3}"
         )
     return lines
 
@@ -304,10 +343,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64], help="the first for every length")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps per run (2 are warm-up)")
-    parser.add_argument("--build-model", type=Path, help=argparse.SUPPRESS)  # build_model's own process
+    parser.add_argument("--build-model", action="store_true", help="build the model into --out, only")
     args = parser.parse_args(argv)
     if args.build_model:
-        _build_model(args.build_model, args.rehearse)
+        _build_model(args.out, args.rehearse)
         return 0
     deadline = time.monotonic() + args.time_limit
     results_dir = args.results or args.out

@@ -207,7 +207,9 @@ def load_adapter(adapter_dir: Path, max_seq_length: int, load_in_4bit: bool):
 
 
 def device_record() -> dict:
-    """What this process trains on, for the run's manifest."""
+    """What this process trains on, for the run's manifest; with the allocator's settings, which
+    Unsloth changes when imported (expandable segments) and the transformers backend does not."""
+    allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return {
@@ -215,5 +217,6 @@ def device_record() -> dict:
             "name": props.name,
             "memory_bytes": props.total_memory,
             "cuda": torch.version.cuda,
+            "allocator": allocator,
         }
-    return {"type": "cpu", "threads": torch.get_num_threads()}
+    return {"type": "cpu", "threads": torch.get_num_threads(), "allocator": allocator}

@@ -62,6 +62,7 @@ def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_p
     assert (versions["trl"], versions["peft"], versions["bitsandbytes"]) == ("1.15.0", "0.21.2", "0.50.2")
     assert imports["failed"] == [] and next(iter(imports["imports"])) == "finetune.stack"  # Unsloth first
     assert all(result["ok"] for name, result in imports["imports"].items() if name.startswith("finetune."))
+    assert imports["imports"]["unsloth's GPU import path"]["ok"]  # its CUDA path, under torch 2.11
     for theirs in ("rich", "psutil", "tensorboard", "tiktoken", "yaml"):  # the image's own copies
         assert "/.venv-gpu-image/" in imports["imports"][theirs]["file"], theirs
     progress = (out / "progress.txt").read_text()
@@ -76,6 +77,10 @@ def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_p
         assert result["tokens_per_second"] == 128 / result["median_step_seconds"]  # full micro-batches
     runner, bare, transformers = results
     assert "predicted_step_seconds" not in bare  # a bare script has no plan
+    assert runner["padding_free"] is False and transformers["padding_free"] is False  # ours, always
+    # Unsloth's allocator setting, seen by the runner and the bare script alike; never by the
+    # transformers backend, which does not import Unsloth.
+    assert runner["alloc_conf"] == bare["alloc_conf"] and transformers["alloc_conf"] is None
     for planned in (runner, transformers):
         assert planned["predicted_step_seconds"] > 0 and planned["predicted_tokens_per_micro_batch"] == 128
     assert transformers["predicted_memory_bytes"] != runner["predicted_memory_bytes"]  # its own model
