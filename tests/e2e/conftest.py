@@ -8,6 +8,7 @@ import order is fixed here, once, before any of them is collected. Every test he
 import finetune.stack  # noqa: F401  (first: Unsloth, set up, before what the tests import)
 
 # isort: split
+import os
 import sys
 from pathlib import Path
 
@@ -18,6 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/cli_hel
 from finetune.tiny_model import ensure_tiny_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# FINETUNE_GPU_TESTS_ON_CPU=1 runs the gpu-marked tests where there is no CUDA, on the CPU: a
+# rehearsal of their mechanics (commands, files, what they parse), so that the few minutes of a lent
+# GPU are not spent finding a misspelled path. What only CUDA shows is guarded inside each test
+# (test_gpu.ON_CUDA).
+GPU_TESTS_ON_CPU = os.environ.get("FINETUNE_GPU_TESTS_ON_CPU") == "1"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,8 +32,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if HERE in item.path.resolve().parents:
             item.add_marker(pytest.mark.e2e)
-            if "gpu" in item.keywords and not torch.cuda.is_available():
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+            if "gpu" in item.keywords and not torch.cuda.is_available() and not GPU_TESTS_ON_CPU:
+                reason = "needs a CUDA GPU (FINETUNE_GPU_TESTS_ON_CPU=1 rehearses them on the CPU)"
+                item.add_marker(pytest.mark.skip(reason=reason))
 
 
 @pytest.fixture(scope="session")
