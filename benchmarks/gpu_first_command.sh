@@ -83,7 +83,7 @@ else
   tests=(tests/e2e/test_gpu.py ${EXTRA_TESTS:-tests/e2e/test_gpu_host.py})
   [ "$REHEARSE" = 1 ] && export FINETUNE_GPU_TESTS_ON_CPU=1
   # One test may not take more than half of what is left; the whole run ends before the budget.
-  timeout -k 5 $(($(left) - 5)) python3 -m pytest -q -p no:cacheprovider \
+  timeout -k 5 $(($(left) - 5)) python3 -m pytest -q -rP -p no:cacheprovider \
     --timeout $(($(left) / 2)) --durations=0 --junitxml="$OUT/pytest.xml" "${tests[@]}" \
     > "$OUT/pytest.txt" 2>&1
   status=$?
