@@ -193,6 +193,9 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     summary = [line for line in out.stdout.splitlines() if line.startswith("Done:")]
     assert len(summary) == 1 and summary[0].startswith("Done: 4 steps in ")
     assert "step     4/4  loss" in out.stdout + out.stderr  # the loss at each logging step
+    # Nothing but what we mean to say: no debugging line left in a callback (one printed
+    # "DEBUG None None" at every run's start).
+    assert not [line for line in out.stdout.splitlines() if line.startswith("DEBUG")]
     (run_dir,) = (tmp_path / "smoke").iterdir()
     assert summary[0].endswith(f"adapter saved to {run_dir / 'adapter'}")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
