@@ -228,6 +228,22 @@ class Launch:
         return self.data.describe() + describe_plan(self.plan) + self.budget_lines + self.disk.lines
 
 
+def check_four_bit_base(recipe: Recipe, source: str) -> None:
+    """Refuse model.load_in_4bit: false on a base stored quantized to 4-bit: both engines load such a
+    checkpoint in 4-bit whatever the recipe says (its config carries the quantization), so the plan,
+    which would count 16-bit weights, would not be what trains."""
+    config = planning_config(recipe) or {}
+    original = sixteen_bit_name(recipe.model.name)
+    if recipe.model.load_in_4bit or ("quantization_config" not in config and original is None):
+        return
+    other = f" ({original})" if original else ""
+    raise UserError(
+        f"{source}: model.load_in_4bit is false, but {recipe.model.name} is stored quantized to 4-bit, "
+        "so it would train in 4-bit, not as planned; set model.load_in_4bit: true, or name its 16-bit "
+        f"original{other} in model.name"
+    )
+
+
 def plan_launch(
     recipe: Recipe,
     source: str,
@@ -240,6 +256,7 @@ def plan_launch(
     folder under output.dir, the file's stem unless given; ``device``: this machine unless given;
     ``world_size``: the processes training together, this job's under torchrun unless given)."""
     name = name or recipe_name(source)
+    check_four_bit_base(recipe, source)
     problems = check_trackers(recipe.output.report_to)
     if problems:
         raise UserError("\n".join(f"{source}: {problem}" for problem in problems))

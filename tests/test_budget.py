@@ -199,6 +199,42 @@ def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
     assert "largest micro-batch 8192 tokens" in full.stdout  # 2 x max_seq_length 4096
 
 
+def test_a_16_bit_plan_of_a_base_stored_in_4_bit_is_refused_naming_its_original(tmp_path):
+    """Both engines load a pre-quantized checkpoint in 4-bit whatever load_in_4bit says: planning
+    16-bit weights for it would promise what does not train."""
+    out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "rtx-3090", "model.load_in_4bit=false")
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert (
+        "recipes/code-gen.yaml: model.load_in_4bit is false, but unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
+        " is stored quantized to 4-bit, so it would train in 4-bit, not as planned; set model.load_in_4bit:"
+        " true, or name its 16-bit original (unsloth/Meta-Llama-3.1-8B-Instruct) in model.name"
+    ) in " ".join(out.stderr.split())
+    # A local folder is known by its config, whatever its name.
+    folder = tmp_path / "my-llama"
+    folder.mkdir()
+    config = {**shipped_config("llama-3.2-1b"), "quantization_config": {"load_in_4bit": True}}
+    (folder / "config.json").write_text(json.dumps(config))
+    local = run_cli(
+        "plan",
+        "recipes/llama-3.2-1b.yaml",
+        "--gpu",
+        "rtx-3090",
+        f"model.name={folder}",
+        "model.load_in_4bit=false",
+    )
+    assert local.returncode == 2 and f"but {folder} is stored quantized to 4-bit" in " ".join(
+        local.stderr.split()
+    )
+    assert "original in model.name" in " ".join(local.stderr.split())
+    # The same recipe in 4-bit, or the 16-bit original in 16-bit, plans.
+    assert run_cli("plan", "recipes/code-gen.yaml", "--gpu", "rtx-3090").returncode == 0
+    sixteen = run_cli(
+        "plan", "recipes/code-gen.yaml", "--gpu", "a100-80gb", "model.load_in_4bit=false",
+        "model.name=unsloth/Meta-Llama-3.1-8B-Instruct",
+    )  # fmt: skip
+    assert sixteen.returncode in (0, 3) and "stored quantized" not in sixteen.stderr, sixteen.stderr
+
+
 def test_unknown_gpu_name_is_a_clear_error():
     out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "voodoo-2")
     assert out.returncode == 2 and "unknown GPU 'voodoo-2'; known: rtx-3090" in out.stderr
