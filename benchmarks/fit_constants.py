@@ -4,7 +4,8 @@ from the same files, so every constant and published figure follows from data in
     python benchmarks/fit_constants.py benchmarks/results/            # print the fit
     python benchmarks/fit_constants.py benchmarks/results/ --write    # and save it and the docs
 
-RESULTS holds results.jsonl and environment.json (as gpu_truth.py writes them into its --out).
+RESULTS holds results.jsonl and environment.json (as gpu_truth.py writes them into its --results:
+what `benchmarks/gpu_first_command.sh matrix` leaves in $OUT).
 --write saves finetune/fitted_constants.json (which finetune/budget.py reads at import, so `plan`
 uses the fitted values and says where they came from) and docs/benchmarks.md.
 """

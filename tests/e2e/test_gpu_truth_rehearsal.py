@@ -101,6 +101,11 @@ def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_p
     )
     assert sum(path.stat().st_size for path in out.iterdir()) < 2 * 2**20
     assert "processes left on the GPU: none" in progress
+    # What comes back is what the calibration reads (on the CPU there is nothing to fit).
+    fit = subprocess.run(
+        [sys.executable, "benchmarks/fit_constants.py", str(out)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert fit.returncode == 0 and "no runner result with GPU measurements" in fit.stdout, fit.stderr
 
 
 def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_printed(tmp_path):
