@@ -60,7 +60,7 @@ demo: setup
 	$(PY) runner.py recipes/smoke.yaml
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=30
 
 # The fast tier: everything but tests/e2e, without torch or Unsloth, on both cores (under 2 minutes).
 test-fast: setup
