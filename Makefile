@@ -19,7 +19,7 @@ CONVERTER := $(VENV)/llama.cpp/.from-$(GGUF_HASH)
 SDIST := $(VENV)/llama.cpp-sdist
 LLAMA_CPP_FILES := convert_hf_to_gguf.py conversion gguf-py LICENSE
 
-.PHONY: setup demo test test-fast fuzz smoke chaos canary lint clean gguf-quantize rehearse-gpu
+.PHONY: setup demo test test-fast fuzz smoke chaos canary lint clean gguf-quantize rehearse-gpu docs
 
 setup: $(STAMP) $(CONVERTER)
 
@@ -68,9 +68,9 @@ test-fast: setup
 
 # `make test` replays a fixed set of generated inputs; this draws 20,000 fresh ones per property.
 fuzz: setup
-	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -k fuzz tests/test_recipe_errors.py tests/test_data.py
+	HYPOTHESIS_PROFILE=explore $(PY) -m pytest -q -k fuzz tests/test_fuzz.py tests/test_recipe_errors.py tests/test_data.py
 
-# Every shipped recipe on the tiny model, checked against tests/smoke_bands.json (GPU if present).
+# Every shipped recipe on the tiny model, checked against finetune/cli/smoke_bands.json (GPU if present).
 smoke: setup
 	$(PY) runner.py smoke
 
@@ -79,7 +79,7 @@ smoke: setup
 KILLS ?= 20
 SEED ?= 7
 chaos: setup
-	$(PY) benchmarks/chaos.py --kills $(KILLS) --seed $(SEED)
+	$(PY) benchmarks/chaos.py --kills $(KILLS) --seed $(SEED) --json benchmarks/results/chaos.json
 
 # The same smoke against the newest releases of the training stack, in its own environment, so a
 # breaking upstream release shows up as a failed band naming the versions that changed.
@@ -108,6 +108,12 @@ rehearse-gpu: setup
 	MATRIX_ARGS="--lengths 64 --batches 2 --ranks 8 --steps 4" BUDGET=900 \
 		bash benchmarks/rehearse_gpu.sh matrix runs/rehearse-gpu/matrix
 	BUDGET=1500 bash benchmarks/rehearse_gpu.sh tests runs/rehearse-gpu/tests
+
+# The figures the docs quote from a run (the demo, the plans, the recipe table, an export and an eval
+# of the demo's run) rerun into README.md and docs/ between marker comments (benchmarks/docs_figures.py);
+# tests/test_docs.py fails when a quoted plan no longer matches.
+docs: setup
+	$(PY) benchmarks/docs_figures.py
 
 lint: setup
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # finetune/gpu_memory.py
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # finetune/train/gpu_memory.py
 
 import torch  # noqa: E402
 from unsloth import FastLanguageModel  # noqa: E402  (before what it patches, as Unsloth asks)
@@ -35,7 +35,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
-from finetune.gpu_memory import read_peak_memory, reset_peak_memory  # noqa: E402
+from finetune.train.gpu_memory import read_peak_memory, reset_peak_memory  # noqa: E402
 
 
 class StepTimes(TrainerCallback):
@@ -126,7 +126,7 @@ def main() -> None:
                 "peak_allocated_bytes": peak_allocated,
                 "peak_reserved_bytes": peak_reserved,
                 # Left to Unsloth, as in its notebooks (unsloth/utils/padding_choice.py: padding-free
-                # on an H100); the runner pads (store.PADDING_FREE), so the table shows both.
+                # on an H100); the runner pads (plan.engine.PADDING_FREE), so the table shows both.
                 "padding_free": getattr(trainer.args, "padding_free", None),
                 "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF"),
             }

@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         help=f"the phases to kill in, in turn (default: {', '.join(PHASES)})",
     )
     args = parser.parse_args(argv)
+    began = time.monotonic()
     work = args.work or Path(tempfile.mkdtemp(prefix="chaos-"))
     work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
@@ -244,9 +245,17 @@ def main(argv: list[str] | None = None) -> int:
     debris = sum(len(r["left_behind"]) for r in results)
     print(f"left behind: {debris} item{'s' if debris != 1 else ''} in all" + ("" if debris else " (nothing)"))
     if args.json:
-        args.json.write_text(
-            json.dumps({"seed": args.seed, "windows": windows, "results": results}, indent=2)
-        )
+        # What docs/runs.md quotes (benchmarks/docs_figures.py chaos_lines): when and where it ran.
+        document = {
+            "seed": args.seed,
+            "date": time.strftime("%Y-%m-%d"),
+            "cpu_count": os.cpu_count(),
+            "seconds": round(time.monotonic() - began),
+            "windows": windows,
+            "results": results,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if exact == len(results) else 1

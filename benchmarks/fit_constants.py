@@ -6,7 +6,7 @@ from the same files, so every constant and published figure follows from data in
 
 RESULTS holds results.jsonl and environment.json (as gpu_truth.py writes them into its --results:
 what `benchmarks/gpu_first_command.sh matrix` leaves in $OUT).
---write saves finetune/fitted_constants.json (which finetune/budget.py reads at import, so `plan`
+--write saves finetune/plan/fitted_constants.json (which finetune/plan/budget.py reads at import, so `plan`
 uses the fitted values and says where they came from) and docs/benchmarks.md.
 """
 
@@ -20,8 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from finetune.budget import CONSTANTS, FITTED_FILE, GIB  # noqa: E402
-from finetune.calibration import fit_constants  # noqa: E402
+from finetune.plan.calibration import fit_constants  # noqa: E402
+from finetune.plan.constants import CONSTANTS, FITTED_FILE, GIB  # noqa: E402
 
 
 def read(results_dir: Path) -> tuple[dict, list[dict]]:

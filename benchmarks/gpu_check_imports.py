@@ -1,5 +1,5 @@
 """The first thing benchmarks/gpu_first_command.sh runs on the GPU machine: does everything import, and
-which versions are there? Unsloth comes first, through finetune.stack, as in every process that trains
+which versions are there? Unsloth comes first, through finetune.train.stack, as in every process that trains
 (unsloth_zoo refuses to be imported before it; Unsloth patches TRL, transformers and PEFT only if it
 comes before them). Then every other package our code imports and every module of finetune/, each
 failure recorded rather than the first one only, and the GPU as torch sees it. Writes OUT (JSON) and
@@ -28,9 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Distribution names (for their versions) after the module that imports them; finetune.stack first.
+# Distribution names (for their versions) after the module that imports them; finetune.train.stack first.
 PACKAGES = {
-    "finetune.stack": "unsloth",
+    "finetune.train.stack": "unsloth",
     "unsloth_zoo": "unsloth_zoo",
     "torch": "torch",
     "triton": "triton",
@@ -83,10 +83,10 @@ def distribution_version(name: str) -> str | None:
 
 
 GPU_IMPORT_PATH = """
-import finetune.stack, unsloth
+import finetune.train.stack, unsloth
 assert not unsloth._IS_CPU_BACKEND, "Unsloth took its CPU backend"
 from unsloth.models.llama import FastLlamaModel
-import finetune.train, finetune.inference, finetune.callbacks
+import finetune.train.training, finetune.train.inference, finetune.train.callbacks
 """
 
 
@@ -146,7 +146,9 @@ def main() -> int:
         report["imports"][module] = result
     import finetune
 
-    for info in pkgutil.iter_modules(finetune.__path__, "finetune."):
+    for info in pkgutil.walk_packages(finetune.__path__, "finetune."):  # every module of every stage
+        if info.name.endswith(".__main__"):  # `python -m finetune`: importing it runs the command line
+            continue
         report["imports"].setdefault(info.name, try_import(info.name))
     if args.cpu:
         report["imports"]["unsloth's GPU import path"] = gpu_import_path()

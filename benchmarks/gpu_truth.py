@@ -2,7 +2,7 @@
 runner on the transformers backend, each next to our prediction for the same setting.
 
 On a GPU it builds a Llama 3.1 8B-shaped model with random weights from the public config values
-(finetune/model_configs; nothing is downloaded), saves it pre-quantized to NF4 as Unsloth's
+(finetune/models/configs; nothing is downloaded), saves it pre-quantized to NF4 as Unsloth's
 `-bnb-4bit` repositories are, and for each setting (max_seq_length x micro-batch x LoRA rank) times
 about ten steps after warm-up of each of the three, recording tokens/s, the median step time and
 peak allocated and reserved memory. The headline setting runs first for all three, then the other
@@ -34,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from finetune.processes import child_setup  # noqa: E402  (no torch: the standard library only)
+from finetune.base.processes import child_setup  # noqa: E402  (no torch: the standard library only)
 
 LENGTHS = {"gpu": (2048, 512, 8192), "rehearse": (128, 64, 256)}  # the first is the headline
 BATCHES = (1, 4)
@@ -75,8 +75,8 @@ def _build_model(out: Path, rehearse: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig
 
-    from finetune.shapes import shipped_config
-    from finetune.tiny_model import build_llama3_tokenizer, ensure_tiny_model
+    from finetune.models.shapes import shipped_config
+    from finetune.models.tiny_model import build_llama3_tokenizer, ensure_tiny_model
 
     tiny = LlamaConfig.from_pretrained(ensure_tiny_model())
     if rehearse:
@@ -252,7 +252,7 @@ def environment(model: Path, argv: list[str], rehearse: bool) -> dict:
     """What the results were measured on and with, for docs/benchmarks.md."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from finetune.budget import CONSTANTS
+    from finetune.plan.constants import CONSTANTS
 
     versions = {}
     for name in ("torch", "transformers", "trl", "peft", "bitsandbytes", "unsloth", "unsloth_zoo"):

@@ -61,7 +61,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from finetune.tiny_model import ensure_tiny_model
+    from finetune.models.tiny_model import ensure_tiny_model
 
     model = ensure_tiny_model()
     times = {"runner": [], "bare": []}

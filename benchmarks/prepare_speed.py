@@ -2,7 +2,7 @@
 
 Both sides start from the same .jsonl file and the same tokenizer files and end with a dataset of
 input_ids and labels a trainer can take:
-- ours: `finetune.store.open_store` (stream the rows into Arrow, render with the chat template,
+- ours: `finetune.data.store.open_store` (stream the rows into Arrow, render with the chat template,
   tokenize with batched `datasets.map` over the cores, mask all but the assistant turns, apply the
   length policy, save) and open the result;
 - TRL: `load_dataset("json")` and the real `SFTTrainer`'s `_prepare_dataset` with TRL's defaults
@@ -60,9 +60,9 @@ def write_rows(path: Path, count: int) -> None:
 def ours(data: Path, cache: Path) -> dict:
     import datasets  # noqa: F401  (imported outside the timed window, as TRL's side does)
 
-    from finetune.prepare import llama3_tokenizer_dir, locate_tokenizer
-    from finetune.recipe import load_recipe
-    from finetune.store import open_store
+    from finetune.data.store import open_store
+    from finetune.data.tokenize import llama3_tokenizer_dir, locate_tokenizer
+    from finetune.recipe.schema import load_recipe
 
     tokenizer_dir = llama3_tokenizer_dir()  # from the usual cache; the stores go to `cache`
     os.environ["FINETUNE_CACHE"] = str(cache)
@@ -81,8 +81,8 @@ def trl(data: Path, cache: Path) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from finetune.prepare import llama3_tokenizer_dir
-    from finetune.tiny_model import ensure_tiny_model
+    from finetune.data.tokenize import llama3_tokenizer_dir
+    from finetune.models.tiny_model import ensure_tiny_model
 
     timed = {}
 
@@ -146,7 +146,7 @@ def main() -> None:
             [
                 sys.executable,
                 "-c",
-                "from finetune.prepare import llama3_tokenizer_dir; llama3_tokenizer_dir()",
+                "from finetune.data.tokenize import llama3_tokenizer_dir; llama3_tokenizer_dir()",
             ],
             cwd=ROOT,
             check=True,

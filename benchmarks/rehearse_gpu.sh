@@ -49,7 +49,7 @@ trap 'rm -rf "$scratch"' EXIT
 tree=$scratch/tree
 mkdir -p "$tree" "$scratch/home" "$out"
 git ls-files -z --cached --others --exclude-standard \
-  | while IFS= read -r -d '' file; do [ -e "$file" ] && printf '%s\0' "$file"; done \
+  | while IFS= read -r -d '' file; do [ -e "$file" ] && [ ! -d "$file" ] && printf '%s\0' "$file"; done \
   | xargs -0 cp --parents -t "$tree"
 cp -r .gpu "$tree/.gpu"
 

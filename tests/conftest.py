@@ -41,3 +41,16 @@ def _fast_tier_leaves_the_training_stack_alone(request):
     if _only_fast_tier and E2E not in request.node.path.as_posix():
         imported = [name for name in HEAVY if name in sys.modules and name not in before]
         assert not imported, f"the fast tier imported {', '.join(imported)}; move this test to tests/e2e"
+
+
+@pytest.fixture
+def fresh_cache(tmp_path):
+    """An empty FINETUNE_CACHE but for the converted Llama 3 tokenizer (a link to the usual cache's,
+    converted there once): a test that needs a cache of its own need not pay the conversion again."""
+    from finetune.data.tokenize import llama3_tokenizer_dir
+
+    shared = llama3_tokenizer_dir()  # in the usual cache
+    cache = tmp_path / "fresh-cache"
+    cache.mkdir()
+    (cache / shared.name).symlink_to(shared, target_is_directory=True)
+    return cache

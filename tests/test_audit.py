@@ -3,11 +3,11 @@
 from pathlib import Path
 
 from cli_helpers import run_cli
+from data_helpers import find_tokenizer, load_conversations, prepare
 
-from finetune.audit import audit, percentile, trained_runs
-from finetune.data import Conversation, load_conversations
-from finetune.prepare import find_tokenizer, prepare
-from finetune.recipe import DataSection
+from finetune.data.audit import audit, percentile, trained_runs
+from finetune.data.rows import Conversation
+from finetune.recipe.schema import DataSection
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])

@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune import launch
-from finetune.preflight import base_model
-from finetune.recipe import UserError, load_recipe
-from finetune.store import run_fingerprints
+from finetune.base.errors import UserError
+from finetune.data.store import run_fingerprints
+from finetune.models.base import base_model
+from finetune.recipe.schema import load_recipe
+from finetune.runs import resume
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,9 +51,9 @@ def test_resume_refuses_a_changed_base_model_before_anything_heavy(tmp_path):
     recorded["base model"] = "tiny-llama-3 at 0000000000"  # as if the run had trained another build
     (tmp_path / "manifest.json").write_text(json.dumps({"fingerprints": recorded}))
     with pytest.raises(UserError, match="base model: was tiny-llama-3 at 0000000000, now tiny-llama-3 at "):
-        launch.resume_point(recipe, tmp_path, force=False)
+        resume.resume_point(recipe, tmp_path, force=False)
     # --force resumes anyway, warning of the change (here from the first step: no checkpoint).
-    checkpoint, lines = launch.resume_point(recipe, tmp_path, force=True)
+    checkpoint, lines = resume.resume_point(recipe, tmp_path, force=True)
     assert checkpoint is None and lines[0].startswith("warning: --force: resuming although base model: was")
     assert lines[-1] == "no sound checkpoint yet: training again from the first step"
 
@@ -61,7 +62,7 @@ def test_resume_trains_again_from_the_first_step_only_a_run_that_never_finished(
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
     (tmp_path / "checkpoints" / "checkpoint-2").mkdir(parents=True)  # unsealed: died while writing it
     (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 12.0}\n')
-    checkpoint, lines = launch.resume_point(recipe, tmp_path, force=False)
+    checkpoint, lines = resume.resume_point(recipe, tmp_path, force=False)
     assert (
         checkpoint is None
         and not (tmp_path / "checkpoints").exists()
@@ -74,12 +75,12 @@ def test_resume_trains_again_from_the_first_step_only_a_run_that_never_finished(
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
     with pytest.raises(UserError, match="has finished .*: nothing to resume"):
-        launch.resume_point(recipe, tmp_path, force=False)
+        resume.resume_point(recipe, tmp_path, force=False)
     assert (tmp_path / "adapter" / "adapter_config.json").is_file()
 
 
 def test_a_restart_moves_damaged_sealed_checkpoints_aside_and_never_deletes_them(tmp_path):
-    from finetune.run import seal_checkpoint
+    from finetune.runs.run_folder import seal_checkpoint
 
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
     sealed = tmp_path / "checkpoints" / "checkpoint-4"
@@ -88,7 +89,7 @@ def test_a_restart_moves_damaged_sealed_checkpoints_aside_and_never_deletes_them
     seal_checkpoint(sealed)
     (sealed / "adapter_model.safetensors").write_bytes(b"trainee" * 100)  # damaged since: same size
     (tmp_path / "checkpoints" / "checkpoint-6").mkdir()  # unsealed: died while writing it
-    checkpoint, lines = launch.resume_point(recipe, tmp_path, force=False)
+    checkpoint, lines = resume.resume_point(recipe, tmp_path, force=False)
     assert checkpoint is None
     assert "skipped checkpoint-4: adapter_model.safetensors differs from when it was saved" in lines
     assert lines[-1] == (

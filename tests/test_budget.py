@@ -11,12 +11,16 @@ import PIL.Image
 import pytest
 from cli_helpers import run_cli
 
-from finetune import budget, disk, loss_memory, shapes
-from finetune.budget import GIB, GPUS, Workload, gpu_by_name, plan_budget, suggest
-from finetune.plots import nice_ticks
-from finetune.recipe import load_recipe
-from finetune.shapes import Shapes, shipped_config
-from finetune.tiny_model import TINY_CONFIG
+from finetune.models import shapes
+from finetune.models.shapes import Shapes, shipped_config
+from finetune.models.tiny_model import TINY_CONFIG
+from finetune.plan import budget, constants, disk, engine, loss_memory
+from finetune.plan.budget import Workload, plan_budget, suggest
+from finetune.plan.constants import GIB
+from finetune.plan.devices import GPUS, gpu_by_name
+from finetune.plan.job import plan_job
+from finetune.recipe.schema import load_recipe
+from finetune.runs.plots import nice_ticks
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_8B = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
@@ -72,7 +76,8 @@ def test_the_flagship_fits_a_24_gb_card_and_says_why():
     assert terms["embeddings, lm_head, norms"] == 2 * (2 * 128_256 * 4096 + 65 * 4096)
     # LoRA r=32 on all seven projections: A is r x in and B is out x r; fp32 (4 B) on a GPU.
     lora = layers * sum(32 * i + o * 32 for i, o in projections)
-    assert lora == 32 * 2_621_440  # performance.md 3.4: r x 2,621,440
+    # Per unit of rank, 2,621,440 values: (in + out) of the seven projections, times 32 layers.
+    assert lora == 32 * 2_621_440
     assert terms["LoRA parameters"] == 4 * lora
     # Without double quantization: 0.5 B per weight, one fp32 absmax per 64 weights, the NF4 code.
     single_quant = sum(n // 2 + 4 * (n // 64) + 4 * 16 for n in weights)
@@ -162,7 +167,7 @@ def test_plan_with_its_png_imports_neither_torch_nor_matplotlib(tmp_path):
     # alone costs most of a second here, so the LR chart is drawn with Pillow.
     png = tmp_path / "lr.png"
     code = (
-        "import sys; from finetune.cli import main; code = main(sys.argv[1:]);"
+        "import sys; from finetune.cli.commands import main; code = main(sys.argv[1:]);"
         "print('imported:', sorted(m for m in ('torch', 'matplotlib', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run(
@@ -196,7 +201,12 @@ def test_over_budget_run_is_refused_with_exit_3_before_anything_loads():
         "plan", "recipes/code-gen.yaml", "--gpu", "rtx-3090", "--full-length", "budget.max_hours=0.0001"
     )
     assert full.returncode == 3 and "FAIL total hours" in full.stdout
-    assert "largest micro-batch 8192 tokens" in full.stdout  # 2 x max_seq_length 4096
+    assert "largest micro-batch 8192 tokens:" in full.stdout  # 2 x max_seq_length 4096
+    # Sized from the sample data, the plan says that the recipe allows more, and how to plan that.
+    sampled = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "rtx-3090")
+    assert (
+        "(from the data's rows; the recipe allows 8192: `plan --full-length` plans that):" in sampled.stdout
+    )
 
 
 def test_a_16_bit_plan_of_a_base_stored_in_4_bit_is_refused_naming_its_original(tmp_path):
@@ -243,21 +253,21 @@ def test_unknown_gpu_name_is_a_clear_error():
 def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_the_speed_the_constants_fit(
     monkeypatch, tmp_path
 ):
-    from finetune import device_speed, preflight
+    from finetune.plan import device_speed, devices
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
-    gpu = preflight.Gpu("NVIDIA GeForce RTX 4090", 24.0, 20.5)
-    monkeypatch.setattr(preflight, "detect_gpus", lambda: [gpu])
+    gpu = devices.Gpu("NVIDIA GeForce RTX 4090", 24.0, 20.5)
+    monkeypatch.setattr(devices, "detect_gpus", lambda: [gpu])
     measured = {"tflops": 150.0, "bandwidth_gbs": 900.0, "measured_at": 0}
     monkeypatch.setattr(device_speed, "cached_measurement", lambda *a: measured)
     # A card of the table: its datasheet figures (what the time model's constants are fitted
     # against), and this card's free memory as the limit.
-    device = preflight.training_device()
+    device = devices.training_device()
     assert device.memory_bytes == 20.5 * GIB and device.name == gpu.name
     assert (device.bf16_tflops, device.bandwidth_gbs) == (165.2, 1008.0)
     # A card missing from the table: its measured speed, on the datasheet's scale, said so.
-    monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA L40S", 45.0, 44.0)])
-    l40s = preflight.training_device()
+    monkeypatch.setattr(devices, "detect_gpus", lambda: [devices.Gpu("NVIDIA L40S", 45.0, 44.0)])
+    l40s = devices.training_device()
     assert l40s.memory_bytes == 44.0 * GIB
     assert l40s.bf16_tflops == pytest.approx(150.0 / 0.75)
     assert l40s.bandwidth_gbs == pytest.approx(900.0 / 0.85)
@@ -265,21 +275,21 @@ def test_a_gpu_in_this_machine_is_planned_with_its_free_memory_and_the_speed_the
     # Unmeasured too, it is never refused: its memory, and the slowest known card's speed, said so
     # (the time predicted is then an upper bound).
     monkeypatch.setattr(device_speed, "cached_measurement", lambda *a: None)
-    unknown = preflight.training_device()
+    unknown = devices.training_device()
     assert unknown.memory_bytes == 44.0 * GIB and unknown.bf16_tflops == min(
         d.bf16_tflops for d in GPUS.values()
     )
     assert "not measured and not in the speed table" in unknown.source
 
 
-def test_plan_on_a_machine_with_the_card_agrees_with_plan_gpu_for_that_card_elsewhere(tmp_path):
+def test_plan_on_a_machine_with_the_card_agrees_with_plan_gpu_for_that_card_elsewhere(tmp_path, fresh_cache):
     """The same recipe, planned where the RTX 4090 is (nvidia-smi lists it; a speed measurement of it
     is cached) and with --gpu rtx-4090 on a machine without it: the same memory and step time."""
     smi = tmp_path / "bin" / "nvidia-smi"
     smi.parent.mkdir()
     smi.write_text('#!/bin/sh\necho "0, GPU-5f2b8c1e, NVIDIA GeForce RTX 4090, 24564, 23000, 580.82.07"\n')
     smi.chmod(0o755)
-    cache = tmp_path / "cache"
+    cache = fresh_cache
     speed = cache / "device-speed" / "cuda-NVIDIA-GeForce-RTX-4090.json"
     speed.parent.mkdir(parents=True)
     speed.write_text(json.dumps({"tflops": 121.0, "bandwidth_gbs": 870.0, "measured_at": time.time()}))
@@ -309,7 +319,7 @@ def test_a_gpu_model_planned_on_a_machine_without_gpu_gets_the_usual_24_gb_card(
 def test_a_device_speed_measurement_that_hangs_or_prints_nothing_falls_back_to_none(tmp_path, monkeypatch):
     import subprocess
 
-    from finetune import device_speed
+    from finetune.plan import device_speed
 
     def hang(*args, **kwargs):
         raise subprocess.TimeoutExpired(args[0], 300)
@@ -325,16 +335,17 @@ def test_measured_peak_memory_means_the_same_quantity_the_plan_predicts_everywhe
     """A GPU's counters (peak allocated 5 GiB, reserved 6 GiB) read the same in the probe's verdict,
     budget.json, the calibration table, report.md and the out-of-memory report: reserved plus the
     CUDA context, the quantity the plan's total predicts (allocated alone omits both)."""
-    from finetune import calibration, launch, report
-    from finetune.run import Measured, OutOfMemory
+    from finetune.plan import calibration
+    from finetune.runs import report
+    from finetune.runs.outcome import Measured, OutOfMemory
 
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_memory_gib=100"])
-    job = launch.plan_launch(recipe, "recipes/smoke.yaml", "smoke", GPUS["h100"])
+    job = plan_job(recipe, "recipes/smoke.yaml", "smoke", GPUS["h100"])
     measured = Measured([1.0, 1.0, 1.0, 1.0], 5 * GIB, 6 * GIB)
-    expected = 6 * GIB + budget.constant("cuda_context_bytes")
+    expected = 6 * GIB + constants.constant("cuda_context_bytes")
     assert calibration.measured_peak_bytes(6 * GIB) == expected == 6.5 * GIB
 
-    probe = launch.probe_verdict(job, measured, force=False)
+    probe = calibration.probe_verdict(job, measured, force=False)
     assert "peak memory 6.50 GiB" in probe[0]
     assert "PASS measured memory on H100 SXM: 6.50 GiB (limit 80.00 GiB)" in probe[1:]
     record = calibration.calibration_record(job.budget, measured.as_dict(), recipe.model.name, "smoke")
@@ -345,7 +356,7 @@ def test_measured_peak_memory_means_the_same_quantity_the_plan_predicts_everywhe
     history = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}]
     _, lines = report.write_report(tmp_path, history, 10.0, [])
     assert any(line.startswith("peak memory: 6.50 GiB measured") for line in lines), lines
-    oom = launch.out_of_memory_report(job, OutOfMemory(3, 1000, 6 * GIB), tmp_path)
+    oom = report.out_of_memory_report(job, OutOfMemory(3, 1000, 6 * GIB), tmp_path)
     assert "peak memory measured: 6.50 GiB" in oom
 
 
@@ -370,7 +381,7 @@ def test_the_transformers_backend_has_its_own_memory_and_time_model():
     code_gen = load_recipe(ROOT / "recipes" / "code-gen.yaml")
     plain = load_recipe(ROOT / "recipes" / "code-gen.yaml", ["model.backend=transformers"])
     assert (
-        code_gen.model.gradient_checkpointing == "unsloth" and budget.checkpointing(plain.model) == "standard"
+        code_gen.model.gradient_checkpointing == "unsloth" and engine.checkpointing(plain.model) == "standard"
     )
     ours, theirs = (budget.predict_memory(r, shapes, 2048).terms for r in (code_gen, plain))
     assert "activations (standard checkpointing)" in theirs and "activations (unsloth checkpointing)" in ours
@@ -400,13 +411,13 @@ def test_the_adapters_are_planned_in_the_dtype_their_trainer_holds_them_in():
         overrides = [f"model.backend={backend}", f"model.load_in_4bit={str(four_bit).lower()}"]
         return load_recipe(ROOT / "recipes" / "smoke.yaml", overrides).model
 
-    assert budget.adapter_bytes(model("unsloth"), on_gpu=True) == 4
-    assert budget.adapter_bytes(model("unsloth"), on_gpu=False) == 2
-    assert budget.adapter_bytes(model("transformers"), on_gpu=True) == 2
-    assert budget.adapter_bytes(model("transformers"), on_gpu=False) == 2
+    assert engine.adapter_bytes(model("unsloth"), on_gpu=True) == 4
+    assert engine.adapter_bytes(model("unsloth"), on_gpu=False) == 2
+    assert engine.adapter_bytes(model("transformers"), on_gpu=True) == 2
+    assert engine.adapter_bytes(model("transformers"), on_gpu=False) == 2
     for backend in ("unsloth", "transformers"):  # no cast without a quantized base
-        assert budget.adapter_bytes(model(backend, four_bit=False), on_gpu=True) == 4
-        assert budget.adapter_bytes(model(backend, four_bit=False), on_gpu=False) == 4
+        assert engine.adapter_bytes(model(backend, four_bit=False), on_gpu=True) == 4
+        assert engine.adapter_bytes(model(backend, four_bit=False), on_gpu=False) == 4
 
     llama = Shapes.from_config(LLAMA_8B)
     lora = 32 * 2_621_440  # code-gen: r=32 on all seven projections
@@ -428,7 +439,7 @@ def test_the_adapters_are_planned_in_the_dtype_their_trainer_holds_them_in():
 def test_the_report_says_a_sample_is_empty_or_missing_instead_of_leaving_a_blank(tmp_path):
     """A barely trained model may end its turn at once: the report says so, and says when the run
     stopped before the after-training sample was generated."""
-    from finetune import report
+    from finetune.runs import report
 
     (tmp_path / "samples.json").write_text(
         json.dumps(
@@ -502,3 +513,52 @@ def test_dora_adds_its_magnitudes_its_kept_outputs_its_workspace_and_its_time():
     h100 = GPUS["h100"]
     slower = budget.predict_time(dora, llama, h100, tokens, 100).step_seconds
     assert slower > budget.predict_time(plain, llama, h100, tokens, 100).step_seconds
+
+
+def test_weights_beyond_the_card_are_said_first_with_the_smallest_card_that_fits():
+    """The 70B recipe on a 24 GB card: no suggestion of 0.1 GiB savings, the real problem instead."""
+    out = run_cli("plan", "recipes/llama-3.1-70b.yaml", "--gpu", "rtx-4090")
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    said = " ".join(out.stderr.split())
+    assert (
+        "the model's weights alone are 37.3 GiB (with the CUDA context), more than the RTX 4090's 24 GiB"
+        in said
+    )
+    assert "no setting makes it fit; the smallest card in the table it fits is the A100 80GB (80 GiB)" in said
+    # ... and what to train on this card instead (the 8B recipes that fit it at full length).
+    assert (
+        "shipped recipes that fit the RTX 4090, of the largest model "
+        "(unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit): code-gen, code-gen-16k, instruct-alpaca" in said
+    )
+    assert "helps:" not in said and "fits:" not in said
+
+
+def test_a_cpus_step_time_is_not_predicted_and_its_time_limits_go_to_the_probe(tmp_path):
+    """The CPU's step time follows the machine's load, not the GPU speed model: plan says it is not
+    predicted, a time limit is not judged on it (the probe measures instead), and the calibration
+    table and report.md show the measurement alone. On a GPU the same limit is a verdict."""
+    from finetune.plan import calibration
+    from finetune.plan.budget import CPU_TIME
+    from finetune.plan.devices import cpu_device
+    from finetune.runs import report
+    from finetune.runs.outcome import Measured
+
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_hours=0.00001"])
+    job = plan_job(recipe, "recipes/smoke.yaml", "smoke", cpu_device())
+    lines = job.lines()
+    assert not job.budget.time_predicted and not job.over_budget
+    assert CPU_TIME in lines and not any("s per optimizer step" in line for line in lines)
+    assert (
+        "  (budget.max_hours: checked on a CPU against the steps the probe measures before training, "
+        "not by the plan)" in lines
+    )
+    assert plan_job(recipe, "recipes/smoke.yaml", "smoke", GPUS["h100"]).over_budget  # a GPU's verdict
+    record = calibration.calibration_record(
+        job.budget, Measured([1.0] * 4, None, None).as_dict(), "m", "smoke"
+    )
+    assert record["step_error"] is None and record["predicted"]["time_predicted"] is False
+    row = calibration.calibration_table([record])[1].split()
+    assert row[3:6] == ["-", "1.000", "-"]  # step pred, step meas, err
+    (tmp_path / "budget.json").write_text(json.dumps(record))
+    _, said = report.write_report(tmp_path, [{"step": 1, "loss": 2.0}], 10.0, [])
+    assert "step time: 1.000 s measured, not predicted on a CPU" in said

@@ -2,16 +2,15 @@
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import finished_run_shape, run_cli, runner
 
-from finetune import preflight
-from finetune.recipe import UserError, load_recipe
-from finetune.shapes import count_parameters
+from finetune.base.errors import UserError
+from finetune.models.shapes import count_parameters
+from finetune.plan import devices, preflight
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +54,8 @@ def test_an_unusable_output_dir_is_refused_before_anything_heavy(tmp_path):
     taken.write_text("not a folder")
     out = run_cli("recipes/smoke.yaml", f"output.dir={taken}")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert f"error: output.dir '{taken}': cannot create the run folder {taken}/smoke/" in out.stderr
-    assert "(Not a directory)" in out.stderr and "heavy imports: []" in out.stdout
+    assert f"error: output.dir '{taken}' cannot be written: {taken} is a file, not a folder" in out.stderr
+    assert "heavy imports: []" in out.stdout
     assert taken.read_text() == "not a folder"
 
 
@@ -70,7 +69,7 @@ def test_generate_export_and_eval_refuse_what_is_not_a_finished_run_at_once(tmp_
     )
     (tmp_path / "manifest.json").write_text('{"packages": ')
     out = run_cli(verb, str(tmp_path), *args)
-    assert out.returncode == 2 and "manifest.json: not valid JSON" in out.stderr
+    assert out.returncode == 2 and "manifest.json: damaged (not valid JSON" in out.stderr
     (tmp_path / "manifest.json").write_text("{}")
     out = run_cli(verb, str(tmp_path), *args)
     assert out.returncode == 2 and "Traceback" not in out.stderr
@@ -110,11 +109,7 @@ def test_a_png_path_that_is_a_folder_and_missing_bands_are_refused(tmp_path):
 
 
 def test_export_refuses_a_used_or_unwritable_folder_before_anything_heavy(tmp_path):
-    run_dir = tmp_path / "run"  # what a finished run holds, as far as the checks look
-    (run_dir / "adapter").mkdir(parents=True)
-    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
-    (run_dir / "manifest.json").write_text("{}")
-    (run_dir / "recipe.yaml").write_text((ROOT / "recipes" / "smoke.yaml").read_text())
+    run_dir = finished_run_shape(tmp_path / "run")
     used = tmp_path / "used"
     used.mkdir()
     (used / "model.safetensors").write_text("an earlier export")
@@ -138,14 +133,12 @@ def test_missing_recipe_file():
 
 
 def test_runner_script_is_the_same_cli():
-    out = subprocess.run(
-        [sys.executable, "runner.py", "recipes/nope.yaml"], cwd=ROOT, capture_output=True, text=True
-    )
+    out = runner("recipes/nope.yaml")
     assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_hub_model_not_in_cache_while_offline_is_refused(monkeypatch):
-    monkeypatch.setattr(preflight, "detect_gpus", lambda: [preflight.Gpu("NVIDIA H100", 80.0, 79.0)])
+    monkeypatch.setattr(preflight, "detect_gpus", lambda: [devices.Gpu("NVIDIA H100", 80.0, 79.0)])
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml")
     with pytest.raises(UserError, match=r"^Model not reachable: .* HF_HUB_OFFLINE is set"):
@@ -180,15 +173,15 @@ def test_parameter_count_of_llama31_8b():
 def test_a_gpu_host_without_what_triton_needs_is_refused_before_training(monkeypatch, tmp_path):
     """Triton compiles Unsloth's kernels at the first step: without a C compiler that is a crash
     minutes in; here it is one sentence before anything starts."""
-    from finetune import device_speed
+    from finetune.plan import device_speed
 
     monkeypatch.setattr(device_speed, "cuda_status", lambda: {"torch": "2.14.1", "cuda_build": "13.0"})
     monkeypatch.setenv("PATH", str(tmp_path))  # no cc, gcc or clang
     monkeypatch.delenv("CC", raising=False)
     with pytest.raises(UserError, match="Triton compiles Unsloth's GPU kernels .* needs a C compiler"):
-        preflight.check_gpu_usable(preflight.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
+        preflight.check_gpu_usable(devices.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
     monkeypatch.setenv("CC", "/usr/bin/cc")  # the user's compiler
-    preflight.check_gpu_usable(preflight.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
+    preflight.check_gpu_usable(devices.Gpu("NVIDIA H100", 80.0, 79.0, "580.82"), "r.yaml")
 
 
 def test_the_gpus_planned_for_are_the_ones_cuda_visible_devices_leaves(tmp_path, monkeypatch):
@@ -207,14 +200,14 @@ def test_the_gpus_planned_for_are_the_ones_cuda_visible_devices_leaves(tmp_path,
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         else:
             monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        return [gpu.name for gpu in preflight.detect_gpus()]
+        return [gpu.name for gpu in devices.detect_gpus()]
 
     a100, h100 = "NVIDIA A100-SXM4-80GB", "NVIDIA H100 80GB HBM3"
     assert names(None) == [a100, h100]
     assert names("1") == [h100] and names("1,0") == [h100, a100]
     assert names("GPU-2222bbbb") == [h100]  # a UUID prefix, as CUDA takes it
     assert names("") == [] and names("7") == [] and names("0,7,1") == [a100]
-    assert preflight.detect_gpus()[0].driver == "580.82.07"
+    assert devices.detect_gpus()[0].driver == "580.82.07"
 
 
 def test_plan_prints_the_trainable_parameters_and_their_share_and_json_carries_both():
@@ -226,3 +219,52 @@ def test_plan_prints_the_trainable_parameters_and_their_share_and_json_carries_b
     # DoRA adds a magnitude per output row of each targeted projection: 43,008 per layer of 32.
     out = run_cli("plan", "recipes/code-gen.yaml", "--gpu", "RTX 4090", "lora.use_dora=true")
     assert "parameters: 85,262,336 trainable (DoRA), 1.06% of 8,030,261,248\n" in out.stdout
+
+
+def test_an_option_of_another_verb_is_named_not_prefix_matched():
+    """`train --gpu h100`, copied from plan, was read as train's --gpus ("invalid int value")."""
+    out = run_cli("train", "recipes/smoke.yaml", "--gpu", "h100")
+    assert out.returncode == 2 and "invalid int value" not in out.stderr
+    assert "unrecognized arguments: --gpu h100; --gpu is an option of plan, not of train" in out.stderr
+
+
+def test_validate_takes_overrides_like_every_verb_that_reads_a_recipe():
+    ok = run_cli("validate", "recipes/smoke.yaml", "train.max_steps=5")
+    assert ok.returncode == 0 and "ok recipes/smoke.yaml" in ok.stdout
+    bad = run_cli("validate", "recipes/smoke.yaml", "train.max_steps=true")
+    assert bad.returncode == 2 and "error: override 'train.max_steps=true'" in bad.stderr
+    assert "recipe file 'train.max_steps=true'" not in bad.stderr  # not taken for a second recipe
+
+
+def test_a_python_without_our_packages_is_told_how_to_get_them():
+    """The system python3 instead of .venv's: one sentence naming the missing package and the fix."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-S", "runner.py", "list"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert (
+        "is not installed for" in out.stderr
+        and "run `make setup`, then `.venv/bin/python runner.py" in out.stderr
+    )
+
+
+@pytest.mark.parametrize("verb", ["plan", "train"])
+def test_a_model_name_that_is_no_model_is_named_with_the_nearest(verb):
+    out = run_cli(verb, "recipes/smoke.yaml", "model.name=tiny-llama3")
+    assert out.returncode == 2 and "No GPU found" not in out.stderr and "not predicted" not in out.stdout
+    assert (
+        "model.name 'tiny-llama3' is no model" in out.stderr and "did you mean 'tiny-llama-3'?" in out.stderr
+    )
+
+
+def test_rows_with_other_field_names_are_told_of_data_columns_and_the_hint_works(tmp_path):
+    rows = tmp_path / "qa.jsonl"
+    rows.write_text('{"question": "What is 2 + 2?", "answer": "4"}\n')
+    out = run_cli("plan", "recipes/smoke.yaml", f"data.train={rows}")
+    assert out.returncode == 2 and f"error: {rows}:1: expected 'messages'" in out.stderr
+    hint = "data.columns={prompt: question, completion: answer}"
+    assert f"map them with data.columns, e.g. {hint}" in out.stderr
+    assert run_cli("plan", "recipes/smoke.yaml", f"data.train={rows}", hint).returncode == 0

@@ -4,20 +4,20 @@ import json
 from pathlib import Path
 
 import pytest
+from data_helpers import find_tokenizer, load_conversations, prepare
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from finetune.data import (
+from finetune.base.errors import UserError
+from finetune.data.rows import (
     alpaca_to_messages,
     hold_out,
-    load_conversations,
     mix,
     mixing_report,
     skipped_report,
     source_file,
 )
-from finetune.prepare import find_tokenizer, prepare
-from finetune.recipe import DataSection, UserError
+from finetune.recipe.schema import DataSection
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))

@@ -2,19 +2,29 @@
 come before anything heavy. Training under torchrun is tested in tests/e2e/test_torchrun.py."""
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli
 
-from finetune import budget, distributed, launch, multi_gpu
-from finetune.budget import GPUS, Workload, plan_budget
-from finetune.errors import UserError
-from finetune.recipe import load_recipe
-from finetune.run import OutOfMemory
-from finetune.schedule import count_optimizer_steps, plan_schedule, steps_per_epoch
-from finetune.shapes import Shapes, lora_parameters, shipped_config
+from finetune import lifecycle
+from finetune.base import distributed
+from finetune.base.errors import UserError
+from finetune.models.shapes import Shapes, lora_parameters, shipped_config
+from finetune.plan import constants, multi_gpu
+from finetune.plan.budget import Workload, plan_budget
+from finetune.plan.devices import GPUS
+from finetune.plan.job import plan_job
+from finetune.plan.schedule import count_optimizer_steps, plan_schedule, steps_per_epoch
+from finetune.recipe.schema import load_recipe
+from finetune.runs import report, resume
+from finetune.runs.outcome import OutOfMemory
+from finetune.runs.run_folder import seal_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_steps_follow_accelerates_sharding_of_the_micro_batches():
@@ -38,7 +48,7 @@ def test_each_gpu_holds_the_model_and_the_gradients_are_all_reduced_once_per_ste
     four = plan_budget(recipe, shapes, GPUS["h100"], work, world_size=4)
     gradients = four.memory.terms["DDP gradient buckets"]
     assert gradients == one.memory.terms["LoRA gradients"]
-    overhead = budget.constant("allocator_overhead")
+    overhead = constants.constant("allocator_overhead")
     assert four.memory.total == pytest.approx(one.memory.total + gradients * (1 + overhead))
     # 83,886,080 fp32 LoRA gradients: 2 x 3/4 of 335.5 MB over NVLink 4 at 70% of 450 GB/s.
     assert lora_parameters(shapes, 32, recipe.lora.target_modules) == 83_886_080
@@ -89,17 +99,23 @@ def test_only_training_runs_under_torchrun(verb):
 
 
 def test_a_run_resumes_on_as_many_processes_as_it_started_with(tmp_path, monkeypatch):
+    recipe = load_recipe("recipes/smoke.yaml")
+    checkpoint = tmp_path / "checkpoints" / "checkpoint-2"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"weights")
+    seal_checkpoint(checkpoint)
     (tmp_path / "run.json").write_text(json.dumps({"world_size": 2}))
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(UserError, match="started on 2 processes and this is 1: the global batch"):
-        launch._same_world_size(tmp_path, force=False)
-    (warning,) = launch._same_world_size(tmp_path, force=True)
-    assert warning.startswith("warning: --force: resuming although")
+        resume.resume_point(recipe, tmp_path, force=False)
+    found, (warning, resuming) = resume.resume_point(recipe, tmp_path, force=True)
+    assert warning.startswith("warning: --force: resuming although") and "2 processes" in warning
+    assert (found, resuming) == (checkpoint, "resuming from checkpoint-2")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert launch._same_world_size(tmp_path, force=False) == []
+    assert resume.resume_point(recipe, tmp_path, force=False) == (checkpoint, ["resuming from checkpoint-2"])
     (tmp_path / "run.json").write_text(json.dumps({}))  # a run from before world sizes were recorded
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert launch._same_world_size(tmp_path, force=False) == []
+    assert resume.resume_point(recipe, tmp_path, force=False) == (checkpoint, ["resuming from checkpoint-2"])
 
 
 def test_each_process_trains_on_its_local_rank_wrapped_around_the_gpus_it_sees():
@@ -111,28 +127,87 @@ def test_each_process_trains_on_its_local_rank_wrapped_around_the_gpus_it_sees()
     assert distributed.device_index(5, 4) == 1 and distributed.device_index(-1, 4) == 0
 
 
-def test_each_machine_waits_for_rank_0_and_its_other_processes_for_its_first():
-    """main_first's turns on two machines of 8 processes (ranks 0-7, 8-15): rank 0 builds; the second
-    machine's first (rank 8, whose cache may be its own) after it; the others after their machine's first."""
-    assert distributed._turn(0, 0) == (None, True)
-    assert distributed._turn(3, 3) == (0, False)
-    assert distributed._turn(8, 0) == (0, True)
-    assert distributed._turn(13, 5) == (8, False)
+# One process of a torchrun job, as far as main_first goes: the job's rendezvous store (torchrun's
+# agent serves it) stood in for by a folder, one file a key. Each process notes in the shared log
+# when it is ready, and when its main_first block starts and ends; the block of a process that
+# others may wait for (LOCAL_RANK 0) waits until every process is ready, so that a wait main_first
+# failed to make would show as a block started too early.
+MAIN_FIRST_PROCESS = """
+import os, sys, time
+from pathlib import Path
+from urllib.parse import quote
+from finetune.base import distributed
+
+keys, log = Path(sys.argv[1]), Path(sys.argv[2])
+
+class FolderStore:
+    def check(self, names):
+        return all((keys / quote(name, safe="")).exists() for name in names)
+    def get(self, name):
+        return (keys / quote(name, safe="")).read_bytes()
+    def set(self, name, value):
+        part = keys / (quote(name, safe="") + ".part")
+        part.write_text(value)
+        part.rename(keys / quote(name, safe=""))
+
+distributed._job_store = FolderStore
+def note(what):
+    with log.open("a") as f:
+        f.write(f"{what} {distributed.rank()}\\n")
+
+note("ready")
+with distributed.main_first():
+    note("start")
+    if os.environ["LOCAL_RANK"] == "0":
+        while log.read_text().count("ready") < distributed.world_size():
+            time.sleep(0.05)
+        time.sleep(0.5)  # the others are in their wait by now
+    note("end")
+"""
+
+
+def test_each_machine_waits_for_rank_0_and_its_other_processes_for_its_first(tmp_path):
+    """main_first's turns in a job of two machines of 3 processes (ranks 0-2, 3-5), all started at
+    once: rank 0 builds; the second machine's first (rank 3, whose cache may be its own) after it;
+    the others after their machine's first. Only the firsts leave word in the job's store."""
+    keys, log = tmp_path / "store", tmp_path / "log"
+    keys.mkdir()
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", MAIN_FIRST_PROCESS, str(keys), str(log)],
+            cwd=ROOT,
+            env={**os.environ, "WORLD_SIZE": "6", "RANK": str(rank), "LOCAL_RANK": str(rank % 3)},
+        )
+        for rank in range(6)
+    ]
+    assert [process.wait(timeout=120) for process in processes] == [0] * 6
+    order = log.read_text().splitlines()
+    notes = ("ready", "start", "end")
+    assert sorted(order) == sorted(f"{what} {rank}" for what in notes for rank in range(6))
+
+    def at(what, rank):
+        return order.index(f"{what} {rank}")
+
+    for rank, after in [(1, 0), (2, 0), (3, 0), (4, 3), (5, 3)]:
+        assert at("start", rank) > at("end", after), (rank, order)
+    words = sorted(os.listdir(keys))
+    assert words == ["finetune%2F0%2Fmain-first%2F1%2F0", "finetune%2F0%2Fmain-first%2F1%2F3"], words
+    assert {(keys / name).read_text() for name in os.listdir(keys)} == {"done"}
 
 
 def test_out_of_memory_under_torchrun_names_its_rank_and_the_others_say_one_line(tmp_path, monkeypatch):
-    job = launch.plan_launch(load_recipe("recipes/smoke.yaml"), "recipes/smoke.yaml", "smoke", GPUS["h100"])
+    job = plan_job(load_recipe("recipes/smoke.yaml"), "recipes/smoke.yaml", "smoke", GPUS["h100"])
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     unsaved = "under torchrun a checkpoint needs every process, and the others are mid-step"
-    own = launch.out_of_memory_report(job, OutOfMemory(4, 125, None, unsaved=unsaved), tmp_path)
+    own = report.out_of_memory_report(job, OutOfMemory(4, 125, None, unsaved=unsaved), tmp_path)
     assert (
         own[0]
         == f"out of memory on rank 1 of 2 at step 4 (125 tokens in the micro-batch); not saved: {unsaved}"
     )
     assert "changes predicted to need at least a fifth less memory:" in own  # what to change
     monkeypatch.setenv("RANK", "0")  # rank 0, whose step failed when rank 1 left
-    assert launch.out_of_memory_report(job, OutOfMemory(4, None, None, rank=1), tmp_path) == [
+    assert report.out_of_memory_report(job, OutOfMemory(4, None, None, rank=1), tmp_path) == [
         "rank 1 of this torchrun job ran out of memory at step 4, so this process (rank 0) stopped too; "
         "rank 1's report says what to change"
     ]
@@ -149,7 +224,7 @@ def test_gpus_exits_3_when_a_process_ran_out_of_memory(monkeypatch, capsys):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(subprocess, "run", torchrun_whose_rank_1_ran_out)
     recipe = load_recipe("recipes/smoke.yaml")
-    assert launch.torchrun(2, ["train", "recipes/smoke.yaml"], recipe, "recipes/smoke.yaml") == 3
+    assert lifecycle.torchrun(2, ["train", "recipes/smoke.yaml"], recipe, "recipes/smoke.yaml") == 3
     assert (
         "error: the job stopped: rank 1 ran out of memory at step 4 (its report above"
         in capsys.readouterr().err
@@ -157,4 +232,4 @@ def test_gpus_exits_3_when_a_process_ran_out_of_memory(monkeypatch, capsys):
     monkeypatch.setattr(
         subprocess, "run", lambda command, env, preexec_fn: subprocess.CompletedProcess(command, 1)
     )
-    assert launch.torchrun(2, ["train", "recipes/smoke.yaml"], recipe, "recipes/smoke.yaml") == 1
+    assert lifecycle.torchrun(2, ["train", "recipes/smoke.yaml"], recipe, "recipes/smoke.yaml") == 1

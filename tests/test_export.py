@@ -1,6 +1,7 @@
 """What `export` merges into, and whether there is room, decided before anything heavy is imported."""
 
 import json
+import shutil
 import subprocess
 import sys
 from collections import namedtuple
@@ -9,11 +10,13 @@ from pathlib import Path
 import pytest
 from huggingface_hub import constants
 
-from finetune import disk, export, run
-from finetune.budget import GIB
-from finetune.preflight import shipped_config
-from finetune.recipe import UserError, load_recipe
-from finetune.shapes import count_parameters
+from finetune.base.errors import UserError
+from finetune.export import merging
+from finetune.models.shapes import count_parameters, shipped_config
+from finetune.plan import disk
+from finetune.plan.constants import GIB
+from finetune.recipe.schema import load_recipe
+from finetune.runs import run_folder
 
 ROOT = Path(__file__).resolve().parent.parent
 FOUR_BIT = "unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"
@@ -48,7 +51,7 @@ def code_gen():
 def test_the_sixteen_bit_original_on_disk_is_the_merge_base(cache):
     cache_snapshot(cache, FOUR_BIT, quantized=True)
     original = cache_snapshot(cache, ORIGINAL, quantized=False)
-    base = export.merge_base(code_gen())
+    base = merging.merge_base(code_gen())
     assert (base.name, base.path, base.dequantize, base.download_bytes) == (ORIGINAL, original, False, 0)
     assert base.why == f"merged into {ORIGINAL} (16-bit, on disk)"
 
@@ -56,8 +59,8 @@ def test_the_sixteen_bit_original_on_disk_is_the_merge_base(cache):
 def test_offline_a_four_bit_base_is_dequantized_and_said_so(cache, monkeypatch):
     four_bit = cache_snapshot(cache, FOUR_BIT, quantized=True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(export, "hub_reachable", lambda: pytest.fail("offline: the hub is not asked"))
-    base = export.merge_base(code_gen())
+    monkeypatch.setattr(merging, "hub_reachable", lambda: pytest.fail("offline: the hub is not asked"))
+    base = merging.merge_base(code_gen())
     assert (base.name, base.path, base.dequantize) == (FOUR_BIT, four_bit, True)
     assert "dequantized to 16 bits, the weights the adapter was trained against" in base.why
     assert f"`hf download {ORIGINAL}` and export again" in base.why
@@ -65,16 +68,16 @@ def test_offline_a_four_bit_base_is_dequantized_and_said_so(cache, monkeypatch):
 
 def test_online_the_original_is_downloaded_after_saying_how_large(cache, monkeypatch):
     cache_snapshot(cache, FOUR_BIT, quantized=True)
-    monkeypatch.setattr(export, "hub_reachable", lambda: True)
-    monkeypatch.setattr(export, "remote_size", lambda repo: {ORIGINAL: 16 * GIB}[repo])
-    base = export.merge_base(code_gen())
+    monkeypatch.setattr(merging, "hub_reachable", lambda: True)
+    monkeypatch.setattr(merging, "remote_size", lambda repo: {ORIGINAL: 16 * GIB}[repo])
+    base = merging.merge_base(code_gen())
     assert (base.name, base.path, base.dequantize, base.download_bytes) == (ORIGINAL, None, False, 16 * GIB)
     assert base.why == f"merged into {ORIGINAL} (16-bit, downloaded: 16.0 GiB)"
 
 
 def test_a_base_model_gone_from_disk_is_one_sentence(cache):
     with pytest.raises(UserError, match=f"the run's base model {FOUR_BIT} is not on disk any more"):
-        export.merge_base(code_gen())
+        merging.merge_base(code_gen())
 
 
 def test_a_local_sixteen_bit_folder_is_merged_into_as_it_is(tmp_path):
@@ -83,7 +86,7 @@ def test_a_local_sixteen_bit_folder_is_merged_into_as_it_is(tmp_path):
     config = {k: v for k, v in shipped_config(FOUR_BIT).items() if k != "quantization_config"}
     (folder / "config.json").write_text(json.dumps(config))
     recipe = load_recipe(ROOT / "recipes" / "code-gen.yaml", [f"model.name={folder}"])
-    base = export.merge_base(recipe)
+    base = merging.merge_base(recipe)
     assert (base.path, base.dequantize) == (folder.resolve(), False)
 
 
@@ -92,26 +95,27 @@ Usage = namedtuple("Usage", "total used free")
 
 def test_export_is_refused_when_the_merged_model_or_the_download_cannot_fit(cache, monkeypatch, tmp_path):
     recipe = code_gen()
-    merged = export.merged_bytes(recipe)
+    merged = merging.merged_bytes(recipe)
     # The same figure `plan` prints: 8.03e9 parameters in 16 bits, the tokenizer, the small files.
     assert merged == disk.merged_bytes(count_parameters(shipped_config(FOUR_BIT)), None)
     assert 14.9 * GIB < merged < 15.0 * GIB
     out = tmp_path / "out" / "merged"
     free = {"bytes": 20 * GIB}
-    monkeypatch.setattr(export.shutil, "disk_usage", lambda path: Usage(0, 0, free["bytes"]))
-    here = export.MergeBase(FOUR_BIT, tmp_path, True, "dequantized")
-    export.check_room(recipe, here, out)  # 15 GiB into 20 GiB free: room
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: Usage(0, 0, free["bytes"]))
+    here = merging.MergeBase(FOUR_BIT, tmp_path, True, "dequantized")
+    merging.check_room(recipe, here, out)  # 15 GiB into 20 GiB free: room
     # The 16 GiB download and the 15 GiB merge share this filesystem: 31 GiB needed, 20 free.
-    download = export.MergeBase(ORIGINAL, None, False, "downloaded", 16 * GIB)
+    download = merging.MergeBase(ORIGINAL, None, False, "downloaded", 16 * GIB)
     with pytest.raises(UserError) as refused:
-        export.check_room(recipe, download, out)
+        merging.check_room(recipe, download, out)
+    # 14.97 GiB of merged model (as refused alone below) and the 16 GiB download.
     assert str(refused.value) == (
-        f"export: not enough disk for the merged model in {out}: {(merged + 16 * GIB) / GIB:.2f} GiB "
+        f"export: not enough disk for the merged model in {out}: 30.97 GiB "
         "needed there, 20.00 GiB free; free some space or choose --out elsewhere"
     )
     free["bytes"] = 10 * GIB
     with pytest.raises(UserError, match=f"not enough disk for the merged model in {out}: 14.97 GiB"):
-        export.check_room(recipe, here, out)
+        merging.check_room(recipe, here, out)
 
 
 def test_export_is_refused_without_the_ram_to_merge_in(cache, monkeypatch, tmp_path):
@@ -119,14 +123,14 @@ def test_export_is_refused_without_the_ram_to_merge_in(cache, monkeypatch, tmp_p
 
     Memory = namedtuple("Memory", "available")
     monkeypatch.setattr(psutil, "virtual_memory", lambda: Memory(4 * GIB))
-    base = export.MergeBase(FOUR_BIT, tmp_path, True, "dequantized")
+    base = merging.MergeBase(FOUR_BIT, tmp_path, True, "dequantized")
     with pytest.raises(UserError, match=r"merging needs about 15.0 GiB of RAM .*, 4.0 GiB is available"):
-        export.check_room(code_gen(), base, tmp_path / "merged")
+        merging.check_room(code_gen(), base, tmp_path / "merged")
 
 
 def test_the_merged_folder_says_which_base_it_is(tmp_path):
-    base = export.MergeBase(FOUR_BIT, tmp_path, True, "merged into X dequantized to 16 bits")
-    text = export.readme(tmp_path, base)
+    base = merging.MergeBase(FOUR_BIT, tmp_path, True, "merged into X dequantized to 16 bits")
+    text = merging.readme(tmp_path, base)
     assert f"The adapter of the run {tmp_path.resolve()} merged into X dequantized to 16 bits." in text
 
 
@@ -135,7 +139,7 @@ def test_the_merged_folder_says_which_base_it_is(tmp_path):
 
 def test_an_export_appears_whole_or_not_at_all(tmp_path):
     out = tmp_path / "merged"
-    with run.export_folder(out, tmp_path, "the merged model") as staging:
+    with run_folder.export_folder(out, tmp_path, "the merged model") as staging:
         (staging / "model.safetensors").write_bytes(b"weights")
         assert not out.exists()  # nothing at OUT while it is being written
     assert (out / "model.safetensors").read_bytes() == b"weights"
@@ -163,11 +167,11 @@ def test_the_adapter_replaces_the_old_one_only_once_saved_whole(tmp_path):
     (adapter / "adapter_config.json").write_text("old")
     model = Saver({"adapter_config.json": "new", "adapter_model.safetensors": "weights"}, dies=True)
     with pytest.raises(KeyboardInterrupt):
-        run.save_adapter(model, Saver({"tokenizer.json": "t"}), adapter, tmp_path)
+        run_folder.save_adapter(model, Saver({"tokenizer.json": "t"}), adapter, tmp_path)
     assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json"]
     assert (adapter / "adapter_config.json").read_text() == "old"
     model.dies = False  # the next save (a resume's) removes what the dead one left
-    run.save_adapter(model, Saver({"tokenizer.json": "t"}), adapter, tmp_path)
+    run_folder.save_adapter(model, Saver({"tokenizer.json": "t"}), adapter, tmp_path)
     assert sorted(p.name for p in adapter.iterdir()) == [
         "adapter_config.json",
         "adapter_model.safetensors",
@@ -179,7 +183,7 @@ def test_the_adapter_replaces_the_old_one_only_once_saved_whole(tmp_path):
 def test_a_failed_export_leaves_nothing(tmp_path):
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="converter failed"):
-        with run.export_folder(out, tmp_path, "the merged model") as staging:
+        with run_folder.export_folder(out, tmp_path, "the merged model") as staging:
             (staging / "model.safetensors").write_bytes(b"half")
             raise RuntimeError("converter failed")
     assert list(tmp_path.iterdir()) == []
@@ -191,7 +195,7 @@ def test_a_killed_exports_leftovers_are_removed_by_the_next_export(tmp_path):
     left.mkdir()
     (left / "model-00001-of-00002.safetensors").write_bytes(b"half")  # SIGKILLed mid-write
     (tmp_path / ".merged.lock").write_text("12345")  # its lock file; the kernel dropped the lock
-    with run.export_folder(out, tmp_path, "the merged model") as staging:
+    with run_folder.export_folder(out, tmp_path, "the merged model") as staging:
         (staging / "model.safetensors").write_bytes(b"weights")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
@@ -210,7 +214,7 @@ def test_an_export_still_writing_is_not_disturbed(tmp_path):
         (tmp_path / ".merged.partial").mkdir()
         (tmp_path / ".merged.partial" / "model.safetensors").write_bytes(b"being written")
         with pytest.raises(UserError, match=rf"another export \(process {holder.pid}\) is writing .*merged"):
-            with run.export_folder(out, tmp_path, "the merged model"):
+            with run_folder.export_folder(out, tmp_path, "the merged model"):
                 pass
         assert (tmp_path / ".merged.partial" / "model.safetensors").read_bytes() == b"being written"
     finally:
@@ -221,8 +225,28 @@ def test_an_export_still_writing_is_not_disturbed(tmp_path):
 HOLD_AND_WAIT = """
 import sys, time
 from pathlib import Path
-from finetune import locks
+from finetune.base import locks
 assert locks.hold(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(60)
 """
+
+
+def test_an_export_gets_the_permissions_of_the_users_other_files(tmp_path):
+    """A library writing through a private temporary file left model.safetensors 0600 beside 0644
+    files; what an export (or a saved adapter) holds is made readable as the umask says."""
+    import os
+    import stat
+
+    from finetune.runs.run_folder import folder_whole
+
+    umask = os.umask(0o022)
+    try:
+        with folder_whole(tmp_path / "merged") as staging:
+            (staging / "model.safetensors").write_bytes(b"weights")
+            (staging / "model.safetensors").chmod(0o600)
+            (staging / "config.json").write_text("{}")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "merged").iterdir()}
+    assert modes == {"model.safetensors": 0o644, "config.json": 0o644}

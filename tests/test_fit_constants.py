@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from finetune import budget
-from finetune.budget import GPUS, budget_as_dict, plan_budget
-from finetune.recipe import load_recipe
-from finetune.shapes import Shapes, shipped_config
+from finetune.models.shapes import Shapes, shipped_config
+from finetune.plan import budget, constants
+from finetune.plan.budget import budget_as_dict, plan_budget
+from finetune.plan.devices import GPUS
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 TRUE = {"gemm_efficiency": 0.31, "micro_batch_overhead_s": 0.012, "allocator": 0.07, "slowdown": 1.8}
@@ -21,7 +22,7 @@ TRUE = {"gemm_efficiency": 0.31, "micro_batch_overhead_s": 0.012, "allocator": 0
 def synthetic_results(folder: Path) -> None:
     """gpu_truth.py's files, as an H100 would have measured them if the constants were TRUE."""
     shapes = Shapes.from_config(shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"))
-    used = {name: value for name, (value, _) in budget.CONSTANTS.items()}
+    used = {name: value for name, (value, _) in constants.CONSTANTS.items()}
     rows = []
     for length in (512, 2048, 8192):
         for batch in (1, 4):
@@ -105,9 +106,9 @@ def test_the_fit_recovers_known_constants_and_budget_uses_them(tmp_path, monkeyp
     assert "- GPU: NVIDIA H100 80GB HBM3" in text and "| bare | 8192 | 8 | 16 | error |  |" in text
     assert "| `gemm_efficiency` | 0.45 | 0.31 |" in text
 
-    monkeypatch.setattr(budget, "CONSTANTS", dict(budget.CONSTANTS))
-    monkeypatch.setattr(budget, "FITTED", budget.load_fitted(constants_file))
-    assert budget.constant("gemm_efficiency") == pytest.approx(TRUE["gemm_efficiency"])
+    monkeypatch.setattr(constants, "CONSTANTS", dict(constants.CONSTANTS))
+    monkeypatch.setattr(constants, "FITTED", constants.load_fitted(constants_file))
+    assert constants.constant("gemm_efficiency") == pytest.approx(TRUE["gemm_efficiency"])
     shapes = Shapes.from_config(shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit"))
     plan = plan_budget(
         load_recipe(ROOT / "recipes" / "code-gen.yaml"),

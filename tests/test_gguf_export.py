@@ -1,12 +1,16 @@
 """`export --quant`'s refusals, each one sentence before anything heavy. The GGUF itself is made and
 checked, and the Modelfile's template recognised and rendered, in tests/e2e/test_gguf.py."""
 
+import re
+import sys
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import finished_run_shape, run_cli
 
-from finetune import cli, gguf_export
+from finetune.base.errors import UserError
+from finetune.cli import commands
+from finetune.export import gguf_export
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -14,12 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def run_dir(tmp_path):
     """What a finished run holds, as far as the checks look."""
-    run_dir = tmp_path / "runs" / "smoke" / "20261204-000000-abcdef"
-    (run_dir / "adapter").mkdir(parents=True)
-    (run_dir / "adapter" / "adapter_config.json").write_text("{}")
-    (run_dir / "manifest.json").write_text("{}")
-    (run_dir / "recipe.yaml").write_text((ROOT / "recipes" / "smoke.yaml").read_text())
-    return run_dir
+    return finished_run_shape(tmp_path / "runs" / "smoke" / "20261204-000000-abcdef")
 
 
 @pytest.mark.parametrize(
@@ -47,7 +46,7 @@ def test_a_run_without_an_adapter_is_refused(run_dir):
 
 def test_q4_k_m_without_the_compiled_quantizer_says_how_to_build_it(run_dir, monkeypatch, capsys):
     monkeypatch.setattr(gguf_export, "quantizer_installed", lambda: False)
-    assert cli.main(["export", str(run_dir), "--quant", "q4_k_m"]) == 2
+    assert commands.main(["export", str(run_dir), "--quant", "q4_k_m"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert "export: q4_k_m needs llama.cpp's compiled quantizer; `make gguf-quantize` compiles it" in said
     assert "f16 and q8_0 need nothing more" in said and not (run_dir / "gguf").exists()
@@ -55,11 +54,27 @@ def test_q4_k_m_without_the_compiled_quantizer_says_how_to_build_it(run_dir, mon
 
 def test_a_missing_converter_names_the_setup_step(run_dir, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(gguf_export, "converter_dir", lambda: tmp_path / "no-llama.cpp")
-    assert cli.main(["export", str(run_dir), "--quant", "q8_0"]) == 2
+    assert commands.main(["export", str(run_dir), "--quant", "q8_0"]) == 2
     said = " ".join(capsys.readouterr().err.split())
     assert f"llama.cpp's converter is not in {tmp_path / 'no-llama.cpp'}; `make setup` unpacks it" in said
 
 
-def test_make_setup_unpacked_the_converter():
-    assert (gguf_export.converter_dir() / "convert_hf_to_gguf.py").is_file()
-    assert (gguf_export.converter_dir() / "gguf-py" / "gguf" / "gguf_writer.py").is_file()
+def test_the_converter_is_looked_for_where_make_setup_unpacks_it(monkeypatch, tmp_path):
+    """`make setup` unpacks it into the virtual environment ($(VENV)/llama.cpp, the interpreter's
+    sys.prefix); FINETUNE_LLAMA_CPP (the GPU machine's image) takes precedence. The export's check
+    passes with the converter there and names that folder without it."""
+    assert "CONVERTER := $(VENV)/llama.cpp/" in (ROOT / "Makefile").read_text()
+    venv, elsewhere = tmp_path / "venv", tmp_path / "elsewhere"
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    monkeypatch.delenv("FINETUNE_LLAMA_CPP", raising=False)
+    with pytest.raises(UserError, match=f"converter is not in {re.escape(str(venv / 'llama.cpp'))};"):
+        gguf_export.check_tools("q8_0")
+    (venv / "llama.cpp").mkdir(parents=True)
+    (venv / "llama.cpp" / "convert_hf_to_gguf.py").write_text("")
+    gguf_export.check_tools("q8_0")  # found: nothing to refuse
+    monkeypatch.setenv("FINETUNE_LLAMA_CPP", str(elsewhere))
+    with pytest.raises(UserError, match=f"converter is not in {re.escape(str(elsewhere))};"):
+        gguf_export.check_tools("q8_0")
+    elsewhere.mkdir()
+    (elsewhere / "convert_hf_to_gguf.py").write_text("")
+    gguf_export.check_tools("f16")

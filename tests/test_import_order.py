@@ -7,7 +7,7 @@ first (unsloth/_gpu_init.py). The rule, read off the source of every .py in fine
 tests/ and runner.py:
 
 1. At a module's top level (module-level if and try blocks included), trl, transformers, peft and
-   datasets are imported only after the stack is set up: unsloth itself, finetune.stack (which
+   datasets are imported only after the stack is set up: unsloth itself, finetune.train.stack (which
    imports unsloth first on its backend, and on the transformers backend never does, by design), or
    a module of finetune/ whose own top level does that first (train, callbacks, inference). torch may
    come before: Unsloth imports it itself.
@@ -17,7 +17,7 @@ tests/ and runner.py:
    datasets inside a function is fine anywhere: Unsloth patches only Dataset.map, on the class itself
    (unsloth_zoo/temporary_patches/misc.py), which reaches a datasets imported before it. (The runner
    does import it first when the data is not prepared yet: planning builds the store before the stack.)
-3. tests/e2e/: its conftest.py imports finetune.stack before anything else, and pytest imports a
+3. tests/e2e/: its conftest.py imports finetune.train.stack before anything else, and pytest imports a
    conftest before the test modules under it, so all of them run after the stack.
 
 Not seen: code run from strings (the tests' subprocess scripts) and importlib.import_module.
@@ -32,11 +32,12 @@ TOP_LEVEL_ORDERED = (*PATCHED, "datasets")
 E2E = ROOT / "tests" / "e2e"
 
 FUNCTIONS_RUN_AFTER_THE_STACK_OR_WITHOUT_TRAINING = {
-    "finetune/tiny_model.py": "its builders run in `python -m finetune.tiny_model` (the child of "
-    "prepare.llama3_tokenizer_dir, which trains nothing), in benchmarks' parent processes (which train "
-    "nothing), or through ensure_tiny_model from train.py, inference.py and tests/e2e, all after the stack",
-    "finetune/gguf_export.py": "the Modelfile's template rendering runs in export_gguf, after "
-    "launch.inference_stack imported the stack",
+    "finetune/models/tiny_model.py": "its builders run in `python -m finetune.models.tiny_model` "
+    "(the child of data.tokenize.llama3_tokenizer_dir, which trains nothing), in benchmarks' parent "
+    "processes (which train nothing), or through ensure_tiny_model from train/training.py, "
+    "train/inference.py and tests/e2e, all after the stack",
+    "finetune/export/gguf_export.py": "the Modelfile's template rendering runs in write_gguf, called by "
+    "export.merging.export_run after train.backend.inference_stack imported the stack",
     "benchmarks/gpu_truth.py": "builds the model the runs load in a process of its own (--build-model), "
     "which trains nothing; every measured run is a process of its own too",
     "benchmarks/prepare_speed.py": "times TRL's own data preparation, without Unsloth on purpose, in a "
@@ -45,7 +46,7 @@ FUNCTIONS_RUN_AFTER_THE_STACK_OR_WITHOUT_TRAINING = {
 
 
 def imported_modules(node: ast.AST) -> list[str]:
-    """The dotted names an import statement imports (`from finetune import stack`: finetune.stack)."""
+    """The dotted names an import statement imports (`from finetune import stack`: finetune.train.stack)."""
     if isinstance(node, ast.Import):
         return [alias.name for alias in node.names]
     if isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -91,11 +92,16 @@ def imports_any(node: ast.AST, roots: tuple[str, ...]) -> bool:
     return any(m.split(".")[0] in roots for m in imported_modules(node))
 
 
+def module_name(path: Path) -> str:
+    """finetune/train/stack.py: finetune.train.stack."""
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts)
+
+
 def stack_first_modules(package: Path = ROOT / "finetune") -> frozenset[str]:
-    """finetune.stack, and each module of finetune/ whose top level imports it (or unsloth, or such a
+    """finetune.train.stack, and each module of finetune/ whose top level imports it (or unsloth, or such a
     module) before anything Unsloth patches."""
-    trees = {f"finetune.{path.stem}": ast.parse(path.read_text()) for path in package.glob("*.py")}
-    known = {"finetune.stack"}
+    trees = {module_name(path): ast.parse(path.read_text()) for path in package.rglob("*.py")}
+    known = {"finetune.train.stack"}
     grew = True
     while grew:
         grew = False
@@ -142,7 +148,7 @@ def python_files() -> list[Path]:
     folders = [ROOT / "finetune", ROOT / "benchmarks"]
     return [
         ROOT / "runner.py",
-        *(p for f in folders for p in sorted(f.glob("*.py"))),
+        *(p for f in folders for p in sorted(f.rglob("*.py"))),
         *sorted(ROOT.glob("tests/**/*.py")),
     ]
 
@@ -170,17 +176,24 @@ def test_the_rule_refuses_the_old_bare_script_and_a_function_that_imports_trl_un
     lazy = "def f():\n    from trl import SFTTrainer\n"
     assert order_problems(lazy, STACK_FIRST) == [(2, "trl", "f")]
     assert order_problems(lazy, STACK_FIRST, set_up=True) == []
-    assert order_problems("def f():\n    from finetune import stack\n    import peft\n", STACK_FIRST) == []
-    assert order_problems("from finetune import train\n" + lazy, STACK_FIRST) == []
+    assert (
+        order_problems("def f():\n    from finetune.train import stack\n    import peft\n", STACK_FIRST) == []
+    )
+    assert order_problems("from finetune.train import training\n" + lazy, STACK_FIRST) == []
     assert order_problems("def f():\n    import datasets\n", STACK_FIRST) == []
     in_if = "import os\nif os.environ:\n    import unsloth\nfrom transformers import AutoModel\n"
     assert order_problems(in_if, STACK_FIRST) == []
 
 
 def test_the_modules_that_set_the_stack_up_are_found_through_the_ones_they_import():
-    assert {"finetune.stack", "finetune.train", "finetune.callbacks", "finetune.inference"} <= STACK_FIRST
-    assert "finetune.launch" not in STACK_FIRST  # imports the stack inside functions only
-    assert "finetune.store" not in STACK_FIRST and "finetune.tiny_model" not in STACK_FIRST
+    assert {
+        "finetune.train.stack",
+        "finetune.train.training",
+        "finetune.train.callbacks",
+        "finetune.train.inference",
+    } <= STACK_FIRST
+    assert "finetune.plan.job" not in STACK_FIRST  # imports the stack inside functions only
+    assert "finetune.data.store" not in STACK_FIRST and "finetune.models.tiny_model" not in STACK_FIRST
 
 
 def test_every_file_imports_unsloth_before_what_it_patches():
@@ -196,7 +209,7 @@ def test_every_file_imports_unsloth_before_what_it_patches():
 
 def test_the_end_to_end_tier_sets_the_stack_up_before_anything_else():
     first = top_level_imports(ast.parse((E2E / "conftest.py").read_text()))[0]
-    assert imported_modules(first) == ["finetune.stack"]
+    assert imported_modules(first) == ["finetune.train.stack"]
 
 
 def test_each_exception_is_still_needed():

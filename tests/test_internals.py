@@ -1,7 +1,7 @@
-"""One test per private or undocumented library API that finetune/internals.py uses, named after it,
+"""One test per private or undocumented library API that finetune/base/internals.py uses, named after it,
 so a release that removes or changes one fails here by that name (`make canary`)."""
 
-from finetune import internals
+from finetune.base import internals
 
 
 def test_huggingface_hub_cache_layout_refs_main_to_snapshots(tmp_path, monkeypatch):

@@ -10,20 +10,28 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "finetune"
 
 
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+
+
 def package_imports(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """For each module of the package, the package's modules it imports anywhere in its text."""
-    modules = {path.stem for path in package.glob("*.py")}
+    """For each module of the package (subpackages included: finetune.plan.budget), the package's
+    modules it imports anywhere in its text, lazy imports inside functions too."""
+    paths = {module_name(path): path for path in package.rglob("*.py")}
     graph = {}
-    for path in package.glob("*.py"):
+    for name, path in paths.items():
         found = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module == package.name:
-                found |= {alias.name for alias in node.names if alias.name in modules}
-            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package.name + "."):
-                found.add(node.module.split(".")[1])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(package.name):
+                for alias in node.names:  # `from finetune.plan import budget` names a module
+                    found.add(
+                        f"{node.module}.{alias.name}"
+                        if f"{node.module}.{alias.name}" in paths
+                        else node.module
+                    )
             elif isinstance(node, ast.Import):
-                found |= {a.name.split(".")[1] for a in node.names if a.name.startswith(package.name + ".")}
-        graph[path.stem] = found - {path.stem}
+                found |= {a.name for a in node.names if a.name.startswith(package.name + ".")}
+        graph[name] = {m for m in found if m in paths} - {name}
     return graph
 
 
@@ -58,8 +66,8 @@ def test_the_cycle_finder_finds_a_circle_through_three_modules():
 
 def test_the_import_graph_sees_lazy_imports():
     graph = package_imports()
-    assert "inference" in graph["launch"] and "train" in graph["launch"]  # imported inside functions only
-    assert "launch" in graph["smoke"]
+    assert "finetune.train.training" in graph["finetune.lifecycle"]  # imported inside a function only
+    assert "finetune.lifecycle" in graph["finetune.cli.smoke"]
 
 
 def test_no_import_cycle_in_the_package():
@@ -67,12 +75,79 @@ def test_no_import_cycle_in_the_package():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_modules_stay_short_enough_to_read():
-    """The command line only parses, calls and presents; train.py only loads, adds LoRA, trains and
-    saves; and no module grows past what one sitting can read."""
-    lines = {path.stem: len(path.read_text().splitlines()) for path in PACKAGE.glob("*.py")}
-    assert lines["cli"] < 350 and lines["train"] < 450
-    assert not {name: n for name, n in lines.items() if n > 650}
+def stage(module: str) -> str:
+    """finetune.plan.budget: plan; finetune.lifecycle: lifecycle."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "package"
+
+
+# The layering, as rules: X never imports Y (lazy imports count). The stages in the order a run
+# uses them: base < recipe < models < data < plan < runs < train < export, evaluate < lifecycle < cli.
+NEVER = {
+    "base": {"recipe", "models", "data", "plan", "runs", "train", "export", "evaluate", "lifecycle", "cli"},
+    "recipe": {"models", "data", "plan", "runs", "train", "export", "evaluate", "lifecycle", "cli"},
+    "models": {"data", "plan", "runs", "train", "export", "evaluate", "lifecycle", "cli"},
+    "data": {"plan", "runs", "train", "export", "evaluate", "lifecycle", "cli"},
+    "plan": {"runs", "train", "export", "evaluate", "lifecycle", "cli"},
+    "runs": {"train", "export", "evaluate", "lifecycle", "cli"},
+    "train": {"export", "evaluate", "lifecycle", "cli"},
+    "export": {"evaluate", "lifecycle", "cli"},
+    "evaluate": {"export", "lifecycle", "cli"},
+    "lifecycle": {"cli"},
+}
+HEAVY = ("torch", "unsloth", "transformers", "trl", "peft")
+
+
+# The one crossing, and why: the merge itself runs on the training stack (train/inference.py), but
+# what it merges into and the README it writes are decided in export/ before anything heavy.
+CROSSINGS = {("finetune.train.inference", "finetune.export.merging")}
+
+
+def layering_breaks(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{module} imports {imported}"
+        for module, imports in graph.items()
+        for imported in imports
+        if stage(imported) in NEVER.get(stage(module), ()) and (module, imported) not in CROSSINGS
+    )
+
+
+def test_the_layering_rule_sees_a_break():
+    assert layering_breaks({"finetune.plan.budget": {"finetune.train.stack"}}) == [
+        "finetune.plan.budget imports finetune.train.stack"
+    ]
+    assert layering_breaks({"finetune.train.stack": {"finetune.plan.budget"}}) == []
+
+
+def test_each_stage_imports_only_the_stages_below_it():
+    assert layering_breaks(package_imports()) == []
+
+
+def test_recipe_data_plan_models_and_runs_never_import_a_heavy_library_at_import():
+    """Importing any module of the light stages imports no heavy library: validation and prediction
+    stay light. Inside functions a few do, each where it runs after the stack or in a child process
+    (base/distributed.py's collectives, base/internals.py, models/tiny_model.py's builders,
+    plan/device_speed.py's measurement in a child): tests/test_import_order.py checks those."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        if stage(module_name(path)) not in ("base", "recipe", "models", "data", "plan", "runs"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            found += [f"{module_name(path)}: {n}" for n in names if n.split(".")[0] in HEAVY]
+    assert found == []
+
+
+def test_every_subpackage_says_what_it_owns():
+    for folder in sorted(p for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"):
+        if not any(folder.glob("*.py")):
+            continue
+        init = folder / "__init__.py"
+        doc = ast.get_docstring(ast.parse(init.read_text())) if init.is_file() else None
+        assert doc and "never imports" in doc, (
+            f"{folder.name}/__init__.py: say what it owns and what it never imports"
+        )
 
 
 def test_no_two_test_files_share_a_name():

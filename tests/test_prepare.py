@@ -3,11 +3,13 @@
 from pathlib import Path
 
 import pytest
+from data_helpers import find_tokenizer, load_conversations, prepare
 
-from finetune.data import Conversation, load_conversations
-from finetune.prepare import IGNORE_INDEX, count_packed_sequences, find_tokenizer, prepare
-from finetune.recipe import DataSection, UserError, load_recipe
-from finetune.store import plan_data
+from finetune.base.errors import UserError
+from finetune.data.rows import Conversation
+from finetune.data.tokenize import IGNORE_INDEX, count_packed_sequences
+from finetune.plan.data_plan import plan_data
+from finetune.recipe.schema import DataSection, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 CHAT = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])

@@ -13,7 +13,7 @@ import pytest
 
 PARENT = """
 import os, subprocess, sys, time
-from finetune.processes import child_setup, children_die_with_us
+from finetune.base.processes import child_setup, children_die_with_us
 if sys.argv[1] == "subprocess":
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], preexec_fn=child_setup())
     print(child.pid, flush=True)
@@ -52,7 +52,7 @@ def test_a_child_is_killed_with_its_parent(how):
 
 def test_a_fork_outside_the_block_is_left_alone():
     code = (
-        "import os, time\nfrom finetune.processes import children_die_with_us\n"
+        "import os, time\nfrom finetune.base.processes import children_die_with_us\n"
         "with children_die_with_us():\n    pass\n"
         "pid = os.fork()\nif pid == 0:\n    time.sleep(3); os._exit(0)\nprint(pid, flush=True)\n"
     )

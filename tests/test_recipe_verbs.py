@@ -7,11 +7,12 @@ import pytest
 import yaml
 from cli_helpers import run_cli
 
-from finetune.arguments import json_schema
-from finetune.cli import main
-from finetune.lineage import file_sha256
-from finetune.recipe import SCHEMA_FILE, load_recipe
-from finetune.recipe_files import shipped_recipes
+from finetune.cli.arguments import json_schema
+from finetune.cli.commands import main
+from finetune.recipe.documents import shipped_recipes
+from finetune.recipe.lineage import file_sha256
+from finetune.recipe.paths import path_from
+from finetune.recipe.schema import SCHEMA_FILE, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,13 +43,21 @@ def test_copy_keeps_comments_and_records_parent_then_diff_shows_edits(tmp_path, 
     assert main(["copy", "code-gen", str(mine)]) == 0
     original = (ROOT / "recipes" / "code-gen.yaml").read_text()
     copied = mine.read_text()
-    # The copy is the parent line for line (comments included), plus the lineage record.
+    # The copy is the parent line for line (comments included), plus the lineage record, except its
+    # header's first line, which names the copy and its parent, and the parent's own command line.
     record_lines = 5
     body = [line for line in copied.splitlines() if "$schema" not in line]
     start = next(i for i, line in enumerate(body) if line.startswith("# Copied with"))
-    assert body[:start] + body[start + record_lines :] == [
-        line for line in original.splitlines() if "$schema" not in line
-    ]
+    parent = [line for line in original.splitlines() if "$schema" not in line]
+    version = load_recipe(ROOT / "recipes/code-gen.yaml").version
+    assert body[0] == f"# mine: a copy of code-gen {version}; say here what it is for. code-gen's notes:"
+    assert parent[0].startswith("# code-gen")
+    expected = [line.replace("recipes/code-gen.yaml", str(mine)) for line in parent[1:start]]
+    # ... and its data path, which still names the same file from the copy's folder (absolute when
+    # the copy and the checkout share no folder but the root, relative when they do).
+    sample = path_from(mine.parent, str(ROOT / "data_samples" / "code_chat.jsonl"))
+    moved = [line.replace("../data_samples/code_chat.jsonl", sample) for line in parent[start:]]
+    assert body[1:start] == expected and body[start + record_lines :] == moved != parent[start:]
     assert "# yaml-language-server: $schema=../" in copied  # still points at the schema from its new place
     record = yaml.safe_load(copied)["parent"]
     assert record == {

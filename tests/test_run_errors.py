@@ -2,7 +2,7 @@
 
 import errno
 
-from finetune.run import is_disk_full
+from finetune.runs.run_folder import is_disk_full
 
 
 def test_a_full_disk_is_told_from_other_write_failures(tmp_path):

@@ -1,4 +1,5 @@
-"""Model-written code, run confined (finetune/sandbox.py) and scored (`runner.py eval --completions`).
+"""Model-written code, run confined (finetune/evaluate/sandbox.py) and scored
+(`runner.py eval --completions`).
 Each hostile program's test asserts that the harm did not happen, not only that the program failed."""
 
 import json
@@ -7,13 +8,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli
 
-from finetune import sandbox
+from finetune.evaluate import sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = sandbox.Limits(wall_seconds=5, cpu_seconds=5)
@@ -21,6 +23,33 @@ QUICK = sandbox.Limits(wall_seconds=5, cpu_seconds=5)
 confined = pytest.mark.skipif(
     sandbox.isolation() is not None, reason=f"no namespaces here: {sandbox.isolation()}"
 )
+
+
+def tagged(body: str) -> tuple[str, str]:
+    """A program that becomes ``body`` run with a unique word in its command line, so that this
+    test finds its processes (and their forks) and no other test's, whatever runs beside it."""
+    tag = f"sandbox-test-{os.urandom(6).hex()}"
+    return f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', {body!r}, {tag!r}])\n", tag
+
+
+def running(tag: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if tag.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def gone(tag: str, seconds: float = 10) -> bool:
+    """Whether every process with ``tag`` is gone within ``seconds`` (the kernel takes a moment to
+    reap thousands)."""
+    deadline = time.monotonic() + seconds
+    while running(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return running(tag) == []
 
 
 def human_eval_rows() -> list[dict]:
@@ -40,7 +69,9 @@ def test_the_canonical_solutions_pass_all_164_through_our_executor(tmp_path):
     out = run_cli("eval", "--completions", str(completions), "--allow-code-execution")
     assert out.returncode == 0, out.stderr
     assert "164 completions of 164 of 164 tasks" in out.stdout and "pass@1: 1.000" in out.stdout
-    assert "pass@10" not in out.stdout  # one sample per task: only pass@1 is defined
+    # One sample per task: only pass@1 is defined, and the others are said not to be.
+    assert "pass@10:" not in out.stdout
+    assert "not computed: pass@10, pass@100 (a task has 1 sample; pass@k needs at least k" in out.stdout
     results = [
         json.loads(line) for line in (tmp_path / "canonical.jsonl_results.jsonl").read_text().splitlines()
     ]
@@ -106,29 +137,33 @@ def test_your_own_tasks_in_humaneval_format(tmp_path):
 
 
 def test_an_infinite_loop_is_stopped_at_the_wall_clock_and_leaves_no_process():
+    program, tag = tagged("import time\nwhile True:\n    time.sleep(0.01)\n")
     started = time.monotonic()
-    outcome = sandbox.run_program(
-        "import time\nwhile True:\n    time.sleep(0.01)\n", sandbox.Limits(wall_seconds=2)
-    )
+    outcome = sandbox.run_program(program, sandbox.Limits(wall_seconds=2))
     assert outcome == sandbox.Outcome(False, "timed out") and time.monotonic() - started < 6
-    running = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    assert not [args for args in running if args.rstrip().endswith(" -I -")]  # its python is gone
+    assert gone(tag, seconds=1)
 
 
 @confined
 def test_a_fork_bomb_is_contained_and_gone_afterwards():
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    bomb, tag = tagged(
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     started = time.monotonic()
     outcome = sandbox.run_program(bomb, sandbox.Limits(wall_seconds=3, cpu_seconds=3))
     assert not outcome.passed and time.monotonic() - started < 10
-    # Every forked copy dies with the namespace (the kernel reaps thousands in a moment or two).
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        left = subprocess.run(["ps", "-u", str(sandbox.NOBODY), "-o", "pid="], capture_output=True, text=True)
-        if not left.stdout.strip():
-            break
-        time.sleep(0.2)
-    assert left.stdout.strip() == ""
+    assert gone(tag)  # every forked copy died with the namespace
+
+
+@confined
+def test_a_fork_bomb_does_not_fail_the_programs_beside_it():
+    """Each program has a uid of its own, so its process limit is not shared with a bomb's."""
+    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    fine = "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'pass'], check=True)\n"
+    limits = sandbox.Limits(wall_seconds=8, cpu_seconds=8)
+    outcomes = sandbox.run_programs([bomb] + [fine] * 6, limits, workers=4)
+    assert not outcomes[0].passed
+    assert outcomes[1:] == [sandbox.Outcome(True, "passed")] * 6
 
 
 def test_a_memory_bomb_fails_inside_its_limit():
@@ -155,7 +190,7 @@ def test_an_environment_secret_is_not_visible(monkeypatch):
         "for path in glob.glob('/proc/*/environ'):\n"
         "    try:\n        seen = seen or b'hf_sandbox' in open(path, 'rb').read()\n"
         "    except OSError:\n        pass\n"
-        "sys.exit(3 if seen else 0)\n"
+        "if seen:\n    raise SystemExit(3)\n"
     )
     assert sandbox.run_program(program, QUICK) == sandbox.Outcome(True, "passed")
 
@@ -196,3 +231,192 @@ def test_it_cannot_fill_the_disk():
     outcome = sandbox.run_program(program, QUICK)
     assert not outcome.passed
     assert shutil.disk_usage(ROOT).free > free - 64 * 2**20
+
+
+def _world_writable_folders() -> list[Path]:
+    """Every folder of this machine that anyone may write to, found (not listed by hand): the
+    places a confined program could leave something behind."""
+    found = subprocess.run(
+        ["find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", ")", "-prune", "-o",
+         "-type", "d", "-perm", "-0002", "-print"],
+        capture_output=True, text=True,
+    ).stdout.split()  # fmt: skip
+    return [Path(folder) for folder in found if not folder.startswith("/tmp/pytest-of-")]
+
+
+@confined
+def test_no_world_writable_folder_of_the_host_takes_a_file_a_link_or_a_folder():
+    folders = _world_writable_folders()
+    assert Path("/tmp") in folders and Path("/var/tmp") in folders  # the search finds them
+    tag = f"sandbox-escape-{os.getpid()}"
+    program = (
+        f"import os\nwritten = 0\nfor folder in {[str(f) for f in folders]!r}:\n"
+        "    makers = (lambda p: open(p, 'w').write('x' * 2**20), lambda p: os.symlink('/', p), os.mkdir)\n"
+        "    for make in makers:\n"
+        f"        try:\n            make(os.path.join(folder, {tag!r} + str(written)))\n"
+        "            written += 1\n        except OSError:\n            pass\n"
+        "print(written, 'written')\n"
+    )
+    outcome = sandbox.run_program(program, QUICK)
+    assert outcome.passed  # it ran to its end: every attempt was made
+    left = [path for folder in folders for path in folder.glob(f"{tag}*")]
+    assert left == [], f"confined code left {left}"
+
+
+def _secret_files(tmp_path: Path) -> dict[Path, str]:
+    """A world-readable file in the project, in /opt, in a home and in a world-writable folder."""
+    secrets = {}
+    for folder in (ROOT, Path("/opt"), Path.home(), Path("/var/tmp")):
+        path = folder / f"sandbox-secret-{os.getpid()}.txt"
+        secrets[path] = f"secret-{folder.name or 'root'}-{os.urandom(6).hex()}"
+        path.write_text(secrets[path])
+        path.chmod(0o644)
+    return secrets
+
+
+@confined
+def test_no_file_of_the_project_opt_or_a_home_can_be_read(tmp_path):
+    secrets = _secret_files(tmp_path)
+    try:
+        rows = [
+            {"task_id": "Mine/1", "completion": f"    return open({str(path)!r}).read()\n"}
+            for path in secrets
+        ]
+        task = {
+            "task_id": "Mine/1",
+            "prompt": "def leak():\n",
+            "entry_point": "leak",
+            "test": "def check(f):\n    print(f())\n    raise SystemExit(f())\n",
+        }
+        out = run_cli(
+            "eval", "--completions", str(write_lines(tmp_path / "c.jsonl", rows)),
+            "--tasks", str(write_lines(tmp_path / "tasks.jsonl", [task])), "--allow-code-execution",
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        results = (tmp_path / "c.jsonl_results.jsonl").read_text()
+        assert results.count("No such file or directory") == len(secrets)
+        for secret in secrets.values():
+            assert secret not in results and secret not in out.stdout + out.stderr
+    finally:
+        for path in secrets:
+            path.unlink()
+
+
+@confined
+def test_no_socket_of_the_host_takes_a_connection(tmp_path):
+    """A listener on a socket file in a world-writable folder and one on an abstract address:
+    neither is reachable (the file is not in the program's filesystem; abstract addresses belong
+    to the network namespace)."""
+    path = Path("/var/tmp") / f"sandbox-listener-{os.getpid()}.sock"
+    abstract = f"\0sandbox-listener-{os.getpid()}"
+    listeners = []
+    for address in (str(path), abstract):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(address)
+        listener.listen()
+        listener.settimeout(0.5)
+        listeners.append(listener)
+    path.chmod(0o777)
+    try:
+        for address in (str(path), abstract):
+            program = (
+                "import socket\ns = socket.socket(socket.AF_UNIX)\n"
+                f"s.connect({address!r})\ns.sendall(open('/etc/ld.so.cache', 'rb').read()[:64])\n"
+            )
+            outcome = sandbox.run_program(program, QUICK)
+            assert not outcome.passed and ("No such file" in outcome.result or "refused" in outcome.result)
+        for listener in listeners:
+            with pytest.raises(TimeoutError):
+                listener.accept()  # nobody ever connected
+    finally:
+        for listener in listeners:
+            listener.close()
+        path.unlink()
+
+
+@confined
+@pytest.mark.parametrize("signal_to_runner", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_no_program_outlives_a_runner_killed_during_an_eval(tmp_path, signal_to_runner):
+    body = "import time\ntime.sleep(60)\n"
+    program, tag = tagged(body)
+    completion = "    __import__('os').fork()\n" + textwrap.indent(program, "    ")  # two processes each
+    rows = [{"task_id": "Mine/1", "completion": completion}] * 4
+    task = {
+        "task_id": "Mine/1",
+        "prompt": "def f():\n",
+        "entry_point": "f",
+        "test": "def check(f):\n    f()\n",
+    }
+    runner = subprocess.Popen(
+        [str(ROOT / ".venv/bin/python"), "runner.py", "eval", "--completions",
+         str(write_lines(tmp_path / "c.jsonl", rows)), "--tasks",
+         str(write_lines(tmp_path / "tasks.jsonl", [task])), "--allow-code-execution"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while len(running(tag)) < 4 and time.monotonic() < deadline:  # two programs and their forks
+            time.sleep(0.1)
+        assert len(running(tag)) >= 4, "the programs did not start"
+        runner.send_signal(signal_to_runner)
+        runner.wait(timeout=30)
+        assert gone(tag, seconds=5), f"{running(tag)} lived on"
+    finally:
+        runner.kill()
+        runner.wait()
+
+
+def test_a_gibibyte_on_stderr_keeps_the_runner_small():
+    """The runner reads all of it and keeps 64 KiB at each end, saying how much was cut."""
+    program = "import sys\nchunk = 'x' * 2**20\nfor _ in range(1024):\n    sys.stderr.write(chunk)\n"
+    program += "raise ValueError('the end')\n"
+    measure = (
+        "from finetune.evaluate import sandbox\n"
+        f"print(sandbox.run_program({program!r}, sandbox.Limits(wall_seconds=180, cpu_seconds=60)).result)\n"
+        # VmHWM, not getrusage's maxrss: that one keeps the peak of the process that forked this one
+        # (pytest, gigabytes after the e2e tier) across exec.
+        "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)\n"
+    )
+    done = subprocess.run(
+        [str(ROOT / ".venv/bin/python"), "-c", measure], cwd=ROOT, capture_output=True, text=True
+    )
+    result, peak_mib = done.stdout.splitlines()
+    # The traceback's last line is kept; what was cut is all but the two ends of 64 KiB.
+    total = int(result.split("(")[1].split()[0])
+    assert total > 2**30 and result == (
+        f"failed: ValueError: the end ({total} bytes on stderr, {total - 2 * sandbox.KEEP_BYTES} of them cut)"
+    )
+    assert int(peak_mib) < 200, f"the runner grew to {peak_mib} MiB"
+
+
+@pytest.mark.parametrize(
+    "skip_the_checks",
+    ["raise SystemExit(0)", "import os\nos._exit(0)", "import atexit, os\natexit.register(os._exit, 0)",
+     "import sys\nsys.exit()", "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"],
+)  # fmt: skip
+def test_a_program_that_ends_before_its_failing_checks_fails(skip_the_checks):
+    program = f"{skip_the_checks}\nassert 1 == 2, 'the check that fails'\n"
+    outcome = sandbox.run_program(program, QUICK)
+    assert not outcome.passed and outcome.result.startswith("failed")
+
+
+def test_a_program_whose_checks_pass_passes_whatever_it_prints():
+    program = "import sys\nprint('ok', end='')\nsys.stderr.write('noise')\nassert 1 + 1 == 2\n"
+    assert sandbox.run_program(program, QUICK) == sandbox.Outcome(True, "passed")
+
+
+def test_without_namespaces_eval_refuses_unless_the_user_accepts_limits_alone(tmp_path, monkeypatch, capsys):
+    from finetune.cli import commands
+
+    monkeypatch.setattr(sandbox, "isolation", lambda: "not root, so the namespaces cannot be made")
+    monkeypatch.setattr(sandbox, "_unconfined_allowed", False)
+    rows = [{"task_id": "HumanEval/0", "completion": human_eval_rows()[0]["canonical_solution"]}]
+    completions = write_lines(tmp_path / "c.jsonl", rows)
+    assert commands.main(["eval", "--completions", str(completions), "--allow-code-execution"]) == 2
+    refused = capsys.readouterr().err
+    assert "cannot be confined here: not root" in refused and "--allow-unconfined-code" in refused
+    assert len(refused.strip().splitlines()) == 1 and not (tmp_path / "c.jsonl_results.jsonl").exists()
+    assert commands.main(["eval", "--completions", str(completions), "--allow-unconfined-code"]) == 0
+    printed = capsys.readouterr().out
+    assert "isolation: NOT confined (not root, so the namespaces cannot be made)" in printed
+    assert "pass@1: 1.000" in printed

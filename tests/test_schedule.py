@@ -2,15 +2,20 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_helpers import runner
 
-from finetune.recipe import TrainSection
-from finetune.schedule import advise, count_optimizer_steps, plan_as_dict, plan_schedule, steps_per_epoch
+from finetune.plan.schedule import (
+    advise,
+    count_optimizer_steps,
+    describe_plan,
+    plan_as_dict,
+    plan_schedule,
+    steps_per_epoch,
+)
+from finetune.recipe.schema import TrainSection
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,29 +174,24 @@ def test_a_sound_schedule_gets_no_advice():
 
 
 def test_plan_command_prints_json_with_every_step_and_writes_the_plot(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run(
-        [sys.executable, "runner.py", "plan", "recipes/code-gen.yaml", "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
+    out = runner("plan", "recipes/code-gen.yaml", "--json", hide_gpu=True)
+    assert out.returncode == 0, out.stderr
     plan = json.loads(out.stdout)
     assert len(plan["lr_per_step"]) == plan["total_steps"] == 6  # 40 rows, 2 x 8 per step, 2 epochs
     assert plan["warmup_steps"] == 1 and plan["peak_lr"] == 1e-4
     assert plan["milestones"][-1] == {"fraction": 1.0, "step": 6, "lr": plan["lr_per_step"][-1]}
 
     png = tmp_path / "lr.png"
-    out = subprocess.run(
-        [sys.executable, "runner.py", "plan", "recipes/code-gen.yaml", "--png", str(png)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
-    assert "schedule: cosine, 6 optimizer steps" in out.stdout and "warmup: 1 steps" in out.stdout
+    out = runner("plan", "recipes/code-gen.yaml", "--png", str(png), hide_gpu=True)
+    assert out.returncode == 0, out.stderr
+    assert "schedule: cosine, 6 optimizer steps" in out.stdout and "warmup: 1 step (" in out.stdout
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plan_as_dict(plan_schedule(40, TrainSection(max_steps=3)))["total_steps"] == 3
+
+
+def test_one_warmup_step_is_one_step():
+    train = TrainSection(warmup_steps=1, max_steps=10)
+    assert describe_plan(plan_schedule(100, train))[1].startswith("warmup: 1 step (10.0% of training)")
+    assert describe_plan(plan_schedule(100, TrainSection(warmup_steps=2, max_steps=10)))[1].startswith(
+        "warmup: 2 steps ("
+    )

@@ -1,6 +1,6 @@
 """The nightly smoke's checks: figures against bands, band updates, drift from the pins (pure)."""
 
-from finetune import smoke
+from finetune.cli import smoke
 
 
 def figures(**changes):

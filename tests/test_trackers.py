@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune import trackers
-from finetune.launch import plan_launch
-from finetune.recipe import UserError, load_recipe
+from finetune.base.errors import UserError
+from finetune.plan import trackers
+from finetune.plan.job import plan_job
+from finetune.recipe.schema import load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKE = ROOT / "recipes" / "smoke.yaml"
@@ -81,7 +82,7 @@ def test_a_tracker_that_is_not_installed_stops_the_plan_in_one_sentence(monkeypa
     )
     recipe = load_recipe(SMOKE, ["output.report_to=[tensorboard,wandb]"])
     with pytest.raises(UserError) as error:
-        plan_launch(recipe, str(SMOKE))
+        plan_job(recipe, str(SMOKE))
     assert str(error.value) == (
         f"{SMOKE}: output.report_to: wandb is not installed here; `pip install wandb`, "
         "or remove it from report_to"
@@ -113,7 +114,7 @@ def test_a_key_from_wandb_login_in_netrc_counts(tmp_path):
 
 def test_checking_the_trackers_imports_none_of_them():
     code = (
-        "import sys; from finetune.trackers import check_trackers;"
+        "import sys; from finetune.plan.trackers import check_trackers;"
         "check_trackers(['wandb', 'mlflow', 'tensorboard'], {'WANDB_MODE': 'offline'});"
         "print([m for m in ('wandb', 'mlflow', 'tensorboard', 'torch') if m in sys.modules])"
     )

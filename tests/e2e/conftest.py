@@ -5,7 +5,7 @@ These tests share one process, and some import transformers directly (the tokeni
 import order is fixed here, once, before any of them is collected. Every test here is marked e2e.
 """
 
-import finetune.stack  # noqa: F401  (first: Unsloth, set up, before what the tests import)
+import finetune.train.stack  # noqa: F401  (first: Unsloth, set up, before what the tests import)
 
 # isort: split
 import os
@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/cli_helpers.py
 
-from finetune.tiny_model import ensure_tiny_model  # noqa: E402
+from finetune.models.tiny_model import ensure_tiny_model  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 # FINETUNE_GPU_TESTS_ON_CPU=1 runs the gpu-marked tests where there is no CUDA, on the CPU: a
@@ -35,6 +35,22 @@ def pytest_collection_modifyitems(config, items):
             if "gpu" in item.keywords and not torch.cuda.is_available() and not GPU_TESTS_ON_CPU:
                 reason = "needs a CUDA GPU (FINETUNE_GPU_TESTS_ON_CPU=1 rehearses them on the CPU)"
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """The smoke recipe trained for 2 steps, once for every test that reads a finished run (each
+    must leave it as it is: copy it to change it)."""
+    from cli_helpers import runner
+
+    out = tmp_path_factory.mktemp("finished")
+    trained = runner(
+        "recipes/smoke.yaml", f"output.dir={out / 'runs'}", "train.max_steps=2", "train.warmup_steps=1",
+        "output.samples=0",
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    (run_dir,) = (out / "runs" / "smoke").iterdir()
+    return run_dir
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from finetune import store  # noqa: E402
-from finetune.cli import main  # noqa: E402
+from finetune.cli.commands import main  # noqa: E402
+from finetune.data import store  # noqa: E402
 
 build = store._build
 

@@ -7,12 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+from data_helpers import find_tokenizer, load_conversations, prepare
 
-from finetune import loss_memory, shapes
-from finetune.data import load_conversations
-from finetune.prepare import count_packed_sequences, find_tokenizer, prepare
-from finetune.recipe import LLAMA_PROJECTIONS, DataSection
-from finetune.shapes import Shapes, shipped_config
+from finetune.data.tokenize import count_packed_sequences
+from finetune.models import shapes
+from finetune.models.shapes import Shapes, shipped_config
+from finetune.plan import loss_memory
+from finetune.recipe.schema import LLAMA_PROJECTIONS, DataSection
 
 ROOT = Path(__file__).resolve().parents[2]
 LLAMA_8B = shipped_config("unsloth/Meta-Llama-3.1-8B-Instruct-bnb-4bit")
@@ -87,7 +88,7 @@ def test_packing_count_equals_trls_best_fit_decreasing_packer():
 def test_device_speed_is_measured_with_torch_in_a_child_process_and_cached(tmp_path, monkeypatch):
     """The path a GPU takes (`cuda`), run on the CPU here: a child process measures, the cache answers;
     from any working directory, not only the repository's."""
-    from finetune.device_speed import cached_measurement
+    from finetune.plan.device_speed import cached_measurement
 
     monkeypatch.chdir(tmp_path)
 

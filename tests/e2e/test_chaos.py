@@ -12,7 +12,10 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import chaos  # noqa: E402
 
 
-def test_two_kills_at_seeded_moments_recover_exactly(tmp_path, capsys):
+def test_two_kills_at_seeded_moments_recover_exactly(tmp_path, capsys, monkeypatch):
+    # 6 steps, not the benchmark's 12: still three checkpoints to be killed while writing, and each of
+    # the five runs (the uninterrupted one, two killed, two recovered) trains half as long.
+    monkeypatch.setattr(chaos, "RECIPE", ["recipes/smoke.yaml", "train.max_steps=6", "train.save_steps=2"])
     code = chaos.main(
         [
             "--kills",

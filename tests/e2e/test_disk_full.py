@@ -2,16 +2,14 @@
 checkpoint and how to continue (exit 5); tried on a real small filesystem (a tmpfs)."""
 
 import json
-import os
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from cli_helpers import run_cli
+from cli_helpers import run_cli, runner
 
-from finetune.run import latest_checkpoint
+from finetune.runs.run_folder import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,14 +28,7 @@ def small_disk(folder: Path, size_mib: int, free_mib: int):
 
 
 def train_on(disk: Path, *overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "runner.py", "recipes/smoke.yaml", f"output.dir={disk / 'runs'}", *overrides],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    return runner("recipes/smoke.yaml", f"output.dir={disk / 'runs'}", *overrides)
 
 
 def test_a_disk_too_small_for_the_run_is_refused_before_anything_is_made(tmp_path):
@@ -77,15 +68,6 @@ def test_a_disk_that_fills_later_names_the_last_sound_checkpoint_to_resume_from(
         assert f"then: python runner.py resume {run_dir}" in stderr
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("runs")
-    trained = train_on(out, "train.max_steps=2", "train.warmup_steps=1", "output.samples=0")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    (run_dir,) = (out / "runs" / "smoke").iterdir()
-    return run_dir
-
-
 def folder_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
 
@@ -117,11 +99,12 @@ def test_a_disk_that_fills_during_export_leaves_no_half_merged_model(
 ):
     """The check passed, then the disk filled (another process, a wrong estimate): the real ENOSPC
     from safetensors is one sentence, exit 5, and the partial folder is gone so export can rerun."""
-    from finetune import cli, export
+    from finetune.cli import commands
+    from finetune.export import merging
 
-    monkeypatch.setattr(export, "check_room", lambda recipe, base, out: None)
+    monkeypatch.setattr(merging, "check_room", lambda recipe, base, out, need=None: None)
     with small_disk(tmp_path / "disk", 60, 40) as disk:
-        code = cli.main(["export", str(finished_run), "--out", str(disk / "merged")])
+        code = commands.main(["export", str(finished_run), "--out", str(disk / "merged")])
         message = " ".join(capfd.readouterr().err.split())
         assert code == 5 and not (disk / "merged").exists(), message
         assert f"error: the disk is full: writing the merged model into {disk / 'merged'} failed (" in message

@@ -3,26 +3,14 @@ real stack, the answers run confined, and the figures land in eval/humaneval.jso
 The tiny model's pass@1 is 0, as expected of random weights: these tests check the pipeline."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import runner
 
-from finetune import inference, stack
-from finetune.evaluate import read_tasks
-from finetune.recipe import load_recipe
-
-ROOT = Path(__file__).resolve().parent.parent.parent
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-
-def runner(*args):
-    return subprocess.run(
-        [sys.executable, "runner.py", *args], cwd=ROOT, capture_output=True, text=True, env=ENV
-    )
+from finetune.evaluate.evaluation import read_tasks
+from finetune.recipe.schema import load_recipe
+from finetune.train import inference, stack
 
 
 @pytest.fixture(scope="module")

@@ -2,24 +2,9 @@
 `-bnb-4bit` checkpoint), where Unsloth's own merge would download the 16-bit original or raise."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def runner(*args):
-    return subprocess.run(
-        [sys.executable, "runner.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+from cli_helpers import runner
 
 
 def test_offline_a_four_bit_base_is_merged_dequantized_and_the_merge_computes_what_the_adapter_does(

@@ -11,26 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import runner
 
-from finetune import gguf_export
-from finetune.disk import tokenizer_bytes
-from finetune.shapes import Shapes
-from finetune.tiny_model import cache_root
+from finetune.base.files import cache_root
+from finetune.export import gguf_export
+from finetune.models.shapes import Shapes
+from finetune.plan.disk import tokenizer_bytes
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
-TEMPLATES = ROOT / "finetune" / "templates"
-
-
-def runner(*args):
-    return subprocess.run(
-        [sys.executable, "runner.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=900,
-    )
+TEMPLATES = ROOT / "finetune" / "data" / "templates"
 
 
 @pytest.fixture(scope="module")
@@ -268,8 +258,11 @@ def test_a_disk_too_small_for_the_gguf_is_refused_before_the_merge(tmp_path, exp
         done = runner("export", str(exported), "--quant", "f16", "--out", str(disk / "gguf"))
         message = " ".join(done.stderr.split())
         assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
-        refusal = f"error: export: not enough disk in {disk / 'gguf'} for the GGUF export: 0.16 GiB needed"
-        assert refusal in message and "at its peak (the merged model and the GGUF), 0.10 GiB free" in message
+        refusal = (
+            "error: export: not enough disk for the GGUF export at its peak (the merged model and the "
+            f"GGUF) in {disk / 'gguf'}: 0.16 GiB needed there, 0.10 GiB free"
+        )
+        assert refusal in message
         assert not (disk / "gguf").exists()
 
 

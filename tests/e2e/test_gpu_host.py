@@ -5,11 +5,10 @@ run on a host with an outdated driver meets. Both tests also hold on a machine w
 each hides that GPU from torch (CUDA_VISIBLE_DEVICES), so neither trains on it."""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
+from cli_helpers import runner
 
 ROOT = Path(__file__).resolve().parents[2]
 # The stand-in GPU's UUID. As CUDA_VISIBLE_DEVICES it is the GPU our preflight picks from the
@@ -37,14 +36,7 @@ def test_a_gpu_that_torch_cannot_use_is_one_sentence_and_no_run_folder(tmp_path)
         "CUDA_VISIBLE_DEVICES": STAND_IN_UUID,
     }
     runs = tmp_path / "runs"
-    out = subprocess.run(
-        [sys.executable, "runner.py", "recipes/smoke.yaml", f"output.dir={runs}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = runner("recipes/smoke.yaml", f"output.dir={runs}", env=env, timeout=600)
     stderr = " ".join(out.stderr.split())
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     # The torch this interpreter has (our pin here, the image's own on the GPU machine), in its words.
@@ -69,14 +61,7 @@ def test_a_machine_unsloth_refuses_is_one_sentence_and_no_run_folder(tmp_path):
     }
     for switch in UNSLOTH_DEVICE_SWITCHES:
         env.pop(switch, None)
-    out = subprocess.run(
-        [sys.executable, "runner.py", "recipes/smoke.yaml", f"output.dir={runs}"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    out = runner("recipes/smoke.yaml", f"output.dir={runs}", env=env, timeout=600)
     stderr = " ".join(out.stderr.split())
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert "error: Unsloth cannot start on this machine: Unsloth cannot find any torch accelerator?" in stderr

@@ -9,10 +9,13 @@ it started, and the table is still printed.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "gpu_truth.py"
@@ -31,11 +34,23 @@ def processes_naming(text: str) -> list[str]:
     return found
 
 
-def build_the_model(out: Path) -> None:
-    """The pre-quantized model gpu_truth.py builds first, built ahead so its time does not count."""
+MODEL = "tiny-llama-3-shaped-bnb-4bit"  # gpu_truth.py's model folder in --out, when rehearsing
+
+
+@pytest.fixture(scope="module")
+def built_model(tmp_path_factory) -> Path:
+    """The pre-quantized model gpu_truth.py builds first, built once ahead for the deadline tests,
+    so its time counts in neither deadline."""
+    out = tmp_path_factory.mktemp("model")
     command = [sys.executable, str(SCRIPT), "--rehearse", "--out", str(out), "--build-model"]
     subprocess.run(command, cwd=ROOT, check=True, capture_output=True, timeout=300)
-    assert (out / "tiny-llama-3-shaped-bnb-4bit" / "config.json").is_file()
+    assert (out / MODEL / "config.json").is_file()
+    return out / MODEL
+
+
+def build_the_model(out: Path, built: Path) -> None:
+    """The built model, where gpu_truth.py --out OUT finds it (and so does not build it again)."""
+    shutil.copytree(built, out / MODEL)
 
 
 def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_path):
@@ -58,9 +73,11 @@ def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_p
     # The image's Python and torch, not ours; our pins of what it lacks, from the tarball.
     assert imports["python"].startswith("3.12.") and "/.venv-gpu-image/" in imports["executable"]
     versions = {name: result.get("version") for name, result in imports["imports"].items()}
-    assert versions["torch"].startswith("2.11.0") and versions["finetune.stack"] == "2026.10.9"
+    assert versions["torch"].startswith("2.11.0") and versions["finetune.train.stack"] == "2026.10.9"
     assert (versions["trl"], versions["peft"], versions["bitsandbytes"]) == ("1.15.0", "0.21.2", "0.50.2")
-    assert imports["failed"] == [] and next(iter(imports["imports"])) == "finetune.stack"  # Unsloth first
+    assert (
+        imports["failed"] == [] and next(iter(imports["imports"])) == "finetune.train.stack"
+    )  # Unsloth first
     assert all(result["ok"] for name, result in imports["imports"].items() if name.startswith("finetune."))
     assert imports["imports"]["unsloth's GPU import path"]["ok"]  # its CUDA path, under torch 2.11
     for theirs in ("rich", "psutil", "tensorboard", "tiktoken", "yaml"):  # the image's own copies
@@ -108,10 +125,10 @@ def test_the_gpu_command_runs_in_the_reproduced_image_and_prints_the_table(tmp_p
     assert fit.returncode == 0 and "no runner result with GPU measurements" in fit.stdout, fit.stderr
 
 
-def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_printed(tmp_path):
+def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_printed(tmp_path, built_model):
     """Time limit 40 s: the first run starts (about 30 s expected before any has run) and, with 400
     steps, cannot finish; it is killed at the deadline, not waited for."""
-    build_the_model(tmp_path)
+    build_the_model(tmp_path, built_model)
     started = time.monotonic()
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--rehearse", "--out", str(tmp_path), "--lengths", "64"]
@@ -134,11 +151,11 @@ def test_a_run_past_the_deadline_is_killed_with_its_processes_and_the_table_prin
     assert "error: " in done.stdout.strip().splitlines()[-1]
 
 
-def test_the_run_in_progress_dies_with_the_script_though_it_has_a_session_of_its_own(tmp_path):
+def test_the_run_in_progress_dies_with_the_script_though_it_has_a_session_of_its_own(tmp_path, built_model):
     """The command's `timeout` sends SIGTERM to gpu_truth.py's process group; each run has a session
     of its own (so the deadline can kill all it started), which that signal does not reach, and the
     device tool leaves such processes running on the GPU. They must go with the script."""
-    build_the_model(tmp_path)
+    build_the_model(tmp_path, built_model)
     script = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--rehearse", "--out", str(tmp_path), "--lengths", "64"]
         + ["--batches", "2", "--ranks", "8", "--steps", "400", "--variants", "runner"]

@@ -1,8 +1,8 @@
-"""The trainer-side entries of finetune/internals.py, one test each, named after the API."""
+"""The trainer-side entries of finetune/base/internals.py, one test each, named after the API."""
 
 import inspect
 
-from finetune import internals
+from finetune.base import internals
 
 
 def test_transformers_Trainer_save_checkpoint_takes_model_and_trial():

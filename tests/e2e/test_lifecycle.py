@@ -3,6 +3,7 @@ stop on Ctrl-C or SIGTERM, refusal to resume changed inputs, and no secret writt
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -12,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import runner
 
-from finetune.report import write_report
-from finetune.run import SEAL, checkpoint_problem, latest_checkpoint, redact, seal_checkpoint
-from finetune.watch import Watch
+from finetune.runs.report import write_report
+from finetune.runs.run_folder import SEAL, checkpoint_problem, latest_checkpoint, redact, seal_checkpoint
+from finetune.train.watch import Watch
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRET = "hf_plantedSecretToken0123456789"
@@ -52,21 +54,15 @@ def logged(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def resume(run_dir: Path, *flags) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "runner.py", "resume", str(run_dir), *flags],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    return runner("resume", str(run_dir), *flags, env=ENV)
 
 
 def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_path):
-    recipe = ["recipes/smoke.yaml", "train.max_steps=12", "train.save_steps=4"]
+    recipe = ["recipes/smoke.yaml", "train.max_steps=8", "train.save_steps=4"]
     whole = start(*recipe, output=tmp_path / "whole")
     assert whole.wait() == 0, whole.communicate()[1][-3000:]
     killed = start(*recipe, output=tmp_path / "killed")
-    wait_for(lambda: list((tmp_path / "killed").glob(f"smoke/*/checkpoints/checkpoint-8/{SEAL}")), killed)
+    wait_for(lambda: list((tmp_path / "killed").glob(f"smoke/*/checkpoints/checkpoint-4/{SEAL}")), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     run_dir = run_folder(tmp_path / "killed")
@@ -74,10 +70,22 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_pa
 
     resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint-8" in resumed.stdout
+    assert "resuming from checkpoint-4" in resumed.stdout
+    # Its time and speed are this process's part, said as such: steps 5 to 8, and their tokens.
+    done = next(line for line in resumed.stdout.splitlines() if line.startswith("Done: "))
+    assert done.startswith("Done: 8 steps (from step 4 on in this process) in "), done
+    history = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    seen = {
+        entry["step"]: entry["num_input_tokens_seen"] for entry in history if "num_input_tokens_seen" in entry
+    }
+    speed = re.search(
+        r"^steps: 8 \(from step 4 on in this process\) in ([\d.]+) s, (\d+) trained", resumed.stdout, re.M
+    )
+    assert speed, resumed.stdout
+    assert int(speed.group(2)) == pytest.approx((seen[8] - seen[4]) / float(speed.group(1)), rel=0.05, abs=1)
     expected = run_folder(tmp_path / "whole")
     # Bit for bit on this CPU: every step's loss and LR, before and after the kill.
-    assert logged(run_dir, "loss") == logged(expected, "loss") and len(logged(run_dir, "loss")) == 12
+    assert logged(run_dir, "loss") == logged(expected, "loss") and len(logged(run_dir, "loss")) == 8
     assert logged(run_dir, "learning_rate") == logged(expected, "learning_rate")
     planned = json.loads((run_dir / "plan.json").read_text())["lr_per_step"]
     assert list(logged(run_dir, "learning_rate").values()) == pytest.approx(planned, rel=1e-12)
@@ -86,7 +94,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_pa
     # What the run folder explains, and what it must never hold.
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["packages"]["unsloth"] == "2026.10.9" and manifest["project_commit"]
-    assert {"tokenizer", "prepared data", "data data_samples/code_chat.jsonl"} <= set(
+    assert {"tokenizer", "prepared data", f"data {ROOT}/data_samples/code_chat.jsonl"} <= set(
         manifest["fingerprints"]
     )
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -98,14 +106,15 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_loss_at_every_step(tmp_pa
 def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path):
     data = tmp_path / "train.jsonl"
     shutil.copy(ROOT / "data_samples" / "code_chat.jsonl", data)
-    run = start("recipes/smoke.yaml", f"data.train={data}", output=tmp_path)
+    # 10 steps, not the recipe's 30: the forced resume trains the rest of them.
+    run = start("recipes/smoke.yaml", f"data.train={data}", "train.max_steps=10", output=tmp_path)
     wait_for(lambda: (tmp_path / "smoke").is_dir() and len(logged_or_empty(tmp_path)) >= 2, run)
     run.send_signal(signal.SIGINT)
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130, stderr[-3000:]
     run_dir = run_folder(tmp_path)
     stopped = max(logged(run_dir, "loss"))
-    assert stopped < 30 and "Traceback" not in stderr
+    assert stopped < 10 and "Traceback" not in stderr
     assert f"stopped after step {stopped} with a checkpoint" in stderr
     assert f"continue with: python runner.py resume {run_dir}" in stderr
     checkpoint, skipped = latest_checkpoint(run_dir)
@@ -126,7 +135,19 @@ def test_ctrl_c_saves_a_checkpoint_and_a_changed_input_stops_the_resume(tmp_path
     forced = resume(run_dir, "--force")
     assert forced.returncode == 0, forced.stderr[-3000:]
     assert f"warning: --force: resuming although data {data}: was " in forced.stderr
-    assert max(logged(run_dir, "loss")) == 30 and (run_dir / "report.md").is_file()
+    assert max(logged(run_dir, "loss")) == 10 and (run_dir / "report.md").is_file()
+    # The report records the interruption and the resume, and what the plan warned of.
+    report = (run_dir / "report.md").read_text()
+    history = report.split("## History")[1].split("##")[0]
+    events = [line.split(": ", 1)[1] for line in history.strip().splitlines()]
+    assert events == [
+        "started at step 0",
+        f"interrupted by SIGINT after step {stopped}",
+        f"resumed from checkpoint-{stopped}",
+        "finished at step 10",
+    ]
+    warnings = report.split("## Warnings")[1].split("##")[0]
+    assert "learning_rate 0.01 is far outside the usual LoRA range" in warnings
 
 
 def test_sigterm_also_stops_with_a_checkpoint(tmp_path):
@@ -177,9 +198,13 @@ def test_a_second_sigterm_does_not_cut_the_checkpoint(tmp_path):
     run.send_signal(signal.SIGTERM)
     run.wait(timeout=120)
     stderr = run.stderr.read()
-    assert run.returncode == 130 and "SIGTERM: stopped after step" in stderr, stderr[-3000:]
-    (run_dir,) = (tmp_path / "smoke").iterdir()
-    assert latest_checkpoint(run_dir) is not None
+    run_dir = run_folder(tmp_path)
+    stopped = max(logged(run_dir, "loss"))
+    assert run.returncode == 130, stderr[-3000:]
+    assert f"SIGTERM: stopped after step {stopped} with a checkpoint" in stderr, stderr[-3000:]
+    # The checkpoint the first SIGTERM asked for is whole: sealed, of the last step, nothing skipped.
+    checkpoint, skipped = latest_checkpoint(run_dir)
+    assert checkpoint == run_dir / "checkpoints" / f"checkpoint-{stopped}" and skipped == []
 
 
 def logged_or_empty(output: Path) -> list[str]:
@@ -241,12 +266,12 @@ def test_the_watch_stops_on_nan_or_exploding_gradients_and_flags_spikes():
 
 
 def run_with_fault(fault: str, output: Path, *overrides) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "runner.py", "recipes/smoke.yaml", f"output.dir={output}", *overrides],
-        cwd=ROOT,
-        env={**ENV, "FINETUNE_INJECT_FAULT": fault},
-        capture_output=True,
-        text=True,
+    return runner(
+        "recipes/smoke.yaml",
+        f"output.dir={output}",
+        *overrides,
+        env=ENV,
+        env_extra={"FINETUNE_INJECT_FAULT": fault},
     )
 
 

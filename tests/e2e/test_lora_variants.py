@@ -7,10 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import budget, inference, shapes, train
-from finetune.recipe import load_recipe
-from finetune.store import prepared_data
-from finetune.tiny_model import TINY_CONFIG
+from finetune.data.store import prepared_data
+from finetune.models import shapes
+from finetune.models.tiny_model import TINY_CONFIG
+from finetune.plan import budget, engine
+from finetune.recipe.schema import load_recipe
+from finetune.train import inference, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -23,11 +25,11 @@ def smoke_recipe(*overrides):
 def dora_run(tmp_path_factory):
     recipe = smoke_recipe("lora.use_dora=true", "model.gradient_checkpointing=off")
     run_dir = tmp_path_factory.mktemp("dora")
-    model, tokenizer = train.load_model(recipe)
-    model = train.add_lora(model, recipe)
+    model, tokenizer = training.load_model(recipe)
+    model = training.add_lora(model, recipe)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     store = prepared_data(recipe)
-    trainer = train.build_trainer(model, tokenizer, store.dataset("train"), recipe, run_dir)
+    trainer = training.build_trainer(model, tokenizer, store.dataset("train"), recipe, run_dir)
     trainer.train()
     after = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -60,13 +62,13 @@ def test_the_plan_counts_the_bytes_dora_trains_in(dora_run):
     recipe, model, *_ = dora_run
     trained = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     on_gpu = torch.cuda.is_available()
-    adapter = budget.adapter_bytes(recipe.model, on_gpu)
+    adapter = engine.adapter_bytes(recipe.model, on_gpu)
     found: dict[str, set[int]] = {}
     for name, p in trained:
         found.setdefault("magnitudes" if "lora_magnitude_vector" in name else "A and B", set()).add(
             p.element_size()
         )
-    assert found == {"A and B": {adapter}, "magnitudes": {budget.MAGNITUDE_BYTES}}
+    assert found == {"A and B": {adapter}, "magnitudes": {engine.MAGNITUDE_BYTES}}
     assert on_gpu or adapter == 2
     tiny = shapes.Shapes.from_config(TINY_CONFIG)
     planned = budget.predict_memory(recipe, tiny, 1, on_gpu=on_gpu).terms["LoRA parameters"]
@@ -91,11 +93,11 @@ def test_a_dora_adapter_reloads_with_its_trained_magnitudes(dora_run):
 
 
 def test_gaussian_initialisation_reaches_peft():
-    default = train.add_lora(train.load_model(smoke_recipe())[0], smoke_recipe())
+    default = training.add_lora(training.load_model(smoke_recipe())[0], smoke_recipe())
     zero_b = [p for name, p in default.named_parameters() if "lora_B" in name]
     assert zero_b and all(torch.count_nonzero(p) == 0 for p in zero_b)  # PEFT's default: B = 0
     recipe = smoke_recipe("lora.init_lora_weights=gaussian")
-    model = train.add_lora(train.load_model(recipe)[0], recipe)
+    model = training.add_lora(training.load_model(recipe)[0], recipe)
     assert model.peft_config["default"].init_lora_weights == "gaussian"
     a = [p for name, p in model.named_parameters() if "lora_A" in name]
     # PEFT's gaussian: A ~ N(0, 1/r), B = 0.

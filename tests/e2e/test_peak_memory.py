@@ -1,5 +1,5 @@
 """Peak memory is measured one way, by the runner and by benchmarks/bare_unsloth.py it is compared with
-(finetune/gpu_memory.py): what loading, the samples before training and the probe left (garbage, and
+(finetune/train/gpu_memory.py): what loading, the samples before training and the probe left (garbage, and
 the allocator's cached blocks) is freed before the peak counters are reset, so that it is not counted
 in budget.json, the smoke bands or the fitted allocator overhead. On the CPU, by recording the calls."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune import gpu_memory, train
+from finetune.train import gpu_memory, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -47,7 +47,7 @@ class _Trainer:
 
 
 def test_the_runner_frees_what_loading_left_before_resetting_the_peak_and_reads_it_after(calls):
-    measured = train._timed_train(_Trainer(calls))
+    measured = training._timed_train(_Trainer(calls))
     assert calls == [
         "gc.collect",
         "empty_cache",
@@ -71,6 +71,6 @@ def test_the_bare_script_measures_with_the_same_functions_and_nothing_else_reset
         bare.index(s) for s in ("reset_peak_memory()", "trainer.train()", "read_peak_memory()")
     )
     assert start < loop < read
-    others = [*(ROOT / "finetune").glob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
+    others = [*(ROOT / "finetune").rglob("*.py"), *(ROOT / "benchmarks").glob("*.py")]
     resetting = [p.name for p in others if "reset_peak_memory_stats" in p.read_text()]
     assert resetting == ["gpu_memory.py"]

@@ -4,13 +4,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from data_helpers import load_conversations
 from transformers import TrainerCallback
 
-from finetune import train
-from finetune.data import load_conversations
-from finetune.recipe import load_recipe
-from finetune.schedule import plan_schedule
-from finetune.store import plan_data, prepared_data
+from finetune.data.store import prepared_data
+from finetune.plan.data_plan import plan_data
+from finetune.plan.schedule import plan_schedule
+from finetune.recipe.schema import load_recipe
+from finetune.train import training
 
 ROOT = Path(__file__).resolve().parents[2]
 CONVERSATIONS = load_conversations([str(ROOT / "data_samples" / "code_chat.jsonl")])
@@ -26,13 +27,14 @@ class _RecordLr(TrainerCallback):
         self.lrs.append(optimizer.param_groups[0]["lr"])
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def model_and_tokenizer():
-    # A fresh model for every case: training one model across cases would carry its LoRA weights and
-    # state from one case into the next. The tiny model loads in a few seconds (3-6 s here).
+    # One model for every case: each case builds its own trainer (a fresh optimizer and scheduler)
+    # and reads only the step count and the learning rates, which the LoRA weights a previous case
+    # trained do not change. Loading it for each of the 17 cases cost 3-6 s a case here.
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
-    model, tokenizer = train.load_model(recipe)
-    return train.add_lora(model, recipe), tokenizer
+    model, tokenizer = training.load_model(recipe)
+    return training.add_lora(model, recipe), tokenizer
 
 
 def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples=None):
@@ -42,7 +44,7 @@ def run_trainer(model_and_tokenizer, tmp_path, overrides, num_examples=None):
     dataset = prepared_data(recipe).dataset("train")
     if num_examples is not None:
         dataset = dataset.select(range(num_examples))
-    trainer = train.build_trainer(model, tokenizer, dataset, recipe, tmp_path)
+    trainer = training.build_trainer(model, tokenizer, dataset, recipe, tmp_path)
     recorder = _RecordLr()
     trainer.add_callback(recorder)
     trainer.train()
@@ -98,7 +100,7 @@ def test_step_count_after_dropping_and_packing_matches_the_trainer(
         *data_settings,
     ]
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
-    # Unsloth keeps packing off on the CPU (see store.plan_data): there the plan must say so and
+    # Unsloth keeps packing off on the CPU (see plan.engine.packing_runs): there the plan must say so and
     # count unpacked rows; on a GPU the packed sequences.
     on_gpu = torch.cuda.is_available()
     data = plan_data(recipe, on_gpu)

@@ -1,4 +1,5 @@
-"""How the training stack is imported (finetune/stack.py): Unsloth set up before it reads its settings."""
+"""How the training stack is imported (finetune/train/stack.py): Unsloth set up before it reads its
+settings."""
 
 import json
 import os
@@ -10,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
 import json
-import finetune.train  # what `runner.py train` imports
+import finetune.train.training  # what `runner.py train` imports
 from unsloth.models import _utils
 from unsloth_zoo import compiler
 

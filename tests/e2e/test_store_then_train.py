@@ -5,7 +5,7 @@ import shutil
 
 from cli_helpers import run_cli
 
-from finetune.prepare import llama3_tokenizer_dir
+from finetune.data.tokenize import llama3_tokenizer_dir
 
 
 def test_plan_then_train_open_one_store_and_tokenize_once(tmp_path, tiny_model_dir):

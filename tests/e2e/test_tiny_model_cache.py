@@ -1,7 +1,7 @@
 """The cached tiny model is checked before every use: damaged files (truncated, a flipped byte) are
 found and the model built again, never loaded as it is."""
 
-from finetune import tiny_model
+from finetune.models import tiny_model
 
 
 def test_a_damaged_tiny_model_is_built_again(tmp_path, monkeypatch, capsys):

@@ -7,7 +7,7 @@ from llama_models.llama3.tokenizer import Tokenizer as MetaTokenizer
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from finetune.tiny_model import TINY_CONFIG, build_tiny_model
+from finetune.models.tiny_model import TINY_CONFIG, build_tiny_model
 
 SAMPLES = [
     "Hello world",

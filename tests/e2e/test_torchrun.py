@@ -13,8 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import runner
 
-from finetune.run import SEAL, checkpoint_problem, latest_checkpoint
+from finetune.runs.run_folder import SEAL, checkpoint_problem, latest_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
@@ -102,7 +103,9 @@ def _children_with_rank(rank: int) -> list[int]:
             continue
         if (
             f"RANK={rank}".encode() in environ
-            and b"runner.py" in command
+            # A worker: torchrun starts the script it was given (runner.py, or the slow-build runner),
+            # and the runner's own torchrun starts `python -m finetune ARGS`.
+            and any(entry in command for entry in (b"runner.py\0", b"-m\0finetune\0"))
             and b"torch.distributed.run" not in command
         ):
             found.append(int(pid))
@@ -117,42 +120,50 @@ def _wait(condition, process: subprocess.Popen, seconds: float = 600) -> None:
         time.sleep(0.2)
 
 
-def test_a_sigkilled_job_resumes_on_as_many_processes_and_finishes(tmp_path):
+def test_a_data_build_longer_than_the_collective_timeout_then_a_sigkill_and_the_job_resumes(tmp_path):
+    """One job for two things. Its start: rank 0 builds the prepared data (20 s longer here,
+    tests/e2e/slow_build_runner.py) and, in an empty cache, the tiny model, while rank 1 waits its
+    turn (distributed.main_first) on the job's store, not in a barrier bounded by the 10 s collective
+    timeout: the job trains on, to its checkpoints. Then torchrun and both processes are killed with
+    SIGKILL after checkpoint-8; the run resumes on as many processes, and only so, and finishes."""
+    env = {
+        **ENV,
+        "FINETUNE_CACHE": str(tmp_path / "cache"),
+        "FINETUNE_COLLECTIVE_TIMEOUT": "10",
+        "FINETUNE_SLOW_BUILD": "20",
+    }
     recipe = [
         "recipes/smoke.yaml",
-        "train.max_steps=24",
+        "train.max_steps=12",
         "train.save_steps=4",
         "train.per_device_train_batch_size=1",
     ]
     job = subprocess.Popen(
-        [*TORCHRUN, *recipe, f"output.dir={tmp_path}"], cwd=ROOT, env=ENV, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        [*TORCHRUN[:-1], "tests/e2e/slow_build_runner.py", *recipe, f"output.dir={tmp_path / 'runs'}"],
+        cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
-    _wait(lambda: list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-8/{SEAL}")), job)
+    _wait(lambda: list(tmp_path.glob(f"runs/smoke/*/checkpoints/checkpoint-8/{SEAL}")), job)
     workers = _children_with_rank(0) + _children_with_rank(1)
     assert len(workers) == 2
     for pid in [job.pid, *workers]:  # torchrun and both processes at once (each in its own session)
         os.kill(pid, signal.SIGKILL)
     job.wait()
-    folder = run_folder(tmp_path)
+    folder = run_folder(tmp_path / "runs")
     assert not (folder / "adapter").exists()
     latest, _ = latest_checkpoint(folder)
-    assert 8 <= int(latest.name.split("-")[1]) < 24
+    assert 8 <= int(latest.name.split("-")[1]) < 12
+    # The same cache (its tiny model and data); the default collective timeout.
+    env = {**ENV, "FINETUNE_CACHE": str(tmp_path / "cache")}
     # Another number of processes would change every later global batch: refused, in a second.
-    alone = subprocess.run(
-        [sys.executable, "runner.py", "resume", str(folder)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    alone = runner("resume", str(folder), env=env)
     assert alone.returncode == 2 and "was started on 2 processes and this is 1" in alone.stderr
     resumed = subprocess.run(
-        [*TORCHRUN, "resume", str(folder)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=900
+        [*TORCHRUN, "resume", str(folder)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert resumed.stdout.count(f"resuming from {latest.name}\n") == 1, (latest, resumed.stdout[:300])
-    assert list(losses(folder)) == list(range(1, 25)), resumed.stdout[-1500:] + resumed.stderr[-1500:]
+    assert resumed.stdout.count("Done: 12 steps") == 1  # rank 0 alone says it
+    assert list(losses(folder)) == list(range(1, 13)), resumed.stdout[-1500:] + resumed.stderr[-1500:]
     assert (folder / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -216,7 +227,7 @@ def test_out_of_memory_on_one_rank_ends_the_job_at_once_with_exit_3_and_the_run_
     step fails as rank 1 leaves; the job ends in seconds, not the collective timeout, with exit 3.
     Nothing trained before the last checkpoint is lost: the run resumes from it and finishes."""
     env = {**ENV, "FINETUNE_INJECT_FAULT": "oom@4:1", "FINETUNE_COLLECTIVE_TIMEOUT": "120"}
-    command = [sys.executable, "runner.py", "recipes/smoke.yaml", "train.max_steps=10", "train.save_steps=2"]
+    command = [sys.executable, "runner.py", "recipes/smoke.yaml", "train.max_steps=6", "train.save_steps=2"]
     with (tmp_path / "stdout").open("w") as stdout, (tmp_path / "stderr").open("w") as stderr:
         job = subprocess.Popen(
             [*command, f"output.dir={tmp_path}", "--gpus", "2"],
@@ -255,31 +266,14 @@ def test_out_of_memory_on_one_rank_ends_the_job_at_once_with_exit_3_and_the_run_
     )
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert resumed.stdout.count("resuming from checkpoint-2\n") == 1
-    assert list(losses(folder)) == list(range(1, 11))
-
-
-def test_a_data_build_longer_than_the_collective_timeout_does_not_end_the_job(tmp_path):
-    """Rank 0 builds the prepared data (20 s longer here, tests/e2e/slow_build_runner.py) and, in an
-    empty cache, the tiny model, while rank 1 waits its turn (distributed.main_first) on the job's
-    store, not in a barrier bounded by the 10 s collective timeout: the job trains to the end."""
-    env = {
-        **ENV,
-        "FINETUNE_CACHE": str(tmp_path / "cache"),
-        "FINETUNE_COLLECTIVE_TIMEOUT": "10",
-        "FINETUNE_SLOW_BUILD": "20",
-    }
-    recipe = ["recipes/smoke.yaml", "train.max_steps=4", "train.warmup_steps=1", "output.samples=0"]
-    command = [*TORCHRUN[:-1], "tests/e2e/slow_build_runner.py", *recipe, f"output.dir={tmp_path / 'runs'}"]
-    out = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-4000:]
-    assert out.stdout.count("Done: 4 steps") == 1
+    assert list(losses(folder)) == list(range(1, 7))
 
 
 def test_the_gpu_of_a_process_is_the_one_unsloth_loads_it_on(monkeypatch):
     """distributed.device_index against Unsloth's own placement (loader_utils._infer_local_rank)."""
     from unsloth.models import loader_utils
 
-    from finetune.distributed import device_index
+    from finetune.base.distributed import device_index
 
     for visible in (1, 2, 8):
         monkeypatch.setattr(loader_utils, "_visible_device_count", lambda visible=visible: visible)

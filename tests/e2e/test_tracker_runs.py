@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from cli_helpers import runner
 
-from finetune.run import SEAL
-from finetune.trackers import TRACKERS_FILE
+from finetune.plan.trackers import TRACKERS_FILE
+from finetune.runs.run_folder import SEAL
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = {
@@ -95,13 +96,7 @@ def test_wandb_offline_and_mlflow_keep_every_step_across_a_kill_and_resume(tmp_p
     assert not (run_dir / "adapter").exists()
     ids = json.loads((run_dir / TRACKERS_FILE).read_text())
 
-    resumed = subprocess.run(
-        [sys.executable, "runner.py", "resume", str(run_dir)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    resumed = runner("resume", str(run_dir), env=env)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     losses = {
         entry["step"]: entry["loss"]

@@ -6,22 +6,23 @@ The tiny Llama 3 trains on the CPU in seconds, so the whole path that a GPU run 
 import gc
 import json
 import math
-import os
-import subprocess
-import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import runner
+from data_helpers import examples_dataset, load_conversations
 
-from finetune import budget, calibration, inference, launch, train
-from finetune.data import load_conversations
-from finetune.recipe import load_recipe
-from finetune.report import shown_completion
-from finetune.run import Measured
-from finetune.store import prepared_data
-from finetune.tiny_model import TINY_CONFIG
+from finetune.data.store import prepared_data
+from finetune.models.tiny_model import TINY_CONFIG
+from finetune.plan import calibration, engine
+from finetune.plan.devices import GPUS
+from finetune.plan.job import plan_job
+from finetune.recipe.schema import load_recipe
+from finetune.runs.outcome import Measured
+from finetune.runs.report import shown_completion
+from finetune.train import inference, training
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +41,11 @@ def trained(tmp_path_factory):
         ],
     )
     run_dir = tmp_path_factory.mktemp("run")
-    model, tokenizer = train.load_model(recipe)
-    model = train.add_lora(model, recipe)
+    model, tokenizer = training.load_model(recipe)
+    model = training.add_lora(model, recipe)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     store = prepared_data(recipe)
-    trainer = train.build_trainer(
+    trainer = training.build_trainer(
         model, tokenizer, store.dataset("train"), recipe, run_dir, store.dataset("eval")
     )
     trainer.train()
@@ -108,7 +109,7 @@ def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
     ]
     assert ids == [example.input_ids for example in ours]  # same tokens as transformers' own rendering
     no_eval = recipe.model_copy(update={"train": recipe.train.model_copy(update={"eval_steps": None})})
-    theirs = train.build_trainer(trainer.model, tokenizer, train.examples_dataset(ours), no_eval, tmp_path)
+    theirs = training.build_trainer(trainer.model, tokenizer, examples_dataset(ours), no_eval, tmp_path)
     theirs.train_dataset = Dataset.from_dict({"input_ids": ids, "labels": [list(i) for i in ids]})
     theirs = train_on_responses_only(
         theirs,
@@ -121,8 +122,8 @@ def test_our_masking_equals_unsloths_train_on_responses_only(trained, tmp_path):
 def test_static_memory_terms_equal_the_bytes_of_the_loaded_and_trained_model(trained):
     """The budget's weight, LoRA and optimizer terms, byte for byte, against what Unsloth loaded
     (4-bit through bitsandbytes' CPU backend, fp32 on this CPU) and what the optimizer holds."""
-    from finetune.budget import predict_memory
-    from finetune.shapes import Shapes
+    from finetune.models.shapes import Shapes
+    from finetune.plan.budget import predict_memory
 
     recipe, trainer, *_ = trained
     model = trainer.model
@@ -154,7 +155,7 @@ def test_static_memory_terms_equal_the_bytes_of_the_loaded_and_trained_model(tra
         for key, t in state.items()
         if key in ("exp_avg", "exp_avg_sq", "state1", "state2", "absmax1", "absmax2")
     )
-    optim = budget.effective_optimizer(recipe.train.optim, on_gpu)
+    optim = engine.effective_optimizer(recipe.train.optim, on_gpu)
     assert moments == terms[f"optimizer state ({optim})"]
 
 
@@ -174,47 +175,58 @@ def test_saved_adapter_reloads_with_the_trained_weights_and_generates(trained):
     assert isinstance(text, str) and len(text) > 0
 
 
-def test_runner_trains_and_prints_one_summary_line(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "runner.py",
-            "recipes/smoke.yaml",
-            "train.max_steps=4",
-            f"output.dir={tmp_path}",
-            "data.chat_template=llama-3.1-instruct-exact",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+# The command line's run, shared by the tests below (each checks other things of it): the smoke
+# recipe for 6 steps, with a chat template of our own given on the command line.
+RUN = ["recipes/smoke.yaml", "train.max_steps=6", "data.chat_template=llama-3.1-instruct-exact"]
+
+
+@pytest.fixture(scope="module")
+def run_by_the_cli(tmp_path_factory):
+    """`runner.py RUN` in a fresh process: its output and its run folder."""
+    output = tmp_path_factory.mktemp("cli")
+    out = runner(*RUN, f"output.dir={output}")
     assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = (output / "smoke").iterdir()
+    return out, run_dir
+
+
+def test_runner_trains_and_prints_one_summary_line(run_by_the_cli):
+    out, run_dir = run_by_the_cli
+    output = run_dir.parent.parent
     summary = [line for line in out.stdout.splitlines() if line.startswith("Done:")]
-    assert len(summary) == 1 and summary[0].startswith("Done: 4 steps in ")
-    assert "step     4/4  loss" in out.stdout + out.stderr  # the loss at each logging step
+    assert len(summary) == 1 and summary[0].startswith("Done: 6 steps in ")
+    assert "step     6/6  loss" in out.stdout + out.stderr  # the loss at each logging step
     # Nothing but what we mean to say: no debugging line left in a callback (one printed
     # "DEBUG None None" at every run's start).
     assert not [line for line in out.stdout.splitlines() if line.startswith("DEBUG")]
-    (run_dir,) = (tmp_path / "smoke").iterdir()
+    # One progress display: written to a pipe, the step lines alone (one per logging step, on
+    # stdout), no progress bar's carriage returns, and no library notice a user can do nothing about.
+    assert [line.split("  loss")[0] for line in out.stdout.splitlines() if line.startswith("step ")][:6] == [
+        f"step {k:>5}/6" for k in range(1, 7)
+    ]
+    assert "\r" not in out.stdout + out.stderr and "it/s" not in out.stderr
+    for notice in (
+        "_pytree",
+        "pip install kernels",
+        "Loading weights",
+        "Truncating train dataset",
+        "PAD/BOS/EOS",
+    ):
+        assert notice not in out.stderr, notice
     assert summary[0].endswith(f"adapter saved to {run_dir / 'adapter'}")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "tokenizer.json").is_file()
-    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 4  # the resolved recipe, override applied
-    assert json.loads((run_dir / "run.json").read_text())["overrides"] == [
-        "train.max_steps=4",
-        f"output.dir={tmp_path}",
-        "data.chat_template=llama-3.1-instruct-exact",
-    ]
+    assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 6  # the resolved recipe, override applied
+    assert json.loads((run_dir / "run.json").read_text())["overrides"] == [*RUN[1:], f"output.dir={output}"]
     # The template the data was rendered with travels with the adapter, for inference.
-    exact = (ROOT / "finetune" / "templates" / "llama-3.1-instruct-exact.jinja").read_text()
+    exact = (ROOT / "finetune" / "data" / "templates" / "llama-3.1-instruct-exact.jinja").read_text()
     assert (run_dir / "adapter" / "chat_template.jinja").read_text() == exact
     logged = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4]
+    assert [entry["step"] for entry in logged if "loss" in entry] == [1, 2, 3, 4, 5, 6]
     # The schedule preview is printed and saved before training, and the logged LRs follow it.
     assert (
-        "schedule: cosine, 4 optimizer steps" in out.stdout
-        and "warmup: 3 steps (75.0% of training)" in out.stdout
+        "schedule: cosine, 6 optimizer steps" in out.stdout
+        and "warmup: 3 steps (50.0% of training)" in out.stdout
     )
     plan = json.loads((run_dir / "plan.json").read_text())
     assert [entry["learning_rate"] for entry in logged if "learning_rate" in entry] == pytest.approx(
@@ -226,16 +238,19 @@ def test_runner_trains_and_prints_one_summary_line(tmp_path):
     # The device trained on: this CPU, or the GPU torch uses (as the plan named it).
     device = plan["budget"]["device"] if torch.cuda.is_available() else "CPU"
     assert record["recipe"] == "smoke" and record["device"] == device
-    assert len(record["measured"]["step_seconds"]) == 4 and record["measured"]["median_step_seconds"] > 0
-    assert record["step_error"] == pytest.approx(
-        record["predicted"]["step_seconds"] / record["measured"]["median_step_seconds"] - 1
-    )
+    assert len(record["measured"]["step_seconds"]) == 6 and record["measured"]["median_step_seconds"] > 0
     assert "step time: " in out.stdout and "measured (median after warm-up)" in out.stdout
-    table = subprocess.run(
-        [sys.executable, "runner.py", "calibration", str(tmp_path)], cwd=ROOT, capture_output=True, text=True
-    )
+    table = runner("calibration", str(output))
     assert table.returncode == 0 and "smoke" in table.stdout.splitlines()[1]
-    assert "step time: mean |error|" in table.stdout
+    if torch.cuda.is_available():
+        assert record["predicted"]["time_predicted"] and record["step_error"] == pytest.approx(
+            record["predicted"]["step_seconds"] / record["measured"]["median_step_seconds"] - 1
+        )
+        assert "step time: mean |error|" in table.stdout
+    else:  # a CPU's step time is measured, not predicted: no error is made up for it
+        assert not record["predicted"]["time_predicted"] and record["step_error"] is None
+        assert "not predicted on a CPU" in out.stdout and "step time: mean |error|" not in table.stdout
+        assert table.stdout.splitlines()[1].split()[3] == "-"  # the "step pred" column
     # The report: figures from the log, curves, and held-out prompts answered before and after.
     report = (run_dir / "report.md").read_text()
     losses = [entry["loss"] for entry in logged if "loss" in entry]
@@ -257,7 +272,7 @@ def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tm
     ``self.train`` to a closure over ``self``, unsloth/trainer.py); the probe's trainer, with its
     optimizer state, must be gone when probe() returns, not whenever the garbage collector next runs.
     The CPU backend does not install that wrapper, so the test adds the same cycle."""
-    build = train.build_trainer
+    build = training.build_trainer
     built = []
 
     def build_with_cycle(*args, **kwargs):
@@ -267,10 +282,10 @@ def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tm
         built.append(weakref.ref(trainer))
         return trainer
 
-    monkeypatch.setattr(train, "build_trainer", build_with_cycle)
+    monkeypatch.setattr(training, "build_trainer", build_with_cycle)
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml")
-    model, tokenizer = train.load_model(recipe)
-    model = train.add_lora(model, recipe)
+    model, tokenizer = training.load_model(recipe)
+    model = training.add_lora(model, recipe)
     store = prepared_data(recipe)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     gc.collect()
@@ -278,7 +293,7 @@ def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tm
     gc.disable()  # only probe() itself may collect
     try:
         lengths = store.summary["lengths"]
-        measured = train.probe(model, tokenizer, recipe, store.dataset("train"), lengths, tmp_path)
+        measured = training.probe(model, tokenizer, recipe, store.dataset("train"), lengths, tmp_path)
         left = [
             o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer) and id(o) not in optimizers
         ]
@@ -289,38 +304,29 @@ def test_the_probe_frees_its_trainer_before_the_run_and_puts_the_weights_back(tm
     assert all(torch.equal(p, before[n].to(p.dtype)) for n, p in model.named_parameters() if p.requires_grad)
 
 
-def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path):
+def test_probe_measures_the_worst_case_then_restores_the_weights(tmp_path, run_by_the_cli):
     """A probe runs real steps on the longest rows, reports them against the budget, and leaves the
-    run exactly as it would have been: the first logged loss equals a run without a probe."""
-    common = ["recipes/smoke.yaml", "train.max_steps=4", f"output.dir={tmp_path}"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-
-    def run(*extra):
-        return subprocess.run(
-            [sys.executable, "runner.py", *common, *extra], cwd=ROOT, capture_output=True, text=True, env=env
-        )
-
-    probed = run("--probe", "budget.max_step_seconds=1000")
+    run exactly as it would have been: the first logged loss equals the same run's without a probe
+    (the shared run)."""
+    # No --probe: a time limit turns it on, on a CPU too (a CPU's step time is only measured).
+    probed = runner(*RUN, f"output.dir={tmp_path}", "budget.max_step_seconds=1000")
     assert probed.returncode == 0, probed.stderr[-3000:]
     assert "probe: 3 steps on the worst-case micro-batch" in probed.stdout
     assert "PASS measured seconds per step" in probed.stdout
     # A probe slower than the limit stops the run (exit 3 in main); --force only warns.
     recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", ["budget.max_step_seconds=2"])
-    on_h100 = launch.plan_launch(recipe, "recipes/smoke.yaml", "smoke", budget.GPUS["h100"])
+    on_h100 = plan_job(recipe, "recipes/smoke.yaml", "smoke", GPUS["h100"])
     slow = Measured([5.0, 5.0, 5.0], 10 * 2**30, 11 * 2**30)
     with pytest.raises(
         calibration.BudgetExceeded, match=r"FAIL measured seconds per step: 5\.00 s \(limit 2\.00 s\)"
     ):
-        launch.probe_verdict(on_h100, slow, force=False)
-    forced = launch.probe_verdict(on_h100, slow, force=True)  # warns, does not raise
+        calibration.probe_verdict(on_h100, slow, force=False)
+    forced = calibration.probe_verdict(on_h100, slow, force=True)  # warns, does not raise
     assert forced[-1] == "warning: --force: training although the probe broke the budget"
-    plain = run()
-    first = [
-        [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()][0]["loss"]
-        for d in sorted((tmp_path / "smoke").iterdir())
-        if (d / "log.jsonl").is_file()
-    ]
-    assert plain.returncode == 0 and len(first) == 2 and first[0] == first[1]
+    _, plain = run_by_the_cli
+    (probed_dir,) = (tmp_path / "smoke").iterdir()
+    first = [json.loads((d / "log.jsonl").read_text().splitlines()[0])["loss"] for d in (probed_dir, plain)]
+    assert first[0] == first[1]
 
 
 def test_padding_free_batching_is_decided_here_not_left_to_unsloth(tmp_path, monkeypatch):
@@ -329,15 +335,37 @@ def test_padding_free_batching_is_decided_here_not_left_to_unsloth(tmp_path, mon
     only when it is None; that module is a stub on the CPU backend). So it is always passed, as
     False: the plan's padded micro-batches are what trains."""
     passed = {}
-    real = train.SFTConfig
+    real = training.SFTConfig
 
     def recording(**kwargs):
         passed.update(kwargs)
         return real(**kwargs)
 
-    monkeypatch.setattr(train, "SFTConfig", recording)
-    config = train.build_sft_config(load_recipe(ROOT / "recipes" / "smoke.yaml"), tmp_path)
+    monkeypatch.setattr(training, "SFTConfig", recording)
+    config = training.build_sft_config(load_recipe(ROOT / "recipes" / "smoke.yaml"), tmp_path)
     assert passed["padding_free"] is False and config.padding_free is False
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        [],
+        ["model.gradient_checkpointing=off"],
+        ["model.gradient_checkpointing=standard"],
+        ["model.gradient_checkpointing=unsloth", "data.packing=true"],
+    ],
+)
+def test_the_trainer_runs_what_the_engine_decided(tmp_path, overrides):
+    """The plan reads plan.engine; so does the trainer: the SFTConfig it builds carries the same
+    checkpointing, packing and padding-free batching (the optimizer that steps is held to the
+    plan's in test_static_memory_terms_equal_the_bytes_of_the_loaded_and_trained_model)."""
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", overrides)
+    decided = engine.engine_for(recipe, torch.cuda.is_available())
+    config = training.build_sft_config(recipe, tmp_path)
+    assert config.gradient_checkpointing == (decided.checkpointing != "off")
+    assert (config.packing, config.padding_free) == (decided.packing, decided.padding_free)
+    if recipe.data.packing and not torch.cuda.is_available():  # Unsloth's CPU fallback cannot pack
+        assert config.packing is False and decided.packing_off.startswith("packing is off on the CPU")
 
 
 def test_sft_config_carries_every_schedule_setting(tmp_path):
@@ -347,7 +375,7 @@ def test_sft_config_carries_every_schedule_setting(tmp_path):
         ROOT / "recipes" / "smoke.yaml",
         ["train.lr_scheduler_type=cosine_with_min_lr", "train.min_lr_rate=0.1", "train.warmup_steps=4"],
     )
-    config = train.build_sft_config(recipe, tmp_path)
+    config = training.build_sft_config(recipe, tmp_path)
     assert (config.learning_rate, config.lr_scheduler_type.value) == (1e-2, "cosine_with_min_lr")
     assert config.lr_scheduler_kwargs == {"min_lr_rate": 0.1}
     assert config.get_warmup_steps(30) == 4
@@ -370,26 +398,16 @@ def test_sft_config_carries_every_schedule_setting(tmp_path):
     ratio = load_recipe(
         ROOT / "recipes" / "smoke.yaml", ["train.warmup_steps=null", "train.warmup_ratio=0.1"]
     )
-    assert train.build_sft_config(ratio, tmp_path).get_warmup_steps(30) == 3
+    assert training.build_sft_config(ratio, tmp_path).get_warmup_steps(30) == 3
 
 
-def test_export_merges_the_adapter_and_generate_streams_an_answer(tmp_path):
-    """A finished run's adapter, merged into 16-bit weights that plain transformers loads and that
-    compute what base + adapter computes; and `generate` answering a prompt from the run folder."""
+def test_export_merges_the_adapter_and_generate_streams_an_answer(run_by_the_cli):
+    """A finished run's adapter (the shared run's), merged into 16-bit weights that plain
+    transformers loads and that compute what base + adapter computes; and `generate` answering a
+    prompt from the run folder."""
     from transformers import AutoModelForCausalLM
 
-    def runner(*args):
-        return subprocess.run(
-            [sys.executable, "runner.py", *args],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        )
-
-    trained = runner("recipes/smoke.yaml", "train.max_steps=6", f"output.dir={tmp_path}")
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    (run_dir,) = (tmp_path / "smoke").iterdir()
+    _, run_dir = run_by_the_cli
     exported = runner("export", str(run_dir))
     assert exported.returncode == 0, exported.stderr[-3000:]
     assert f"merged 16-bit model saved to {run_dir / 'merged'}" in exported.stdout
@@ -397,7 +415,7 @@ def test_export_merges_the_adapter_and_generate_streams_an_answer(tmp_path):
     assert "merged into tiny-llama-3 (16-bit)." in (run_dir / "merged" / "README.md").read_text()
     merged = AutoModelForCausalLM.from_pretrained(run_dir / "merged", torch_dtype=torch.float32)
     adapted, tokenizer = inference.load_adapter(run_dir / "adapter", 1024, load_in_4bit=False)
-    base = AutoModelForCausalLM.from_pretrained(train.model_path(load_recipe(run_dir / "recipe.yaml")))
+    base = AutoModelForCausalLM.from_pretrained(training.model_path(load_recipe(run_dir / "recipe.yaml")))
     ids = tokenizer("def add(a, b):\n    return", return_tensors="pt").input_ids
     with torch.no_grad():  # each model on its own device (Unsloth puts the adapter on a GPU if any)
         want, got, without = (m(ids.to(m.device)).logits.float().cpu() for m in (adapted, merged, base))

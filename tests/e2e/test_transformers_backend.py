@@ -3,9 +3,9 @@ TRL's SFTTrainer, with unsloth never imported. Every test runs in processes of i
 test process has Unsloth loaded (and patching the libraries) already.
 
 On this CPU the 4-bit base is bitsandbytes' CPU NF4 (the same as on a GPU, slower), and the 8-bit
-AdamW falls back to torch's fused AdamW, which the plan says (budget.effective_optimizer). TRL's
+AdamW falls back to torch's fused AdamW, which the plan says (plan.engine.effective_optimizer). TRL's
 SFTTrainer casts the LoRA weights to bf16 on a 4-bit base, here as on a GPU; the plan counts them so
-(budget.adapter_bytes).
+(plan.engine.adapter_bytes).
 """
 
 import json
@@ -17,11 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from cli_helpers import run_cli
+import pytest
+from cli_helpers import run_cli, runner
 from safetensors import safe_open
 
-from finetune.evaluate import read_tasks
-from finetune.run import SEAL
+from finetune.evaluate.evaluation import read_tasks
+from finetune.runs.run_folder import SEAL
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -32,21 +33,22 @@ BACKEND = "model.backend=transformers"
 _TRAIN_AND_COMPARE = """
 import json, sys
 from pathlib import Path
-from finetune.launch import use_backend
+from finetune.train.backend import use_backend
 use_backend("transformers")
-from finetune import stack, train
-from finetune.budget import predict_memory
-from finetune.recipe import load_recipe
-from finetune.shapes import Shapes
-from finetune.store import prepared_data
-from finetune.tiny_model import TINY_CONFIG
+from finetune.train import stack
+from finetune.train import training
+from finetune.plan.budget import predict_memory
+from finetune.recipe.schema import load_recipe
+from finetune.models.shapes import Shapes
+from finetune.data.store import prepared_data
+from finetune.models.tiny_model import TINY_CONFIG
 overrides = [f"model.name={sys.argv[2]}", "model.gradient_checkpointing=off"]
 recipe = load_recipe("recipes/smoke.yaml", ["model.backend=transformers", "train.max_steps=10", *overrides])
-model, tokenizer = train.load_model(recipe)
-model = train.add_lora(model, recipe)
+model, tokenizer = training.load_model(recipe)
+model = training.add_lora(model, recipe)
 before = {n: p.detach().clone() for n, p in model.named_parameters()}
 store = prepared_data(recipe)
-trainer = train.build_trainer(model, tokenizer, store.dataset("train"), recipe, Path(sys.argv[1]))
+trainer = training.build_trainer(model, tokenizer, store.dataset("train"), recipe, Path(sys.argv[1]))
 trainer.train()
 after = dict(model.named_parameters())
 lora = [n for n in before if "lora_" in n]
@@ -95,9 +97,21 @@ def test_the_smoke_recipe_trains_without_unsloth_lora_changing_and_the_base_froz
     assert result["checkpointing"] == [False, False]
 
 
-def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(tmp_path):
-    trained = run_cli("recipes/smoke.yaml", BACKEND, "train.max_steps=6", f"output.dir={tmp_path}")
+# The runner's run on this backend, shared: the test of what it makes, and the uninterrupted run
+# that the resumed one is held to.
+RUN = ["recipes/smoke.yaml", BACKEND, "train.max_steps=8", "train.save_steps=4"]
+
+
+@pytest.fixture(scope="module")
+def trained_by_the_runner(tmp_path_factory):
+    output = tmp_path_factory.mktemp("transformers")
+    trained = run_cli(*RUN, f"output.dir={output}")
     assert trained.returncode == 0, trained.stderr[-3000:]
+    return trained, output
+
+
+def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(trained_by_the_runner):
+    trained, tmp_path = trained_by_the_runner
     heavy = trained.stdout.strip().splitlines()[-1]
     assert heavy.startswith("heavy imports: [") and "'unsloth'" not in heavy and "'torch'" in heavy
     assert "memory on CPU with transformers + PEFT (no Unsloth)" in trained.stdout
@@ -133,15 +147,7 @@ def test_the_runner_trains_generates_and_exports_on_the_transformers_backend(tmp
 
 def start(output: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [
-            sys.executable,
-            "runner.py",
-            "recipes/smoke.yaml",
-            BACKEND,
-            "train.max_steps=12",
-            "train.save_steps=4",
-            f"output.dir={output}",
-        ],
+        [sys.executable, "runner.py", *RUN, f"output.dir={output}"],
         cwd=ROOT,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -156,12 +162,15 @@ def logged_losses(output: Path) -> dict[int, float]:
     return {entry["step"]: entry["loss"] for entry in entries if "loss" in entry}
 
 
-def test_a_sigkilled_run_resumes_to_the_same_losses_on_the_transformers_backend(tmp_path):
-    whole = start(tmp_path / "whole")
-    assert whole.wait() == 0, whole.communicate()[1][-3000:]
+def test_a_sigkilled_run_resumes_to_the_same_losses_on_the_transformers_backend(
+    tmp_path, trained_by_the_runner
+):
+    """Killed after checkpoint-4 and resumed: every step's loss that of the uninterrupted run (the
+    shared one, the same command line)."""
+    _, whole = trained_by_the_runner
     killed = start(tmp_path / "killed")
     deadline = time.monotonic() + 300
-    while not list((tmp_path / "killed").glob(f"smoke/*/checkpoints/checkpoint-8/{SEAL}")):
+    while not list((tmp_path / "killed").glob(f"smoke/*/checkpoints/checkpoint-4/{SEAL}")):
         assert killed.poll() is None, killed.communicate()[1][-3000:]
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.1)
@@ -169,14 +178,8 @@ def test_a_sigkilled_run_resumes_to_the_same_losses_on_the_transformers_backend(
     killed.wait()
     (run_dir,) = (tmp_path / "killed" / "smoke").iterdir()
     assert not (run_dir / "adapter").exists()
-    resumed = subprocess.run(
-        [sys.executable, "runner.py", "resume", str(run_dir)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    )
+    resumed = runner("resume", str(run_dir), env=ENV)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint-8" in resumed.stdout
+    assert "resuming from checkpoint-4" in resumed.stdout
     losses = logged_losses(tmp_path / "killed")
-    assert losses == logged_losses(tmp_path / "whole") and len(losses) == 12
+    assert losses == logged_losses(whole) and len(losses) == 8

@@ -1,0 +1,3 @@
+"""The base every stage stands on: the user's-mistake exception, atomic files, locks, child
+processes, content digests, torchrun's collectives, the console, and every private library API
+(internals.py). It never imports another finetune subpackage."""

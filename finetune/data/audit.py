@@ -1,0 +1,137 @@
+"""The data audit (`runner.py data RECIPE`): what will be trained, before anything is.
+
+Pure Python over the prepared examples, read once: counts, the token-length distribution, the share of each
+row that is trained, rows that train nothing or never show the model how to stop, and duplicates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from array import array
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from finetune.data.store import open_store, required_tokenizer
+from finetune.data.tokenize import IGNORE_INDEX, Example
+from finetune.recipe.schema import Recipe
+
+PERCENTILES = (50, 90, 95, 99, 100)
+
+
+@dataclass(frozen=True)
+class Audit:
+    rows: int
+    kept: int
+    length_percentiles: dict[int, int]
+    trained_fraction_percentiles: dict[int, float]
+    trained_tokens: int
+    total_tokens: int
+    missing_eos: list[str]  # kept rows whose last trained token is not EOS
+    duplicates: list[list[str]]  # groups of rows with identical tokens
+    report: list[str]  # dropped / truncated rows, from preparation
+
+    def lines(self) -> list[str]:
+        lengths = ", ".join(f"p{p} {v}" for p, v in self.length_percentiles.items())
+        fractions = ", ".join(f"p{p} {v:.0%}" for p, v in self.trained_fraction_percentiles.items())
+        lines = [
+            f"rows: {self.rows} read, {self.kept} kept",
+            f"tokens per row: {lengths}",
+            f"trained share per row: {fractions}; {self.trained_tokens} of {self.total_tokens} tokens "
+            f"trained ({self.trained_tokens / max(1, self.total_tokens):.0%})",
+            *self.report,
+        ]
+        if self.missing_eos:
+            lines.append(
+                f"{len(self.missing_eos)} rows never train the end-of-turn token, so the model does not "
+                f"learn to stop after them ({_some(self.missing_eos)})"
+            )
+        if self.duplicates:
+            extra = sum(len(group) - 1 for group in self.duplicates)
+            lines.append(
+                f"{extra} duplicate rows in {len(self.duplicates)} groups "
+                f"({'; '.join(' = '.join(group[:3]) for group in self.duplicates[:3])})"
+            )
+        return lines
+
+
+def _some(sources: list[str], n: int = 3) -> str:
+    return ", ".join(sources[:n]) + (f" and {len(sources) - n} more" if len(sources) > n else "")
+
+
+def percentile(sorted_values: list, p: int):
+    """Nearest-rank percentile of an ascending list (p100 is the maximum)."""
+    if not sorted_values:
+        return 0
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+def audit(examples: Iterable[Example], rows: int, report: list[str], eos_id: int) -> Audit:
+    """The audit of the kept rows, read once (they may not fit in memory: only their lengths, trained
+    shares and a digest each are kept); ``report`` says what preparation dropped or truncated."""
+    lengths, fractions, missing_eos, trained = [], [], [], 0
+    groups = defaultdict(list)
+    for e in examples:
+        lengths.append(len(e.input_ids))
+        fractions.append(e.trained_tokens / len(e.input_ids))
+        trained += e.trained_tokens
+        if _last_trained(e) != eos_id:
+            missing_eos.append(e.source)
+        groups[hashlib.blake2b(array("l", e.input_ids).tobytes(), digest_size=16).digest()].append(e.source)
+    lengths.sort()
+    fractions.sort()
+    return Audit(
+        rows=rows,
+        kept=len(lengths),
+        length_percentiles={p: percentile(lengths, p) for p in PERCENTILES},
+        trained_fraction_percentiles={p: percentile(fractions, p) for p in (0, 50, 100)},
+        trained_tokens=trained,
+        total_tokens=sum(lengths),
+        missing_eos=missing_eos,
+        duplicates=[group for group in groups.values() if len(group) > 1],
+        report=report,
+    )
+
+
+def _last_trained(example: Example) -> int | None:
+    return next((label for label in reversed(example.labels) if label != IGNORE_INDEX), None)
+
+
+def trained_runs(example: Example) -> list[tuple[list[int], bool]]:
+    """The example's tokens in runs of trained / not trained, for rendering with highlights."""
+    runs: list[tuple[list[int], bool]] = []
+    for token, label in zip(example.input_ids, example.labels, strict=True):
+        trained = label != IGNORE_INDEX
+        if runs and runs[-1][1] == trained:
+            runs[-1][0].append(token)
+        else:
+            runs.append(([token], trained))
+    return runs
+
+
+@dataclass(frozen=True)
+class DataAudit:
+    """What `runner.py data` shows: the audit of every prepared row, and a few rows rendered."""
+
+    tokenizer: str
+    audit: Audit
+    lengths: list[int]
+    untrained: list[str]  # rows that would train no token after truncation
+    shown: list[tuple[str, list[tuple[str, bool]]]]  # (row, its text in trained / untrained pieces)
+
+
+def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
+    """Audit the recipe's training data as the trainer will see it (the prepared-data store)."""
+    source = required_tokenizer(recipe)
+    store = open_store(recipe, source)
+    summary = store.summary
+    tokenizer = source.load()
+    result = audit(store.examples(), summary["rows"], summary["report"], tokenizer.eos_id)
+    decode = tokenizer.tokenizer.decode
+    shown = [
+        (example.source, [(decode(ids, skip_special_tokens=False), t) for ids, t in trained_runs(example)])
+        for example in store.examples(limit=show)
+    ]
+    return DataAudit(summary["tokenizer"], result, summary["lengths"], summary["dropped_untrained"], shown)

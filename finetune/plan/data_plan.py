@@ -1,0 +1,102 @@
+"""What the training data will be, as far as planning needs it: rows, token lengths, drops, packing.
+
+Read from the prepared-data store's summary (plain JSON: no `datasets` import); with no tokenizer
+on disk the rows are only counted. Packing follows the engine's decision (plan/engine.py), so the
+sequences planned are the ones the trainer iterates over.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from finetune.data.store import count_rows, data_tokenizer, open_store
+from finetune.data.tokenize import count_packed_sequences
+from finetune.plan.devices import detect_gpus
+from finetune.plan.engine import PADDING_FREE, packing_runs
+from finetune.recipe.schema import Recipe
+
+
+@dataclass(frozen=True)
+class DataPlan:
+    """What the training data will be, as far as planning needs it."""
+
+    rows: int  # training rows, after any held-out eval rows and mixing
+    lengths: list[int] | None  # token length of every row that is trained on; None without a tokenizer
+    report: list[str]  # rows skipped, held out, mixed, dropped or truncated, one line per kind
+    tokenizer: str  # where the tokenizer came from, or why there is none
+    packing: bool
+    max_seq_length: int
+
+    @property
+    def sequences(self) -> int:
+        """Sequences the trainer iterates over: rows kept, or the packed sequences made from them."""
+        if self.lengths is None:
+            return self.rows
+        if self.packing:
+            return count_packed_sequences(self.lengths, self.max_seq_length)
+        return len(self.lengths)
+
+    def describe(self) -> list[str]:
+        if self.lengths is None:
+            return [
+                f"data: {self.rows} rows; token lengths unknown ({self.tokenizer}), rows counted as sequences"
+            ]
+        ordered = sorted(self.lengths)
+        median = ordered[len(ordered) // 2] if ordered else 0
+        line = f"data: {self.rows} rows, {len(self.lengths)} trained"
+        if ordered:
+            line += f", {ordered[0]}-{ordered[-1]} tokens (median {median})"
+        if self.packing and self.lengths:
+            fill = sum(self.lengths) / (self.sequences * self.max_seq_length)
+            line += (
+                f"; packed into {self.sequences} sequences of {self.max_seq_length} tokens ({fill:.0%} full)"
+            )
+        elif not PADDING_FREE:
+            line += "; padded micro-batches (padding-free batching off)"
+        return [line, *self.report]
+
+
+def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
+    """Token lengths and row counts of the training data, from the store (a cached plan takes
+    milliseconds and imports nothing heavy); rows are only counted when no tokenizer is on disk."""
+    packing, off = packing_runs(recipe, on_gpu)
+    notes = [off] if off else []
+    source = data_tokenizer(recipe)
+    if source is None:
+        rows, report = count_rows(recipe)
+        return DataPlan(
+            rows=rows,
+            lengths=None,
+            report=report + notes,
+            tokenizer=f"no tokenizer for {recipe.model.name} on disk",
+            packing=packing,
+            max_seq_length=recipe.model.max_seq_length,
+        )
+    summary = open_store(recipe, source).summary
+    return DataPlan(
+        rows=summary["rows"],
+        lengths=summary["lengths"],
+        report=summary["report"] + notes,
+        tokenizer=summary["tokenizer"],
+        packing=packing,
+        max_seq_length=recipe.model.max_seq_length,
+    )
+
+
+def training_data(recipe: Recipe) -> DataPlan:
+    """What the trainer will make of the training rows (token lengths, drops, packing), from the
+    prepared-data store (built now if these inputs were never prepared)."""
+    return plan_data(recipe, on_gpu=bool(detect_gpus()))
+
+
+def data_as_dict(data: DataPlan) -> dict:
+    return {
+        "rows": data.rows,
+        "trained_rows": None if data.lengths is None else len(data.lengths),
+        "sequences": data.sequences,
+        "packing": data.packing,
+        "padding_free": PADDING_FREE,
+        "tokenizer": data.tokenizer,
+        "token_lengths": data.lengths,
+        "report": data.report,
+    }
