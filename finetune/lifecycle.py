@@ -136,6 +136,8 @@ def _train_and_finish(
         record_event(run_dir, f"interrupted by {result.interrupted_by} after step {result.steps}")
     elif result.diverged:
         record_event(run_dir, f"stopped: diverged after step {result.steps}")
+    elif result.best is not None and result.best.early_stopped:
+        record_event(run_dir, f"finished at step {result.steps}: stopped early, best step {result.best.step}")
     else:
         record_event(run_dir, f"finished at step {result.steps}")
     lines = finish_run(job, run_dir, result)  # 5. finish: budget.json, report.md, the LR plot
@@ -147,7 +149,9 @@ def _train_and_finish(
         f"Done: {result.steps} steps"
         + (f" (from step {first} on in this process)" if first else "")
         + f" in {result.seconds:.1f} s, loss {result.first_loss:.4f} -> "
-        f"{result.final_loss:.4f}; adapter saved to {result.adapter_dir}",
+        f"{result.final_loss:.4f}; adapter "
+        + (f"(the best checkpoint's, step {result.best.step}) " if result.best else "")
+        + f"saved to {result.adapter_dir}",
     )
     if job.recipe.evaluate.humaneval and allow:  # 6. evaluate, when the recipe asks and may
         with progress_bar("answering") as progress:

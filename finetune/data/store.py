@@ -60,7 +60,7 @@ from finetune.recipe.schema import Recipe, recipe_digest
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
 # (4: CSV records that do not match their header are bad rows, no longer read short; 5: the summary
 # records every file's size and digest, checked at each open).
-STORE_VERSION = "5"
+STORE_VERSION = "6"
 KEEP_STORES = 8  # the most recently used stores kept in the cache; older ones are deleted
 _WRITE_BATCH = 1000  # rows per Arrow record batch while reading: bounds memory while streaming
 _ROWS_PER_PROCESS = 5000  # below this, starting worker processes costs more than it saves
@@ -470,11 +470,18 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                 _, eval_skipped = _write_raw(data.eval, recipe, work / "raw-eval.arrow", "test")
                 eval_raw = Dataset.from_file(str(work / "raw-eval.arrow"))
                 eval_report += skipped_report(eval_skipped)
+            eval_lengths: list[int] = []
             if eval_raw is not None:
-                evaluation, eval_prepared, _ = _tokenize(
+                evaluation, eval_prepared, eval_lengths = _tokenize(
                     eval_raw, tokenizer, recipe, f"{directory.name}-eval"
                 )
                 eval_report += eval_prepared.report(max_seq_length)
+                if not len(evaluation):  # else the trainer would fail at its first evaluation
+                    what = "data.eval_fraction's held-out rows" if data.eval_fraction else "data.eval"
+                    raise UserError(
+                        f"{what}: none of {len(eval_raw)} eval rows is left to evaluate on; "
+                        + "; ".join(eval_report or ["no rows"])
+                    )
                 evaluation.save_to_disk(str(work / "eval"))
             summary = {
                 "rows": len(indices),
@@ -482,6 +489,7 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                 "report": report + prepared.report(max_seq_length) + [f"eval data: {r}" for r in eval_report],
                 "dropped_untrained": prepared.dropped_untrained,
                 "eval_rows": 0 if eval_raw is None else len(eval_raw),
+                "eval_lengths": eval_lengths,  # of the eval rows kept, for the evaluation's plan
                 "tokenizer": origin,
                 "tokenizer_digest": tokenizer_source.digest(),
             }

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from finetune.data.tokenize import count_packed_sequences
 from finetune.models.shapes import (
@@ -184,6 +184,39 @@ def predict_memory(
     return MemoryPlan(terms, tokens_per_micro_batch, single)
 
 
+# What stays on the GPU from training while an evaluation runs: the weights, LoRA's parameters and
+# the optimizer's state (the gradients are freed after each optimizer step: zero_grad sets them to None).
+KEPT_DURING_EVAL = ("4-bit base weights", "base weights", "embeddings, lm_head, norms", "LoRA parameters")
+
+
+def predict_eval_memory(
+    recipe: Recipe, shapes: Shapes, tokens_per_batch: int, dtype_bytes: int = 2, on_gpu: bool = True
+) -> MemoryPlan:
+    """Peak memory of one eval batch in the middle of training, term by term.
+
+    Without gradients each layer's activations are freed once the next layer has them (one layer's
+    working set at a time), but the eval forward keeps every layer's keys and values: Unsloth's
+    Llama forward turns the cache off in training mode only (unsloth/models/llama.py,
+    LlamaModel_fast_forward), and transformers' builds a DynamicCache whenever config.use_cache is
+    on. The labels are passed, so the loss is computed as in training (the same fused, chunked code
+    on Unsloth); prediction_loss_only keeps the trainer from gathering logits across batches.
+    Read from the code, not yet measured on a GPU."""
+    train_terms = predict_memory(recipe, shapes, tokens_per_batch, dtype_bytes, on_gpu).terms
+    terms = {k: v for k, v in train_terms.items() if k in KEPT_DURING_EVAL or k.startswith("optimizer state")}
+    h, kv, f = shapes.hidden, shapes.kv_heads * shapes.head_dim, shapes.intermediate
+    terms["eval activations (one layer at a time)"] = (
+        tokens_per_batch * dtype_bytes * (6 * h + 2 * kv + 4 * f)
+    )
+    terms["eval keys and values (every layer)"] = tokens_per_batch * shapes.layers * 2 * kv * dtype_bytes
+    name, loss = loss_bytes(recipe.model.backend, h, shapes.vocab, tokens_per_batch, on_gpu, dtype_bytes)
+    terms[name] = loss
+    allocated = sum(terms.values())
+    if on_gpu:
+        terms["allocator overhead"] = allocated * constant("allocator_overhead")
+        terms["CUDA context"] = constant("cuda_context_bytes")
+    return MemoryPlan(terms, tokens_per_batch)
+
+
 # ---- Tokens per micro-batch ----------------------------------------------------------------------
 
 
@@ -223,6 +256,9 @@ class TimePlan:
     terms: dict[str, float]  # seconds per micro-batch, by cause
     allreduce_seconds: float = 0.0  # per optimizer step, with several GPUs (multi_gpu.py)
     link: str = ""  # what the gradients cross
+    eval_seconds: float = 0.0  # one evaluation (forward passes over the eval rows)
+    evaluations: int = 0  # in the run; total_seconds counts them
+    eval_every: int | None = None  # optimizer steps between them
 
 
 def flops_per_token(shapes: Shapes, seq_len: float, checkpointing: str) -> float:
@@ -310,6 +346,7 @@ class BudgetPlan:
     verdicts: list[Verdict]
     backend: str = "unsloth"  # the engine the plan is for (recipe.model.backend)
     world_size: int = 1  # GPUs training together; memory is per GPU
+    eval_memory: MemoryPlan | None = None  # an eval batch's peak, when the run evaluates
 
     @property
     def ok(self) -> bool:
@@ -344,6 +381,10 @@ class Workload:
     sequences: int
     packing: bool
     total_steps: int
+    eval_lengths: list[int] | None = None  # the eval rows kept (None: unknown or none)
+    eval_sequences: int = 0  # what one evaluation iterates over
+    evaluations: int = 0  # evaluations in the run (schedule.count_evaluations)
+    eval_every: int | None = None  # steps between them (schedule.eval_every)
 
 
 def plan_budget(
@@ -356,6 +397,26 @@ def plan_budget(
     mean = mean_tokens_per_micro_batch(work.lengths, work.sequences, batch, seq, work.packing)
     memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu, world_size)
     time = predict_time(recipe, shapes, device, mean, work.total_steps, world_size)
+    eval_memory = None
+    if work.evaluations and work.eval_sequences:
+        eval_batch = min(
+            recipe.train.per_device_eval_batch_size, work.eval_sequences
+        )  # no fuller than the set
+        eval_peak = peak_tokens_per_micro_batch(work.eval_lengths, eval_batch, seq, work.packing)
+        eval_memory = predict_eval_memory(recipe, shapes, eval_peak, dtype_bytes, device.is_gpu)
+        tokens = (
+            sum(work.eval_lengths) if work.eval_lengths and not work.packing else work.eval_sequences * seq
+        )
+        one = predict_eval_seconds(
+            recipe, shapes, device, tokens, math.ceil(work.eval_sequences / eval_batch)
+        )
+        time = replace(
+            time,
+            eval_seconds=one,
+            evaluations=work.evaluations,
+            eval_every=work.eval_every,
+            total_seconds=time.total_seconds + one * work.evaluations,
+        )
     # The upper end of the prediction must fit: a promise, not a coin toss.
     verdicts = [
         Verdict(
@@ -365,14 +426,48 @@ def plan_budget(
             "GiB",
         )
     ]
+    if eval_memory is not None:
+        verdicts.append(
+            Verdict(
+                f"peak memory of an evaluation (+{constant('memory_margin'):.0%}) on {device.name}",
+                eval_memory.upper / GIB,
+                device.memory_bytes / GIB,
+                "GiB",
+            )
+        )
     budget = recipe.budget
     if budget.max_memory_gib is not None:
         verdicts.append(Verdict("peak memory (budget)", memory.upper / GIB, budget.max_memory_gib, "GiB"))
+        if eval_memory is not None:
+            verdicts.append(
+                Verdict(
+                    "peak memory of an evaluation (budget)",
+                    eval_memory.upper / GIB,
+                    budget.max_memory_gib,
+                    "GiB",
+                )
+            )
     if budget.max_step_seconds is not None and device.is_gpu:  # on a CPU, the probe measures it
         verdicts.append(Verdict("seconds per step", time.step_seconds, budget.max_step_seconds, "s"))
     if budget.max_hours is not None and device.is_gpu:
         verdicts.append(Verdict("total hours", time.total_seconds / 3600, budget.max_hours, "h"))
-    return BudgetPlan(device, memory, time, verdicts, recipe.model.backend, world_size)
+    return BudgetPlan(device, memory, time, verdicts, recipe.model.backend, world_size, eval_memory)
+
+
+def predict_eval_seconds(
+    recipe: Recipe, shapes: Shapes, device: Device, tokens: float, batches: int
+) -> float:
+    """One evaluation: a forward pass (a third of training's matmul work without recomputation) over
+    ``tokens`` in ``batches`` batches, with one dequantization of the 4-bit weights per batch."""
+    seq_len = tokens / max(batches * recipe.train.per_device_eval_batch_size, 1)
+    linear, head = shapes.linear_parameters, shapes.vocab * shapes.hidden
+    attention = 12 * shapes.layers * shapes.heads * shapes.head_dim * seq_len / 2 / 3
+    flops = tokens * (2 * (linear + head) + attention)
+    compute = flops / (constant("gemm_efficiency") * device.bf16_tflops * 1e12)
+    dequant = 0.0
+    if recipe.model.load_in_4bit:
+        dequant = batches * 2.5 * linear / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
+    return compute + dequant + batches * constant("micro_batch_overhead_s")
 
 
 def describe_budget(plan: BudgetPlan, allowed_tokens: int | None = None) -> list[str]:
@@ -414,6 +509,28 @@ def describe_budget(plan: BudgetPlan, allowed_tokens: int | None = None) -> list
         lines.append(
             f"time: {t.step_seconds:.2f} s per optimizer step (+/-{constant('time_margin'):.0%}), "
             f"{total} in all; {t.flops_per_token / 1e9:.1f} GFLOP per token"
+        )
+    if plan.eval_memory is not None:
+        evaluation, margin = plan.eval_memory, constant("memory_margin")
+        every = {None: "at the last step", 1: "every step"}.get(
+            t.eval_every, f"every {t.eval_every} steps and at the last"
+        )
+        said = f"evaluations: {t.evaluations} ({every})"
+        if plan.time_predicted:
+            said += f", {t.eval_seconds:.1f} s each, {t.evaluations * t.eval_seconds / 60:.1f} min in all"
+        lines.append(said)
+        lines.append(
+            f"  memory of one, largest eval batch {evaluation.tokens_per_micro_batch} tokens "
+            "(beside the weights and optimizer state):"
+        )
+        lines += [
+            f"    {name:<40} {value / GIB:8.2f} GiB"
+            for name, value in evaluation.terms.items()
+            if name.startswith(("eval ", "lm_head", "logits"))
+        ]
+        lines.append(
+            f"    {'total':<40} {evaluation.total / GIB:8.2f} GiB  (+/-{margin:.0%}: "
+            f"{evaluation.total * (1 - margin) / GIB:.2f}-{evaluation.upper / GIB:.2f} GiB)"
         )
     if plan.world_size > 1 and plan.time_predicted:
         lines.append(
@@ -458,7 +575,12 @@ def budget_as_dict(plan: BudgetPlan) -> dict:
         "world_size": plan.world_size,
         "allreduce_seconds_per_step": plan.time.allreduce_seconds,
         "time_margin": constant("time_margin"),
-        "total_hours": plan.time.total_seconds / 3600,
+        "total_hours": plan.time.total_seconds / 3600,  # evaluations included
+        "evaluations": plan.time.evaluations,
+        "eval_seconds_each": plan.time.eval_seconds,
+        "eval_memory_bytes": dict(plan.eval_memory.terms) if plan.eval_memory else None,
+        "eval_memory_total_bytes": plan.eval_memory.total if plan.eval_memory else None,
+        "eval_tokens_per_batch": plan.eval_memory.tokens_per_micro_batch if plan.eval_memory else None,
         "verdicts": [
             {"what": v.what, "predicted": v.predicted, "limit": v.limit, "unit": v.unit, "ok": v.ok}
             for v in plan.verdicts
@@ -503,19 +625,28 @@ def suggest(
             + (f"; {card}" if card else "; no card in the table holds it: train it on several (--gpus)")
         ]
     savings = []
+    current_eval = current.eval_memory.upper if current.eval_memory else 0.0
+    # When only the evaluation's memory fails, a change helps only if it lowers that.
+    only_evaluation = all("evaluation" in v.what for v in current.verdicts if not v.ok)
 
     def tried(label: str, changed: Recipe, changed_work: Workload = work, note: str = "") -> None:
         plan = plan_budget(changed, shapes, device, changed_work, dtype_bytes, world_size)
+        eval_upper = plan.eval_memory.upper if plan.eval_memory else 0.0
         better = (
-            plan.memory.upper < current.memory.upper
-            or plan.time.step_seconds < current.time.step_seconds
-            or plan.time.total_seconds < current.time.total_seconds
+            eval_upper < current_eval
+            if only_evaluation
+            else (
+                plan.memory.upper < current.memory.upper
+                or plan.time.step_seconds < current.time.step_seconds
+                or plan.time.total_seconds < current.time.total_seconds
+            )
         )
         if not (plan.ok or better):
-            return  # a change that improves nothing is no suggestion
+            return  # a change that improves nothing that fails is no suggestion
         effect = (
             f"peak {current.memory.upper / GIB:.1f} -> {plan.memory.upper / GIB:.1f} GiB, "
-            f"step {current.time.step_seconds:.2f} -> {plan.time.step_seconds:.2f} s, "
+            + (f"evaluation {current_eval / GIB:.1f} -> {eval_upper / GIB:.1f} GiB, " if current_eval else "")
+            + f"step {current.time.step_seconds:.2f} -> {plan.time.step_seconds:.2f} s, "
             f"total {current.time.total_seconds / 3600:.2f} -> {plan.time.total_seconds / 3600:.2f} h"
         )
         ideas.append(f"{'fits' if plan.ok else 'helps'}: {label} ({effect}{note})")
@@ -540,6 +671,15 @@ def suggest(
                 smaller,
             )
             break
+    evaluation = current.eval_memory
+    if evaluation is not None and train.per_device_eval_batch_size > 1 and not current.ok:
+        batch = train.per_device_eval_batch_size
+        while batch > 1:  # halved until it fits
+            batch //= 2
+            smaller = with_("train", per_device_eval_batch_size=batch)
+            if plan_budget(smaller, shapes, device, work, dtype_bytes, world_size).ok or batch == 1:
+                tried(f"train.per_device_eval_batch_size={batch} (evaluation only)", smaller)
+                break
     if work.lengths:
         ordered = sorted(work.lengths)
         p95 = ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)]
@@ -548,7 +688,11 @@ def suggest(
             tried(
                 f"model.max_seq_length={p95}",
                 with_("model", max_seq_length=p95),
-                Workload([min(n, p95) for n in work.lengths], work.sequences, work.packing, work.total_steps),
+                replace(
+                    work,
+                    lengths=[min(n, p95) for n in work.lengths],
+                    eval_lengths=work.eval_lengths and [min(n, p95) for n in work.eval_lengths],
+                ),
                 f"; {longer} of {len(work.lengths)} rows are longer and would be dropped or truncated",
             )
     if model.gradient_checkpointing != "unsloth" and model.backend == "unsloth":
@@ -562,7 +706,13 @@ def suggest(
         tried(
             "data.packing=true (fewer, fuller sequences: faster, not smaller)",
             with_("data", packing=True),
-            Workload(work.lengths, packed, True, count_optimizer_steps(packed, train, world_size)),
+            replace(
+                work,
+                sequences=packed,
+                packing=True,
+                total_steps=count_optimizer_steps(packed, train, world_size),
+                eval_sequences=count_packed_sequences(work.eval_lengths or [], model.max_seq_length),
+            ),
         )
     memory_short = not current.memory_fits
     if memory_short and not any(idea.startswith("fits") for idea in ideas):

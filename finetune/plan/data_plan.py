@@ -26,6 +26,17 @@ class DataPlan:
     tokenizer: str  # where the tokenizer came from, or why there is none
     packing: bool
     max_seq_length: int
+    eval_rows: int = 0  # rows held out or read for evaluation
+    eval_lengths: list[int] | None = None  # token length of every eval row kept; None when unknown
+
+    @property
+    def eval_sequences(self) -> int:
+        """Sequences an evaluation iterates over (TRL packs the eval rows as it packs training's)."""
+        if self.eval_lengths is None:
+            return self.eval_rows
+        if self.packing:
+            return count_packed_sequences(self.eval_lengths, self.max_seq_length)
+        return len(self.eval_lengths)
 
     @property
     def sequences(self) -> int:
@@ -53,7 +64,18 @@ class DataPlan:
             )
         elif not PADDING_FREE:
             line += "; padded micro-batches (padding-free batching off)"
-        return [line, *self.report]
+        return [line, *self.describe_eval(), *self.report]
+
+    def describe_eval(self) -> list[str]:
+        if not self.eval_rows:
+            return []
+        if not self.eval_lengths:
+            return [f"eval data: {self.eval_rows} rows; token lengths unknown"]
+        ordered = sorted(self.eval_lengths)
+        return [
+            f"eval data: {self.eval_rows} rows, {len(ordered)} kept, {ordered[0]}-{ordered[-1]} tokens "
+            f"(median {ordered[len(ordered) // 2]}), {sum(ordered):,} in all"
+        ]
 
 
 def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
@@ -80,6 +102,8 @@ def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
         tokenizer=summary["tokenizer"],
         packing=packing,
         max_seq_length=recipe.model.max_seq_length,
+        eval_rows=summary["eval_rows"],
+        eval_lengths=summary["eval_lengths"],
     )
 
 
@@ -99,4 +123,6 @@ def data_as_dict(data: DataPlan) -> dict:
         "tokenizer": data.tokenizer,
         "token_lengths": data.lengths,
         "report": data.report,
+        "eval_rows": data.eval_rows,
+        "eval_token_lengths": data.eval_lengths,
     }

@@ -39,7 +39,15 @@ from finetune.plan.disk import (
     tokenizer_bytes,
 )
 from finetune.plan.preflight import check_model_name
-from finetune.plan.schedule import SchedulePlan, advise, describe_plan, plan_as_dict, plan_schedule
+from finetune.plan.schedule import (
+    SchedulePlan,
+    advise,
+    count_evaluations,
+    describe_plan,
+    eval_every,
+    plan_as_dict,
+    plan_schedule,
+)
 from finetune.plan.trackers import check_trackers
 from finetune.recipe.documents import shipped_recipes
 from finetune.recipe.schema import Recipe, load_recipe, recipe_name
@@ -86,7 +94,16 @@ def budget_check(
         note = f"memory and time: not predicted (no config.json for {recipe.model.name} on disk)"
         return None, [note], []
     lengths = None if full_length else data.lengths
-    work = Workload(lengths, data.sequences, data.packing, plan.total_steps)
+    work = Workload(
+        lengths,
+        data.sequences,
+        data.packing,
+        plan.total_steps,
+        eval_lengths=None if full_length else data.eval_lengths,
+        eval_sequences=data.eval_sequences,
+        evaluations=count_evaluations(recipe.train, plan.total_steps) if data.eval_rows else 0,
+        eval_every=eval_every(recipe.train, plan.total_steps),
+    )
     dtype_bytes = 2 if device.is_gpu and recipe.model.dtype != "float32" else 4
     shapes = Shapes.from_config(config)
     budget = plan_budget(recipe, shapes, device, work, dtype_bytes, plan.world_size)

@@ -105,6 +105,23 @@ def count_optimizer_steps(num_examples: int, train: TrainSection, world_size: in
     return math.ceil(train.num_train_epochs * per_epoch)
 
 
+def eval_every(train: TrainSection, total_steps: int) -> int | None:
+    """Optimizer steps between evaluations, as transformers' Trainer computes them (a share below 1
+    of the total, rounded up); None when the recipe never evaluates."""
+    if train.eval_steps is None:
+        return None
+    return math.ceil(total_steps * train.eval_steps) if train.eval_steps < 1 else int(train.eval_steps)
+
+
+def count_evaluations(train: TrainSection, total_steps: int) -> int:
+    """Evaluations in a run: one every eval_every steps, and one at the last step when that is not
+    already one (transformers' DefaultFlowCallback)."""
+    every = eval_every(train, total_steps)
+    if every is None:
+        return 0
+    return total_steps // every + (1 if total_steps % every else 0)
+
+
 def count_warmup_steps(train: TrainSection, total_steps: int) -> int:
     """warmup_steps as given, or warmup_ratio of the total rounded up (transformers' rule)."""
     if train.warmup_steps is not None:

@@ -264,6 +264,9 @@ SchedulerName = Literal[
 # as its end LR; warmup_stable_decay decays to it. The others would silently ignore it.
 MIN_LR_SCHEDULES = ("cosine_with_min_lr", "polynomial", "warmup_stable_decay")
 # Which extra setting each schedule needs (required) or may take (optional).
+# What an evaluation logs: the loss alone (no compute_metrics); "loss" is transformers' short name.
+EVAL_METRICS = ("eval_loss", "loss")
+
 SCHEDULE_SETTINGS = {
     "polynomial": ((), ("power",)),
     "warmup_stable_decay": (("decay_ratio",), ()),
@@ -326,8 +329,10 @@ class TrainSection(_Section):
     save_total_limit: Annotated[int, Field(gt=0)] = Field(
         2, description="Checkpoints kept in the run folder (the oldest are deleted)."
     )
-    eval_steps: Annotated[int, Field(gt=0)] | None = Field(
-        None, description="Compute the loss on data.eval every N optimizer steps; never when unset."
+    eval_steps: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="Compute the loss on the eval rows every N optimizer steps (a number below 1: that "
+        "share of training, e.g. 0.1 for every 10%), and at the last step; never when unset.",
     )
     divergence_patience: Annotated[int, Field(gt=0)] = Field(
         3,
@@ -341,6 +346,97 @@ class TrainSection(_Section):
     per_device_eval_batch_size: Annotated[int, Field(gt=0)] = Field(
         2, description="Sequences per eval batch."
     )
+    # transformers' names (TrainingArguments, EarlyStoppingCallback). Unset by default, so a recipe
+    # without them keeps its digest.
+    load_best_model_at_end: bool | None = Field(
+        None,
+        description="Keep the checkpoint with the best eval metric whatever save_total_limit rotates; "
+        "adapter/ holds it at the end and the last checkpoint stays in checkpoints/. Default: on with "
+        "early stopping.",
+    )
+    metric_for_best_model: str | None = Field(
+        None,
+        description="The eval metric that picks the best checkpoint and drives early stopping: eval_loss "
+        "(the default: the eval rows' loss on the same trained tokens as the training loss).",
+    )
+    greater_is_better: bool | None = Field(
+        None, description="Whether a larger metric is better (false for eval_loss, the default)."
+    )
+    early_stopping_patience: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description="Stop after this many evaluations in a row that do not improve on the best metric "
+        "by more than early_stopping_threshold.",
+    )
+    early_stopping_threshold: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="How much better than the best an evaluation must be to count as improving (0)."
+    )
+
+    @field_validator("eval_steps")
+    @classmethod
+    def _steps_or_share(cls, value: float | None) -> int | float | None:
+        if value is None or value < 1:
+            return value
+        if value != int(value):
+            raise ValueError("a whole number of steps, or a share of training below 1 (e.g. 0.1)")
+        return int(value)
+
+    @field_validator("metric_for_best_model")
+    @classmethod
+    def _a_logged_metric(cls, name: str | None) -> str | None:
+        # transformers reads "loss" as "eval_loss"; no other eval metric is computed.
+        if name is None or name in EVAL_METRICS:
+            return name
+        close = difflib.get_close_matches(name, EVAL_METRICS, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"'{name}' is no metric a run logs; {hint}evaluations log {', '.join(EVAL_METRICS)}")
+
+    def keeps_best(self) -> bool:
+        """Whether the run keeps its best checkpoint (early stopping turns it on unless it is refused)."""
+        if self.load_best_model_at_end is not None:
+            return self.load_best_model_at_end
+        return self.early_stopping_patience is not None
+
+    def best_metric(self) -> str:
+        """transformers' full name of the metric that picks the best checkpoint."""
+        name = self.metric_for_best_model or "eval_loss"
+        return name if name.startswith("eval_") else f"eval_{name}"
+
+    @model_validator(mode="after")
+    def _check_best_and_stopping(self) -> TrainSection:
+        named = [
+            name
+            for name in ("early_stopping_patience", "load_best_model_at_end")
+            if getattr(self, name) not in (None, False)
+        ]
+        if named and self.eval_steps is None:
+            raise ValueError(
+                f"{named[0]} needs evaluations: set eval_steps (and data.eval or data.eval_fraction)"
+            )
+        if self.early_stopping_patience is not None and self.load_best_model_at_end is False:
+            raise ValueError(
+                "early_stopping_patience needs load_best_model_at_end (a stopped run keeps its best "
+                "checkpoint, not its last): remove load_best_model_at_end: false"
+            )
+        if self.early_stopping_threshold is not None and self.early_stopping_patience is None:
+            raise ValueError("early_stopping_threshold is ignored without early_stopping_patience; remove it")
+        if self.greater_is_better and self.best_metric() == "eval_loss":
+            raise ValueError("greater_is_better: true would keep the checkpoint with the highest eval_loss")
+        if not self.keeps_best():
+            for name in ("metric_for_best_model", "greater_is_better"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is ignored without load_best_model_at_end or early stopping")
+            return self
+        if self.save_steps is not None and self.save_steps != self.eval_steps:
+            # Each evaluated step must be saved to be kept, and each saved one evaluated to be ranked.
+            raise ValueError(
+                f"save_steps ({self.save_steps}) must equal eval_steps ({self.eval_steps}) when the best "
+                "checkpoint is kept: each evaluation picks a checkpoint that must exist; remove save_steps"
+            )
+        if self.save_total_limit < 2:
+            raise ValueError(
+                "save_total_limit must be at least 2 when the best checkpoint is kept (best and last)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_settings_together(self) -> TrainSection:
@@ -525,6 +621,10 @@ def _input_path(loc: tuple[Any, ...], raw: Any) -> tuple[Any, ...]:
     return tuple(path)
 
 
+# Names other tools (and this project's issues) use for a key, that difflib would not match to ours.
+OTHER_NAMES = {"keep_best": "load_best_model_at_end", "patience": "early_stopping_patience"}
+
+
 def _describe_error(error: dict[str, Any], raw: Any, documents: list[Document], overrides: dict) -> str:
     path = _input_path(error["loc"], raw)
     dotted = ".".join(str(p) for p in path) or "(top level)"
@@ -533,6 +633,8 @@ def _describe_error(error: dict[str, Any], raw: Any, documents: list[Document], 
     if error["type"] == "extra_forbidden":
         allowed = [f.alias or n for n, f in section.model_fields.items()] if section else []
         close = difflib.get_close_matches(str(path[-1]), allowed, n=1, cutoff=0.6) if path else []
+        if path and OTHER_NAMES.get(str(path[-1])) in allowed:
+            close = [OTHER_NAMES[str(path[-1])]]
         hint = f"; did you mean '{close[0]}'?" if close else f"; allowed here: {', '.join(allowed)}"
         return f"{where}: unknown key '{dotted}'{hint}"
     if error["type"] == "missing":

@@ -36,6 +36,74 @@ class Measured:
         }
 
 
+def early_stop_step(
+    evaluations: list[tuple[int, float]], patience: int, threshold: float = 0.0, greater: bool = False
+) -> int | None:
+    """The step at which early stopping ends a run that evaluated ``evaluations`` (step, metric), by
+    transformers' EarlyStoppingCallback rule: an evaluation improves when it beats the best so far by
+    more than ``threshold``; ``patience`` evaluations in a row that do not end it. None: it never does."""
+    best, waited = None, 0
+    for step, value in evaluations:
+        better = best is None or (value > best if greater else value < best)
+        if best is None or (better and abs(value - best) > threshold):
+            waited = 0
+        else:
+            waited += 1
+        if better:  # the best so far moves on any gain (transformers' best_metric)
+            best = value
+        if waited >= patience:
+            return step
+    return None
+
+
+@dataclass(frozen=True)
+class BestCheckpoint:
+    """The checkpoint a run kept as its best (what adapter/ holds), and how the run ended."""
+
+    metric: str  # transformers' name, e.g. eval_loss
+    value: float
+    step: int
+    last_step: int  # the run's last step; its checkpoint stays in checkpoints/
+    early_stopped: bool  # early stopping ended the run (before max_steps)
+    patience: int | None = None
+    threshold: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {
+            "metric": self.metric,
+            "value": self.value,
+            "step": self.step,
+            "checkpoint": f"checkpoints/checkpoint-{self.step}",
+            "last_step": self.last_step,
+            "last_checkpoint": f"checkpoints/checkpoint-{self.last_step}",
+            "early_stopped": self.early_stopped,
+            "patience": self.patience,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, record: dict) -> BestCheckpoint:
+        keys = ("metric", "value", "step", "last_step", "early_stopped", "patience", "threshold")
+        return cls(**{key: record[key] for key in keys})
+
+    def lines(self) -> list[str]:
+        """What the console and report.md say of it."""
+        said = [
+            f"best checkpoint: step {self.step} ({self.metric} {self.value:.4f}), in adapter/; the last "
+            f"step's is {self.as_dict()['last_checkpoint']}"
+        ]
+        if self.early_stopped:
+            margin = f" by more than {self.threshold:g}" if self.threshold else ""
+            said.append(
+                f"early stopping ended the run at step {self.last_step}: {self.patience} evaluation"
+                f"{'s' if self.patience != 1 else ''} in a row did not improve {self.metric} on the best "
+                f"before them{margin}"
+            )
+        elif self.patience is not None:
+            said.append(f"early stopping did not end the run ({self.metric} kept improving enough)")
+        return said
+
+
 @dataclass
 class TrainResult:
     steps: int
@@ -48,6 +116,7 @@ class TrainResult:
     interrupted_by: str | None = None  # the signal that stopped the run early, after a checkpoint
     diverged: str | None = None  # why the watchdog stopped the run (finetune.train.watch)
     spikes: list[dict] = field(default_factory=list)  # loss spikes, warned of as they happened
+    best: BestCheckpoint | None = None  # the best checkpoint, when the recipe keeps it
 
 
 class OutOfMemory(Exception):

@@ -17,7 +17,7 @@ from finetune.plan.calibration import (
 )
 from finetune.plan.constants import GIB
 from finetune.plan.job import Job, budget_check
-from finetune.runs.outcome import OutOfMemory
+from finetune.runs.outcome import BestCheckpoint, OutOfMemory
 from finetune.runs.plots import plot_schedule
 from finetune.runs.run_folder import (
     disk_full_as,
@@ -32,8 +32,9 @@ def _loss_points(history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in history if key in entry and math.isfinite(entry[key])]
 
 
-def plot_losses(history: list[dict], path: Path) -> Path:
-    """Training loss per logged step, and the eval loss where it was computed."""
+def plot_losses(history: list[dict], path: Path, best_step: int | None = None) -> Path:
+    """Training loss per logged step, the eval loss where it was computed, and the step of the best
+    checkpoint when the run kept one."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -46,6 +47,8 @@ def plot_losses(history: list[dict], path: Path) -> Path:
     evaluation = _loss_points(history, "eval_loss")
     if evaluation:
         ax.plot(*zip(*evaluation, strict=True), "o-", color="tab:orange", markersize=4, label="eval loss")
+    if best_step is not None:
+        ax.axvline(best_step, color="tab:green", linestyle=":", label=f"best checkpoint (step {best_step})")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
@@ -75,6 +78,14 @@ def summary(history: list[dict], seconds: float, since: tuple[int, int] = (0, 0)
     }
 
 
+def read_best(run_dir: Path) -> BestCheckpoint | None:
+    """The best checkpoint a finished run kept (best.json), or None (none kept, or the file is damaged)."""
+    try:
+        return BestCheckpoint.from_dict(json.loads((run_dir / "best.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _fmt(value, spec: str = ".4f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -98,7 +109,8 @@ def write_report(
     budget = json.loads(budget_file.read_text()) if budget_file.is_file() else None
     samples_file = run_dir / "samples.json"
     samples = json.loads(samples_file.read_text()) if samples_file.is_file() else []
-    plot_losses(history, run_dir / "loss_curve.png")
+    kept = read_best(run_dir)
+    plot_losses(history, run_dir / "loss_curve.png", kept.step if kept else None)
 
     best = figures["best_loss"]
     best_eval = figures["best_eval_loss"]
@@ -114,6 +126,8 @@ def write_report(
             f"eval loss: final {_fmt(figures['final_eval_loss'])}, "
             f"best {best_eval[1]:.4f} (step {best_eval[0]})"
         )
+    if kept is not None:
+        console += kept.lines()
     if budget:
         measured, predicted = budget["measured"], budget["predicted"]
         peak = budget.get("measured_peak_bytes")

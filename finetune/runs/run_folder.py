@@ -481,7 +481,15 @@ def clear_for_restart(run_dir: Path) -> list[str]:
             checkpoint.rename(target)
         moved = f"moved {', '.join(c.name for c in damaged)} (damaged since sealed) to {aside.name}/"
     removed = []
-    for name in ("checkpoints", "tensorboard", "probe", "log.jsonl", "samples.json", ".adapter.partial"):
+    for name in (
+        "checkpoints",
+        "tensorboard",
+        "probe",
+        "log.jsonl",
+        "samples.json",
+        "best.json",
+        ".adapter.partial",
+    ):
         path = run_dir / name
         if path.is_dir():
             shutil.rmtree(path)

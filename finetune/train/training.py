@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import ProgressCallback, Trainer
+from transformers import EarlyStoppingCallback, ProgressCallback, Trainer
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 
@@ -35,7 +35,7 @@ from finetune.models.tiny_model import TINY_MODEL_NAME, ensure_tiny_model
 from finetune.plan import schedule, trackers
 from finetune.plan.engine import engine_for
 from finetune.recipe.schema import Recipe, TrainSection
-from finetune.runs.outcome import Measured, OutOfMemory, TrainResult
+from finetune.runs.outcome import BestCheckpoint, Measured, OutOfMemory, TrainResult
 from finetune.runs.run_folder import (
     disk_full_as,
     keep_log_until,
@@ -102,6 +102,7 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
     ``save``: checkpoints, into ``output_dir``."""
     train = recipe.train
     engine = engine_for(recipe, torch.cuda.is_available())  # what the plan decided, to the letter
+    best = save and train.keeps_best()
     warmup = train.warmup_steps if train.warmup_steps is not None else (train.warmup_ratio or 0.0)
     return SFTConfig(
         output_dir=str(output_dir),
@@ -124,12 +125,22 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         logging_steps=train.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if save else "no",
-        # A float below 1 is a share of the total steps for transformers: every 10% by default.
-        save_steps=train.save_steps or 0.1,
+        # A float below 1 is a share of the total steps for transformers: every 10% by default; at
+        # every evaluation when the best checkpoint is kept (the schema allows no other steps then).
+        save_steps=train.save_steps or (train.eval_steps if best else 0.1),
         save_total_limit=train.save_total_limit,
         eval_strategy="steps" if train.eval_steps else "no",
         eval_steps=train.eval_steps,
         per_device_eval_batch_size=train.per_device_eval_batch_size,
+        # The eval loss is all an evaluation reports: without this the trainer gathers every eval
+        # batch's T x V logits on the GPU until the evaluation ends, the usual "validation fails OOM".
+        prediction_loss_only=True,
+        # transformers ranks each evaluation, keeps the best checkpoint out of save_total_limit's
+        # rotation and loads it at the end; a resume restores the early-stopping counter with it.
+        load_best_model_at_end=best,
+        metric_for_best_model=train.best_metric() if best else None,
+        greater_is_better=bool(train.greater_is_better) if best else None,
+        restore_callback_states_from_checkpoint=best,
         max_length=recipe.model.max_seq_length,
         packing=engine.packing,
         # Always passed: Unsloth enables padding-free batching on some GPUs when this is unset.
@@ -274,6 +285,12 @@ def build_trainer(
         )
     if save:
         trainer.add_callback(SealCheckpoints())
+        if recipe.train.early_stopping_patience is not None:
+            trainer.add_callback(
+                EarlyStoppingCallback(
+                    recipe.train.early_stopping_patience, recipe.train.early_stopping_threshold or 0.0
+                )
+            )
         for callback in tracker_callbacks(recipe.output.report_to, output_dir.parent):
             trainer.add_callback(callback)
     trainer.remove_callback(ProgressCallback)
@@ -396,8 +413,12 @@ def train(
     adapter_dir = run_dir / "adapter"
     if distributed.is_main():
         write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
-    if stopper.signal_name is None and watchdog.stopped is None and distributed.is_main():
-        save_adapter(model, tokenizer, adapter_dir, run_dir)
+    finished = stopper.signal_name is None and watchdog.stopped is None
+    best = _best_checkpoint(trainer, recipe.train) if finished else None
+    if finished and distributed.is_main():
+        if best is not None:  # said before the adapter: a finished run's adapter is its best then
+            write_run_json(run_dir / "best.json", best.as_dict())
+        save_adapter(model, tokenizer, adapter_dir, run_dir)  # the best checkpoint's, when kept
         before = json.loads(samples_file.read_text()) if samples_file.is_file() else []
         after = generate_samples(model, tokenizer, store, len(before), recipe.output.sample_tokens)
         write_run_json(
@@ -415,4 +436,26 @@ def train(
         interrupted_by=stopper.signal_name,
         diverged=watchdog.stopped,
         spikes=watchdog.watch.spikes,
+        best=best,
+    )
+
+
+def _best_checkpoint(trainer: FinetuneTrainer, train: TrainSection) -> BestCheckpoint | None:
+    """The checkpoint transformers kept as the best and loaded at the end of train(), or None when
+    the recipe keeps none (or no evaluation ran)."""
+    state = trainer.state
+    if not train.keeps_best() or state.best_model_checkpoint is None:
+        return None
+    stopper = next(
+        (c for c in trainer.callback_handler.callbacks if isinstance(c, EarlyStoppingCallback)), None
+    )
+    return BestCheckpoint(
+        metric=train.best_metric(),
+        value=float(state.best_metric),
+        step=int(Path(state.best_model_checkpoint).name.split("-")[-1]),
+        last_step=state.global_step,
+        early_stopped=stopper is not None
+        and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience,
+        patience=train.early_stopping_patience,
+        threshold=train.early_stopping_threshold or 0.0,
     )
