@@ -173,6 +173,73 @@ BAD = [
         "train.eval_steps is set but neither data.eval nor data.eval_fraction gives eval data",
     ),
     (
+        "early-stopping-without-evaluations",
+        "  max_steps: 20",
+        "  max_steps: 20\n  early_stopping_patience: 3",
+        "early_stopping_patience needs evaluations: set eval_steps (and data.eval or data.eval_fraction)",
+    ),
+    (
+        "best-checkpoint-without-evaluations",
+        "  max_steps: 20",
+        "  max_steps: 20\n  load_best_model_at_end: true",
+        "load_best_model_at_end needs evaluations: set eval_steps",
+    ),
+    (
+        "early-stopping-without-the-best",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  early_stopping_patience: 2\n  load_best_model_at_end: false",
+        "early_stopping_patience needs load_best_model_at_end",
+    ),
+    (
+        "threshold-without-patience",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  early_stopping_threshold: 0.01",
+        "early_stopping_threshold is ignored without early_stopping_patience; remove it",
+    ),
+    (
+        "a-metric-no-run-logs",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  early_stopping_patience: 2\n  metric_for_best_model: eval_los",
+        "{path}:16: train.metric_for_best_model: 'eval_los' is no metric a run logs; "
+        "did you mean 'eval_loss'?",
+    ),
+    (
+        "the-highest-loss-kept",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  early_stopping_patience: 2\n  greater_is_better: true",
+        "greater_is_better: true would keep the checkpoint with the highest eval_loss",
+    ),
+    (
+        "saves-between-evaluations",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  save_steps: 3\n  load_best_model_at_end: true",
+        "save_steps (3) must equal eval_steps (5) when the best checkpoint is kept",
+    ),
+    (
+        "best-and-last-need-two",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  save_total_limit: 1\n  early_stopping_patience: 2",
+        "save_total_limit must be at least 2 when the best checkpoint is kept (best and last)",
+    ),
+    (
+        "metric-without-best",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 5\n  metric_for_best_model: eval_loss",
+        "metric_for_best_model is ignored without load_best_model_at_end or early stopping",
+    ),
+    (
+        "keep-best-by-another-name",
+        "  max_steps: 20",
+        "  max_steps: 20\n  keep_best: true",
+        "{path}:14: unknown key 'train.keep_best'; did you mean 'load_best_model_at_end'?",
+    ),
+    (
+        "eval-steps-neither-whole-nor-share",
+        "  max_steps: 20",
+        "  max_steps: 20\n  eval_steps: 2.5",
+        "train.eval_steps: a whole number of steps, or a share of training below 1 (e.g. 0.1)",
+    ),
+    (
         "two-eval-sources",
         "  train: data_samples/code_chat.jsonl",
         "  train: data_samples/code_chat.jsonl\n  eval: data_samples/code_alpaca.jsonl\n  eval_fraction: 0.1",

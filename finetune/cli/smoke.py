@@ -30,6 +30,7 @@ from finetune.plan.calibration import measured_peak_bytes
 from finetune.plan.devices import detect_gpus
 from finetune.recipe.documents import find_recipe, shipped_recipes
 from finetune.recipe.schema import Recipe, load_recipe
+from finetune.runs.outcome import early_stop_step
 from finetune.runs.run_folder import check_writable, installed_versions
 
 BANDS_FILE = Path(str(files("finetune.cli"))) / "smoke_bands.json"
@@ -125,6 +126,19 @@ def smoke_recipe(recipe_path: Path, output_dir: Path) -> dict:
         "reloaded_loss": reloaded_loss,
         "run_dir": str(run_dir),
     }
+    if recipe.train.keeps_best():  # early stopping and the best checkpoint, checked by their rules
+        metric = recipe.train.best_metric()
+        figures["best"] = {
+            "evaluations": [
+                [entry["step"], entry[metric]] for entry in result.log_history if metric in entry
+            ],
+            "step": result.best.step if result.best else None,
+            "last_step": result.steps,
+            "patience": recipe.train.early_stopping_patience,
+            "threshold": recipe.train.early_stopping_threshold or 0.0,
+            "adapter_is_best": result.best is not None
+            and same_weights(result.adapter_dir, run_dir / "checkpoints" / f"checkpoint-{result.best.step}"),
+        }
     if device.is_gpu and budget is not None:
         figures["memory"] = {
             "predicted": budget.memory.total,
@@ -163,6 +177,49 @@ def adapter_parameters(adapter_dir: Path) -> int:
         return sum(math.prod(tensors.get_slice(name).get_shape()) for name in tensors.keys())
 
 
+def same_weights(adapter_dir: Path, checkpoint: Path) -> bool:
+    """Whether two saved adapters hold the same tensors, bit for bit."""
+    from safetensors.torch import load_file
+
+    if not (checkpoint / "adapter_model.safetensors").is_file():
+        return False
+    a = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    b = load_file(str(checkpoint / "adapter_model.safetensors"))
+    return a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def best_checks(name: str, best: dict) -> list[Check]:
+    """The best checkpoint is the evaluation with the lowest metric (the first of equals), early
+    stopping ends the run where its patience says, and adapter/ holds that checkpoint's weights."""
+    evaluations = [tuple(point) for point in best["evaluations"]]
+    lowest = min(evaluations, key=lambda point: point[1])[0] if evaluations else None
+    stop = early_stop_step(evaluations, best["patience"], best["threshold"]) if best["patience"] else None
+    expected_end = stop or SMOKE_STEPS
+    return [
+        Check(
+            name,
+            "best checkpoint",
+            f"step {lowest} (lowest eval)",
+            f"step {best['step']}",
+            best["step"] == lowest,
+        ),
+        Check(
+            name,
+            "run ends",
+            f"step {expected_end} ({'early stopping' if stop else 'max_steps'})",
+            f"step {best['last_step']}",
+            best["last_step"] == expected_end,
+        ),
+        Check(
+            name,
+            "adapter/ is the best",
+            "its weights",
+            "same" if best["adapter_is_best"] else "differ",
+            best["adapter_is_best"],
+        ),
+    ]
+
+
 def _relative(a: float, b: float) -> float:
     return abs(a - b) / abs(b) if b else math.inf
 
@@ -179,6 +236,17 @@ def check(figures: dict, bands: dict) -> list[Check]:
     tolerance = LOSS_TOLERANCE[kind]
     for step, expected in band["loss"].items():
         got = figures["loss"].get(step)
+        if expected is None:  # the reference run stopped early, before this step: so must this one
+            checks.append(
+                Check(
+                    name,
+                    f"loss at step {step}",
+                    "not reached",
+                    "missing" if got is None else f"{got:.4f}",
+                    got is None,
+                )
+            )
+            continue
         ok = got is not None and math.isfinite(got) and _relative(got, expected) <= tolerance
         shown = "missing" if got is None else f"{got:.4f}"
         checks.append(Check(name, f"loss at step {step}", f"{expected:.4f} +/-{tolerance:.0%}", shown, ok))
@@ -195,6 +263,8 @@ def check(figures: dict, bands: dict) -> list[Check]:
     checks.append(
         Check(name, "reloaded adapter generates", "some text", repr(answer[:20]), bool(answer.strip()))
     )
+    if "best" in figures:
+        checks += best_checks(name, figures["best"])
     for key, tolerance in (("memory", MEMORY_TOLERANCE), ("step_seconds", STEP_TOLERANCE)):
         if key in figures and figures[key]["measured"]:
             predicted, measured = figures[key]["predicted"], figures[key]["measured"]

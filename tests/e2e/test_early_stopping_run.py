@@ -1,0 +1,99 @@
+"""Early stopping and the best checkpoint on the real stack (Unsloth's CPU path, TRL, transformers):
+the run stops where its patience says, adapter/ holds the checkpoint with the lowest eval loss, that
+checkpoint survives save_total_limit's rotation beside the last one, and a run killed after an
+evaluation resumes to the same train and eval losses, the same stop and the same adapter."""
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+from test_lifecycle import ENV, logged, resume, run_folder, start, wait_for
+
+from finetune.runs.outcome import early_stop_step
+from finetune.runs.run_folder import SEAL
+
+ROOT = Path(__file__).resolve().parents[2]
+# The smoke recipe evaluated on other rows than it trains on (code_alpaca's), at a learning rate
+# that overfits the tiny model within 20 steps: its eval loss falls to a low at step 6, then rises.
+RECIPE = [
+    "recipes/smoke.yaml",
+    f"data.eval={ROOT / 'data_samples' / 'code_alpaca.jsonl'}",
+    "train.eval_steps=2",
+    "train.early_stopping_patience=2",
+    "train.max_steps=20",
+    "train.learning_rate=5e-2",
+    "train.save_total_limit=2",
+    "output.samples=0",
+]
+
+
+def evaluations(run_dir: Path) -> list[tuple[int, float]]:
+    return sorted(logged(run_dir, "eval_loss").items())
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory) -> Path:
+    output = tmp_path_factory.mktemp("stopped")
+    whole = start(*RECIPE, output=output)
+    out, err = whole.communicate()
+    assert whole.returncode == 0, err[-3000:]
+    return run_folder(output)
+
+
+def test_early_stopping_ends_the_run_where_the_patience_says(stopped_run):
+    evals = evaluations(stopped_run)
+    stop = early_stop_step(evals, patience=2)
+    # The premise: this run's eval loss turns up before max_steps (else nothing here is tested).
+    assert stop is not None and stop < 20, evals
+    assert max(logged(stopped_run, "loss")) == stop  # the last step trained is the stop
+    assert evals[-1][0] == stop
+    best = json.loads((stopped_run / "best.json").read_text())
+    assert best["early_stopped"] and best["last_step"] == stop
+    history = (stopped_run / "history.jsonl").read_text()
+    assert f"finished at step {stop}: stopped early, best step {best['step']}" in history
+
+
+def test_adapter_is_the_lowest_eval_loss_and_survives_rotation_beside_the_last(stopped_run):
+    evals = evaluations(stopped_run)
+    lowest_step, lowest = min(evals, key=lambda point: point[1])
+    best = json.loads((stopped_run / "best.json").read_text())
+    assert best["step"] == lowest_step and best["value"] == pytest.approx(lowest, abs=1e-6)
+    last = best["last_step"]
+    assert lowest_step < last - 2  # it would have been rotated out: save_total_limit is 2
+    kept = sorted(p.name for p in (stopped_run / "checkpoints").glob("checkpoint-*"))
+    assert kept == sorted([f"checkpoint-{lowest_step}", f"checkpoint-{last}"])
+    adapter = load_file(str(stopped_run / "adapter" / "adapter_model.safetensors"))
+    checkpoints = stopped_run / "checkpoints"
+    at_best = load_file(str(checkpoints / f"checkpoint-{lowest_step}" / "adapter_model.safetensors"))
+    at_last = load_file(str(checkpoints / f"checkpoint-{last}" / "adapter_model.safetensors"))
+    assert adapter.keys() == at_best.keys()
+    assert all(adapter[name].equal(at_best[name]) for name in adapter)
+    assert not all(adapter[name].equal(at_last[name]) for name in adapter)
+    report = (stopped_run / "report.md").read_text()
+    assert f"best checkpoint: step {lowest_step} (eval_loss {lowest:.4f}), in adapter/" in report
+    assert f"early stopping ended the run at step {last}: 2 evaluations in a row" in report
+
+
+def test_a_run_killed_after_an_evaluation_resumes_to_the_same_stop(stopped_run, tmp_path):
+    """Killed after the evaluation that began the wait (the patience counter at 1): a resume that
+    lost the counter or the best metric would stop later, or elsewhere."""
+    best = json.loads((stopped_run / "best.json").read_text())
+    after = best["step"] + 2  # the first evaluation that did not improve
+    killed = start(*RECIPE, output=tmp_path)
+    wait_for(lambda: list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-{after}/{SEAL}")), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    run_dir = run_folder(tmp_path)
+    assert not (run_dir / "adapter").exists()
+    resumed = resume(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint-{after}" in resumed.stdout
+    assert logged(run_dir, "loss") == logged(stopped_run, "loss")
+    assert logged(run_dir, "eval_loss") == logged(stopped_run, "eval_loss")
+    assert json.loads((run_dir / "best.json").read_text()) == best
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    expected = load_file(str(stopped_run / "adapter" / "adapter_model.safetensors"))
+    assert all(adapter[name].equal(expected[name]) for name in expected)
+    assert ENV["CUDA_VISIBLE_DEVICES"] == ""  # bit for bit holds on this CPU
