@@ -132,3 +132,36 @@ def test_the_loss_terms_chunk_sizes_are_the_ones_unsloths_fused_cross_entropy_us
     from unsloth_zoo.cpu import ops
 
     assert 'UNSLOTH_CPU_CE_CHUNK_ELEMENTS", 16 * 1024 * 1024' in inspect.getsource(ops)
+
+
+def _transformers_stop(losses: list[float], patience: int, threshold: float) -> int | None:
+    """Where transformers' own EarlyStoppingCallback ends a run evaluating these losses, with the
+    trainer's best-metric bookkeeping (Trainer._determine_best_metric) run after each evaluation."""
+    from transformers import EarlyStoppingCallback, TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir="unused", eval_strategy="steps", metric_for_best_model="eval_loss",
+        greater_is_better=False, load_best_model_at_end=True, report_to=[],
+    )  # fmt: skip
+    state, control = TrainerState(), TrainerControl()
+    callback = EarlyStoppingCallback(patience, threshold)
+    for step, loss in enumerate(losses, start=1):
+        callback.on_evaluate(args, state, control, metrics={"eval_loss": loss})
+        if state.best_metric is None or loss < state.best_metric:
+            state.best_metric = loss
+        if control.should_training_stop:
+            return step
+    return None
+
+
+def test_our_early_stopping_rule_is_transformers_own():
+    """finetune.runs.outcome.early_stop_step (what the smoke and the tests hold a run to) against
+    transformers' callback, on random loss curves with plateaus and thresholds."""
+    from finetune.runs.outcome import early_stop_step
+
+    rng = random.Random(0)
+    for _ in range(300):
+        losses = [round(rng.uniform(1.0, 2.0), 1) for _ in range(rng.randint(1, 12))]  # ties happen
+        patience, threshold = rng.randint(1, 4), rng.choice([0.0, 0.05, 0.2])
+        ours = early_stop_step(list(enumerate(losses, start=1)), patience, threshold)
+        assert ours == _transformers_stop(losses, patience, threshold), (losses, patience, threshold)
