@@ -122,3 +122,39 @@ def test_an_eval_set_left_empty_by_the_length_limit_is_one_sentence(tmp_path):
     assert line.startswith(
         "error: data.eval: none of 3 eval rows is left to evaluate on; 3 rows dropped: longer"
     )
+
+
+def test_eval_rows_that_are_training_rows_are_refused_unless_allowed(tmp_path):
+    train_rows = (ROOT / "data_samples" / "code_chat.jsonl").read_text().splitlines()
+    # Row 3 again with its whitespace changed (a space doubled, a newline added), and one new row.
+    row = json.loads(train_rows[2])
+    row["messages"][-1]["content"] = row["messages"][-1]["content"].replace(" ", "  ", 3) + "\n"
+    fresh = {"messages": [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}]}
+    evaluate = tmp_path / "eval.jsonl"
+    evaluate.write_text(json.dumps(row) + "\n" + json.dumps(fresh) + "\n")
+    recipe = ["recipes/smoke.yaml", f"data.eval={evaluate}", "train.eval_steps=5"]
+    refused = run_cli("plan", *recipe)
+    assert refused.returncode == 2
+    (line,) = refused.stderr.strip().splitlines()
+    train_file = "data_samples/code_chat.jsonl"  # shown from the current directory
+    assert line == (
+        f"error: recipes/smoke.yaml: 1 eval row is also training rows (whitespace aside): {evaluate}:1 = "
+        f"{train_file}:3; their eval loss would reward memorising them: remove them from the eval data (or "
+        "the duplicates from the training data), or set data.eval_overlap: allow"
+    )
+    allowed = run_cli("plan", *recipe, "data.eval_overlap=allow", f"--png={tmp_path / 'lr.png'}")
+    assert allowed.returncode == 0, allowed.stderr
+    assert f"1 eval row is also training rows (whitespace aside): {evaluate}:1" in allowed.stderr
+    audited = run_cli("data", *recipe, "data.eval_overlap=allow", "--show=0", f"--png={tmp_path / 'h.png'}")
+    assert "eval rows: 2 read, 2 kept" in audited.stdout
+    assert (
+        f"1 eval row is also training rows (whitespace aside): {evaluate}:1 = {train_file}:3"
+        in audited.stdout
+    )
+
+
+def test_shipped_data_has_no_row_in_both_train_and_eval():
+    """code-gen holds out 5% of data_samples/code_chat.jsonl: none of them is a training row too."""
+    planned = run_cli("plan", "recipes/code-gen.yaml", "--gpu=rtx4090")
+    assert planned.returncode == 0, planned.stderr
+    assert "eval data: 2 rows, 2 kept" in planned.stdout and "also training rows" not in planned.stderr

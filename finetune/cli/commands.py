@@ -164,7 +164,7 @@ def cmd_data(recipe_arg: str, overrides: list[str], show: int, png: Path) -> int
     recipe = load_recipe(path, overrides, inputs_must_exist=True)
     run_folder.check_writable(png, "--png")
     found = audit_recipe(recipe, show)
-    print_lines(f"tokenizer: {found.tokenizer}", *found.audit.lines())
+    print_lines(*found.lines())
     print_lines(f"histogram: {plot_lengths(found.lengths, recipe.model.max_seq_length, png)}")
     # Trained tokens in bold green on a terminal; between [[ and ]] when piped or without colour.
     marks = ("", "") if console.is_terminal and not console.no_color else ("[[", "]]")

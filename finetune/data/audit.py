@@ -56,6 +56,19 @@ class Audit:
         return lines
 
 
+def overlap_line(pairs: list[list[str]], count: int) -> str | None:
+    """What the plan and the audit say of eval rows that are also training rows ([eval row, train
+    row] pairs, the first of ``count``), or None when there are none."""
+    if not count:
+        return None
+    shown = [f"{eval_row} = {train_row}" for eval_row, train_row in pairs[:3]]
+    more = count - len(shown)
+    return (
+        f"{count} eval row{'s are' if count != 1 else ' is'} also training rows (whitespace aside): "
+        f"{', '.join(shown)}{f' and {more} more' if more else ''}"
+    )
+
+
 def _some(sources: list[str], n: int = 3) -> str:
     return ", ".join(sources[:n]) + (f" and {len(sources) - n} more" if len(sources) > n else "")
 
@@ -120,6 +133,14 @@ class DataAudit:
     lengths: list[int]
     untrained: list[str]  # rows that would train no token after truncation
     shown: list[tuple[str, list[tuple[str, bool]]]]  # (row, its text in trained / untrained pieces)
+    evaluation: Audit | None = None  # the eval rows, audited as the training rows are
+    overlap: str | None = None  # eval rows that are training rows too (plan/data_plan.overlap_line)
+
+    def lines(self) -> list[str]:
+        lines = [f"tokenizer: {self.tokenizer}", *self.audit.lines()]
+        if self.evaluation is not None:
+            lines += [f"eval {line}" for line in self.evaluation.lines()]
+        return lines + ([self.overlap] if self.overlap else [])
 
 
 def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
@@ -134,4 +155,16 @@ def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
         (example.source, [(decode(ids, skip_special_tokens=False), t) for ids, t in trained_runs(example)])
         for example in store.examples(limit=show)
     ]
-    return DataAudit(summary["tokenizer"], result, summary["lengths"], summary["dropped_untrained"], shown)
+    evaluation = None
+    if summary["eval_rows"]:
+        evaluation = audit(store.examples("eval"), summary["eval_rows"], [], tokenizer.eos_id)
+    overlap = overlap_line(summary["eval_overlap"], summary["eval_overlap_count"])
+    return DataAudit(
+        summary["tokenizer"],
+        result,
+        summary["lengths"],
+        summary["dropped_untrained"],
+        shown,
+        evaluation,
+        overlap,
+    )

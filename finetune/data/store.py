@@ -14,6 +14,7 @@ dropped and why) is plain JSON: planning reads it without importing `datasets`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -278,6 +279,38 @@ def _select(files: list[str], recipe: Recipe) -> tuple[list[int], list[int], lis
     return indices, held, report
 
 
+def conversation_key(messages: list[dict] | None, segments: list[dict] | None) -> bytes:
+    """A row's text with its whitespace normalised (runs of spaces, tabs and newlines as one space,
+    none at the ends), roles and turn boundaries kept: two rows with the same key say the same."""
+    if messages:
+        parts = [f"{m['role']}\x1e{' '.join(str(m['content']).split())}" for m in messages]
+    else:
+        parts = [f"{s['trained']}\x1e{' '.join(str(s['text']).split())}" for s in segments or []]
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=16).digest()
+
+
+def eval_overlap(train_raw, eval_raw, most: int = 100) -> tuple[list[list[str]], int]:
+    """Eval rows whose text (whitespace normalised) is also a training row's: ([eval row, train row]
+    pairs, at most ``most``; how many in all); read in batches, a 16-byte key per training row kept."""
+    seen: dict[bytes, str] = {}
+    for batch in train_raw.iter(batch_size=1000):
+        for source, messages, segments in zip(
+            batch["source"], batch["messages"], batch["segments"], strict=True
+        ):
+            seen.setdefault(conversation_key(messages, segments), source)
+    pairs, count = [], 0
+    for batch in eval_raw.iter(batch_size=1000):
+        for source, messages, segments in zip(
+            batch["source"], batch["messages"], batch["segments"], strict=True
+        ):
+            twin = seen.get(conversation_key(messages, segments))
+            if twin is not None:
+                count += 1
+                if len(pairs) < most:
+                    pairs.append([source, twin])
+    return pairs, count
+
+
 def _raw_schema():
     import pyarrow as pa
 
@@ -483,6 +516,9 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                         + "; ".join(eval_report or ["no rows"])
                     )
                 evaluation.save_to_disk(str(work / "eval"))
+            overlap, overlapping = (
+                eval_overlap(raw.select(indices), eval_raw) if eval_raw is not None and indices else ([], 0)
+            )
             summary = {
                 "rows": len(indices),
                 "lengths": lengths,
@@ -490,6 +526,8 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                 "dropped_untrained": prepared.dropped_untrained,
                 "eval_rows": 0 if eval_raw is None else len(eval_raw),
                 "eval_lengths": eval_lengths,  # of the eval rows kept, for the evaluation's plan
+                "eval_overlap": overlap,  # [eval row, the training row with its text], at most 100
+                "eval_overlap_count": overlapping,
                 "tokenizer": origin,
                 "tokenizer_digest": tokenizer_source.digest(),
             }

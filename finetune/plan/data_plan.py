@@ -7,8 +7,10 @@ sequences planned are the ones the trainer iterates over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from finetune.base.errors import UserError
+from finetune.data.audit import overlap_line
 from finetune.data.store import count_rows, data_tokenizer, open_store
 from finetune.data.tokenize import count_packed_sequences
 from finetune.plan.devices import detect_gpus
@@ -28,6 +30,8 @@ class DataPlan:
     max_seq_length: int
     eval_rows: int = 0  # rows held out or read for evaluation
     eval_lengths: list[int] | None = None  # token length of every eval row kept; None when unknown
+    eval_overlap: list[list[str]] = field(default_factory=list)  # [eval row, train row], the first 100
+    eval_overlap_count: int = 0  # eval rows whose text is also a training row's
 
     @property
     def eval_sequences(self) -> int:
@@ -104,7 +108,23 @@ def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
         max_seq_length=recipe.model.max_seq_length,
         eval_rows=summary["eval_rows"],
         eval_lengths=summary["eval_lengths"],
+        eval_overlap=summary["eval_overlap"],
+        eval_overlap_count=summary["eval_overlap_count"],
     )
+
+
+def check_overlap(recipe: Recipe, data: DataPlan, source: str) -> str | None:
+    """Refuse eval rows that are training rows too, unless data.eval_overlap allows them (then the
+    warning to print)."""
+    line = overlap_line(data.eval_overlap, data.eval_overlap_count)
+    if line is None:
+        return None
+    if recipe.data.eval_overlap != "allow":
+        raise UserError(
+            f"{source}: {line}; their eval loss would reward memorising them: remove them from the eval "
+            "data (or the duplicates from the training data), or set data.eval_overlap: allow"
+        )
+    return f"{source}: {line} (data.eval_overlap: allow)"
 
 
 def training_data(recipe: Recipe) -> DataPlan:

@@ -27,7 +27,7 @@ from finetune.plan.budget import (
     weights_exceed,
 )
 from finetune.plan.constants import GIB
-from finetune.plan.data_plan import DataPlan, data_as_dict, training_data
+from finetune.plan.data_plan import DataPlan, check_overlap, data_as_dict, training_data
 from finetune.plan.devices import Device, training_device
 from finetune.plan.disk import (
     DiskPlan,
@@ -310,7 +310,9 @@ def plan_job(
         raise UserError("\n".join(f"{source}: {problem}" for problem in problems))
     with distributed.main_first():  # under torchrun the store is built once, by rank 0
         data = training_data(recipe)
+    overlap = check_overlap(recipe, data, source)
     plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
+    warnings += [overlap] if overlap else []
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
     budget_lines = describe_parameters(parameter_counts(recipe)) + budget_lines

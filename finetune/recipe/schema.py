@@ -200,6 +200,11 @@ class DataSection(_Section):
         False,
         description="Pack short rows into max_seq_length sequences (attention stays within each row).",
     )
+    eval_overlap: Literal["error", "allow"] | None = Field(
+        None,
+        description="Eval rows that are also training rows (same text, whitespace aside): 'error' (the "
+        "default: the eval loss would reward memorising them) or 'allow'.",
+    )
 
     @model_validator(mode="after")
     def _one_eval_source(self) -> DataSection:
