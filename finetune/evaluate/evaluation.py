@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from finetune.base.errors import UserError
 from finetune.base.files import not_a_file
 from finetune.base.json_text import json_value
+from finetune.data.contamination import contamination_line
 from finetune.evaluate.sandbox import check_confinement, confinement, run_programs
 from finetune.recipe.schema import EvaluateSection
 from finetune.runs.report import put_section
@@ -343,6 +344,25 @@ def evaluation_lines(document: dict) -> list[str]:
     return lines
 
 
+def training_data_check(run_dir: Path, tasks_name: str) -> str:
+    """Whether the run's training data was checked for HumanEval's problems, and what was found
+    (read from the plan the run saved: data/contamination.py's check, made before training)."""
+    if tasks_name != HUMANEVAL:
+        return f"training data: not checked against {tasks_name} (only HumanEval's problems are)"
+    plan_file = run_dir / "plan.json"
+    found = (
+        json.loads(plan_file.read_text()).get("data", {}).get("humaneval") if plan_file.is_file() else None
+    )
+    if not found:
+        return "training data: not checked against HumanEval (the run was planned without the check)"
+    line = contamination_line(found.get("train", []), found.get("train_count", 0))
+    return (
+        f"training data: checked before training; {line}"
+        if line
+        else (f"training data: checked before training ({found['rule']}): no row holds a HumanEval problem")
+    )
+
+
 def evaluate_run(run_dir: Path, allow: bool, changes: dict, ks: list[int], progress=None) -> list[str]:
     """Answer the tasks with the base model and the adapter, run the answers confined, and write
     eval/humaneval.json and report.md's section; the lines to print. ``progress(total)`` gives a
@@ -370,11 +390,12 @@ def evaluate_run(run_dir: Path, allow: bool, changes: dict, ks: list[int], progr
         "settings": settings.model_dump(),
         "isolation": confinement(),
     }
+    document["training_data_checked"] = training_data_check(run_dir, settings.tasks)
     document |= score_answers(tasks, task_ids, answers, mode, ks)
     for model, spent in seconds.items():
         document["models"][model]["generation_seconds"] = spent
     write_run_json(out, document)
-    lines = evaluation_lines(document)
+    lines = [*evaluation_lines(document), document["training_data_checked"]]
     report = put_section(run_dir / "report.md", "HumanEval", _report_section(document, lines))
     return [*lines, isolation_line(), f"results: {out}; report: {report}"]
 

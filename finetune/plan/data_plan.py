@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from finetune.base.errors import UserError
 from finetune.data.audit import overlap_line
+from finetune.data.contamination import contamination_line
 from finetune.data.store import count_rows, data_tokenizer, open_store
 from finetune.data.tokenize import count_packed_sequences
 from finetune.plan.devices import detect_gpus
@@ -32,6 +33,7 @@ class DataPlan:
     eval_lengths: list[int] | None = None  # token length of every eval row kept; None when unknown
     eval_overlap: list[list[str]] = field(default_factory=list)  # [eval row, train row], the first 100
     eval_overlap_count: int = 0  # eval rows whose text is also a training row's
+    humaneval: dict = field(default_factory=dict)  # rows holding HumanEval problems (store summary)
 
     @property
     def eval_sequences(self) -> int:
@@ -110,6 +112,7 @@ def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
         eval_lengths=summary["eval_lengths"],
         eval_overlap=summary["eval_overlap"],
         eval_overlap_count=summary["eval_overlap_count"],
+        humaneval=summary["humaneval"],
     )
 
 
@@ -125,6 +128,16 @@ def check_overlap(recipe: Recipe, data: DataPlan, source: str) -> str | None:
             "data (or the duplicates from the training data), or set data.eval_overlap: allow"
         )
     return f"{source}: {line} (data.eval_overlap: allow)"
+
+
+def contamination_warnings(data: DataPlan, source: str) -> list[str]:
+    """The plan's warnings of training and eval rows that hold HumanEval problems."""
+    found = data.humaneval
+    lines = [
+        contamination_line(found.get(what, []), found.get(f"{what}_count", 0), label)
+        for what, label in (("train", "training"), ("eval", "eval"))
+    ]
+    return [f"{source}: {line}" for line in lines if line]
 
 
 def training_data(recipe: Recipe) -> DataPlan:
@@ -145,4 +158,5 @@ def data_as_dict(data: DataPlan) -> dict:
         "report": data.report,
         "eval_rows": data.eval_rows,
         "eval_token_lengths": data.eval_lengths,
+        "humaneval": data.humaneval or None,  # None: not checked (no tokenizer, so no store)
     }

@@ -27,7 +27,13 @@ from finetune.plan.budget import (
     weights_exceed,
 )
 from finetune.plan.constants import GIB
-from finetune.plan.data_plan import DataPlan, check_overlap, data_as_dict, training_data
+from finetune.plan.data_plan import (
+    DataPlan,
+    check_overlap,
+    contamination_warnings,
+    data_as_dict,
+    training_data,
+)
 from finetune.plan.devices import Device, training_device
 from finetune.plan.disk import (
     DiskPlan,
@@ -312,7 +318,7 @@ def plan_job(
         data = training_data(recipe)
     overlap = check_overlap(recipe, data, source)
     plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
-    warnings += [overlap] if overlap else []
+    warnings += ([overlap] if overlap else []) + contamination_warnings(data, source)
     device = device or training_device()
     budget, budget_lines, suggestions = budget_check(recipe, data, plan, device, full_length)
     budget_lines = describe_parameters(parameter_counts(recipe)) + budget_lines

@@ -43,6 +43,7 @@ def test_a_recipe_asking_for_humaneval_is_evaluated_after_training(evaluated):
     assert lines[header + 1].split()[:3] == ["base", "0.000", "0/4"]
     assert lines[header + 2].split()[:3] == ["adapter", "0.000", "0/4"]
     assert "changed: 0 tasks better after training, 0 worse; exact sign test p = 1.000" in out.stdout
+    assert f"training data: not checked against {tasks} (only HumanEval's problems are)" in out.stdout
     document = json.loads((run_dir / "eval" / "humaneval.json").read_text())
     assert document["tasks"] == 4 and document["prompt"] == "chat"
     assert document["settings"]["max_new_tokens"] == 16
@@ -69,10 +70,14 @@ def test_eval_of_a_finished_run_answers_all_164_and_replaces_the_reports_section
     assert out.returncode == 0, out.stderr[-3000:]
     assert "HumanEval: 164 tasks, chat prompt" in out.stdout and "up to 8 new tokens" in out.stdout
     assert "0/164" in out.stdout and "answering" in out.stderr  # the progress bar
+    # Whether what it trained on was checked for these problems (before training, by the plan).
+    checked = "training data: checked before training (13-token windows of code covering at least 30% of"
+    assert checked in out.stdout and "no row holds a HumanEval problem" in out.stdout
     document = json.loads((run_dir / "eval" / "humaneval.json").read_text())
     assert len(document["completions"]) == 2 * 164 and document["tasks_name"] == "HumanEval"
     report = (run_dir / "report.md").read_text()
     assert report.count("## HumanEval") == 1 and "HumanEval: 164 tasks" in report
+    assert checked in report
     assert f"{tasks}: 4 tasks" not in report  # the first evaluation's section, replaced
 
 
