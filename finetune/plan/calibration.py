@@ -5,6 +5,7 @@ against the budget, and the predicted-against-measured record every run saves (b
 from __future__ import annotations
 
 import statistics
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from finetune.plan.budget import BudgetPlan, Verdict, budget_as_dict
@@ -169,11 +170,26 @@ def probe_verdict(job: Job, measured, force: bool) -> list[str]:
         f"{measured.median_step_seconds:.2f} s per step"
         + (f", peak memory {measured_peak_bytes(peak) / GIB:.2f} GiB" if peak is not None else "")
     ]
+    if measured.eval_tokens is not None:
+        eval_peak = measured.eval_peak_reserved
+        lines.append(
+            f"probe: an eval batch of {measured.eval_tokens} tokens (the longest eval rows)"
+            + (
+                f", peak memory {measured_peak_bytes(eval_peak) / GIB:.2f} GiB"
+                if eval_peak is not None
+                else ""
+            )
+        )
     if job.budget is None:
         return lines
     verdicts = measured_verdicts(
         job.recipe, job.budget, measured.median_step_seconds, peak, job.plan.total_steps
     )
+    if measured.eval_peak_reserved is not None:
+        verdicts += [
+            replace(v, what=v.what.replace("measured memory", "measured memory of an evaluation"))
+            for v in measured_verdicts(job.recipe, job.budget, None, measured.eval_peak_reserved, 0)
+        ]
     lines += [verdict.line() for verdict in verdicts]
     failed = [v.line() for v in verdicts if not v.ok]
     if failed and not force:

@@ -20,6 +20,9 @@ class Measured:
     # Where this process began: the step and trained tokens a resume started from (0 for a new run)
     first_step: int = 0
     first_tokens: int = 0
+    # The probe's worst-case eval batch: its tokens and the reserved peak while it ran (None: none ran)
+    eval_tokens: int | None = None
+    eval_peak_reserved: int | None = None
 
     @property
     def median_step_seconds(self) -> float | None:

@@ -298,12 +298,34 @@ def build_trainer(
     return trainer
 
 
+def _worst_evaluation(
+    trainer: FinetuneTrainer, evaluation: Dataset, lengths: list[int], batch: int
+) -> tuple[int, int | None]:
+    """One eval batch of the longest eval rows, evaluated as training's evaluations run (after
+    optimizer steps, their state held): (its tokens, the reserved peak while it ran)."""
+    longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:batch]
+    with cache_files_elsewhere():
+        rows = evaluation.select(longest)
+    trainer.batch_tokens = len(longest) * max(lengths[k] for k in longest)  # padded to the longest
+    reset_peak_memory()
+    trainer.evaluate(eval_dataset=_trainer_rows(rows))
+    return trainer.batch_tokens, read_peak_memory()[1]
+
+
 def probe(
-    model, tokenizer, recipe: Recipe, dataset: Dataset, lengths: list[int], run_dir: Path, steps: int = 3
+    model,
+    tokenizer,
+    recipe: Recipe,
+    dataset: Dataset,
+    lengths: list[int],
+    run_dir: Path,
+    steps: int = 3,
+    evaluation: tuple[Dataset, list[int]] | None = None,
 ) -> Measured:
     """A few real optimizer steps on the worst case, every micro-batch made of the longest rows of
-    ``dataset`` (whose token ``lengths`` are given), then the LoRA weights are put back: the run
-    starts as if the probe had not happened."""
+    ``dataset`` (whose token ``lengths`` are given), then, when the run evaluates, one eval batch
+    of the longest rows of ``evaluation`` (its dataset and lengths); then the LoRA weights are put
+    back: the run starts as if the probe had not happened."""
     batch = recipe.train.per_device_train_batch_size
     longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:batch]
     with cache_files_elsewhere():
@@ -328,6 +350,9 @@ def probe(
     failed = None
     try:
         measured = _timed_train(trainer)
+        if evaluation is not None and recipe.train.eval_steps is not None and evaluation[1]:
+            batch = recipe.train.per_device_eval_batch_size
+            measured.eval_tokens, measured.eval_peak_reserved = _worst_evaluation(trainer, *evaluation, batch)
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
@@ -373,7 +398,12 @@ def train(
         write_run_json(samples_file, [{**s, "before": s.pop("completion")} for s in samples])
     dataset = store.dataset("train")
     if check_probe is not None:
-        check_probe(probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir))
+        evaluation = (
+            (store.dataset("eval"), store.summary["eval_lengths"]) if store.summary["eval_rows"] else None
+        )
+        check_probe(
+            probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir, evaluation=evaluation)
+        )
     trainer = build_trainer(
         model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"), save=True
     )

@@ -97,3 +97,17 @@ def test_a_run_killed_after_an_evaluation_resumes_to_the_same_stop(stopped_run, 
     expected = load_file(str(stopped_run / "adapter" / "adapter_model.safetensors"))
     assert all(adapter[name].equal(expected[name]) for name in expected)
     assert ENV["CUDA_VISIBLE_DEVICES"] == ""  # bit for bit holds on this CPU
+
+
+def test_the_probe_runs_the_worst_eval_batch_too(tmp_path):
+    from cli_helpers import runner
+
+    trained = runner(
+        "recipes/smoke.yaml", "--probe", "data.eval_fraction=0.25", "train.eval_steps=10",
+        "train.max_steps=4", "output.samples=0", f"output.dir={tmp_path}", env=ENV,
+    )  # fmt: skip
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    plan = json.loads((run_folder(tmp_path) / "plan.json").read_text())
+    longest = max(plan["data"]["eval_token_lengths"])
+    assert plan["budget"]["eval_tokens_per_batch"] == 2 * longest
+    assert f"probe: an eval batch of {2 * longest} tokens (the longest eval rows)" in trained.stdout
