@@ -111,3 +111,13 @@ def test_the_probe_runs_the_worst_eval_batch_too(tmp_path):
     longest = max(plan["data"]["eval_token_lengths"])
     assert plan["budget"]["eval_tokens_per_batch"] == 2 * longest
     assert f"probe: an eval batch of {2 * longest} tokens (the longest eval rows)" in trained.stdout
+
+
+def test_tensorboard_shows_the_eval_loss_under_its_usual_name(stopped_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(stopped_run / "tensorboard"))
+    events.Reload()
+    scalars = {(e.step, round(e.value, 4)) for e in events.Scalars("eval/loss")}
+    assert scalars == {(step, round(loss, 4)) for step, loss in evaluations(stopped_run)}
+    assert "train/loss" in events.Tags()["scalars"]
