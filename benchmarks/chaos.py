@@ -5,8 +5,9 @@ is exactly the uninterrupted run's.
 
 First an uninterrupted run, with a fresh cache, is watched to learn when each phase of a run's life
 happens here: data preparation (the tokenizer and the prepared-data store are built), planning,
-model loading (Unsloth imported, the tiny model built and loaded), training, each checkpoint being
-written (from its folder appearing to its seal), and the report (after the adapter is saved). Then,
+model loading (Unsloth imported, the tiny model built and loaded), training, each evaluation (from
+an eval step's logged loss to its eval loss), each checkpoint being written (from its folder
+appearing to its seal), and the report (after the adapter is saved). Then,
 K times: a phase is drawn (in turn, so each is hit), a moment inside its window (seeded), and a new
 run with a fresh cache is killed with SIGKILL at that moment. Recovery is what a user does:
 `runner.py resume RUN` when the run folder holds a sealed checkpoint, else the same command again.
@@ -33,8 +34,25 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SEAL = "finetune-seal.json"
-RECIPE = ["recipes/smoke.yaml", "train.max_steps=12", "train.save_steps=2"]
-PHASES = ("data preparation", "planning", "model loading", "training", "checkpoint writing", "the report")
+# Evaluated every 2 steps on held-out rows, keeping the best checkpoint with early stopping on:
+# checkpoints are saved at each evaluation, and a resume must restore the best metric and the
+# early-stopping counter to end where the uninterrupted run ends, with its adapter.
+RECIPE = [
+    "recipes/smoke.yaml",
+    "train.max_steps=12",
+    "data.eval_fraction=0.25",
+    "train.eval_steps=2",
+    "train.early_stopping_patience=3",
+]
+PHASES = (
+    "data preparation",
+    "planning",
+    "model loading",
+    "training",
+    "evaluation",
+    "checkpoint writing",
+    "the report",
+)
 
 
 def environment(cache: Path) -> dict[str, str]:
@@ -72,7 +90,28 @@ def phase_now(cache: Path, output: Path) -> str:
     checkpoints = list((run / "checkpoints").glob("checkpoint-*")) if (run / "checkpoints").is_dir() else []
     if any(not (c / SEAL).exists() for c in checkpoints):
         return "checkpoint writing"
-    return "training" if (run / "manifest.json").exists() else "model loading"
+    if not (run / "manifest.json").exists():
+        return "model loading"
+    return "evaluation" if evaluating(run, checkpoints) else "training"
+
+
+def evaluating(run: Path, checkpoints: list[Path]) -> bool:
+    """An evaluation runs between the log of an eval step's loss and that step's eval loss (the
+    log is appended as it happens; the step's checkpoint comes after its evaluation)."""
+    logged: dict[int, set[str]] = {}
+    for line in (run / "log.jsonl").read_text().splitlines() if (run / "log.jsonl").is_file() else []:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line being written
+        logged.setdefault(entry.get("step", 0), set()).update(entry)
+    if not logged:
+        return False
+    step = max(logged)
+    every = next((int(o.split("=")[1]) for o in RECIPE if o.startswith("train.eval_steps=")), None)
+    if every is None or step % every or "eval_loss" in logged[step]:
+        return False
+    return f"checkpoint-{step}" not in {c.name for c in checkpoints}
 
 
 def watch_reference(work: Path) -> tuple[Path, dict[str, list[tuple[float, float]]], float]:
