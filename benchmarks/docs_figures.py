@@ -186,6 +186,27 @@ def demo() -> tuple[list[str], float, str]:
     return warnings_of(err) + lines, seconds, match.group(1)
 
 
+# The smoke recipe evaluated on other rows at a learning rate that overfits the tiny model: its
+# eval loss turns up and early stopping ends the run (tests/e2e/test_early_stopping_run.py runs it).
+EARLY_STOPPING = [
+    "recipes/smoke.yaml",
+    "data.eval=data_samples/code_alpaca.jsonl",
+    "train.eval_steps=2",
+    "train.early_stopping_patience=2",
+    "train.max_steps=20",
+    "train.learning_rate=5e-2",
+    "train.save_total_limit=2",
+    "output.samples=0",
+]
+
+
+def early_stopping_lines(out: str) -> list[str]:
+    """What a run with early stopping says of it: each evaluation, and the best checkpoint and the
+    stop (the lines that do not vary from run to run on this CPU)."""
+    keep = ("eval loss:", "best checkpoint:", "early stopping")
+    return [line for line in out.splitlines() if "eval_loss" in line or line.startswith(keep)]
+
+
 def replace_block(page: Path, name: str, lines: list[str]) -> None:
     lines = [line.replace(str(Path.home()), "~") for line in lines]
     text = page.read_text()
@@ -370,6 +391,12 @@ def main() -> int:
     )
 
     replace_block(ROOT / "README.md", "first-recipe", fenced(None, first_recipe()))
+    with tempfile.TemporaryDirectory() as out_dir:
+        out, _, _ = run([*EARLY_STOPPING, f"output.dir={out_dir}"])
+    command = "python runner.py " + " ".join(EARLY_STOPPING)
+    replace_block(
+        ROOT / "docs/recipes-and-data.md", "early-stopping", fenced(command, early_stopping_lines(out))
+    )
 
     rel = os.path.relpath(run_dir, ROOT)
     out, err, _ = run(["export", rel, "--format", "gguf"])

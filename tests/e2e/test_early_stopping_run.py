@@ -3,6 +3,7 @@ the run stops where its patience says, adapter/ holds the checkpoint with the lo
 checkpoint survives save_total_limit's rotation beside the last one, and a run killed after an
 evaluation resumes to the same train and eval losses, the same stop and the same adapter."""
 
+import importlib.util
 import json
 import signal
 from pathlib import Path
@@ -15,18 +16,13 @@ from finetune.runs.outcome import early_stop_step
 from finetune.runs.run_folder import SEAL
 
 ROOT = Path(__file__).resolve().parents[2]
-# The smoke recipe evaluated on other rows than it trains on (code_alpaca's), at a learning rate
-# that overfits the tiny model within 20 steps: its eval loss falls to a low at step 6, then rises.
-RECIPE = [
-    "recipes/smoke.yaml",
-    f"data.eval={ROOT / 'data_samples' / 'code_alpaca.jsonl'}",
-    "train.eval_steps=2",
-    "train.early_stopping_patience=2",
-    "train.max_steps=20",
-    "train.learning_rate=5e-2",
-    "train.save_total_limit=2",
-    "output.samples=0",
-]
+_spec = importlib.util.spec_from_file_location("docs_figures", ROOT / "benchmarks" / "docs_figures.py")
+figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figures)
+# The smoke recipe evaluated on other rows (code_alpaca's), at a learning rate that overfits the
+# tiny model within 20 steps: its eval loss falls to a low, then rises (docs/recipes-and-data.md
+# quotes this run's output).
+RECIPE = figures.EARLY_STOPPING
 
 
 def evaluations(run_dir: Path) -> list[tuple[int, float]]:
@@ -39,7 +35,14 @@ def stopped_run(tmp_path_factory) -> Path:
     whole = start(*RECIPE, output=output)
     out, err = whole.communicate()
     assert whole.returncode == 0, err[-3000:]
+    (output / "stdout.txt").write_text(out)
     return run_folder(output)
+
+
+def test_the_docs_quote_this_runs_output(stopped_run):
+    out = (stopped_run.parents[1] / "stdout.txt").read_text()
+    quoted = figures.block(ROOT / "docs" / "recipes-and-data.md", "early-stopping")
+    assert quoted == figures.early_stopping_lines(out), "run `make docs`"
 
 
 def test_early_stopping_ends_the_run_where_the_patience_says(stopped_run):
