@@ -207,6 +207,25 @@ def early_stopping_lines(out: str) -> list[str]:
     return [line for line in out.splitlines() if "eval_loss" in line or line.startswith(keep)]
 
 
+NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def same_within(quoted: list[str], fresh: list[str], tolerance: float = 0.01) -> bool:
+    """Whether two runs' lines say the same, their numbers within ``tolerance`` of each other
+    (relative): a CPU with bfloat16 (AMX) and one without compute the tiny model's losses a little
+    differently; the steps, the best one and the stop must be the same."""
+    if len(quoted) != len(fresh) or [NUMBER.sub("#", q) for q in quoted] != [
+        NUMBER.sub("#", f) for f in fresh
+    ]:
+        return False
+    pairs = [
+        (float(a), float(b))
+        for q, f in zip(quoted, fresh, strict=True)
+        for a, b in zip(NUMBER.findall(q), NUMBER.findall(f), strict=True)
+    ]
+    return all(abs(a - b) <= tolerance * max(abs(a), abs(b)) for a, b in pairs)
+
+
 def replace_block(page: Path, name: str, lines: list[str]) -> None:
     lines = [line.replace(str(Path.home()), "~") for line in lines]
     text = page.read_text()
