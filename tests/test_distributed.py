@@ -66,7 +66,7 @@ def test_plan_for_several_gpus_says_what_is_per_gpu(tmp_path):
         "plan", "recipes/code-gen.yaml", "--gpu", "rtx-4090", "--gpus", "2", "--png", str(tmp_path / "p.png")
     )
     assert out.returncode == 0, out.stderr
-    assert "4 optimizer steps (40 sequences, 32 per step, 2 steps per epoch, over 2 processes)" in out.stdout
+    assert "4 optimizer steps (38 sequences, 32 per step, 2 steps per epoch, over 2 processes)" in out.stdout
     assert (
         "memory on each of 2 x RTX 4090 with Unsloth" in out.stdout and "DDP gradient buckets" in out.stdout
     )

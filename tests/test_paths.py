@@ -46,11 +46,15 @@ def test_a_recipe_reads_its_data_beside_itself_and_an_override_from_the_current_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     (elsewhere / "eval.jsonl").write_bytes(SAMPLE.read_bytes())
-    out = run_cli("plan", str(recipe), "--json", "data.eval=eval.jsonl", cwd=elsewhere)
+    out = run_cli(
+        "plan", str(recipe), "--json", "data.eval=eval.jsonl", "data.eval_overlap=allow", cwd=elsewhere
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.splitlines()[0])["data"]["rows"] == 40
     (elsewhere / "eval.jsonl").unlink()  # the override's file was the one in the current directory
-    out = run_cli("plan", str(recipe), "--json", "data.eval=eval.jsonl", cwd=elsewhere)
+    out = run_cli(
+        "plan", str(recipe), "--json", "data.eval=eval.jsonl", "data.eval_overlap=allow", cwd=elsewhere
+    )
     assert out.returncode == 2 and f"{elsewhere}/eval.jsonl does not exist" in out.stderr
     loaded = load_recipe(recipe)
     assert loaded.data.train == [str(project / "data" / "rows.jsonl")]  # outside the cwd: absolute
