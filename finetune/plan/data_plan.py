@@ -35,23 +35,20 @@ class DataPlan:
     eval_overlap_count: int = 0  # eval rows whose text is also a training row's
     humaneval: dict = field(default_factory=dict)  # rows holding HumanEval problems (store summary)
 
-    @property
-    def eval_sequences(self) -> int:
-        """Sequences an evaluation iterates over (TRL packs the eval rows as it packs training's)."""
-        if self.eval_lengths is None:
-            return self.eval_rows
-        if self.packing:
-            return count_packed_sequences(self.eval_lengths, self.max_seq_length)
-        return len(self.eval_lengths)
+    def _sequences(self, lengths: list[int] | None, rows: int) -> int:
+        if lengths is None:
+            return rows
+        return count_packed_sequences(lengths, self.max_seq_length) if self.packing else len(lengths)
 
     @property
     def sequences(self) -> int:
         """Sequences the trainer iterates over: rows kept, or the packed sequences made from them."""
-        if self.lengths is None:
-            return self.rows
-        if self.packing:
-            return count_packed_sequences(self.lengths, self.max_seq_length)
-        return len(self.lengths)
+        return self._sequences(self.lengths, self.rows)
+
+    @property
+    def eval_sequences(self) -> int:
+        """Sequences an evaluation iterates over (TRL packs the eval rows as it packs training's)."""
+        return self._sequences(self.eval_lengths, self.eval_rows)
 
     def describe(self) -> list[str]:
         if self.lengths is None:
