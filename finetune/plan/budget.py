@@ -184,31 +184,46 @@ def predict_memory(
     return MemoryPlan(terms, tokens_per_micro_batch, single)
 
 
-# What stays on the GPU from training while an evaluation runs: the weights, LoRA's parameters and
-# the optimizer's state (the gradients are freed after each optimizer step: zero_grad sets them to None).
-KEPT_DURING_EVAL = ("4-bit base weights", "base weights", "embeddings, lm_head, norms", "LoRA parameters")
+# What stays on the GPU from training while an evaluation runs: the weights, LoRA's parameters, the
+# optimizer's state and DDP's buckets (the gradients are freed after each optimizer step: the
+# trainer's model.zero_grad() sets them to None), and DoRA's weight norms, recomputed in every forward.
+KEPT_DURING_EVAL = (
+    "4-bit base weights",
+    "base weights",
+    "embeddings, lm_head, norms",
+    "LoRA parameters",
+    "optimizer state",
+    "DDP gradient buckets",
+    "DoRA weight-norm workspace",
+)
 
 
 def predict_eval_memory(
-    recipe: Recipe, shapes: Shapes, tokens_per_batch: int, dtype_bytes: int = 2, on_gpu: bool = True
+    recipe: Recipe,
+    shapes: Shapes,
+    tokens_per_batch: int,
+    dtype_bytes: int = 2,
+    on_gpu: bool = True,
+    world_size: int = 1,
 ) -> MemoryPlan:
     """Peak memory of one eval batch in the middle of training, term by term.
 
-    Without gradients each layer's activations are freed once the next layer has them (one layer's
-    working set at a time), but the eval forward keeps every layer's keys and values: Unsloth's
-    Llama forward turns the cache off in training mode only (unsloth/models/llama.py,
-    LlamaModel_fast_forward), and transformers' builds a DynamicCache whenever config.use_cache is
-    on. The labels are passed, so the loss is computed as in training (the same fused, chunked code
-    on Unsloth); prediction_loss_only keeps the trainer from gathering logits across batches.
-    Read from the code, not yet measured on a GPU."""
-    train_terms = predict_memory(recipe, shapes, tokens_per_batch, dtype_bytes, on_gpu).terms
-    terms = {k: v for k, v in train_terms.items() if k in KEPT_DURING_EVAL or k.startswith("optimizer state")}
+    Without gradients each layer's activations are freed once the next layer has them: one layer's
+    working set at a time. No layer keeps its keys and values: Unsloth's trainer turns the model's
+    cache off for training (unsloth/models/rl.py's prepare_for_training_mode calls for_training,
+    which disables use_cache, and evaluate() does not turn it back on), and TRL passes
+    use_cache=False on the transformers backend. The labels are passed, so the loss is the training
+    step's code without its gradient; prediction_loss_only keeps the trainer from gathering logits
+    across batches. Read from the code, not yet measured on a GPU."""
+    train_terms = predict_memory(recipe, shapes, tokens_per_batch, dtype_bytes, on_gpu, world_size).terms
+    terms = {k: v for k, v in train_terms.items() if k.startswith(KEPT_DURING_EVAL)}
     h, kv, f = shapes.hidden, shapes.kv_heads * shapes.head_dim, shapes.intermediate
     terms["eval activations (one layer at a time)"] = (
         tokens_per_batch * dtype_bytes * (6 * h + 2 * kv + 4 * f)
     )
-    terms["eval keys and values (every layer)"] = tokens_per_batch * shapes.layers * 2 * kv * dtype_bytes
-    name, loss = loss_bytes(recipe.model.backend, h, shapes.vocab, tokens_per_batch, on_gpu, dtype_bytes)
+    name, loss = loss_bytes(
+        recipe.model.backend, h, shapes.vocab, tokens_per_batch, on_gpu, dtype_bytes, training=False
+    )
     terms[name] = loss
     allocated = sum(terms.values())
     if on_gpu:
@@ -403,7 +418,7 @@ def plan_budget(
             recipe.train.per_device_eval_batch_size, work.eval_sequences
         )  # no fuller than the set
         eval_peak = peak_tokens_per_micro_batch(work.eval_lengths, eval_batch, seq, work.packing)
-        eval_memory = predict_eval_memory(recipe, shapes, eval_peak, dtype_bytes, device.is_gpu)
+        eval_memory = predict_eval_memory(recipe, shapes, eval_peak, dtype_bytes, device.is_gpu, world_size)
         tokens = (
             sum(work.eval_lengths) if work.eval_lengths and not work.packing else work.eval_sequences * seq
         )

@@ -16,14 +16,18 @@ CPU_CHUNK_ROWS = 130  # unsloth_zoo/cpu/ops.py: UNSLOTH_CPU_CE_CHUNK_ELEMENTS (1
 LOSS_BYTES_PER_TOKEN = 40  # log-probs, logsumexp (fp32), indices, shifted labels (int64), mask
 
 
-def logits_bytes(hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int = 2) -> float:
+def logits_bytes(
+    hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int = 2, training: bool = True
+) -> float:
     """Peak bytes of lm_head and the loss, as Unsloth's fused cross-entropy allocates them.
 
     It computes the gradient of the hidden states in the forward pass and keeps only that (T x H)
     for the backward, which allocates one more T x H while it is alive; each chunk's scratch is an
     fp32 block of rows x columns plus fp32 and compute-dtype copies of its rows' hidden states. On a
     GPU the larger of its two layouts (which one runs depends on the card's total memory and the
-    labelled tokens), so this is an upper bound by at most a few hundred MiB.
+    labelled tokens), so this is an upper bound by at most a few hundred MiB. Without gradients (an
+    evaluation: ``training`` false) it keeps no gradient of the hidden states
+    (unsloth_zoo/fused_losses/cross_entropy_loss.py: compute_gradients = torch.is_grad_enabled()).
     """
     h, v = hidden, vocab
     per_row_hidden = (4 + dtype_bytes) * h
@@ -37,7 +41,7 @@ def logits_bytes(hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes
     else:
         scratch = min(CPU_CHUNK_ROWS, tokens) * 4 * v
         kept = tokens * h * dtype_bytes
-    return scratch + kept + LOSS_BYTES_PER_TOKEN * tokens
+    return scratch + (kept if training else 0) + LOSS_BYTES_PER_TOKEN * tokens
 
 
 # TRL's fused LM head (trl/trainer/utils.py add_fused_lm_head, trl/kernels/chunked_logprob.py), which
@@ -47,7 +51,7 @@ TRL_VOCAB_CHUNK = 32768  # _CHUNKED_LOGPROB_CHUNK_SIZE: vocabulary columns of a 
 
 
 def transformers_loss_bytes(
-    hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int = 2
+    hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int = 2, training: bool = True
 ) -> float:
     """Peak bytes of the lm_head and the loss on the transformers backend.
 
@@ -56,20 +60,24 @@ def transformers_loss_bytes(
     cast back) the backward allocates. Its kernels are Triton's, GPU only, so on the CPU the loss is
     transformers' own (train.FinetuneTrainer.compute_loss): the T x V logits, their fp32 copy (none
     when fp32 already), cross-entropy's fp32 log-softmax kept for the backward, and its gradient.
+    Without gradients (``training`` false) neither the backward's buffers nor the gradient exist.
     Read from the code, not yet measured on a GPU."""
     h, v = hidden, vocab
     if on_gpu:
         tile = min(TRL_TOKEN_CHUNK, tokens) * min(TRL_VOCAB_CHUNK, v) * dtype_bytes
-        return tile + tokens * h * (2 * dtype_bytes + 4) + LOSS_BYTES_PER_TOKEN * tokens
-    per_logit = dtype_bytes + (4 if dtype_bytes < 4 else 0) + 4 + 4
+        kept = 2 * dtype_bytes + 4 if training else dtype_bytes  # the copied rows; their gradient
+        return tile + tokens * h * kept + LOSS_BYTES_PER_TOKEN * tokens
+    per_logit = dtype_bytes + (4 if dtype_bytes < 4 else 0) + 4 + (4 if training else 0)
     return tokens * v * per_logit + LOSS_BYTES_PER_TOKEN * tokens
 
 
 def loss_bytes(
-    backend: str, hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int
+    backend: str, hidden: int, vocab: int, tokens: int, on_gpu: bool, dtype_bytes: int, training: bool = True
 ) -> tuple[str, float]:
-    """(the plan's name for the term, its peak bytes) for ``backend``'s loss on this device."""
+    """(the plan's name for the term, its peak bytes) for ``backend``'s loss on this device, in a
+    training step or (``training`` false) an evaluation."""
     if backend == "unsloth":
-        return "lm_head and loss (fused, chunked)", logits_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes)
+        bytes_ = logits_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes, training)
+        return "lm_head and loss (fused, chunked)", bytes_
     name = "lm_head and loss (TRL's fused head)" if on_gpu else "logits and loss (transformers)"
-    return name, transformers_loss_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes)
+    return name, transformers_loss_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes, training)

@@ -136,13 +136,17 @@ class OutOfMemory(Exception):
         checkpoint: Path | None = None,
         unsaved: str | None = None,
         rank: int | None = None,
+        evaluating: bool = False,  # in an evaluation (after step ``step``'s update, which is whole)
     ):
 
         self.rank = rank if rank is not None or not distributed.active() else distributed.rank()
         on = "" if self.rank is None else f" on rank {self.rank}"
-        super().__init__(f"out of memory{on} " + ("in the probe" if step is None else f"at step {step}"))
+        where = "in the probe" if step is None else f"at step {step}"
+        if evaluating:
+            where = "in the probe's evaluation" if step is None else f"in the evaluation after step {step}"
+        super().__init__(f"out of memory{on} {where}")
         self.step, self.tokens, self.peak_reserved = step, tokens, peak_reserved
-        self.checkpoint, self.unsaved = checkpoint, unsaved
+        self.checkpoint, self.unsaved, self.evaluating = checkpoint, unsaved, evaluating
 
     @classmethod
     def on_another_rank(cls) -> OutOfMemory | None:

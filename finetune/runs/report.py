@@ -221,12 +221,24 @@ def out_of_memory_report(job: Job, oom: OutOfMemory, run_dir: Path) -> list[str]
     peak = measured_peak_bytes(oom.peak_reserved)
     peak = f"{peak / GIB:.2f} GiB" if peak is not None else "not measured on the CPU"
     where = "in the probe, on the worst-case micro-batch" if oom.step is None else f"at step {oom.step}"
+    batch = "micro-batch"
+    if oom.evaluating:
+        where = (
+            "in the probe's evaluation" if oom.step is None else f"in the evaluation after step {oom.step}"
+        )
+        batch = "eval batch"
     if oom.rank is not None:
         where = f"on rank {oom.rank} of {distributed.world_size()} {where}"
-    lines = [f"out of memory {where} ({oom.tokens} tokens in the micro-batch); {saved}"]
+    lines = [f"out of memory {where} ({oom.tokens} tokens in the {batch}); {saved}"]
     lines.append(f"peak memory measured: {peak}")
     budget = job.budget
-    if budget is not None:
+    if oom.evaluating and budget is not None and budget.eval_memory is not None:
+        lines.append(
+            f"predicted for an evaluation: {budget.eval_memory.total / GIB:.2f} GiB (upper "
+            f"{budget.eval_memory.upper / GIB:.2f} GiB); lower train.per_device_eval_batch_size "
+            f"(now {job.recipe.train.per_device_eval_batch_size})"
+        )
+    elif budget is not None:
         lines.append(
             f"predicted: {budget.memory.total / GIB:.2f} GiB (upper {budget.memory.upper / GIB:.2f} GiB)"
         )

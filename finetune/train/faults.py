@@ -6,8 +6,9 @@ Loaded only when the variable is set (training.build_trainer): a run without it 
 module, and its trainer is FinetuneTrainer itself.
 
 KIND: oom (out of memory in the forward and backward pass), cublas (the same as cuBLAS reports it),
-oom-optimizer (out of memory where the optimizer's step begins), nan (every loss from step N on is
-NaN). KIND@N:R injects it on torchrun rank R alone; oom@probe injects it in the probe's first step.
+oom-optimizer (out of memory where the optimizer's step begins), oom-eval (out of memory in the
+evaluation after step N), nan (every loss from step N on is NaN). KIND@N:R injects it on torchrun
+rank R alone; oom@probe injects it in the probe's first step.
 (FINETUNE_INJECT_FAULT=gguf-convert, a failing GGUF converter, is read in that converter's own
 process: export/gguf_export.py.)
 """
@@ -24,7 +25,7 @@ from transformers import TrainerCallback
 
 from finetune.base import distributed
 
-FAULTS = ("oom", "cublas", "oom-optimizer", "nan")
+FAULTS = ("oom", "cublas", "oom-optimizer", "oom-eval", "nan")
 
 
 def injected_fault(for_probe: bool) -> tuple[str, int] | None:
@@ -46,6 +47,10 @@ def with_faults(trainer_class: type, for_probe: bool) -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             # In the forward pass of a training step (not an evaluation), where a real one strikes.
             step = self.state.global_step + 1
+            if self.in_evaluation and fault == ("oom-eval", self.state.global_step):
+                raise torch.OutOfMemoryError(
+                    f"injected out-of-memory fault in the evaluation after step {step - 1}"
+                )
             if self.in_forward_backward and fault == ("oom", step):
                 raise torch.OutOfMemoryError(f"injected out-of-memory fault at step {step}")
             if self.in_forward_backward and fault == ("cublas", step):

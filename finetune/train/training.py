@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import EarlyStoppingCallback, ProgressCallback, Trainer
+from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback
 from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 
@@ -171,6 +171,7 @@ class FinetuneTrainer(SFTTrainer):
         self.train_settings = train_settings
         self.batch_tokens: int | None = None
         self.in_forward_backward = False  # where an out-of-memory error came from
+        self.in_evaluation = False
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         train = self.train_settings
@@ -200,6 +201,13 @@ class FinetuneTrainer(SFTTrainer):
             # over the logits, averaged over the accumulated tokens just the same.
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self.batch_tokens = int(inputs["input_ids"].numel())  # an eval batch's, for the report
+        self.in_evaluation = True
+        output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        self.in_evaluation = False
+        return output
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.batch_tokens = int(inputs["input_ids"].numel())
@@ -235,7 +243,10 @@ def _out_of_memory(trainer: FinetuneTrainer) -> OutOfMemory:
     step = trainer.state.global_step
     oom = OutOfMemory(step + 1, trainer.batch_tokens, peak)
     distributed.tell_out_of_memory(step + 1)
-    if step == 0:
+    if trainer.in_evaluation:  # step's update is whole; the last checkpoint is the one to trust
+        oom = OutOfMemory(step, trainer.batch_tokens, peak, evaluating=True)
+        oom.unsaved = "an evaluation changes no weight, so the last checkpoint is what to start from"
+    elif step == 0:
         oom.unsaved = "no step had finished"
     elif not trainer.in_forward_backward:
         oom.unsaved = "it ran out outside the forward and backward pass, where weights may be half updated"
@@ -298,18 +309,43 @@ def build_trainer(
     return trainer
 
 
-def _worst_evaluation(
-    trainer: FinetuneTrainer, evaluation: Dataset, lengths: list[int], batch: int
-) -> tuple[int, int | None]:
-    """One eval batch of the longest eval rows, evaluated as training's evaluations run (after
-    optimizer steps, their state held): (its tokens, the reserved peak while it ran)."""
-    longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:batch]
+def _worst_eval_rows(evaluation: Dataset, lengths: list[int], batch: int, seq: int, packing: bool):
+    """The eval rows of the largest eval batch the plan counts (plan/budget.py): the ``batch``
+    longest, or with packing as many of the longest as fill ``batch`` sequences; and its tokens."""
+    order = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)
+    if packing:
+        chosen, total = [], 0
+        for k in order:
+            if total >= batch * seq:
+                break
+            chosen.append(k)
+            total += min(lengths[k], seq)
+        tokens = batch * seq
+    else:
+        chosen = order[:batch]
+        tokens = len(chosen) * min(max(lengths[k] for k in chosen), seq)
     with cache_files_elsewhere():
-        rows = evaluation.select(longest)
-    trainer.batch_tokens = len(longest) * max(lengths[k] for k in longest)  # padded to the longest
-    reset_peak_memory()
-    trainer.evaluate(eval_dataset=_trainer_rows(rows))
-    return trainer.batch_tokens, read_peak_memory()[1]
+        return evaluation.select(chosen), tokens
+
+
+class ProbeEvaluation(TrainerCallback):
+    """The probe's peak memory split in two: its training steps', read at the end of its last step,
+    and its evaluation's, which transformers runs right after that step (the counters are reset in
+    between), in the state a run's evaluations see: mid-train(), the optimizer's state held."""
+
+    def __init__(self, last_step: int):
+        self.last_step = last_step
+        self.train_peaks: tuple[int | None, int | None] = (None, None)
+        self.eval_peak: int | None = None
+        self.evaluated = False
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.last_step:
+            self.train_peaks = read_peak_memory()
+            reset_peak_memory()
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.eval_peak, self.evaluated = read_peak_memory()[1], True
 
 
 def probe(
@@ -330,6 +366,12 @@ def probe(
     longest = sorted(range(len(lengths)), key=lambda k: lengths[k], reverse=True)[:batch]
     with cache_files_elsewhere():
         probe_rows = dataset.select(longest * (recipe.train.gradient_accumulation_steps * steps))
+    eval_rows = eval_tokens = None
+    if evaluation is not None and recipe.train.eval_steps is not None and evaluation[1]:
+        packing = engine_for(recipe, torch.cuda.is_available()).packing
+        eval_rows, eval_tokens = _worst_eval_rows(
+            *evaluation, recipe.train.per_device_eval_batch_size, recipe.model.max_seq_length, packing
+        )
     train_settings = recipe.train.model_copy(
         update={
             "max_steps": steps,
@@ -337,27 +379,42 @@ def probe(
             "warmup_ratio": None,
             "lr_scheduler_type": "constant",
             **dict.fromkeys(("min_lr", "min_lr_rate", "power", "decay_ratio", "step_size", "gamma")),
-            "eval_steps": None,
+            "eval_steps": steps if eval_rows is not None else None,  # once, after the last step
             "save_steps": None,
             "logging_steps": steps,
+            **dict.fromkeys(
+                ("load_best_model_at_end", "early_stopping_patience", "early_stopping_threshold")
+            ),
+            **dict.fromkeys(("metric_for_best_model", "greater_is_better")),
         }
     )
     probe_recipe = recipe.model_copy(update={"train": train_settings})
     # On the host: a copy on the GPU would count in the peak the probe measures.
     saved = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-    trainer = build_trainer(model, tokenizer, probe_rows, probe_recipe, run_dir / "probe", for_probe=True)
+    trainer = build_trainer(
+        model, tokenizer, probe_rows, probe_recipe, run_dir / "probe", eval_dataset=eval_rows, for_probe=True
+    )
     trainer.remove_callback(LossProgress)
+    evaluated = ProbeEvaluation(steps)
+    if eval_rows is not None:
+        trainer.add_callback(evaluated)
     failed = None
     try:
         measured = _timed_train(trainer)
-        if evaluation is not None and recipe.train.eval_steps is not None and evaluation[1]:
-            batch = recipe.train.per_device_eval_batch_size
-            measured.eval_tokens, measured.eval_peak_reserved = _worst_evaluation(trainer, *evaluation, batch)
+        if evaluated.evaluated:  # the training steps' peak, and the evaluation's apart
+            measured.peak_allocated, measured.peak_reserved = evaluated.train_peaks
+            measured.eval_tokens, measured.eval_peak_reserved = eval_tokens, evaluated.eval_peak
     except (torch.OutOfMemoryError, RuntimeError) as error:
         if not is_out_of_memory(error):
             raise
         peak = torch.cuda.max_memory_reserved() if torch.cuda.is_available() else None
-        failed = OutOfMemory(None, trainer.batch_tokens, peak, unsaved="nothing was trained yet")
+        failed = OutOfMemory(
+            None,
+            trainer.batch_tokens,
+            peak,
+            unsaved="nothing was trained yet",
+            evaluating=trainer.in_evaluation,
+        )
     # Outside the except block: its traceback no longer holds the failed step's tensors.
     _release(trainer)
     del trainer
@@ -404,8 +461,15 @@ def train(
         check_probe(
             probe(model, tokenizer, recipe, dataset, store.summary["lengths"], run_dir, evaluation=evaluation)
         )
+    stopped_early = checkpoint is not None and _stopped_early_at(checkpoint)
+    trained = recipe
+    if stopped_early:  # killed after its last checkpoint: no step is left, only the best to load
+        finished_at = int(checkpoint.name.split("-")[-1])
+        trained = recipe.model_copy(
+            update={"train": recipe.train.model_copy(update={"max_steps": finished_at})}
+        )
     trainer = build_trainer(
-        model, tokenizer, dataset, recipe, run_dir / "checkpoints", store.dataset("eval"), save=True
+        model, tokenizer, dataset, trained, run_dir / "checkpoints", store.dataset("eval"), save=True
     )
     log_file = run_dir / "log.jsonl"
     if distributed.is_main():
@@ -444,7 +508,7 @@ def train(
     if distributed.is_main():
         write_run_file(log_file, "".join(json.dumps(entry) + "\n" for entry in history))
     finished = stopper.signal_name is None and watchdog.stopped is None
-    best = _best_checkpoint(trainer, recipe.train) if finished else None
+    best = _best_checkpoint(trainer, recipe.train, stopped_early) if finished else None
     if finished and distributed.is_main():
         if best is not None:  # said before the adapter: a finished run's adapter is its best then
             write_run_json(run_dir / "best.json", best.as_dict())
@@ -470,9 +534,23 @@ def train(
     )
 
 
-def _best_checkpoint(trainer: FinetuneTrainer, train: TrainSection) -> BestCheckpoint | None:
+def _stopped_early_at(checkpoint: Path) -> bool:
+    """Whether early stopping had ended the run at this checkpoint (its saved patience counter is
+    spent): transformers resets the stop when training begins, so a resume would train on."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback")
+    saved = saved[0] if isinstance(saved, list) and saved else saved
+    if not isinstance(saved, dict) or state["global_step"] >= state["max_steps"]:
+        return False  # no early stopping, or the run had reached its last step anyway
+    return saved["attributes"]["early_stopping_patience_counter"] >= saved["args"]["early_stopping_patience"]
+
+
+def _best_checkpoint(
+    trainer: FinetuneTrainer, train: TrainSection, stopped_early: bool
+) -> BestCheckpoint | None:
     """The checkpoint transformers kept as the best and loaded at the end of train(), or None when
-    the recipe keeps none (or no evaluation ran)."""
+    the recipe keeps none (or no evaluation ran). ``stopped_early``: a resume found that early
+    stopping had already ended the run."""
     state = trainer.state
     if not train.keeps_best() or state.best_model_checkpoint is None:
         return None
@@ -484,8 +562,12 @@ def _best_checkpoint(trainer: FinetuneTrainer, train: TrainSection) -> BestCheck
         value=float(state.best_metric),
         step=int(Path(state.best_model_checkpoint).name.split("-")[-1]),
         last_step=state.global_step,
-        early_stopped=stopper is not None
-        and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience,
+        early_stopped=stopped_early
+        or (
+            stopper is not None
+            and stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
+            and state.global_step < state.max_steps  # at the last step, max_steps ended it
+        ),
         patience=train.early_stopping_patience,
         threshold=train.early_stopping_threshold or 0.0,
     )

@@ -5,6 +5,7 @@ evaluation resumes to the same train and eval losses, the same stop and the same
 
 import importlib.util
 import json
+import shutil
 import signal
 from pathlib import Path
 
@@ -103,6 +104,19 @@ def test_a_run_killed_after_an_evaluation_resumes_to_the_same_stop(stopped_run, 
     expected = load_file(str(stopped_run / "adapter" / "adapter_model.safetensors"))
     assert all(adapter[name].equal(expected[name]) for name in expected)
     assert ENV["CUDA_VISIBLE_DEVICES"] == ""  # bit for bit holds on this CPU
+
+    # Killed once more, after the checkpoint of the step early stopping ended at and before the
+    # adapter: transformers would reset the stop and train on; the resume only loads the best.
+    shutil.rmtree(run_dir / "adapter")
+    for name in ("best.json", "report.md", "budget.json"):
+        (run_dir / name).unlink()
+    again = resume(run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from checkpoint-{best['last_step']}" in again.stdout
+    assert max(logged(run_dir, "loss")) == best["last_step"]  # no step after the stop
+    assert json.loads((run_dir / "best.json").read_text()) == best
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(adapter[name].equal(expected[name]) for name in expected)
 
 
 def test_the_probe_runs_the_worst_eval_batch_too(tmp_path):

@@ -358,3 +358,20 @@ def test_the_report_lists_spikes_and_data_warnings_beside_the_figures(tmp_path):
     assert "- loss spike at step 3: 9.0000 (3.3x the running median)" in report
     assert "- 2 rows truncated to max_seq_length 64" in report
     assert (tmp_path / "loss_curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_out_of_memory_in_an_evaluation_is_said_so_and_names_the_eval_batch(tmp_path):
+    out = run_with_fault(
+        "oom-eval@4", tmp_path, "train.max_steps=8", "data.eval_fraction=0.25", "train.eval_steps=2",
+        "train.save_steps=2",
+    )  # fmt: skip
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    stderr = " ".join(out.stderr.split())
+    assert "error: out of memory in the evaluation after step 4 (" in stderr
+    assert "tokens in the eval batch); not saved: an evaluation changes no weight" in stderr
+    assert (
+        "predicted for an evaluation: " in stderr
+        and "lower train.per_device_eval_batch_size (now 2)" in stderr
+    )
+    run_dir = run_folder(tmp_path)
+    assert latest_checkpoint(run_dir)[0].name == "checkpoint-2"  # step 4's was never written
