@@ -54,14 +54,15 @@ def _benchmark() -> tuple[dict[int, list[tuple[str, str]]], dict[tuple[str, str]
 
 def benchmark_matches(text: str) -> list[tuple[str, str, float]]:
     """(task id, "prompt" or "canonical_solution", share of its windows) for each HumanEval part this
-    text holds at least COVERAGE of, the largest share first."""
+    text holds at least COVERAGE of, the largest share first (the prompt before the solution)."""
     where, counts = _benchmark()
     found: dict[tuple[str, str], int] = defaultdict(int)
     for window in windows(code_tokens(text)):
         for part in where.get(window, ()):
             found[part] += 1
     matches = [(task, part, n / counts[(task, part)]) for (task, part), n in found.items()]
-    return sorted((m for m in matches if m[2] >= COVERAGE), key=lambda m: -m[2])
+    # The largest share first; ties in a fixed order (windows are hashed with Python's per-process seed)
+    return sorted((m for m in matches if m[2] >= COVERAGE), key=lambda m: (-m[2], PARTS.index(m[1]), m[0]))
 
 
 def row_text(messages: list[dict] | None, segments: list[dict] | None) -> str:
