@@ -231,10 +231,13 @@ def load_adapter(adapter_dir: Path, max_seq_length: int, load_in_4bit: bool):
     return model, tokenizer
 
 
-def device_record() -> dict:
-    """What this process trains on, for the run's manifest; with the allocator's settings, which
-    Unsloth changes when imported (expandable segments) and the transformers backend does not."""
+def device_record(compute_dtype: torch.dtype) -> dict:
+    """What this process trains on, for the run's manifest: the device, the dtype the model computes
+    in (on a CPU Unsloth picks bfloat16 where the CPU has it, AMX or AVX-512 BF16, else float32: the
+    same recipe's losses differ in the fourth digit between the two), and the allocator's settings,
+    which Unsloth changes when imported (expandable segments) and the transformers backend does not."""
     allocator = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    dtype = str(compute_dtype).removeprefix("torch.")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         return {
@@ -243,5 +246,6 @@ def device_record() -> dict:
             "memory_bytes": props.total_memory,
             "cuda": torch.version.cuda,
             "allocator": allocator,
+            "compute_dtype": dtype,
         }
-    return {"type": "cpu", "threads": torch.get_num_threads(), "allocator": allocator}
+    return {"type": "cpu", "threads": torch.get_num_threads(), "allocator": allocator, "compute_dtype": dtype}

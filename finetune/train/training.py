@@ -447,7 +447,9 @@ def train(
     samples_file = run_dir / "samples.json"
     if not resume and distributed.is_main():  # rank 0 alone writes the run folder
         # After loading: a hub model is in the cache now, with the revision the run trains.
-        record = manifest(recipe, run_fingerprints(recipe), stack.device_record(), base_model(recipe))
+        record = manifest(
+            recipe, run_fingerprints(recipe), stack.device_record(model.dtype), base_model(recipe)
+        )
         write_run_json(run_dir / "manifest.json", record)
         samples = generate_samples(
             model, tokenizer, store, recipe.output.samples, recipe.output.sample_tokens

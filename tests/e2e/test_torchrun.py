@@ -86,11 +86,16 @@ def test_the_same_global_batch_gives_the_same_loss_at_every_step(two_and_one):
     two processes is the same rows as the one process's batches of 2. The first steps agree to the
     last bit; later ones by about 1e-5: the two halves of each gradient are summed in another order
     (an all-reduce instead of one backward over the batch) and rounded into the bf16 LoRA weights
-    Unsloth's CPU path trains. 1e-4 relative is ten times what was measured."""
+    Unsloth's CPU path trains. 1e-4 relative is ten times what was measured. On a CPU with bfloat16
+    (AMX), where Unsloth computes in bfloat16, a batch of 2 and two of 1 already round differently
+    in the first forward: 1e-5 at the first step, up to 7.5e-5 later, so ten times that there."""
     _, two, one = two_and_one
     assert list(losses(two)) == list(losses(one)) == list(range(1, 8))
-    assert losses(two)[1] == pytest.approx(losses(one)[1], rel=1e-6)
-    assert losses(two) == pytest.approx(losses(one), rel=1e-4)
+    dtypes = {json.loads((f / "manifest.json").read_text())["device"]["compute_dtype"] for f in (two, one)}
+    first, every = {"float32": (1e-6, 1e-4), "bfloat16": (1e-4, 1e-3)}[dtypes.pop()]
+    assert not dtypes, "the two runs computed in different dtypes"
+    assert losses(two)[1] == pytest.approx(losses(one)[1], rel=first)
+    assert losses(two) == pytest.approx(losses(one), rel=every)
 
 
 def _children_with_rank(rank: int) -> list[int]:

@@ -216,6 +216,9 @@ def test_runner_trains_and_prints_one_summary_line(run_by_the_cli):
     assert summary[0].endswith(f"adapter saved to {run_dir / 'adapter'}")
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
     assert (run_dir / "adapter" / "tokenizer.json").is_file()
+    # The dtype the model computed in, as Unsloth said it (bfloat16 on a CPU with AMX, else float32).
+    compute = json.loads((run_dir / "manifest.json").read_text())["device"]["compute_dtype"]
+    assert torch.cuda.is_available() or f"dtype = torch.{compute}," in out.stdout + out.stderr
     assert load_recipe(run_dir / "recipe.yaml").train.max_steps == 6  # the resolved recipe, override applied
     assert json.loads((run_dir / "run.json").read_text())["overrides"] == [*RUN[1:], f"output.dir={output}"]
     # The template the data was rendered with travels with the adapter, for inference.
@@ -252,7 +255,7 @@ def test_runner_trains_and_prints_one_summary_line(run_by_the_cli):
         assert "not predicted on a CPU" in out.stdout and "step time: mean |error|" not in table.stdout
         assert table.stdout.splitlines()[1].split()[3] == "-"  # the "step pred" column
     # The report: figures from the log, curves, and held-out prompts answered before and after.
-    report = (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_bytes().decode()  # as written: a completion may hold "\r\n"
     losses = [entry["loss"] for entry in logged if "loss" in entry]
     assert f"train loss: first {losses[0]:.4f}, final {losses[-1]:.4f}, best {min(losses):.4f}" in report
     assert f"report: {run_dir / 'report.md'}" in out.stdout
