@@ -517,10 +517,10 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
                         + "; ".join(eval_report or ["no rows"])
                     )
                 evaluation.save_to_disk(str(work / "eval"))
-            overlap, overlapping = (
-                eval_overlap(raw.select(indices), eval_raw) if eval_raw is not None and indices else ([], 0)
-            )
             train_rows = raw.select(sorted(set(indices)))  # each row once, however often mixing repeats it
+            overlap, overlapping = (
+                eval_overlap(train_rows, eval_raw) if eval_raw is not None and indices else ([], 0)
+            )
             humaneval = {"rule": RULE}
             humaneval["train"], humaneval["train_count"] = check_rows(train_rows)
             if eval_raw is not None:
