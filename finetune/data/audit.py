@@ -11,9 +11,10 @@ import math
 from array import array
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from finetune.data.contamination import contamination_line
+from finetune.data.preference import pair_lines
 from finetune.data.store import open_store, required_tokenizer
 from finetune.data.tokenize import IGNORE_INDEX, Example
 from finetune.recipe.schema import Recipe
@@ -157,6 +158,27 @@ def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
         (example.source, [(decode(ids, skip_special_tokens=False), t) for ids, t in trained_runs(example)])
         for example in store.examples(limit=show)
     ]
+    pairs = []
+    if recipe.train.preference():  # each chosen conversation above; the rejected answer after it
+        rows = store.dataset("train").select(range(min(show, summary["rows"])))
+        if recipe.train.method_name() == "kto":
+            shown = [
+                (f"{source} ({'desirable' if row['label'] else 'undesirable'})", pieces)
+                for (source, pieces), row in zip(shown, rows, strict=True)
+            ]
+        else:
+            shown = [
+                (
+                    source,
+                    [
+                        *pieces,
+                        ("\n--- rejected answer ---\n", False),
+                        (decode(row["rejected_ids"], skip_special_tokens=False), True),
+                    ],
+                )
+                for (source, pieces), row in zip(shown, rows, strict=True)
+            ]
+        pairs = pair_lines(store.dataset("train"), recipe.train.method_name() == "kto")
     evaluation = None
     if summary["eval_rows"]:
         evaluation = audit(store.examples("eval"), summary["eval_rows"], [], tokenizer.eos_id)
@@ -169,7 +191,7 @@ def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
     ] or [f"HumanEval: no row holds one of its problems ({found['rule']})"]
     return DataAudit(
         summary["tokenizer"],
-        result,
+        replace(result, report=result.report + pairs),
         summary["lengths"],
         summary["dropped_untrained"],
         shown,

@@ -16,7 +16,7 @@ import math
 import random
 import sys
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -336,16 +336,22 @@ def iter_conversations(
     columns: dict[str, str] | None = None,
     skipped: list[str] | None = None,
     default_split: str = "train",
+    read: Callable[[dict[str, Any], str], Any] | None = None,
 ) -> Iterator[Conversation]:
     """Every row of every source, with its file:line: chat messages, or raw text segments; streamed
     a row at a time. ``columns`` maps our field names to the dataset's (e.g. completion:
     canonical_solution). A bad row stops with its file:line, or, given a ``skipped`` list, is
-    recorded there and passed over."""
+    recorded there and passed over. ``read(row, where)``: another reader of a row (preference
+    pairs, data/preference.py), after ``columns``."""
     found = False
     for path in expand_files(files, default_split):
         for number, row in iter_rows(path, skipped):
             try:
-                conversation = _conversation(row, f"{path}:{number}", row_format, columns)
+                if read is not None:
+                    mapped = {**row, **{o: row[t] for o, t in (columns or {}).items() if t in row}}
+                    conversation = read(mapped, f"{path}:{number}")
+                else:
+                    conversation = _conversation(row, f"{path}:{number}", row_format, columns)
             except UserError as exc:
                 _bad_row(str(exc), skipped)
                 continue

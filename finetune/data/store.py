@@ -14,6 +14,7 @@ dropped and why) is plain JSON: planning reads it without importing `datasets`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from finetune.base.fingerprint import content_digest, folder_damage, folder_file
 from finetune.base.internals import dataset_fingerprint
 from finetune.base.processes import children_die_with_us
 from finetune.data.contamination import RULE, check_rows
+from finetune.data.preference import pair_report, read_pair, tokenize_pair_batch, too_long_pair
 from finetune.data.rows import (
     Conversation,
     HubSplit,
@@ -57,7 +59,7 @@ from finetune.data.tokenize import (
 )
 from finetune.models.base import base_model
 from finetune.recipe.paths import absolute_inputs
-from finetune.recipe.schema import Recipe, recipe_digest
+from finetune.recipe.schema import PAIRED_METHODS, Recipe, recipe_digest
 
 # Bump when preparation changes what it produces or refuses, so stores built before are not trusted
 # (4: CSV records that do not match their header are bad rows, no longer read short; 5: the summary
@@ -126,6 +128,8 @@ def store_key(recipe: Recipe, tokenizer: TokenizerSource) -> str:
         [_source_digest(s) for s in expand_files(data.train)],
         [_source_digest(s) for s in expand_files(data.eval, default_split="test")],
     ]
+    if recipe.train.preference():  # pairs or unpaired rows, prepared otherwise (SFT's keys unchanged)
+        key.append("pairs" if recipe.train.method_name() in PAIRED_METHODS else "unpaired")
     return xxhash.xxh3_128(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -317,8 +321,14 @@ def _raw_schema():
 
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     segment = pa.struct([("text", pa.string()), ("trained", pa.bool_())])
+    # pair: a preference row as JSON (data/preference.py), its chosen answer in messages/segments
     return pa.schema(
-        [("source", pa.string()), ("messages", pa.list_(message)), ("segments", pa.list_(segment))]
+        [
+            ("source", pa.string()),
+            ("messages", pa.list_(message)),
+            ("segments", pa.list_(segment)),
+            ("pair", pa.string()),
+        ]
     )
 
 
@@ -331,8 +341,16 @@ def _write_raw(entries: list[str], recipe: Recipe, path: Path, default_split: st
     schema = _raw_schema()
     rows, batch = 0, []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        conversations = iter_conversations(entries, data.format, data.columns, skipped, default_split)
+        read = None
+        if recipe.train.preference():
+            paired = recipe.train.method_name() in PAIRED_METHODS
+            read = functools.partial(read_pair, paired=paired)
+        conversations = iter_conversations(entries, data.format, data.columns, skipped, default_split, read)
         for conversation in conversations:
+            pair = None
+            if read is not None:
+                pair = json.dumps(conversation.as_dict())
+                conversation = Conversation(conversation.source, *conversation.conversation())
             segments = conversation.segments
             batch.append(
                 {
@@ -341,6 +359,7 @@ def _write_raw(entries: list[str], recipe: Recipe, path: Path, default_split: st
                     "segments": None
                     if segments is None
                     else [{"text": t, "trained": k} for t, k in segments],
+                    "pair": pair,
                 }
             )
             if len(batch) == _WRITE_BATCH:
@@ -416,6 +435,8 @@ def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object,
 
     data, max_seq_length = recipe.data, recipe.model.max_seq_length
     processes = min(os.cpu_count() or 1, max(1, len(raw) // _ROWS_PER_PROCESS))
+    if recipe.train.preference():
+        return _tokenize_pairs(raw, tokenizer, recipe, fingerprint, processes)
     features = Features(
         {
             "source": Value("string"),
@@ -458,6 +479,53 @@ def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object,
     kept_lengths = [min(lengths[k], max_seq_length) for k in kept]
     kept_rows = tokenized.select(kept).select_columns(["source", "input_ids", "labels", "trained"])
     return kept_rows, prepared, kept_lengths
+
+
+def _tokenize_pairs(raw, tokenizer, recipe: Recipe, fingerprint: str, processes: int):
+    """_tokenize for preference rows: kept pairs (the chosen conversation, the rejected answer,
+    the prompt's length, KTO's label), a Prepared holding the report, and each pair's length."""
+    from datasets import Features, List, Value
+
+    data, max_seq_length = recipe.data, recipe.model.max_seq_length
+    ids = List(Value("int32"))
+    features = Features(
+        {
+            "source": Value("string"),
+            "input_ids": ids,
+            "labels": ids,
+            "rejected_ids": ids,
+            "prompt_length": Value("int32"),
+            "label": Value("bool"),
+            "length": Value("int32"),
+            "status": Value("string"),
+            "cut": Value("string"),
+            "error": Value("string"),
+            "trained": Value("int64"),
+        }
+    )
+    with children_die_with_us():
+        tokenized = raw.map(
+            tokenize_pair_batch,
+            batched=True,
+            batch_size=256,
+            num_proc=processes if processes > 1 else None,
+            fn_kwargs={"tokenizer": tokenizer, "max_seq_length": max_seq_length, "overlong": data.overlong},
+            remove_columns=["messages", "segments", "pair"],
+            features=features,
+            desc="tokenizing",
+            new_fingerprint=fingerprint,
+        )
+    statuses, sources, lengths = tokenized["status"], tokenized["source"], tokenized["length"]
+    for k, status in enumerate(statuses):
+        if status == "error":
+            raise UserError(tokenized[k]["error"])
+        if status == TOO_LONG and data.overlong == "error":
+            raise too_long_pair(sources[k], lengths[k], max_seq_length)
+    prepared = Prepared(examples=[], notes=pair_report(statuses, tokenized["cut"], sources, max_seq_length))
+    kept = [k for k, status in enumerate(statuses) if status in (KEPT, TRUNCATED)]
+    kept_lengths = [min(lengths[k], max_seq_length) for k in kept]
+    columns = ["source", "input_ids", "labels", "rejected_ids", "prompt_length", "label", "trained"]
+    return tokenized.select(kept).select_columns(columns), prepared, kept_lengths
 
 
 def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -> Store:

@@ -55,6 +55,7 @@ class Prepared:
     dropped_too_long: list[str] = field(default_factory=list)
     truncated: list[str] = field(default_factory=list)
     dropped_untrained: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # preference pairs' report (data/preference.py)
 
     def record(self, example: Example, status: str) -> None:
         """Keep a trained row, or note a dropped one under what happened to it."""
@@ -82,7 +83,7 @@ class Prepared:
             if rows:
                 shown = ", ".join(rows[:3]) + (f" and {len(rows) - 3} more" if len(rows) > 3 else "")
                 lines.append(f"{len(rows)} rows {what} ({shown})")
-        return lines
+        return lines + self.notes
 
 
 def compile_template(text: str, where: str):

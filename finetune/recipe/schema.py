@@ -161,9 +161,13 @@ class DataSection(_Section):
         description="Training files or folders (.jsonl, .json, .csv, optionally .gz; .parquet).",
         json_schema_extra=_one_or_more_paths,
     )
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"] = Field(
+    format: Literal[
+        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired"
+    ] = Field(
         "auto",
-        description="Row format: messages, sharegpt, alpaca, prompt_completion or text; 'auto' detects it.",
+        description="Row format: messages, sharegpt, alpaca, prompt_completion or text; for preference "
+        "tuning, preference (prompt/chosen/rejected) or unpaired (KTO: prompt/completion/label); "
+        "'auto' detects it.",
     )
     weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
@@ -238,6 +242,9 @@ class DataSection(_Section):
             "prompt",
             "completion",
             "text",
+            "chosen",
+            "rejected",
+            "label",
         )
         for ours in columns:
             if ours not in known:
@@ -271,6 +278,41 @@ MIN_LR_SCHEDULES = ("cosine_with_min_lr", "polynomial", "warmup_stable_decay")
 # Which extra setting each schedule needs (required) or may take (optional).
 # What an evaluation logs: the loss alone (no compute_metrics); "loss" is transformers' short name.
 EVAL_METRICS = ("eval_loss", "loss")
+
+# Preference tuning through TRL's trainers: dpo and kto from trl, orpo and simpo (CPO's loss_type
+# simpo) from trl.experimental. Each method's options under TRL's names, with the value each takes
+# when the recipe leaves it unset; every one is passed to the trainer's config (library defaults
+# move). SimPO's are the paper's (beta 2.0, a margin of 0.5) without CPO's NLL term (cpo_alpha 0).
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
+PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")
+PAIRED_METHODS = ("dpo", "orpo", "simpo")  # chosen and rejected; kto reads unpaired rows
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "sft": {},
+    "dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
+    "kto": {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0},
+    "orpo": {"beta": 0.1},
+    "simpo": {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0, "label_smoothing": 0.0},
+}
+# The loss types each method's trainer computes (TRL 1.15's DPOTrainer and KTOTrainer).
+LOSS_TYPES = {
+    "dpo": (
+        "sigmoid",
+        "hinge",
+        "ipo",
+        "exo_pair",
+        "nca_pair",
+        "robust",
+        "bco_pair",
+        "sppo_hard",
+        "aot",
+        "aot_unpaired",
+        "apo_zero",
+        "apo_down",
+        "discopop",
+        "sigmoid_norm",
+    ),
+    "kto": ("kto", "apo_zero_unpaired"),
+}
 
 SCHEDULE_SETTINGS = {
     "polynomial": ((), ("power",)),
@@ -375,6 +417,64 @@ class TrainSection(_Section):
     early_stopping_threshold: Annotated[float, Field(ge=0)] | None = Field(
         None, description="How much better than the best an evaluation must be to count as improving (0)."
     )
+    # Preference tuning (TRL's names). Unset by default: a recipe without them keeps its digest.
+    method: Literal["sft", "dpo", "kto", "orpo", "simpo"] | None = Field(
+        None,
+        description="sft (the default), or preference tuning: dpo, kto, orpo or simpo (docs/preference.md).",
+    )
+    beta: Annotated[float, Field(gt=0)] | None = Field(
+        None,
+        description="dpo, kto: how far from the reference the model may move (0.1); orpo: the odds-ratio "
+        "term's weight (0.1); simpo: the reward scale (2.0).",
+    )
+    loss_type: str | None = Field(
+        None, description="dpo: sigmoid (the default), ipo, hinge, ...; kto: kto or apo_zero_unpaired."
+    )
+    label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] | None = Field(
+        None, description="dpo, simpo: the assumed share of pairs whose preference is wrong (0)."
+    )
+    simpo_gamma: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="simpo: the reward margin chosen must win by (0.5)."
+    )
+    cpo_alpha: Annotated[float, Field(ge=0)] | None = Field(
+        None, description="simpo: weight of an NLL term on the chosen answers (0: SimPO as published)."
+    )
+    desirable_weight: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="kto: weight of the desirable rows' loss (1.0), to balance unequal counts."
+    )
+    undesirable_weight: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="kto: weight of the undesirable rows' loss (1.0)."
+    )
+
+    def method_name(self) -> str:
+        return self.method or "sft"
+
+    def preference(self) -> bool:
+        return self.method_name() in PREFERENCE_METHODS
+
+    def method_options(self) -> dict[str, Any]:
+        """The method's options as its trainer receives them: the recipe's, else our defaults."""
+        return {
+            name: default if getattr(self, name) is None else getattr(self, name)
+            for name, default in METHOD_OPTIONS[self.method_name()].items()
+        }
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> TrainSection:
+        method = self.method_name()
+        every = {name for options in METHOD_OPTIONS.values() for name in options}
+        for name in sorted(every):
+            if getattr(self, name) is not None and name not in METHOD_OPTIONS[method]:
+                takes = ", ".join(m for m, options in METHOD_OPTIONS.items() if name in options)
+                raise ValueError(f"{name} is an option of {takes}, not of method {method}; remove it")
+        if self.loss_type is not None and self.loss_type not in LOSS_TYPES[method]:
+            close = difflib.get_close_matches(self.loss_type, LOSS_TYPES[method], n=1, cutoff=0.5)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"loss_type '{self.loss_type}' is not one {method} computes; {hint}"
+                f"use one of {', '.join(LOSS_TYPES[method])}"
+            )
+        return self
 
     @field_validator("eval_steps")
     @classmethod
@@ -584,6 +684,24 @@ class Recipe(_Section):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     @model_validator(mode="after")
+    def _data_for_the_method(self) -> Recipe:
+        method, data = self.train.method_name(), self.data
+        wanted = {"sft": None, "kto": "unpaired"}.get(method, "preference")
+        if data.format != "auto" and (data.format in ("preference", "unpaired")) != bool(wanted):
+            use = f"use {wanted} or auto" if wanted else "preference rows are for dpo, kto, orpo and simpo"
+            raise ValueError(f"data.format {data.format} is not read by train.method {method}; {use}")
+        if wanted and data.format not in ("auto", wanted):
+            raise ValueError(
+                f"data.format {data.format} is not read by train.method {method}; use {wanted} or auto"
+            )
+        if wanted and data.packing:
+            raise ValueError(
+                f"data.packing does not apply to train.method {method}: its trainer batches whole "
+                "pairs, never packs them; remove it"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _eval_has_data(self) -> Recipe:
         if self.train.eval_steps is not None and not self.data.eval and self.data.eval_fraction is None:
             raise ValueError(
@@ -648,6 +766,8 @@ def _describe_error(error: dict[str, Any], raw: Any, documents: list[Document], 
         description = f" ({field.description})" if field is not None and field.description else ""
         return f"{where}: '{dotted}' is required{description}"
     message = error["msg"].removeprefix("Value error, ")
+    if not path:  # a rule across sections: it names its keys itself, and no one line holds them
+        return f"{documents[0].source if documents else '<recipe>'}: {message}"
     value = error.get("input")
     got = "" if isinstance(value, dict) else f" (got {value!r})"  # a whole section is noise, not a hint
     return f"{where}: {dotted}: {message}{got}"

@@ -21,9 +21,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from torch.optim.lr_scheduler import LambdaLR
 from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, TrainerCallback
-from transformers.optimization import get_wsd_schedule
 from trl import SFTConfig, SFTTrainer
 
 from finetune.base import distributed
@@ -56,6 +54,7 @@ from finetune.train.callbacks import (
 )
 from finetune.train.gpu_memory import read_peak_memory, reset_peak_memory
 from finetune.train.inference import generate_samples
+from finetune.train.our_trainer import OurTrainer
 
 
 def _timed_train(trainer: FinetuneTrainer, resume_from: Path | None = None) -> Measured:
@@ -100,11 +99,27 @@ def add_lora(model, recipe: Recipe):
 def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFTConfig:
     """Map the recipe onto SFTConfig, setting every field we rely on (library defaults move).
     ``save``: checkpoints, into ``output_dir``."""
-    train = recipe.train
     engine = engine_for(recipe, torch.cuda.is_available())  # what the plan decided, to the letter
+    return SFTConfig(
+        **training_arguments(recipe, output_dir, save),
+        max_length=recipe.model.max_seq_length,
+        packing=engine.packing,
+        # Always passed: Unsloth enables padding-free batching on some GPUs when this is unset.
+        padding_free=engine.padding_free,
+        packing_strategy="bfd",  # the strategy data.tokenize.count_packed_sequences counts for
+        dataset_num_proc=1,
+        include_num_input_tokens_seen="non_padding",  # trained tokens per second, for the report
+    )
+
+
+def training_arguments(recipe: Recipe, output_dir: Path, save: bool) -> dict:
+    """The TrainingArguments every method's config shares (SFT's here, preference tuning's in
+    train/preference.py)."""
+    train = recipe.train
+    engine = engine_for(recipe, torch.cuda.is_available())
     best = save and train.keeps_best()
     warmup = train.warmup_steps if train.warmup_steps is not None else (train.warmup_ratio or 0.0)
-    return SFTConfig(
+    return dict(
         output_dir=str(output_dir),
         learning_rate=train.learning_rate,
         # Our own schedules (see FinetuneTrainer) never reach get_scheduler; this passes validation.
@@ -141,59 +156,19 @@ def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFT
         metric_for_best_model=train.best_metric() if best else None,
         greater_is_better=bool(train.greater_is_better) if best else None,
         restore_callback_states_from_checkpoint=best,
-        max_length=recipe.model.max_seq_length,
-        packing=engine.packing,
-        # Always passed: Unsloth enables padding-free batching on some GPUs when this is unset.
-        padding_free=engine.padding_free,
-        packing_strategy="bfd",  # the strategy data.tokenize.count_packed_sequences counts for
-        dataset_num_proc=1,
         # Trackers but TensorBoard (build_trainer adds ours); the run reports, never the probe.
         report_to=trackers.transformers_report_to(recipe.output.report_to, training=save),
         run_name=output_dir.parent.name,  # the run folder's name, in W&B, MLflow and trackio
         project=output_dir.parent.parent.name,  # the recipe's name (trackio's project)
         logging_nan_inf_filter=False,  # a NaN loss must be seen (and stop the run), not averaged away
-        include_num_input_tokens_seen="non_padding",  # trained tokens per second, for the report
         gradient_checkpointing=engine.checkpointing != "off",  # TRL's default (on) would undo 'off'
         disable_tqdm=False,
         **stack.trainer_settings(train.optim, engine.optimizer, recipe.model.dtype),  # optimizer, precision
     )
 
 
-class FinetuneTrainer(SFTTrainer):
-    """TRL's SFTTrainer (Unsloth's, once unsloth is imported: this class is defined after that
-    import) with three additions: the schedules transformers lacks or cannot size
-    (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
-    micro-batch in flight, for the out-of-memory report (the tests' injected faults subclass it:
-    faults.py)."""
-
-    def __init__(self, *args, train_settings: TrainSection, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.train_settings = train_settings
-        self.batch_tokens: int | None = None
-        self.in_forward_backward = False  # where an out-of-memory error came from
-        self.in_evaluation = False
-
-    def create_scheduler(self, num_training_steps: int, optimizer=None):
-        train = self.train_settings
-        if self.lr_scheduler is None and train.lr_scheduler_type in schedule.OWN_SCHEDULES:
-            optimizer = optimizer or self.optimizer
-            warmup = self.args.get_warmup_steps(num_training_steps)
-            if train.lr_scheduler_type == "warmup_stable_decay":
-                self.lr_scheduler = get_wsd_schedule(
-                    optimizer,
-                    num_warmup_steps=warmup,
-                    num_decay_steps=schedule.count_decay_steps(train, num_training_steps),
-                    num_training_steps=num_training_steps,
-                    min_lr_ratio=schedule.floor_rate(train),
-                )
-            else:
-                self.lr_scheduler = LambdaLR(
-                    optimizer, lambda step: schedule.lr_factor(train, step, warmup, num_training_steps)
-                )
-        # The library's method sees a scheduler and keeps it, adding what its subclasses add (Unsloth:
-        # resume fix-ups). Unlike one it built, ours is not rebuilt by a second train() call; each
-        # trainer here trains once.
-        return super().create_scheduler(num_training_steps, optimizer)
+class FinetuneTrainer(OurTrainer, SFTTrainer):
+    """TRL's SFTTrainer with OurTrainer's additions."""
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if stack.BACKEND == "transformers" and not torch.cuda.is_available():
@@ -201,20 +176,6 @@ class FinetuneTrainer(SFTTrainer):
             # over the logits, averaged over the accumulated tokens just the same.
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        self.batch_tokens = int(inputs["input_ids"].numel())  # an eval batch's, for the report
-        self.in_evaluation = True
-        output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
-        self.in_evaluation = False
-        return output
-
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        self.batch_tokens = int(inputs["input_ids"].numel())
-        self.in_forward_backward = True
-        loss = super().training_step(model, inputs, num_items_in_batch)
-        self.in_forward_backward = False
-        return loss
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -280,18 +241,25 @@ def build_trainer(
 ) -> FinetuneTrainer:
     """The trainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
     max_seq_length sequences, and attention stays within each example (position ids restart)."""
-    trainer_class = FinetuneTrainer
+    trainer_class, rows = FinetuneTrainer, _trainer_rows
+    if recipe.train.preference():  # DPO, KTO, ORPO or SimPO: TRL's trainer of the method
+        from finetune.train import preference
+
+        trainer_class, rows = preference.TRAINERS[recipe.train.method_name()], preference.trainer_rows
+        args = preference.build_config(recipe, training_arguments(recipe, output_dir, save))
+    else:
+        args = build_sft_config(recipe, output_dir, save)
     if os.environ.get("FINETUNE_INJECT_FAULT"):  # the tests' faults, loaded only when asked for
         from finetune.train.faults import with_faults
 
-        trainer_class = with_faults(FinetuneTrainer, for_probe)
+        trainer_class = with_faults(trainer_class, for_probe)
     with cache_files_elsewhere():
         trainer = trainer_class(
             model=model,
             processing_class=tokenizer,
-            train_dataset=_trainer_rows(dataset),
-            eval_dataset=_trainer_rows(eval_dataset),
-            args=build_sft_config(recipe, output_dir, save),
+            train_dataset=rows(dataset),
+            eval_dataset=rows(eval_dataset),
+            args=args,
             train_settings=recipe.train,
         )
     if save:

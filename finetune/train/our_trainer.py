@@ -1,0 +1,74 @@
+"""What every method's trainer adds to TRL's: SFT's (train/training.py) and preference tuning's
+(train/preference.py)."""
+
+from __future__ import annotations
+
+from finetune.train import stack  # noqa: F401  (first: Unsloth before the libraries it patches)
+
+# isort: split
+from torch.optim.lr_scheduler import LambdaLR
+from transformers.optimization import get_wsd_schedule
+
+from finetune.plan import schedule
+from finetune.recipe.schema import TrainSection
+
+
+class OurTrainer:
+    """What every method's trainer adds to TRL's (Unsloth's, once unsloth is imported: the classes
+    are defined after that import): the schedules transformers lacks or cannot size
+    (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
+    micro-batch in flight and whether it is in the forward and backward pass or an evaluation, for
+    the out-of-memory report (the tests' injected faults subclass them: faults.py)."""
+
+    def __init__(self, *args, train_settings: TrainSection, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_settings = train_settings
+        self.batch_tokens: int | None = None
+        self.in_forward_backward = False  # where an out-of-memory error came from
+        self.in_evaluation = False
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        train = self.train_settings
+        if self.lr_scheduler is None and train.lr_scheduler_type in schedule.OWN_SCHEDULES:
+            optimizer = optimizer or self.optimizer
+            warmup = self.args.get_warmup_steps(num_training_steps)
+            if train.lr_scheduler_type == "warmup_stable_decay":
+                self.lr_scheduler = get_wsd_schedule(
+                    optimizer,
+                    num_warmup_steps=warmup,
+                    num_decay_steps=schedule.count_decay_steps(train, num_training_steps),
+                    num_training_steps=num_training_steps,
+                    min_lr_ratio=schedule.floor_rate(train),
+                )
+            else:
+                self.lr_scheduler = LambdaLR(
+                    optimizer, lambda step: schedule.lr_factor(train, step, warmup, num_training_steps)
+                )
+        # The library's method sees a scheduler and keeps it, adding what its subclasses add (Unsloth:
+        # resume fix-ups). Unlike one it built, ours is not rebuilt by a second train() call; each
+        # trainer here trains once.
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        self.batch_tokens = batch_tokens(inputs)  # an eval batch's, for the report
+        self.in_evaluation = True
+        output = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        self.in_evaluation = False
+        return output
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.batch_tokens = batch_tokens(inputs)
+        self.in_forward_backward = True
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        self.in_forward_backward = False
+        return loss
+
+
+def batch_tokens(inputs: dict) -> int:
+    """The token positions of a micro-batch: its input_ids (SFT's, DPO's chosen and rejected
+    stacked), or the sum of ORPO's and SimPO's chosen and rejected ones."""
+    if "input_ids" in inputs:
+        return int(inputs["input_ids"].numel())
+    return sum(
+        int(v.numel()) for k, v in inputs.items() if k.endswith("input_ids") and not k.startswith("prompt")
+    )
