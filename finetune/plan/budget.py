@@ -23,8 +23,14 @@ from finetune.models.shapes import (
 from finetune.plan import constants
 from finetune.plan.constants import GIB, constant
 from finetune.plan.devices import GPUS, Device
-from finetune.plan.engine import MAGNITUDE_BYTES, adapter_bytes, checkpointing, effective_optimizer
-from finetune.plan.loss_memory import loss_bytes
+from finetune.plan.engine import (
+    MAGNITUDE_BYTES,
+    adapter_bytes,
+    checkpointing,
+    effective_optimizer,
+    row_passes,
+)
+from finetune.plan.loss_memory import loss_bytes, preference_loss_bytes
 from finetune.plan.multi_gpu import allreduce_seconds, link
 from finetune.plan.schedule import count_optimizer_steps
 from finetune.recipe.schema import Recipe
@@ -168,9 +174,7 @@ def predict_memory(
         terms["DoRA weight-norm workspace"] = dora_workspace_bytes(
             shapes, lora.target_modules, adapter, dtype_bytes
         )
-    name, loss = loss_bytes(
-        recipe.model.backend, shapes.hidden, shapes.vocab, tokens_per_micro_batch, on_gpu, dtype_bytes
-    )
+    name, loss = loss_term(recipe, shapes, tokens_per_micro_batch, on_gpu, dtype_bytes)
     terms[name] = loss
     if world_size > 1:  # DDP's flat buckets: the gradients once more (see multi_gpu.py)
         terms["DDP gradient buckets"] = trainable
@@ -182,6 +186,19 @@ def predict_memory(
     if recipe.model.load_in_4bit:
         single = shapes.layers * sum(nf4_bytes_single_quant(i * o) for i, o in shapes.projections().values())
     return MemoryPlan(terms, tokens_per_micro_batch, single)
+
+
+def loss_term(
+    recipe: Recipe, shapes: Shapes, tokens: int, on_gpu: bool, dtype_bytes: int, training: bool = True
+) -> tuple[str, float]:
+    """The lm_head-and-loss term: the backend's loss for SFT, the method's trainer's otherwise."""
+    if recipe.train.preference():
+        return preference_loss_bytes(
+            row_passes(recipe).logits, shapes.hidden, shapes.vocab, tokens, dtype_bytes, training
+        )
+    return loss_bytes(
+        recipe.model.backend, shapes.hidden, shapes.vocab, tokens, on_gpu, dtype_bytes, training
+    )
 
 
 # What stays on the GPU from training while an evaluation runs: the weights, LoRA's parameters, the
@@ -221,9 +238,7 @@ def predict_eval_memory(
     terms["eval activations (one layer at a time)"] = (
         tokens_per_batch * dtype_bytes * (6 * h + 2 * kv + 4 * f)
     )
-    name, loss = loss_bytes(
-        recipe.model.backend, h, shapes.vocab, tokens_per_batch, on_gpu, dtype_bytes, training=False
-    )
+    name, loss = loss_term(recipe, shapes, tokens_per_batch, on_gpu, dtype_bytes, training=False)
     terms[name] = loss
     allocated = sum(terms.values())
     if on_gpu:
@@ -293,7 +308,8 @@ def predict_time(
     recipe: Recipe, shapes: Shapes, device: Device, mean_tokens: float, total_steps: int, world_size: int = 1
 ) -> TimePlan:
     train, model = recipe.train, recipe.model
-    seq_len = mean_tokens / train.per_device_train_batch_size
+    each = row_passes(recipe)
+    seq_len = mean_tokens / (train.per_device_train_batch_size * each.sequences)
     per_token = flops_per_token(shapes, seq_len, checkpointing(model))
     compute = mean_tokens * per_token / (constant("gemm_efficiency") * device.bf16_tflops * 1e12)
     passes = 3 if checkpointing(model) != "off" else 2
@@ -303,6 +319,10 @@ def predict_time(
         dequant = traffic / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
     overhead = constant("micro_batch_overhead_s")
     terms = {"matmuls": compute, "4-bit dequantization": dequant, "fixed overhead": overhead}
+    if each.forwards:  # the reference (and KTO's KL) passes, without gradients
+        terms["reference passes (no gradient)"] = forward_seconds(
+            recipe, shapes, device, mean_tokens * each.forwards, seq_len, each.forwards
+        )
     if recipe.lora.use_dora:
         terms["DoRA weight norms"] = passes * dora_seconds_per_pass(shapes, recipe.lora, device, model)
     if model.backend == "transformers" and device.is_gpu:  # without Unsloth's fused GPU kernels
@@ -362,6 +382,7 @@ class BudgetPlan:
     backend: str = "unsloth"  # the engine the plan is for (recipe.model.backend)
     world_size: int = 1  # GPUs training together; memory is per GPU
     eval_memory: MemoryPlan | None = None  # an eval batch's peak, when the run evaluates
+    counted: str = ""  # what a preference method's rows cost, as counted (engine.Passes.what)
 
     @property
     def ok(self) -> bool:
@@ -408,8 +429,11 @@ def plan_budget(
     """Memory and time predictions for this recipe on this device (each of ``world_size`` GPUs
     training together), checked against every limit."""
     batch, seq = recipe.train.per_device_train_batch_size, recipe.model.max_seq_length
-    peak = peak_tokens_per_micro_batch(work.lengths, batch, seq, work.packing)
-    mean = mean_tokens_per_micro_batch(work.lengths, work.sequences, batch, seq, work.packing)
+    each = row_passes(recipe)  # a preference pair trains 2 sequences of its padded length
+    peak = each.sequences * peak_tokens_per_micro_batch(work.lengths, batch, seq, work.packing)
+    mean = each.sequences * mean_tokens_per_micro_batch(
+        work.lengths, work.sequences, batch, seq, work.packing
+    )
     memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu, world_size)
     time = predict_time(recipe, shapes, device, mean, work.total_steps, world_size)
     eval_memory = None
@@ -417,13 +441,15 @@ def plan_budget(
         eval_batch = min(
             recipe.train.per_device_eval_batch_size, work.eval_sequences
         )  # no fuller than the set
-        eval_peak = peak_tokens_per_micro_batch(work.eval_lengths, eval_batch, seq, work.packing)
+        eval_peak = each.sequences * peak_tokens_per_micro_batch(
+            work.eval_lengths, eval_batch, seq, work.packing
+        )
         eval_memory = predict_eval_memory(recipe, shapes, eval_peak, dtype_bytes, device.is_gpu, world_size)
-        tokens = (
+        tokens = each.sequences * (
             sum(work.eval_lengths) if work.eval_lengths and not work.packing else work.eval_sequences * seq
         )
         one = predict_eval_seconds(
-            recipe, shapes, device, tokens, math.ceil(work.eval_sequences / eval_batch)
+            recipe, shapes, device, tokens, math.ceil(work.eval_sequences / eval_batch), 1 + each.forwards
         )
         time = replace(
             time,
@@ -466,23 +492,36 @@ def plan_budget(
         verdicts.append(Verdict("seconds per step", time.step_seconds, budget.max_step_seconds, "s"))
     if budget.max_hours is not None and device.is_gpu:
         verdicts.append(Verdict("total hours", time.total_seconds / 3600, budget.max_hours, "h"))
-    return BudgetPlan(device, memory, time, verdicts, recipe.model.backend, world_size, eval_memory)
+    return BudgetPlan(
+        device, memory, time, verdicts, recipe.model.backend, world_size, eval_memory, each.what
+    )
 
 
 def predict_eval_seconds(
-    recipe: Recipe, shapes: Shapes, device: Device, tokens: float, batches: int
+    recipe: Recipe, shapes: Shapes, device: Device, tokens: float, batches: int, forwards: int = 1
 ) -> float:
     """One evaluation: a forward pass (a third of training's matmul work without recomputation) over
-    ``tokens`` in ``batches`` batches, with one dequantization of the 4-bit weights per batch."""
-    seq_len = tokens / max(batches * recipe.train.per_device_eval_batch_size, 1)
+    ``tokens`` in ``batches`` batches, with one dequantization of the 4-bit weights per batch;
+    ``forwards`` passes of each batch where the method has a reference (engine.passes)."""
+    sequences = batches * recipe.train.per_device_eval_batch_size * row_passes(recipe).sequences
+    return forwards * forward_seconds(recipe, shapes, device, tokens, tokens / max(sequences, 1), batches) + (
+        batches * constant("micro_batch_overhead_s")
+    )
+
+
+def forward_seconds(
+    recipe: Recipe, shapes: Shapes, device: Device, tokens: float, seq_len: float, passes: int
+) -> float:
+    """Forward passes without gradients over ``tokens`` in sequences of ``seq_len``, in ``passes_``
+    batches (each dequantizes the 4-bit weights once)."""
     linear, head = shapes.linear_parameters, shapes.vocab * shapes.hidden
     attention = 12 * shapes.layers * shapes.heads * shapes.head_dim * seq_len / 2 / 3
     flops = tokens * (2 * (linear + head) + attention)
     compute = flops / (constant("gemm_efficiency") * device.bf16_tflops * 1e12)
     dequant = 0.0
     if recipe.model.load_in_4bit:
-        dequant = batches * 2.5 * linear / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
-    return compute + dequant + batches * constant("micro_batch_overhead_s")
+        dequant = passes * 2.5 * linear / (constant("bandwidth_efficiency") * device.bandwidth_gbs * 1e9)
+    return compute + dequant
 
 
 def describe_budget(plan: BudgetPlan, allowed_tokens: int | None = None) -> list[str]:
@@ -503,6 +542,8 @@ def describe_budget(plan: BudgetPlan, allowed_tokens: int | None = None) -> list
     lines += [f"  {name:<42} {value / GIB:8.2f} GiB" for name, value in memory.terms.items()]
     if memory.single_quant_weights is not None:  # Unsloth always double-quantizes; this is what it saves
         lines.insert(2, f"    (without double quantization: {memory.single_quant_weights / GIB:.2f} GiB)")
+    if plan.counted:
+        lines.insert(0, f"counted: {plan.counted} (TRL's trainer, read from its code)")
     margin = constant("memory_margin")
     lines.append(
         f"  {'total':<42} {memory.total / GIB:8.2f} GiB  (+/-{margin:.0%}: "

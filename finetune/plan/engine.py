@@ -90,3 +90,34 @@ def adapter_bytes(model: ModelSection, on_gpu: bool) -> int:
     backend, test_transformers_backend.py) and on a GPU (tests/e2e/test_gpu.py)."""
     trl_casts = model.load_in_4bit and (model.backend == "transformers" or not on_gpu)
     return 2 if trl_casts else 4
+
+
+@dataclass(frozen=True)
+class Passes:
+    """What one row costs a training step, by method (TRL 1.15's trainers): ``sequences`` trained
+    (chosen and rejected for a pair, padded alike to the longer), ``forwards`` more passes without
+    gradients over the trained sequences' tokens (the reference, the base with the adapter off; for
+    KTO also the KL completions, through the model and the reference), and ``logits``: whether the
+    loss makes the T x V logits (ORPO's and CPO's concatenated_forward) instead of TRL's fused head."""
+
+    sequences: int
+    forwards: int
+    logits: bool
+    what: str  # said in the plan
+
+
+def row_passes(recipe: Recipe) -> Passes:
+    method = recipe.train.method_name()
+    if method == "dpo":
+        return Passes(2, 1, False, "each pair is 2 sequences (chosen, rejected) and a reference pass")
+    if method in ("orpo", "simpo"):
+        return Passes(2, 0, True, "each pair is 2 sequences (chosen, rejected), full logits, no reference")
+    if method == "kto":
+        kl = recipe.train.method_options()["loss_type"] == "kto"  # apo_zero_unpaired needs no KL term
+        return Passes(
+            1,
+            3 if kl else 1,
+            False,
+            "each row is 1 sequence, a reference pass" + (" and the KL completions (2 passes)" if kl else ""),
+        )
+    return Passes(1, 0, False, "")

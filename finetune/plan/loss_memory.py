@@ -81,3 +81,20 @@ def loss_bytes(
         return "lm_head and loss (fused, chunked)", bytes_
     name = "lm_head and loss (TRL's fused head)" if on_gpu else "logits and loss (transformers)"
     return name, transformers_loss_bytes(hidden, vocab, tokens, on_gpu, dtype_bytes, training)
+
+
+def preference_loss_bytes(
+    logits: bool, hidden: int, vocab: int, tokens: int, dtype_bytes: int, training: bool = True
+) -> tuple[str, float]:
+    """The lm_head-and-loss term of preference tuning, on either backend (TRL's trainers call the
+    model themselves): DPO and KTO ask for TRL's fused LM head (``fused_lm_head=True``), tiles of
+    log-probabilities; ORPO and CPO (``logits``) take the model's T x V logits and their fp32
+    log-softmax, as transformers' own loss does on the CPU. Read from TRL 1.15's code; Unsloth's
+    generated trainers on a GPU may differ (not yet measured there)."""
+    if logits:
+        return "logits and loss (T x V, as ORPO/CPO make them)", transformers_loss_bytes(
+            hidden, vocab, tokens, False, dtype_bytes, training
+        )
+    return "lm_head and loss (TRL's fused head)", transformers_loss_bytes(
+        hidden, vocab, tokens, True, dtype_bytes, training
+    )

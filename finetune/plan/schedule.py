@@ -295,6 +295,9 @@ def plan_as_dict(plan: SchedulePlan) -> dict:
 # Peak learning rates practitioners use for LoRA/QLoRA adapters (QLoRA paper: 1e-4 to 2e-4 for 7B-65B;
 # Unsloth's and axolotl's examples: 2e-4); an order of magnitude outside is almost always a typo.
 LORA_LR_RANGE = (1e-5, 1e-3)
+# Preference tuning moves an already good model: DPO's paper trains at 5e-7 (full weights), LoRA
+# recipes (TRL's, Unsloth's, Zephyr's) at 5e-7 to 5e-5.
+PREFERENCE_LR_RANGE = (1e-7, 1e-4)
 
 
 def advise(plan: SchedulePlan, train: TrainSection) -> tuple[list[str], list[str]]:
@@ -321,11 +324,13 @@ def advise(plan: SchedulePlan, train: TrainSection) -> tuple[list[str], list[str
             f"no warmup at learning_rate {train.learning_rate:g}: Adam's first updates are the largest "
             "and can destabilise training; add warmup_ratio: 0.03"
         )
-    low, high = LORA_LR_RANGE
+    low, high = PREFERENCE_LR_RANGE if train.preference() else LORA_LR_RANGE
     if not low <= train.learning_rate <= high:
+        usual = f"{train.method_name()} with LoRA" if train.preference() else "LoRA"
+        start = "5e-6" if train.preference() else "2e-4"
         warnings.append(
-            f"learning_rate {train.learning_rate:g} is far outside the usual LoRA range "
-            f"({low:g} to {high:g}); 2e-4 is the common starting point"
+            f"learning_rate {train.learning_rate:g} is far outside the usual {usual} range "
+            f"({low:g} to {high:g}); {start} is the common starting point"
         )
     after_warmup = plan.total_steps - plan.warmup_steps
     if train.lr_scheduler_type == "warmup_stable_decay":

@@ -69,13 +69,76 @@ def summary(history: list[dict], seconds: float, since: tuple[int, int] = (0, 0)
         "seconds": seconds,
         "resumed_at": since[0],
         "trained_tokens": tokens,
-        "tokens_per_second": (tokens - since[1]) / seconds if seconds else None,
+        # None where the trainer counts no tokens (ORPO's and CPO's: their batches hold no input_ids)
+        "tokens_per_second": (tokens - since[1]) / seconds if seconds and tokens else None,
         "first_loss": train[0][1] if train else None,
         "final_loss": train[-1][1] if train else None,
         "best_loss": min(train, key=lambda point: point[1]) if train else None,
         "final_eval_loss": evaluation[-1][1] if evaluation else None,
         "best_eval_loss": min(evaluation, key=lambda point: point[1]) if evaluation else None,
     }
+
+
+# What TRL's preference trainers log: each answer's reward (beta times its log-probability ratio to
+# the reference; ORPO and SimPO: to none), their margin, and the share of pairs the chosen wins.
+REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def preference_lines(history: list[dict]) -> list[str]:
+    """The rewards' first and last logged values, training's and the last evaluation's; none for SFT."""
+    train = {key: _loss_points(history, key) for key in REWARDS}
+    if not train["rewards/margins"]:
+        return []
+
+    def first_last(points: list[tuple[int, float]]) -> str:
+        return f"{points[0][1]:.4f} -> {points[-1][1]:.4f}" if points else "-"
+
+    lines = [
+        f"rewards (train, first -> last logged step): chosen {first_last(train['rewards/chosen'])}, "
+        f"rejected {first_last(train['rewards/rejected'])}, margin {first_last(train['rewards/margins'])}, "
+        f"accuracy {first_last(train['rewards/accuracies'])}"
+    ]
+    evaluation = {key: _loss_points(history, f"eval_{key}") for key in REWARDS}
+    if evaluation["rewards/margins"]:
+        last = {key.split("/")[1]: points[-1][1] for key, points in evaluation.items() if points}
+        lines.append(
+            f"rewards (eval, step {evaluation['rewards/margins'][-1][0]}): "
+            + ", ".join(f"{name} {value:.4f}" for name, value in last.items())
+        )
+    return lines
+
+
+def plot_preference(history: list[dict], path: Path) -> Path:
+    """The chosen and rejected rewards per logged step (eval's as points), and the margin and
+    accuracy beside them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    rewards, margin = fig.subplots(1, 2)
+    for key, color in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red")):
+        for prefix, style in (("", "-"), ("eval_", "o--")):
+            points = _loss_points(history, prefix + key)
+            if points:
+                label = f"{'eval ' if prefix else ''}{key.split('/')[1]}"
+                rewards.plot(*zip(*points, strict=True), style, color=color, markersize=4, label=label)
+    rewards.set_ylabel("reward")
+    for key, axis, color in (
+        ("rewards/margins", margin, "tab:purple"),
+        ("rewards/accuracies", margin.twinx(), "tab:gray"),
+    ):
+        points = _loss_points(history, key)
+        if points:
+            axis.plot(*zip(*points, strict=True), color=color, label=key.split("/")[1])
+            axis.set_ylabel(key.split("/")[1], color=color)
+    for axis in (rewards, margin):
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    rewards.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
 
 
 def read_best(run_dir: Path) -> BestCheckpoint | None:
@@ -117,7 +180,12 @@ def write_report(
     console = [
         f"steps: {figures['steps']}"
         + (f" (from step {figures['resumed_at']} on in this process)" if figures["resumed_at"] else "")
-        + f" in {figures['seconds']:.1f} s, {_fmt(figures['tokens_per_second'], '.0f')} trained tokens/s",
+        + f" in {figures['seconds']:.1f} s, "
+        + (
+            f"{figures['tokens_per_second']:.0f} trained tokens/s"
+            if figures["tokens_per_second"] is not None
+            else "trained tokens not counted by this trainer"
+        ),
         f"train loss: first {_fmt(figures['first_loss'])}, final {_fmt(figures['final_loss'])}, "
         f"best {_fmt(best[1] if best else None)}" + (f" (step {best[0]})" if best else ""),
     ]
@@ -128,6 +196,10 @@ def write_report(
         )
     if kept is not None:
         console += kept.lines()
+    preference = preference_lines(history)
+    console += preference
+    if preference:
+        plot_preference(history, run_dir / "preference.png")
     if budget:
         measured, predicted = budget["measured"], budget["predicted"]
         peak = budget.get("measured_peak_bytes")
@@ -165,6 +237,8 @@ def write_report(
         "",
         "![learning rate, planned and logged](lr_schedule.png)",
     ]
+    if preference:
+        lines += ["", "![rewards, margin and accuracy](preference.png)"]
     if samples:
         lines += ["", "## Samples (greedy, before and after training)", ""]
         for k, sample in enumerate(samples, start=1):
