@@ -257,12 +257,14 @@ def count_rows(recipe: Recipe) -> tuple[int, list[str]]:
     row (so bad ones are found) without tokenizing any."""
     data = recipe.data
     skipped: list[str] | None = [] if data.bad_rows == "skip" else None
+    read = row_reader(recipe)
     files = [
-        source_file(c.source) for c in iter_conversations(data.train, data.format, data.columns, skipped)
+        source_file(c.source)
+        for c in iter_conversations(data.train, data.format, data.columns, skipped, read=read)
     ]
     indices, _, report = _select(files, recipe)
     eval_skipped: list[str] | None = [] if data.bad_rows == "skip" else None
-    for _ in iter_conversations(data.eval, data.format, data.columns, eval_skipped, default_split="test"):
+    for _ in iter_conversations(data.eval, data.format, data.columns, eval_skipped, "test", read):
         pass
     eval_report = [f"eval data: {line}" for line in skipped_report(eval_skipped or [])]
     return len(indices), skipped_report(skipped or []) + report + eval_report
@@ -332,6 +334,14 @@ def _raw_schema():
     )
 
 
+def row_reader(recipe: Recipe):
+    """How a row is read for the recipe's method: as SFT's conversation (None: rows.py's own
+    reader), or as a preference pair or unpaired row (data/preference.py)."""
+    if not recipe.train.preference():
+        return None
+    return functools.partial(read_pair, paired=recipe.train.method_name() in PAIRED_METHODS)
+
+
 def _write_raw(entries: list[str], recipe: Recipe, path: Path, default_split: str) -> tuple[int, list[str]]:
     """Stream every row of these sources into an Arrow file; (rows written, skipped-row messages)."""
     import pyarrow as pa
@@ -341,10 +351,7 @@ def _write_raw(entries: list[str], recipe: Recipe, path: Path, default_split: st
     schema = _raw_schema()
     rows, batch = 0, []
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-        read = None
-        if recipe.train.preference():
-            paired = recipe.train.method_name() in PAIRED_METHODS
-            read = functools.partial(read_pair, paired=paired)
+        read = row_reader(recipe)
         conversations = iter_conversations(entries, data.format, data.columns, skipped, default_split, read)
         for conversation in conversations:
             pair = None

@@ -474,6 +474,16 @@ class TrainSection(_Section):
                 f"loss_type '{self.loss_type}' is not one {method} computes; {hint}"
                 f"use one of {', '.join(LOSS_TYPES[method])}"
             )
+        if (
+            method == "kto"
+            and self.method_options()["loss_type"] == "kto"
+            and self.per_device_train_batch_size < 2
+        ):
+            # TRL refuses it: each row's KL term is measured against another row of its micro-batch.
+            raise ValueError(
+                "method kto needs per_device_train_batch_size 2 or more: its KL term pairs each prompt "
+                "with another row's completion in the same micro-batch"
+            )
         return self
 
     @field_validator("eval_steps")

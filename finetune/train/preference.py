@@ -87,6 +87,7 @@ def build_config(recipe: Recipe, arguments: dict):
             undesirable_weight=options["undesirable_weight"],
             precompute_ref_log_probs=False,
             dataset_num_proc=1,
+            include_num_input_tokens_seen="non_padding",  # the trained completions (not the KL ones)
         )
     common = dict(
         **length,
