@@ -105,6 +105,8 @@ RECIPE_GPU = {
     "llama-3.2-1b": "rtx-4090",
     "llama-3.2-3b": "rtx-4090",
     "llama-3.1-70b": "h100",
+    "code-dpo": "rtx-4090",
+    "code-orpo": "rtx-4090",
 }
 GPU_NAME = {"rtx-4090": "RTX 4090", "h100": "H100"}
 

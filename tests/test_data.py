@@ -20,7 +20,12 @@ from finetune.data.rows import (
 from finetune.recipe.schema import DataSection
 
 ROOT = Path(__file__).resolve().parent.parent
-SAMPLES = sorted((ROOT / "data_samples").glob("*.jsonl"))
+# The SFT samples (the preference ones, code_preference and code_unpaired: tests/test_preference.py)
+SAMPLES = sorted(
+    p
+    for p in (ROOT / "data_samples").glob("*.jsonl")
+    if p.stem.startswith("code_") and p.stem not in ("code_preference", "code_unpaired")
+)
 
 
 @pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])

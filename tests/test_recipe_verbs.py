@@ -139,6 +139,8 @@ TARGET_CARDS = {
     "llama-3.2-1b": "rtx-4090",  # its budget.max_memory_gib is 8
     "llama-3.2-3b": "rtx-4090",  # and 12
     "llama-3.1-70b": "h100",
+    "code-dpo": "rtx-4090",
+    "code-orpo": "rtx-4090",
 }
 
 

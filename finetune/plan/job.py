@@ -142,8 +142,8 @@ def recipes_for(device: Device, planned: Recipe) -> list[str]:
     for path in shipped_recipes():
         recipe = load_recipe(path)
         config = planning_config(recipe)
-        if config is None or recipe == planned:
-            continue
+        if config is None or recipe == planned or recipe.train.method_name() != planned.train.method_name():
+            continue  # another method is no substitute
         work = Workload(None, 1, recipe.data.packing, 1)  # memory alone: the step count is moot
         if plan_budget(recipe, Shapes.from_config(config), device, work).memory_fits:
             fitting.append((count_parameters(config), path.stem, recipe.model.name))

@@ -92,7 +92,7 @@ def preference_loss_bytes(
     log-softmax, as transformers' own loss does on the CPU. Read from TRL 1.15's code; Unsloth's
     generated trainers on a GPU may differ (not yet measured there)."""
     if logits:
-        return "logits and loss (T x V, as ORPO/CPO make them)", transformers_loss_bytes(
+        return "logits and loss (T x V: ORPO, CPO)", transformers_loss_bytes(
             hidden, vocab, tokens, False, dtype_bytes, training
         )
     return "lm_head and loss (TRL's fused head)", transformers_loss_bytes(
