@@ -46,6 +46,14 @@ def trainable_tensors(shapes: Shapes, lora, model, on_gpu: bool) -> list[tuple[l
     return groups
 
 
+def reference_adapter(recipe: Recipe, shapes: Shapes) -> dict[str, int]:
+    """DPO's and KTO's frozen copy of the adapter, their reference (engine.Passes), in fp32."""
+    if not row_passes(recipe).reference_adapter:
+        return {}
+    values = sum(lora_tensor_sizes(shapes, recipe.lora.r, recipe.lora.target_modules))
+    return {"reference adapter (a frozen fp32 copy)": 4 * values}
+
+
 def trainable_bytes(groups: list[tuple[list[int], int]]) -> int:
     """Bytes of the trainable tensors (trainable_tensors), and so of their gradients."""
     return sum(sum(sizes) * size for sizes, size in groups)
@@ -163,6 +171,7 @@ def predict_memory(
         "embeddings, lm_head, norms": kept,
         "LoRA parameters": trainable,
         "LoRA gradients": trainable,
+        **reference_adapter(recipe, shapes),
         f"optimizer state ({optim})": sum(optimizer_state_bytes(optim, s, n) for s, n in groups),
         f"activations ({checkpointing(recipe.model)} checkpointing)": tokens_per_micro_batch
         * activation_bytes_per_token(shapes, checkpointing(recipe.model), dtype_bytes),
@@ -205,6 +214,7 @@ def loss_term(
 # optimizer's state and DDP's buckets (the gradients are freed after each optimizer step: the
 # trainer's model.zero_grad() sets them to None), and DoRA's weight norms, recomputed in every forward.
 KEPT_DURING_EVAL = (
+    "reference adapter",
     "4-bit base weights",
     "base weights",
     "embeddings, lm_head, norms",

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.models.shapes import Shapes
-from finetune.plan.budget import Verdict, optimizer_state_bytes, trainable_bytes, trainable_tensors
+from finetune.plan.budget import (
+    Verdict,
+    optimizer_state_bytes,
+    reference_adapter,
+    trainable_bytes,
+    trainable_tensors,
+)
 from finetune.plan.constants import GIB
 from finetune.plan.engine import effective_optimizer
 from finetune.recipe.schema import Recipe
@@ -100,7 +106,9 @@ def predict_disk(
     optimizer = state + 2 * tensors * TENSOR_OVERHEAD_BYTES
     tokenizer = LLAMA3_TOKENIZER_BYTES if tokenizer_files is None else tokenizer_files
     steps_log = total_steps * BYTES_PER_STEP
-    checkpoint = adapter + optimizer + tokenizer + CHECKPOINT_SMALL_FILES_BYTES + steps_log
+    # DPO's and KTO's reference adapter is saved in each checkpoint too (its ref/ folder)
+    reference = sum(reference_adapter(recipe, shapes).values())
+    checkpoint = adapter + reference + optimizer + tokenizer + CHECKPOINT_SMALL_FILES_BYTES + steps_log
     at_once = min(recipe.train.save_total_limit + 1, checkpoints_written(recipe, total_steps))
     terms = {
         f"checkpoints ({at_once} at once, {checkpoint / MIB:.1f} MiB each)": at_once * checkpoint,

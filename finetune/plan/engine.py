@@ -96,20 +96,23 @@ def adapter_bytes(model: ModelSection, on_gpu: bool) -> int:
 class Passes:
     """What one row costs a training step, by method (TRL 1.15's trainers): ``sequences`` trained
     (chosen and rejected for a pair, padded alike to the longer), ``forwards`` more passes without
-    gradients over the trained sequences' tokens (the reference, the base with the adapter off; for
-    KTO also the KL completions, through the model and the reference), and ``logits``: whether the
-    loss makes the T x V logits (ORPO's and CPO's concatenated_forward) instead of TRL's fused head."""
+    gradients over the trained sequences' tokens (the reference; for KTO also the KL completions,
+    through the model and the reference), ``logits``: whether the loss makes the T x V logits
+    (ORPO's and CPO's concatenated_forward) instead of TRL's fused head, and ``reference_adapter``:
+    DPOTrainer and KTOTrainer, handed a PEFT model, add a frozen copy of its adapter ("ref", fp32:
+    PEFT's add_adapter) as the reference, the base itself for a new adapter (B = 0)."""
 
     sequences: int
     forwards: int
     logits: bool
     what: str  # said in the plan
+    reference_adapter: bool = False  # DPO and KTO keep a frozen fp32 copy of the adapter as the reference
 
 
 def row_passes(recipe: Recipe) -> Passes:
     method = recipe.train.method_name()
     if method == "dpo":
-        return Passes(2, 1, False, "each pair is 2 sequences (chosen, rejected) and a reference pass")
+        return Passes(2, 1, False, "each pair is 2 sequences (chosen, rejected) and a reference pass", True)
     if method in ("orpo", "simpo"):
         return Passes(2, 0, True, "each pair is 2 sequences (chosen, rejected), full logits, no reference")
     if method == "kto":
@@ -119,5 +122,6 @@ def row_passes(recipe: Recipe) -> Passes:
             3 if kl else 1,
             False,
             "each row is 1 sequence, a reference pass" + (" and the KL completions (2 passes)" if kl else ""),
+            True,
         )
     return Passes(1, 0, False, "")

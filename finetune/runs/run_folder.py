@@ -304,7 +304,8 @@ def save_adapter(model, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
     """The trained adapter and its tokenizer, saved whole or not at all: a run killed while saving
     must not look finished, since resume and export trust adapter/ once its config is there."""
     with disk_full_as("the adapter", adapter_dir, run_dir), folder_whole(adapter_dir) as staging:
-        model.save_pretrained(staging)
+        # The trained adapter alone: DPO's and KTO's frozen reference copy ("ref") is training's.
+        model.save_pretrained(staging, selected_adapters=["default"])
         tokenizer.save_pretrained(staging)
 
 

@@ -1,0 +1,200 @@
+"""Preference tuning on the real stack (Unsloth's CPU path, TRL's DPO, KTO, ORPO and CPO trainers):
+our DPO loss is the sigmoid DPO loss of the model's log-probabilities with the adapter on and off,
+the trained adapter prefers the chosen answers more than the base does, KTO trains from unpaired
+labels, and a DPO run killed with SIGKILL resumes to the same losses and adapter."""
+
+import json
+import math
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_lifecycle import logged, resume, run_folder, start, wait_for
+
+from finetune.data.store import prepared_data
+from finetune.recipe.schema import load_recipe
+from finetune.runs.run_folder import SEAL
+from finetune.train import preference, training
+
+from cli_helpers import ROOT
+
+SAMPLES = ROOT / "data_samples"
+# The smoke recipe (tiny Llama 3, lr 1e-2) tuned with DPO on the code preference pairs.
+DPO = [
+    "recipes/smoke.yaml",
+    "train.method=dpo",
+    f"data.train={SAMPLES / 'code_preference.jsonl'}",
+    "train.max_steps=8",
+    "train.save_steps=4",
+    "output.samples=0",
+]
+
+
+def in_process(*overrides: str):
+    recipe = load_recipe(ROOT / "recipes" / "smoke.yaml", list(overrides))
+    model, tokenizer = training.load_model(recipe)
+    model = training.add_lora(model, recipe)
+    return recipe, model, tokenizer, prepared_data(recipe)
+
+
+def answer_logps(model, ids: torch.Tensor, mask: torch.Tensor, attention=None) -> torch.Tensor:
+    """Each row's summed log-probability of its masked-in tokens (the answer), from full logits."""
+    with torch.no_grad():
+        attention = torch.ones_like(ids) if attention is None else attention
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+    logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (logps * mask[:, 1:]).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def dpo_trainer(tmp_path_factory):
+    recipe, model, tokenizer, store = in_process(
+        "train.method=dpo", f"data.train={SAMPLES / 'code_preference.jsonl'}", "train.beta=0.5"
+    )
+    trainer = training.build_trainer(
+        model, tokenizer, store.dataset("train"), recipe, tmp_path_factory.mktemp("dpo")
+    )
+    # TRL keeps a frozen copy of the adapter as it was when training began ("ref"): a new adapter,
+    # B = 0, so the reference is the base. Then the adapter moves (as training would move it).
+    assert model.peft_config.keys() == {"default", "ref"}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name and ".default." in name:
+                assert not p.any()
+                p.normal_(0, 0.05)
+    return recipe, model, trainer
+
+
+def test_our_dpo_loss_is_the_sigmoid_loss_of_the_log_probabilities_with_the_adapter_on_and_off(dpo_trainer):
+    recipe, model, trainer = dpo_trainer
+    assert isinstance(trainer, preference.FinetuneDPOTrainer)
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model.eval()
+    with torch.no_grad():
+        loss = float(trainer.compute_loss(model, inputs))
+    ids, mask, attention = inputs["input_ids"], inputs["completion_mask"], inputs["attention_mask"]
+    policy = answer_logps(model, ids, mask, attention)
+    with model.disable_adapter():
+        reference = answer_logps(model, ids, mask, attention)
+    chosen, rejected = (policy - reference).chunk(2)
+    expected = float(-torch.nn.functional.logsigmoid(0.5 * (chosen - rejected)).mean())
+    assert not math.isclose(expected, math.log(2), rel_tol=1e-3)  # the adapter moved the policy
+    # bfloat16 on an AMX CPU (the manifest's compute dtype): TRL's chunked log-softmax and ours differ there.
+    tolerance = 2e-2 if model.dtype == torch.bfloat16 else 1e-4
+    assert loss == pytest.approx(expected, rel=tolerance)
+
+
+def test_the_trainer_sees_the_tokens_the_store_prepared(dpo_trainer):
+    recipe, _, trainer = dpo_trainer
+    stored = prepared_data(recipe).dataset("train")[0]
+    given = trainer.train_dataset[0]
+    n = stored["prompt_length"]
+    assert given["prompt_ids"] == stored["input_ids"][:n]
+    assert given["chosen_ids"] == stored["input_ids"][n:]
+    assert given["rejected_ids"] == stored["rejected_ids"]
+    assert stored["labels"][:n] == [-100] * n and stored["labels"][n:] == given["chosen_ids"]
+
+
+@pytest.fixture(scope="module")
+def dpo_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("dpo-run")
+    whole = start(*DPO, output=output)
+    out, err = whole.communicate()
+    assert whole.returncode == 0, err[-3000:]
+    return run_folder(output), out
+
+
+def test_a_dpo_run_makes_the_chosen_answers_likelier_against_the_rejected_than_the_base_does(dpo_run):
+    run_dir, out = dpo_run
+    losses = logged(run_dir, "loss")
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its reference
+    recipe, model, tokenizer, store = in_process(*DPO[1:3])
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
+    rows = store.dataset("train")
+    gains = {"chosen": [], "rejected": []}
+    for row in rows:
+        n = row["prompt_length"]
+        for side, answer in (("chosen", row["input_ids"][n:]), ("rejected", row["rejected_ids"])):
+            ids = torch.tensor([row["input_ids"][:n] + answer])
+            mask = torch.tensor([[0] * n + [1] * len(answer)])
+            trained = answer_logps(model, ids, mask)
+            with model.disable_adapter():
+                base = answer_logps(model, ids, mask)
+            gains[side].append(float(trained - base))
+    mean = {side: sum(values) / len(values) for side, values in gains.items()}
+    assert mean["rejected"] < 0, mean  # the rejected answers got less likely
+    assert mean["chosen"] > mean["rejected"], mean  # and the chosen ones more likely than those
+    margin = [c - r for c, r in zip(gains["chosen"], gains["rejected"], strict=True)]
+    assert sum(m > 0 for m in margin) >= 0.75 * len(margin), margin
+    assert "rewards (train, first -> last logged step)" in out
+    assert (run_dir / "preference.png").is_file()
+    assert "![rewards, margin and accuracy](preference.png)" in (run_dir / "report.md").read_text()
+
+
+def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses_and_adapter(dpo_run, tmp_path):
+    expected, _ = dpo_run
+    killed = start(*DPO, output=tmp_path)
+    wait_for(lambda: list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-4/{SEAL}")), killed)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    run_dir = run_folder(tmp_path)
+    assert not (run_dir / "adapter").exists()
+    resumed = resume(run_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from checkpoint-4" in resumed.stdout
+    for key in ("loss", "rewards/margins", "logps/chosen", "learning_rate"):
+        assert logged(run_dir, key) == logged(expected, key), key
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(expected / "adapter" / "adapter_model.safetensors"))
+    assert all(adapter[name].equal(reference[name]) for name in reference)
+
+
+def test_kto_trains_from_unpaired_labels(tmp_path):
+    run = start(
+        "recipes/smoke.yaml", "train.method=kto", f"data.train={SAMPLES / 'code_unpaired.jsonl'}",
+        "train.max_steps=4", "output.samples=0", output=tmp_path,
+    )  # fmt: skip
+    out, err = run.communicate()
+    assert run.returncode == 0, err[-3000:]
+    run_dir = run_folder(tmp_path)
+    entries = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert any("kl" in entry for entry in entries)  # KTO's KL term, from the mismatched completions
+    assert any("rewards/chosen" in entry or "rewards/rejected" in entry for entry in entries)
+    rows = prepared_data(
+        load_recipe(
+            ROOT / "recipes" / "smoke.yaml",
+            ["train.method=kto", f"data.train={SAMPLES / 'code_unpaired.jsonl'}"],
+        )
+    ).dataset("train")
+    assert set(rows["label"]) == {True, False}
+    assert "unpaired rows:" not in out  # the audit's line, not the run's
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("method", ["orpo", "simpo"])
+def test_orpo_and_simpo_from_trl_experimental_train_on_our_tokens(method, tmp_path):
+    """TRL 1.15 keeps ORPO and CPO in trl.experimental, whose __init__ maps tokenize_row over the
+    rows: ours must be what it trains on (the prompt masked out of each answer's labels)."""
+    recipe, model, tokenizer, store = in_process(
+        f"train.method={method}",
+        f"data.train={SAMPLES / 'code_preference.jsonl'}",
+        "train.max_steps=4",
+        "train.warmup_steps=1",
+    )
+    trainer = training.build_trainer(model, tokenizer, store.dataset("train"), recipe, tmp_path)
+    theirs = {"orpo": "trl.experimental.orpo.orpo_trainer", "simpo": "trl.experimental.cpo.cpo_trainer"}
+    assert theirs[method] in {cls.__module__ for cls in type(trainer).__mro__}
+    stored, given = store.dataset("train")[0], trainer.train_dataset[0]
+    n = stored["prompt_length"]
+    assert given["chosen_input_ids"] == stored["input_ids"]
+    assert given["chosen_labels"] == [-100] * n + stored["input_ids"][n:]
+    assert given["rejected_input_ids"] == stored["input_ids"][:n] + stored["rejected_ids"]
+    assert "prompt_ids" not in given
+    if method == "simpo":
+        assert trainer.loss_type == "simpo" and trainer.args.cpo_alpha == 0.0 and trainer.beta == 2.0
+    trainer.train()
+    assert len([e for e in trainer.state.log_history if "loss" in e]) == 4
