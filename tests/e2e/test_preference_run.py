@@ -9,6 +9,7 @@ import signal
 
 import pytest
 import torch
+from cli_helpers import ROOT
 from safetensors.torch import load_file
 from test_lifecycle import logged, resume, run_folder, start, wait_for
 
@@ -16,8 +17,6 @@ from finetune.data.store import prepared_data
 from finetune.recipe.schema import load_recipe
 from finetune.runs.run_folder import SEAL
 from finetune.train import preference, training
-
-from cli_helpers import ROOT
 
 SAMPLES = ROOT / "data_samples"
 # The smoke recipe (tiny Llama 3, lr 1e-2) tuned with DPO on the code preference pairs.
