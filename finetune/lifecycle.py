@@ -40,6 +40,7 @@ from finetune.runs.run_folder import (
     make_run_dir,
     record_event,
     run_recipe,
+    start_adapter,
     write_run_file,
     write_run_json,
 )
@@ -74,7 +75,8 @@ def train_run(
     warn: Callable[[list[str]], None] = lambda warnings: None,
 ) -> Ended:
     """A new run of ``recipe`` (read from ``source`` with ``overrides``), from plan to evaluation."""
-    gpus = check_can_start(recipe, source)  # 1. can it start here at all (GPU, model)
+    gpus = check_can_start(recipe, source)  # 1. can it start here at all (GPU, model, start adapter)
+    start_adapter(recipe)
     warn(check_evaluation_settings(recipe, allow))
     job = plan_job(recipe, source, name)  # 2. the plan: data, schedule, budget, disk
     warn(job.warnings)
@@ -110,6 +112,7 @@ def resume_run(
     hold_run(run_dir)  # refused while another process still trains it
     recipe = run_recipe(run_dir)
     check_can_start(recipe, str(run_dir))
+    start_adapter(recipe)
     warn(check_evaluation_settings(recipe, allow))
     say(f"resuming {run_dir}")
     # Changed inputs are refused here, before anything is prepared from them or torch is imported.

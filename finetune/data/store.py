@@ -177,6 +177,16 @@ def run_fingerprints(recipe: Recipe) -> dict[str, str]:
         "base model": f"{model['path'] if Path(recipe.model.name).is_dir() else model['name']} at "
         f"{model['revision'] or 'no downloaded revision'}",
         **data_fingerprints(recipe, source),
+        # The adapter training starts from (model.adapter): a resume refuses it changed.
+        **(
+            {
+                "start adapter": content_digest(
+                    Path(recipe.model.adapter) / "adapter" / "adapter_model.safetensors"
+                )
+            }
+            if recipe.model.adapter
+            else {}
+        ),
     }
 
 

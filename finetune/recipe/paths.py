@@ -1,11 +1,11 @@
 """Where a recipe's relative paths point: the one rule, in one place.
 
 The files a recipe reads (data.train and data.eval entries, data.weights' keys, a data.chat_template
-file, an evaluate.tasks file, a model.name folder) are found relative to the folder of the recipe
-file that names them, as `extends` already was: a recipe and its data move together, and a shipped
-recipe runs from any directory. A relative path in a command-line override is read from the current
-directory, as any path typed on a command line is. output.dir, where runs are written, is relative
-to the current directory: runs land where you work.
+file, an evaluate.tasks file, a model.name folder, a model.adapter run folder) are found relative to
+the folder of the recipe file that names them, as `extends` already was: a recipe and its data move
+together, and a shipped recipe runs from any directory. A relative path in a command-line override
+is read from the current directory, as any path typed on a command line is. output.dir, where runs
+are written, is relative to the current directory: runs land where you work.
 
 Loading rewrites each input to the path this process opens: relative to the current directory when
 it lies below it (the short form messages show), else absolute. The recipe a run saves holds them
@@ -62,6 +62,8 @@ def _is_local(kind: str, value: str, base: Path) -> bool:
             or "/" in value
             or os.path.exists(base / value)
         )
+    if kind == "run":  # a run folder, always on this machine
+        return True
     return value != HUMANEVAL  # tasks: a file, or HumanEval's own
 
 
@@ -88,6 +90,8 @@ def _inputs(raw: dict[str, Any]) -> Iterator[tuple[tuple[Any, ...], str, str]]:
     model = raw.get("model")
     if isinstance(model, dict) and isinstance(model.get("name"), str) and model["name"]:
         yield ("model", "name"), "model", model["name"]
+    if isinstance(model, dict) and isinstance(model.get("adapter"), str) and model["adapter"]:
+        yield ("model", "adapter"), "run", model["adapter"]
 
 
 def _replace(raw: dict[str, Any], path: tuple[Any, ...], value: str) -> None:

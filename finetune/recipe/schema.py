@@ -73,6 +73,11 @@ class ModelSection(_Section):
     backend: Literal["unsloth", "transformers"] = Field(
         "unsloth", description="Training engine: Unsloth, or plain transformers + PEFT + bitsandbytes."
     )
+    adapter: str | None = Field(
+        None,
+        description="Start from a finished run's adapter (its run folder, runs/<recipe>/<run>) instead of a "
+        "new one: DPO after SFT. Its base model and lora settings must be this recipe's; the run records it.",
+    )
     gradient_checkpointing: Literal["unsloth", "standard", "off"] = Field(
         "unsloth",
         description="Recompute activations in the backward pass: 'unsloth' also offloads them to CPU "

@@ -225,6 +225,52 @@ def finished_adapter(run_dir: Path) -> tuple[Recipe, Path]:
     return recipe, adapter
 
 
+# The LoRA settings an adapter's weights are shaped by: a start adapter must have the recipe's.
+_ADAPTER_SHAPE = ("r", "alpha", "target_modules", "use_dora", "use_rslora")
+
+
+def start_adapter(recipe: Recipe) -> Path | None:
+    """The adapter model.adapter names (a finished run's), checked before anything heavy loads it:
+    trained on this recipe's base model, with its LoRA shape; None when training starts a new one."""
+    if recipe.model.adapter is None:
+        return None
+    run_dir = Path(recipe.model.adapter)
+    where = f"model.adapter '{recipe.model.adapter}'"
+    if not (run_dir / "recipe.yaml").is_file():
+        raise UserError(f"{where}: not a run folder (runs/<recipe>/<run>, holding recipe.yaml and adapter/)")
+    try:
+        parent, adapter = finished_adapter(run_dir)
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    if parent.model.name != recipe.model.name:
+        raise UserError(
+            f"{where}: it was trained on {parent.model.name}, not on this recipe's model.name "
+            f"{recipe.model.name}"
+        )
+    for key in _ADAPTER_SHAPE:
+        theirs, ours = getattr(parent.lora, key), getattr(recipe.lora, key)
+        if theirs != ours:
+            raise UserError(
+                f"{where}: its lora.{key} is {theirs!r}, this recipe's {ours!r}; set lora.{key}: {theirs!r}"
+            )
+    return adapter
+
+
+def start_adapter_record(recipe: Recipe) -> dict | None:
+    """The manifest's lineage of a run started from another's adapter: which run, its recipe and
+    its adapter by content."""
+    adapter = start_adapter(recipe)
+    if adapter is None:
+        return None
+    parent = run_recipe(adapter.parent)
+    return {
+        "run": str(adapter.parent),
+        "recipe": f"{adapter.parent.parent.name} {parent.version}",
+        "recipe_sha256": recipe_digest(parent),
+        "adapter_sha256": file_digest(adapter / "adapter_model.safetensors"),
+    }
+
+
 def check_adapter(adapter: Path, run_dir: Path) -> None:
     """The adapter's config is a JSON object, and its weights file holds what its header says
     (a safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes)."""
@@ -369,6 +415,7 @@ def manifest(recipe: Recipe, fingerprints: dict, device: dict, model: dict) -> d
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "recipe_sha256": recipe_digest(recipe),
         "base_model": model,
+        "start_adapter": start_adapter_record(recipe),  # lineage: the run its adapter began as
         "fingerprints": fingerprints,
         "device": device,
         "python": sys.version.split()[0],

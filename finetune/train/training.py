@@ -25,6 +25,7 @@ from transformers import EarlyStoppingCallback, ProgressCallback, Trainer, Train
 from trl import SFTConfig, SFTTrainer
 
 from finetune.base import distributed
+from finetune.base.errors import UserError
 from finetune.base.internals import cpu_map_location, keep_4bit_layout, save_checkpoint_now
 from finetune.data.store import cache_files_elsewhere, prepared_data, run_fingerprints
 from finetune.data.tokenize import resolve_chat_template
@@ -39,6 +40,7 @@ from finetune.runs.run_folder import (
     keep_log_until,
     manifest,
     save_adapter,
+    start_adapter,
     write_run_file,
     write_run_json,
 )
@@ -86,14 +88,27 @@ def load_model(recipe: Recipe):
 
 
 def add_lora(model, recipe: Recipe):
-    """Wrap the model with trainable LoRA adapters; the base weights stay frozen."""
-    return stack.add_lora(
+    """Wrap the model with trainable LoRA adapters, new or (model.adapter) a finished run's; the
+    base weights stay frozen."""
+    model = stack.add_lora(
         model,
         recipe.lora,
         engine_for(recipe, torch.cuda.is_available()).checkpointing,
         recipe.train.seed,
         recipe.model.max_seq_length,
     )
+    start = start_adapter(recipe)
+    if start is not None:  # its weights into the new adapter, of the same shape (start_adapter checked)
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        loaded = set_peft_model_state_dict(model, load_file(str(start / "adapter_model.safetensors")))
+        unmatched = [k for k in loaded.unexpected_keys if "lora_" in k]
+        if unmatched:
+            raise UserError(
+                f"model.adapter: {start} holds weights this model has no place for ({unmatched[0]})"
+            )
+    return model
 
 
 def build_sft_config(recipe: Recipe, output_dir: Path, save: bool = True) -> SFTConfig:

@@ -197,3 +197,31 @@ def test_orpo_and_simpo_from_trl_experimental_train_on_our_tokens(method, tmp_pa
         assert trainer.loss_type == "simpo" and trainer.args.cpo_alpha == 0.0 and trainer.beta == 2.0
     trainer.train()
     assert len([e for e in trainer.state.log_history if "loss" in e]) == 4
+
+
+def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_and_records_it(
+    finished_run, tmp_path
+):
+    recipe, model, tokenizer, store = in_process(*DPO[1:3], f"model.adapter={finished_run}")
+    sft = load_file(str(finished_run / "adapter" / "adapter_model.safetensors"))
+    mine = {k.replace(".default", ""): v for k, v in model.state_dict().items() if "lora_" in k}
+    assert sft.keys() <= mine.keys() and all(mine[k].equal(sft[k].to(mine[k].dtype)) for k in sft)
+    trainer = training.build_trainer(model, tokenizer, store.dataset("train"), recipe, tmp_path / "t")
+    reference = {k.replace(".ref", ""): v for k, v in model.state_dict().items() if ".ref." in k}
+    assert all(reference[k].equal(sft[k].float()) for k in sft)  # the reference is the SFT model
+    del trainer
+
+    run = start(
+        *DPO, "train.max_steps=2", "train.warmup_steps=1", f"model.adapter={finished_run}", output=tmp_path
+    )
+    _, err = run.communicate()
+    assert run.returncode == 0, err[-3000:]
+    run_dir = run_folder(tmp_path)
+    assert logged(run_dir, "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    lineage = manifest["start_adapter"]
+    assert lineage["run"] == str(finished_run) and lineage["recipe"] == "smoke 1.0.0"
+    assert "start adapter" in manifest["fingerprints"]
+    changed = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert not all(changed[k].equal(sft[k]) for k in sft)  # DPO moved it on
+    assert not (run_dir / "adapter" / "ref").exists()  # the reference is training's, not the result's
