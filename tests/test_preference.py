@@ -247,3 +247,10 @@ def test_a_dpo_pair_costs_two_sequences_and_a_reference_pass_and_orpo_its_logits
     assert logits > 4 * 2048 * 128_256 * 10  # T x V in bf16 plus fp32 log-softmax and its gradient
     out = run_cli("plan", str(ROOT / "recipes" / "code-dpo.yaml"))
     assert "counted: each pair is 2 sequences (chosen, rejected) and a reference pass" in out.stdout
+
+
+def test_dpo_on_the_transformers_backend_without_a_gpu_is_refused_before_anything_loads():
+    out = run_cli(str(SMOKE), *PAIRS, "model.backend=transformers", "output.dir=/nonexistent/never")
+    assert out.returncode == 2
+    assert "train.method dpo on the transformers backend needs a CUDA GPU" in out.stderr
+    assert "heavy imports: []" in out.stdout

@@ -64,6 +64,13 @@ def check_can_start(recipe: Recipe, recipe_path: str) -> list[Gpu]:
             "on this machine try `python runner.py recipes/smoke.yaml`, "
             "which trains a tiny Llama 3 on the CPU."
         )
+    method = recipe.train.method_name()
+    if not gpus and recipe.model.backend == "transformers" and method in ("dpo", "kto"):
+        # Unsloth serves that head from its own kernel on the CPU too; TRL's alone is Triton's.
+        raise UserError(
+            f"{recipe_path}: train.method {method} on the transformers backend needs a CUDA GPU: TRL's "
+            "log-probability head it computes with is a Triton kernel; on the CPU use model.backend: unsloth"
+        )
     if config is None:
         if offline() or not hub_reachable():
             reason = "HF_HUB_OFFLINE is set" if offline() else "the Hugging Face hub cannot be reached"

@@ -401,6 +401,8 @@ def probe(
     # Outside the except block: its traceback no longer holds the failed step's tensors.
     _release(trainer)
     del trainer
+    if "ref" in getattr(model, "peft_config", {}):  # DPO's and KTO's reference copy: the run adds its own
+        model.delete_adapter("ref")
     _release()
     if failed is not None:
         raise failed

@@ -225,3 +225,11 @@ def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_an
     changed = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert not all(changed[k].equal(sft[k]) for k in sft)  # DPO moved it on
     assert not (run_dir / "adapter" / "ref").exists()  # the reference is training's, not the result's
+
+
+def test_the_probe_runs_a_dpo_trainer_and_leaves_the_run_its_own_reference(tmp_path):
+    run = start(*DPO, "train.max_steps=2", "train.warmup_steps=1", "--probe", output=tmp_path)
+    out, err = run.communicate()
+    assert run.returncode == 0, err[-3000:]
+    assert "probe: 3 steps on the worst-case micro-batch" in out
+    assert logged(run_folder(tmp_path), "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
