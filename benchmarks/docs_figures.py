@@ -162,6 +162,7 @@ PLAN_BLOCKS = {
         "docs/several-gpus.md",
         ["recipes/code-gen.yaml", "--gpus", "2", "--gpu", "rtx-4090"],
     ),
+    "plan-code-dpo-4090": ("docs/preference.md", ["recipes/code-dpo.yaml", "--gpu", "rtx-4090"]),
 }
 
 
@@ -200,6 +201,31 @@ EARLY_STOPPING = [
     "train.save_total_limit=2",
     "output.samples=0",
 ]
+
+
+# The smoke recipe tuned with DPO on the code preference pairs, and killed/resumed in the tests
+# (tests/e2e/test_preference_run.py runs it; docs/preference.md quotes what it prints).
+DPO_RUN = [
+    "recipes/smoke.yaml",
+    "train.method=dpo",
+    "data.train=data_samples/code_preference.jsonl",
+    "train.max_steps=8",
+    "train.save_steps=4",
+    "output.samples=0",
+]
+
+
+def audit_pairs_lines() -> list[str]:
+    """The audit's line about code-dpo's pairs (`runner.py data recipes/code-dpo.yaml`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, _, _ = run(["data", "recipes/code-dpo.yaml", "--show", "0", "--png", str(Path(tmp) / "h.png")])
+    return [line for line in out.splitlines() if line.startswith("pairs: ")]
+
+
+def preference_run_lines(out: str) -> list[str]:
+    """What a preference run says of its training (the lines that do not vary on this CPU): the
+    loss and the rewards."""
+    return [line for line in out.splitlines() if line.startswith(("train loss:", "rewards ("))]
 
 
 def early_stopping_lines(out: str) -> list[str]:
@@ -397,6 +423,7 @@ def main() -> int:
     for name, (page, args) in PLAN_BLOCKS.items():
         replace_block(ROOT / page, name, fenced(plan_command(args), plan_lines(args)))
     replace_block(ROOT / "README.md", "recipe-table", recipe_rows())
+    replace_block(ROOT / "docs/preference.md", "audit-code-dpo", fenced(None, audit_pairs_lines()))
     if CHAOS_RESULTS.is_file():
         replace_block(ROOT / "docs/runs.md", "chaos", chaos_lines(json.loads(CHAOS_RESULTS.read_text())))
     if options.no_demo:
@@ -418,6 +445,11 @@ def main() -> int:
     replace_block(
         ROOT / "docs/recipes-and-data.md", "early-stopping", fenced(command, early_stopping_lines(out))
     )
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        out, _, _ = run([*DPO_RUN, f"output.dir={out_dir}"])
+    command = "python runner.py " + " ".join(DPO_RUN)
+    replace_block(ROOT / "docs/preference.md", "dpo-run", fenced(command, preference_run_lines(out)))
 
     rel = os.path.relpath(run_dir, ROOT)
     out, err, _ = run(["export", rel, "--format", "gguf"])

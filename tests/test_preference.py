@@ -2,6 +2,7 @@
 read, tokenized through the chat template and audited, and the plan's count of what a pair costs
 (no torch: the fast tier). The training itself is in tests/e2e/test_preference_run.py."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -20,6 +21,9 @@ from finetune.plan.devices import GPUS
 from finetune.recipe.schema import METHOD_OPTIONS, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("docs_figures", ROOT / "benchmarks" / "docs_figures.py")
+figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figures)
 SAMPLES = ROOT / "data_samples"
 SMOKE = ROOT / "recipes" / "smoke.yaml"
 PAIRS = ["train.method=dpo", f"data.train={SAMPLES / 'code_preference.jsonl'}"]
@@ -203,9 +207,11 @@ def test_truncation_keeps_the_prompts_end_and_cuts_the_answers_end_and_says_wher
 
 
 def test_the_audit_shows_both_answers_of_a_pair_and_counts_their_tokens(tmp_path):
-    out = run_cli("data", str(SMOKE), *PAIRS, "--show", "1", "--png", str(tmp_path / "h.png"))
+    out = run_cli("data", "recipes/code-dpo.yaml", "--show", "1", "--png", str(tmp_path / "h.png"))
     assert out.returncode == 0, out.stderr
-    assert "pairs: 24; trained tokens: chosen" in out.stdout and "never trained" in out.stdout
+    line = next(line for line in out.stdout.splitlines() if line.startswith("pairs: "))
+    assert line.startswith("pairs: 22; trained tokens: chosen") and line.endswith("never trained")
+    assert figures.block(ROOT / "docs" / "preference.md", "audit-code-dpo") == [line], "run `make docs`"
     assert "--- rejected answer ---" in out.stdout
     assert out.stdout.count("<|eot_id|>]]") == 2  # each answer's end of turn is trained
     assert "heavy imports: []" in out.stdout

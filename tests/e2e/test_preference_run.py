@@ -3,6 +3,7 @@ our DPO loss is the sigmoid DPO loss of the model's log-probabilities with the a
 the trained adapter prefers the chosen answers more than the base does, KTO trains from unpaired
 labels, and a DPO run killed with SIGKILL resumes to the same losses and adapter."""
 
+import importlib.util
 import json
 import math
 import signal
@@ -19,15 +20,12 @@ from finetune.runs.run_folder import SEAL
 from finetune.train import preference, training
 
 SAMPLES = ROOT / "data_samples"
-# The smoke recipe (tiny Llama 3, lr 1e-2) tuned with DPO on the code preference pairs.
-DPO = [
-    "recipes/smoke.yaml",
-    "train.method=dpo",
-    f"data.train={SAMPLES / 'code_preference.jsonl'}",
-    "train.max_steps=8",
-    "train.save_steps=4",
-    "output.samples=0",
-]
+_spec = importlib.util.spec_from_file_location("docs_figures", ROOT / "benchmarks" / "docs_figures.py")
+figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figures)
+# The smoke recipe (tiny Llama 3, lr 1e-2) tuned with DPO on the code preference pairs: the run
+# docs/preference.md quotes.
+DPO = figures.DPO_RUN
 
 
 def in_process(*overrides: str):
@@ -130,6 +128,11 @@ def test_a_dpo_run_makes_the_chosen_answers_likelier_against_the_rejected_than_t
     margin = [c - r for c, r in zip(gains["chosen"], gains["rejected"], strict=True)]
     assert sum(m > 0 for m in margin) >= 0.75 * len(margin), margin
     assert "rewards (train, first -> last logged step)" in out
+    quoted = figures.block(ROOT / "docs" / "preference.md", "dpo-run")
+    fresh = figures.preference_run_lines(out)
+    assert figures.same_within(quoted, fresh), (
+        f"run `make docs`: the docs quote {quoted}, a run prints {fresh}"
+    )
     assert (run_dir / "preference.png").is_file()
     assert "![rewards, margin and accuracy](preference.png)" in (run_dir / "report.md").read_text()
 
