@@ -203,7 +203,14 @@ def loss_term(
     """The lm_head-and-loss term: the backend's loss for SFT, the method's trainer's otherwise."""
     if recipe.train.preference():
         return preference_loss_bytes(
-            row_passes(recipe).logits, shapes.hidden, shapes.vocab, tokens, dtype_bytes, training
+            row_passes(recipe).logits,
+            recipe.model.backend,
+            shapes.hidden,
+            shapes.vocab,
+            tokens,
+            on_gpu,
+            dtype_bytes,
+            training,
         )
     return loss_bytes(
         recipe.model.backend, shapes.hidden, shapes.vocab, tokens, on_gpu, dtype_bytes, training

@@ -97,10 +97,11 @@ class Passes:
     """What one row costs a training step, by method (TRL 1.15's trainers): ``sequences`` trained
     (chosen and rejected for a pair, padded alike to the longer), ``forwards`` more passes without
     gradients over the trained sequences' tokens (the reference; for KTO also the KL completions,
-    through the model and the reference), ``logits``: whether the loss makes the T x V logits
-    (ORPO's and CPO's concatenated_forward) instead of TRL's fused head, and ``reference_adapter``:
-    DPOTrainer and KTOTrainer, handed a PEFT model, add a frozen copy of its adapter ("ref", fp32:
-    PEFT's add_adapter) as the reference, the base itself for a new adapter (B = 0)."""
+    through the model and the reference), ``logits``: whether TRL's loss makes the T x V logits
+    (ORPO's and CPO's concatenated_forward; Unsloth rewrites it on a GPU, see loss_memory), and
+    ``reference_adapter``: DPOTrainer and KTOTrainer, handed a PEFT model, add a frozen copy of its
+    adapter ("ref", fp32: PEFT's add_adapter) as the reference, the base itself for a new adapter
+    (B = 0)."""
 
     sequences: int
     forwards: int
@@ -114,7 +115,7 @@ def row_passes(recipe: Recipe) -> Passes:
     if method == "dpo":
         return Passes(2, 1, False, "each pair is 2 sequences (chosen, rejected) and a reference pass", True)
     if method in ("orpo", "simpo"):
-        return Passes(2, 0, True, "each pair is 2 sequences (chosen, rejected), full logits, no reference")
+        return Passes(2, 0, True, "each pair is 2 sequences (chosen, rejected), no reference")
     if method == "kto":
         kl = recipe.train.method_options()["loss_type"] == "kto"  # apo_zero_unpaired needs no KL term
         return Passes(

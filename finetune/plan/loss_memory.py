@@ -84,13 +84,26 @@ def loss_bytes(
 
 
 def preference_loss_bytes(
-    logits: bool, hidden: int, vocab: int, tokens: int, dtype_bytes: int, training: bool = True
+    logits: bool,
+    backend: str,
+    hidden: int,
+    vocab: int,
+    tokens: int,
+    on_gpu: bool,
+    dtype_bytes: int,
+    training: bool = True,
 ) -> tuple[str, float]:
-    """The lm_head-and-loss term of preference tuning, on either backend (TRL's trainers call the
-    model themselves): DPO and KTO ask for TRL's fused LM head (``fused_lm_head=True``), tiles of
-    log-probabilities; ORPO and CPO (``logits``) take the model's T x V logits and their fp32
-    log-softmax, as transformers' own loss does on the CPU. Read from TRL 1.15's code; Unsloth's
-    generated trainers on a GPU may differ (not yet measured there)."""
+    """The lm_head-and-loss term of preference tuning (TRL's trainers call the model themselves).
+    With Unsloth, its fused linear kernel serves them all: DPO's and KTO's ``fused_lm_head=True``
+    (PatchFastRL swaps TRL's _ChunkedLogProbFunction for it, unsloth/models/rl.py) and, on a GPU,
+    ORPO's and CPO's concatenated_forward (rewritten to score hidden states in row chunks,
+    unsloth/models/rl_replacements.py), in logits_bytes' layout. Without Unsloth (or ORPO/CPO on
+    its CPU path, ``logits``), TRL's own: DPO and KTO the fused head's tiles; ORPO and CPO the T x V
+    logits and their fp32 log-softmax. Read from the code; not yet measured on a GPU."""
+    if backend == "unsloth" and (on_gpu or not logits):
+        return "lm_head and loss (fused, chunked)", logits_bytes(
+            hidden, vocab, tokens, on_gpu, dtype_bytes, training
+        )
     if logits:
         return "logits and loss (T x V: ORPO, CPO)", transformers_loss_bytes(
             hidden, vocab, tokens, False, dtype_bytes, training

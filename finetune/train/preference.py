@@ -120,11 +120,16 @@ class _TrainedAdapterOnly:
 
     def _save(self, output_dir=None, state_dict=None):
         model = self.model
+        # On a GPU Unsloth's get_peft_model sets its own save_pretrained on the model: kept as found.
+        own = model.__dict__.get("save_pretrained")
         model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=["default"])
         try:
             super()._save(output_dir, state_dict)
         finally:
-            del model.save_pretrained  # the class's method again
+            if own is None:
+                del model.save_pretrained  # the class's method again
+            else:
+                model.save_pretrained = own
 
 
 class PreparedDPO(_TrainedAdapterOnly, DPOTrainer):
