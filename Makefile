@@ -62,9 +62,10 @@ demo: setup
 test: setup
 	$(PY) -m pytest --durations=30
 
-# The fast tier: everything but tests/e2e, without torch or Unsloth, on both cores (under 2 minutes).
+# The fast tier: everything but tests/e2e and the few light tests marked slow (`make test` runs
+# them), without torch or Unsloth, on both cores (under 2 minutes).
 test-fast: setup
-	$(PY) -m pytest -n 2 --dist worksteal --ignore=tests/e2e
+	$(PY) -m pytest -n 2 --dist worksteal --ignore=tests/e2e -m "not slow"
 
 # `make test` replays a fixed set of generated inputs; this draws 20,000 fresh ones per property.
 fuzz: setup

@@ -124,6 +124,7 @@ def test_each_quoted_plan_is_what_plan_prints_today(name):
     )
 
 
+@pytest.mark.slow
 def test_the_recipe_table_is_what_plan_predicts_today_for_every_shipped_recipe():
     table = figures.block(README, "recipe-table")
     assert table == figures.recipe_rows(), "README.md's recipe table is stale: run `make docs`"

@@ -124,6 +124,7 @@ def test_an_eval_set_left_empty_by_the_length_limit_is_one_sentence(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_eval_rows_that_are_training_rows_are_refused_unless_allowed(tmp_path):
     train_rows = (ROOT / "data_samples" / "code_chat.jsonl").read_text().splitlines()
     # Row 3 again with its whitespace changed (a space doubled, a newline added), and one new row.

@@ -4,6 +4,7 @@ folder, from any working directory; overrides from the current one; saved runs a
 import json
 import os
 
+import pytest
 import yaml
 from cli_helpers import ROOT, run_cli
 from test_recipe_verbs import TARGET_CARDS
@@ -16,6 +17,7 @@ from finetune.runs.run_folder import run_recipe
 SAMPLE = ROOT / "data_samples" / "code_chat.jsonl"
 
 
+@pytest.mark.slow
 def test_every_shipped_recipe_validates_and_plans_from_another_directory(tmp_path):
     names = [p.stem for p in shipped_recipes()]
     out = run_cli("validate", *names, cwd=tmp_path)

