@@ -1,18 +1,21 @@
 """Preference tuning on the real stack (Unsloth's CPU path, TRL's DPO, KTO, ORPO and CPO trainers):
 our DPO loss is the sigmoid DPO loss of the model's log-probabilities with the adapter on and off,
 the trained adapter prefers the chosen answers more than the base does, KTO trains from unpaired
-labels, and a DPO run killed with SIGKILL resumes to the same losses and adapter."""
+labels, a DPO run killed with SIGKILL, run out of memory or stopped with Ctrl-C resumes to the same
+losses and adapter, TensorBoard holds its rewards, and its GGUF carries the trained adapter."""
 
 import importlib.util
 import json
 import math
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
-from cli_helpers import ROOT
+from cli_helpers import ROOT, runner
 from safetensors.torch import load_file
-from test_lifecycle import logged, resume, run_folder, start, wait_for
+from test_lifecycle import ENV, logged, resume, run_folder, start, wait_for
 
 from finetune.data.store import prepared_data
 from finetune.recipe.schema import load_recipe
@@ -103,17 +106,22 @@ def dpo_run(tmp_path_factory):
     return run_folder(output), out
 
 
-def test_a_dpo_run_makes_the_chosen_answers_likelier_against_the_rejected_than_the_base_does(dpo_run):
-    run_dir, out = dpo_run
-    losses = logged(run_dir, "loss")
-    assert losses[1] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its reference
-    recipe, model, tokenizer, store = in_process(*DPO[1:3])
+def trained_and_base(run_dir, *overrides):
+    """The tiny model with the run's adapter loaded, and the store of the run's data."""
+    recipe, model, tokenizer, store = in_process(*overrides)
     from peft import set_peft_model_state_dict
 
     set_peft_model_state_dict(model, load_file(str(run_dir / "adapter" / "adapter_model.safetensors")))
-    rows = store.dataset("train")
+    return model, tokenizer, store
+
+
+def test_a_dpo_run_makes_the_chosen_answers_likelier_and_the_rejected_less_likely(dpo_run):
+    run_dir, out = dpo_run
+    losses = logged(run_dir, "loss")
+    assert losses[1] == pytest.approx(math.log(2), abs=1e-3)  # the policy starts as its reference
+    model, _, store = trained_and_base(run_dir, *DPO[1:3])
     gains = {"chosen": [], "rejected": []}
-    for row in rows:
+    for row in store.dataset("train"):
         n = row["prompt_length"]
         for side, answer in (("chosen", row["input_ids"][n:]), ("rejected", row["rejected_ids"])):
             ids = torch.tensor([row["input_ids"][:n] + answer])
@@ -122,11 +130,14 @@ def test_a_dpo_run_makes_the_chosen_answers_likelier_against_the_rejected_than_t
             with model.disable_adapter():
                 base = answer_logps(model, ids, mask)
             gains[side].append(float(trained - base))
-    mean = {side: sum(values) / len(values) for side, values in gains.items()}
-    assert mean["rejected"] < 0, mean  # the rejected answers got less likely
-    assert mean["chosen"] > mean["rejected"], mean  # and the chosen ones more likely than those
-    margin = [c - r for c, r in zip(gains["chosen"], gains["rejected"], strict=True)]
-    assert sum(m > 0 for m in margin) >= 0.75 * len(margin), margin
+    # Each answer's log-probability under the trained adapter against the base's (the reference),
+    # over all 24 pairs: most chosen answers rose, most rejected ones fell (23 and 24 of 24 here).
+    assert sum(g > 0 for g in gains["chosen"]) >= 0.75 * len(gains["chosen"]), gains
+    assert sum(g < 0 for g in gains["rejected"]) >= 0.75 * len(gains["rejected"]), gains
+    assert sum(gains["chosen"]) > 0 > sum(gains["rejected"]), gains
+    # The schedule the plan previewed is the one the DPO trainer stepped through.
+    planned = json.loads((run_dir / "plan.json").read_text())["lr_per_step"]
+    assert list(logged(run_dir, "learning_rate").values()) == pytest.approx(planned, rel=1e-12)
     assert "rewards (train, first -> last logged step)" in out
     quoted = figures.block(ROOT / "docs" / "preference.md", "dpo-run")
     fresh = figures.preference_run_lines(out)
@@ -135,6 +146,46 @@ def test_a_dpo_run_makes_the_chosen_answers_likelier_against_the_rejected_than_t
     )
     assert (run_dir / "preference.png").is_file()
     assert "![rewards, margin and accuracy](preference.png)" in (run_dir / "report.md").read_text()
+
+
+def test_tensorboard_holds_the_rewards_the_run_logged(dpo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = dpo_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        board = {e.step: e.value for e in events.Scalars(f"train/{key}")}
+        assert board == pytest.approx(logged(run_dir, key), rel=1e-6), key
+    assert len(board) == 8
+
+
+def test_the_gguf_of_a_dpo_run_carries_the_trained_adapter_not_the_reference(dpo_run):
+    """TRL's reference is a second adapter of the same model; an export that merged it (or both, or
+    neither) would ship the base model. The GGUF's weights are the 16-bit base's (the tiny model is
+    one) plus the trained adapter's alpha/r * B @ A, within q8_0's rounding, which is far smaller
+    than the adapter's change. (v_proj: the converter permutes q and k, not v.)"""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from finetune.models.tiny_model import tiny_model_dir
+
+    run_dir, _ = dpo_run
+    done = runner("export", str(run_dir), "--format", "gguf", env=ENV)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reader = GGUFReader(run_dir / "gguf" / "smoke-q8_0.gguf")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.attn_v.weight")
+    assert tensor.tensor_type.name == "Q8_0"
+    in_gguf = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).float()
+    base = load_file(str(tiny_model_dir() / "model.safetensors"))["model.layers.0.self_attn.v_proj.weight"]
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    lora = "base_model.model.model.layers.0.self_attn.v_proj.lora_{}.weight"
+    delta = 2.0 * (adapter[lora.format("B")].float() @ adapter[lora.format("A")].float())  # alpha/r: 16/8
+    trained = base.float() + delta
+    rounding = (in_gguf - trained).abs().max()
+    assert rounding <= trained.abs().max() / 100  # q8_0: 1/127 of each 32-block's largest weight
+    assert delta.abs().max() > 5 * rounding  # so the GGUF tells the trained weights from the base's
+    assert 'PARAMETER stop "<|eot_id|>"' in (run_dir / "gguf" / "Modelfile").read_text()
 
 
 def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses_and_adapter(dpo_run, tmp_path):
@@ -149,6 +200,44 @@ def test_a_dpo_run_killed_with_sigkill_resumes_to_the_same_losses_and_adapter(dp
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-4" in resumed.stdout
     for key in ("loss", "rewards/margins", "logps/chosen", "learning_rate"):
+        assert logged(run_dir, key) == logged(expected, key), key
+    adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    reference = load_file(str(expected / "adapter" / "adapter_model.safetensors"))
+    assert all(adapter[name].equal(reference[name]) for name in reference)
+
+
+def test_a_dpo_run_out_of_memory_then_stopped_with_ctrl_c_resumes_each_time_to_the_same_losses(
+    dpo_run, tmp_path
+):
+    """The out-of-memory report saves the last sound step; Ctrl-C stops after a step with a
+    checkpoint; each is saved by the DPO trainer's own save (the trained adapter, not TRL's
+    reference) and resumed from, and the run ends where the uninterrupted one did."""
+    expected, _ = dpo_run
+    out = runner(*DPO, f"output.dir={tmp_path}", env=ENV, env_extra={"FINETUNE_INJECT_FAULT": "oom@3"})
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert "error: out of memory at step 3 (" in " ".join(out.stderr.split())
+    run_dir = run_folder(tmp_path)
+    assert (run_dir / "checkpoints" / "checkpoint-2" / SEAL).is_file()
+
+    resumed = subprocess.Popen(
+        [sys.executable, "runner.py", "resume", str(run_dir)],
+        cwd=ROOT,
+        env={**ENV, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(lambda: max(logged(run_dir, "loss"), default=0) >= 3, resumed)
+    resumed.send_signal(signal.SIGINT)
+    _, stderr = resumed.communicate(timeout=120)
+    stopped = max(logged(run_dir, "loss"))
+    assert resumed.returncode == 130 and stopped < 8, stderr[-3000:]
+    assert f"stopped after step {stopped} with a checkpoint" in stderr
+
+    finished = resume(run_dir)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert f"resuming from checkpoint-{stopped}" in finished.stdout
+    for key in ("loss", "rewards/margins", "logps/rejected", "learning_rate"):
         assert logged(run_dir, key) == logged(expected, key), key
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     reference = load_file(str(expected / "adapter" / "adapter_model.safetensors"))
@@ -202,7 +291,7 @@ def test_orpo_and_simpo_from_trl_experimental_train_on_our_tokens(method, tmp_pa
     assert len([e for e in trainer.state.log_history if "loss" in e]) == 4
 
 
-def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_and_records_it(
+def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_probes_and_records_it(
     finished_run, tmp_path
 ):
     recipe, model, tokenizer, store = in_process(*DPO[1:3], f"model.adapter={finished_run}")
@@ -214,11 +303,15 @@ def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_an
     assert all(reference[k].equal(sft[k].float()) for k in sft)  # the reference is the SFT model
     del trainer
 
+    # The probe runs the DPO trainer first (and removes its own reference copy): the run's reference
+    # is still the SFT adapter, so its first loss is log 2.
     run = start(
-        *DPO, "train.max_steps=2", "train.warmup_steps=1", f"model.adapter={finished_run}", output=tmp_path
-    )
-    _, err = run.communicate()
+        *DPO, "train.max_steps=2", "train.warmup_steps=1", f"model.adapter={finished_run}", "--probe",
+        output=tmp_path,
+    )  # fmt: skip
+    out, err = run.communicate()
     assert run.returncode == 0, err[-3000:]
+    assert "probe: 3 steps on the worst-case micro-batch" in out
     run_dir = run_folder(tmp_path)
     assert logged(run_dir, "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -228,11 +321,3 @@ def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_an
     changed = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert not all(changed[k].equal(sft[k]) for k in sft)  # DPO moved it on
     assert not (run_dir / "adapter" / "ref").exists()  # the reference is training's, not the result's
-
-
-def test_the_probe_runs_a_dpo_trainer_and_leaves_the_run_its_own_reference(tmp_path):
-    run = start(*DPO, "train.max_steps=2", "train.warmup_steps=1", "--probe", output=tmp_path)
-    out, err = run.communicate()
-    assert run.returncode == 0, err[-3000:]
-    assert "probe: 3 steps on the worst-case micro-batch" in out
-    assert logged(run_folder(tmp_path), "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
