@@ -26,7 +26,7 @@ from finetune.base.files import CHECKOUT
 from finetune.base.processes import child_setup
 from finetune.evaluate.evaluation import check_evaluation_settings, evaluate_run
 from finetune.plan.calibration import probe_verdict
-from finetune.plan.devices import detect_gpus
+from finetune.plan.devices import Gpu, detect_gpus
 from finetune.plan.job import Job, plan_document, plan_job
 from finetune.plan.preflight import check_can_start, fits_a_cpu
 from finetune.recipe.schema import Recipe, dump_recipe
@@ -75,9 +75,7 @@ def train_run(
     warn: Callable[[list[str]], None] = lambda warnings: None,
 ) -> Ended:
     """A new run of ``recipe`` (read from ``source`` with ``overrides``), from plan to evaluation."""
-    gpus = check_can_start(recipe, source)  # 1. can it start here at all (GPU, model, start adapter)
-    start_adapter(recipe)
-    warn(check_evaluation_settings(recipe, allow))
+    gpus = can_start(recipe, source, allow, warn)  # 1. can it start here at all
     job = plan_job(recipe, source, name)  # 2. the plan: data, schedule, budget, disk
     warn(job.warnings)
     where = f"{gpus[0].name} ({gpus[0].memory_gib:.0f} GiB)" if gpus else "CPU"
@@ -98,6 +96,15 @@ def train_run(
     return _train_and_finish(job, run_dir, None, probing, force, allow, say)
 
 
+def can_start(recipe: Recipe, source: str, allow: bool, warn: Callable[[list[str]], None]) -> list[Gpu]:
+    """Refuse what cannot start here (the GPU, the model, the start adapter, the evaluation's
+    settings) before anything is planned or loaded; the GPUs the run will use."""
+    gpus = check_can_start(recipe, source)
+    start_adapter(recipe)
+    warn(check_evaluation_settings(recipe, allow))
+    return gpus
+
+
 def resume_run(
     run_dir: Path,
     *,
@@ -111,9 +118,7 @@ def resume_run(
     check_not_finished(run_dir)  # nothing written to a finished run, not even a lock
     hold_run(run_dir)  # refused while another process still trains it
     recipe = run_recipe(run_dir)
-    check_can_start(recipe, str(run_dir))
-    start_adapter(recipe)
-    warn(check_evaluation_settings(recipe, allow))
+    can_start(recipe, str(run_dir), allow, warn)
     say(f"resuming {run_dir}")
     # Changed inputs are refused here, before anything is prepared from them or torch is imported.
     checkpoint, lines = resume_point(recipe, run_dir, force)

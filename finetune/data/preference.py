@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from finetune.base.errors import UserError
-from finetune.data.rows import ROLES
+from finetune.data.rows import checked_messages
 from finetune.data.tokenize import IGNORE_INDEX
 
 # What the length policy did with a pair (as tokenize.length_policy's statuses).
@@ -63,22 +63,11 @@ def _messages(value: Any, key: str, where: str, answer: bool | None) -> list[dic
     ending with the assistant), or a whole conversation (None)."""
     if not isinstance(value, list) or not value:
         raise UserError(f"{where}: '{key}' must be a non-empty string or list of messages")
-    cleaned = []
-    for i, message in enumerate(value):
-        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
-            raise UserError(f"{where}: {key}[{i}] must be an object with 'role' and a string 'content'")
-        extra = sorted(str(k) for k, v in message.items() if k not in ("role", "content") and v is not None)
-        if extra:
-            raise UserError(
-                f"{where}: {key}[{i}] has {', '.join(map(repr, extra))} besides 'role' and 'content'; "
-                "only those two are trained on, so remove the rest from the data"
-            )
-        role = message.get("role")
-        if role not in ROLES:
-            raise UserError(f"{where}: {key}[{i}] has role {role!r}; use one of {sorted(ROLES)}")
-        if answer and role != "assistant":
+    cleaned = checked_messages(value, where, key)
+    for i, message in enumerate(cleaned):
+        if answer and message["role"] != "assistant":
+            role = message["role"]
             raise UserError(f"{where}: {key}[{i}] is a {role} turn; an answer is assistant turns only")
-        cleaned.append({"role": role, "content": message["content"]})
     if answer and not any(m["content"].strip() for m in cleaned):
         raise UserError(f"{where}: '{key}' is empty, so the pair compares nothing")
     if answer is False and cleaned[-1]["role"] == "assistant":

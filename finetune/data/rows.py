@@ -303,28 +303,33 @@ def alpaca_to_messages(row: dict[str, Any]) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}]
 
 
-def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def checked_messages(messages: Any, where: str, key: str = "messages") -> list[dict[str, str]]:
+    """Each message of a non-empty list as {role, content}, or one sentence naming the first wrong
+    one (SFT's conversations and preference pairs' message lists alike)."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where}: 'messages' must be a non-empty list")
+        raise UserError(f"{where}: '{key}' must be a non-empty list")
     cleaned = []
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message:
-            raise UserError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+            raise UserError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
         # Parquet and hub datasets give every message every field of the column's type, mostly null
         # ("name", "tool_calls"); a null says nothing and is left out. Anything else would be lost.
         extra = sorted(str(k) for k, v in message.items() if k not in ("role", "content") and v is not None)
         if extra:
             raise UserError(
-                f"{where}: messages[{i}] has {', '.join(map(repr, extra))} besides 'role' and 'content'; "
+                f"{where}: {key}[{i}] has {', '.join(map(repr, extra))} besides 'role' and 'content'; "
                 "only those two are trained on, so remove the rest from the data"
             )
         if not isinstance(message["role"], str) or message["role"] not in ROLES:
-            raise UserError(
-                f"{where}: messages[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}"
-            )
+            raise UserError(f"{where}: {key}[{i}] has role '{message['role']}'; use one of {sorted(ROLES)}")
         if not isinstance(message.get("content"), str):
-            raise UserError(f"{where}: messages[{i}].content must be a string")
+            raise UserError(f"{where}: {key}[{i}].content must be a string")
         cleaned.append({"role": message["role"], "content": message["content"]})
+    return cleaned
+
+
+def _check_messages(messages: Any, where: str) -> list[dict[str, str]]:
+    cleaned = checked_messages(messages, where)
     if not any(m["role"] == "assistant" for m in cleaned):
         raise UserError(f"{where}: the conversation has no assistant turn, so nothing would be trained")
     return cleaned

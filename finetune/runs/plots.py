@@ -1,5 +1,5 @@
-"""PNG plots (no torch): the LR schedule preview with the LR the trainer logged over it, and the
-token-length histogram.
+"""PNG plots (no torch): the LR schedule preview with the LR the trainer logged over it, the loss
+curve, the preference rewards, and the token-length histogram.
 
 The LR chart is drawn with Pillow rather than matplotlib because `plan` draws it and must answer in
 under a second: importing matplotlib alone takes 0.7-1 s on a 2-core machine, Pillow 0.1 s.
@@ -99,13 +99,77 @@ def plot_schedule(plan: SchedulePlan, path: Path, logged: list[tuple[int, float]
     return path
 
 
-def plot_lengths(lengths: list[int], max_seq_length: int, path: Path) -> Path:
-    """Histogram of token lengths per row, with max_seq_length marked."""
+def _figure(width: float):
+    """A matplotlib figure drawn without a display (matplotlib imported here: `plan` never needs it)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 4.5), dpi=100)
+    fig = Figure(figsize=(width, 4.5), dpi=100)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def _saved(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def logged_points(history: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of each logged entry holding a finite ``key``."""
+    return [(entry["step"], entry[key]) for entry in history if key in entry and math.isfinite(entry[key])]
+
+
+def plot_losses(history: list[dict], path: Path, best_step: int | None = None) -> Path:
+    """Training loss per logged step, the eval loss where it was computed, and the step of the best
+    checkpoint when the run kept one."""
+    fig = _figure(8)
+    ax = fig.add_subplot()
+    train = logged_points(history, "loss")
+    if train:
+        ax.plot(*zip(*train, strict=True), color="tab:blue", linewidth=1.5, label="train loss")
+    evaluation = logged_points(history, "eval_loss")
+    if evaluation:
+        ax.plot(*zip(*evaluation, strict=True), "o-", color="tab:orange", markersize=4, label="eval loss")
+    if best_step is not None:
+        ax.axvline(best_step, color="tab:green", linestyle=":", label=f"best checkpoint (step {best_step})")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper right", fontsize=8)
+    return _saved(fig, path)
+
+
+def plot_preference(history: list[dict], path: Path) -> Path:
+    """The chosen and rejected rewards per logged step (eval's as points), and the margin and
+    accuracy beside them."""
+    fig = _figure(10)
+    rewards, margin = fig.subplots(1, 2)
+    for key, color in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red")):
+        for prefix, style in (("", "-"), ("eval_", "o--")):
+            points = logged_points(history, prefix + key)
+            if points:
+                label = f"{'eval ' if prefix else ''}{key.split('/')[1]}"
+                rewards.plot(*zip(*points, strict=True), style, color=color, markersize=4, label=label)
+    rewards.set_ylabel("reward")
+    for key, axis, color in (
+        ("rewards/margins", margin, "tab:purple"),
+        ("rewards/accuracies", margin.twinx(), "tab:gray"),
+    ):
+        points = logged_points(history, key)
+        if points:
+            axis.plot(*zip(*points, strict=True), color=color, label=key.split("/")[1])
+            axis.set_ylabel(key.split("/")[1], color=color)
+    for axis in (rewards, margin):
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    rewards.legend(loc="best", fontsize=8)
+    return _saved(fig, path)
+
+
+def plot_lengths(lengths: list[int], max_seq_length: int, path: Path) -> Path:
+    """Histogram of token lengths per row, with max_seq_length marked."""
+    fig = _figure(8)
     ax = fig.add_subplot()
     ax.hist(lengths, bins=min(50, max(5, len(set(lengths)))), color="tab:blue")
     ax.axvline(
@@ -115,6 +179,4 @@ def plot_lengths(lengths: list[int], max_seq_length: int, path: Path) -> Path:
     ax.set_ylabel("rows")
     ax.set_title(f"{len(lengths)} rows, longest {max(lengths) if lengths else 0} tokens")
     ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
+    return _saved(fig, path)

@@ -7,7 +7,6 @@ so a report can be written again from a finished run at any time.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from finetune.base import distributed
@@ -18,7 +17,7 @@ from finetune.plan.calibration import (
 from finetune.plan.constants import GIB
 from finetune.plan.job import Job, budget_check
 from finetune.runs.outcome import BestCheckpoint, OutOfMemory
-from finetune.runs.plots import plot_schedule
+from finetune.runs.plots import logged_points, plot_losses, plot_preference, plot_schedule
 from finetune.runs.run_folder import (
     disk_full_as,
     latest_checkpoint,
@@ -28,41 +27,11 @@ from finetune.runs.run_folder import (
 )
 
 
-def _loss_points(history: list[dict], key: str) -> list[tuple[int, float]]:
-    return [(entry["step"], entry[key]) for entry in history if key in entry and math.isfinite(entry[key])]
-
-
-def plot_losses(history: list[dict], path: Path, best_step: int | None = None) -> Path:
-    """Training loss per logged step, the eval loss where it was computed, and the step of the best
-    checkpoint when the run kept one."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(8, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    train = _loss_points(history, "loss")
-    if train:
-        ax.plot(*zip(*train, strict=True), color="tab:blue", linewidth=1.5, label="train loss")
-    evaluation = _loss_points(history, "eval_loss")
-    if evaluation:
-        ax.plot(*zip(*evaluation, strict=True), "o-", color="tab:orange", markersize=4, label="eval loss")
-    if best_step is not None:
-        ax.axvline(best_step, color="tab:green", linestyle=":", label=f"best checkpoint (step {best_step})")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
-
-
 def summary(history: list[dict], seconds: float, since: tuple[int, int] = (0, 0)) -> dict:
     """The figures of a run, from the trainer's log; ``seconds`` are this process's, which began at
     ``since`` (the step and trained tokens a resume started from), so its speed is over its own part."""
-    train = _loss_points(history, "loss")
-    evaluation = _loss_points(history, "eval_loss")
+    train = logged_points(history, "loss")
+    evaluation = logged_points(history, "eval_loss")
     tokens = max((entry.get("num_input_tokens_seen", 0) for entry in history), default=0)
     return {
         "steps": max((entry["step"] for entry in history if "step" in entry), default=0),
@@ -86,7 +55,7 @@ REWARDS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/acc
 
 def preference_lines(history: list[dict]) -> list[str]:
     """The rewards' first and last logged values, training's and the last evaluation's; none for SFT."""
-    train = {key: _loss_points(history, key) for key in REWARDS}
+    train = {key: logged_points(history, key) for key in REWARDS}
     if not train["rewards/margins"]:
         return []
 
@@ -98,7 +67,7 @@ def preference_lines(history: list[dict]) -> list[str]:
         f"rejected {first_last(train['rewards/rejected'])}, margin {first_last(train['rewards/margins'])}, "
         f"accuracy {first_last(train['rewards/accuracies'])}"
     ]
-    evaluation = {key: _loss_points(history, f"eval_{key}") for key in REWARDS}
+    evaluation = {key: logged_points(history, f"eval_{key}") for key in REWARDS}
     if evaluation["rewards/margins"]:
         last = {key.split("/")[1]: points[-1][1] for key, points in evaluation.items() if points}
         lines.append(
@@ -106,39 +75,6 @@ def preference_lines(history: list[dict]) -> list[str]:
             + ", ".join(f"{name} {value:.4f}" for name, value in last.items())
         )
     return lines
-
-
-def plot_preference(history: list[dict], path: Path) -> Path:
-    """The chosen and rejected rewards per logged step (eval's as points), and the margin and
-    accuracy beside them."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
-    rewards, margin = fig.subplots(1, 2)
-    for key, color in (("rewards/chosen", "tab:green"), ("rewards/rejected", "tab:red")):
-        for prefix, style in (("", "-"), ("eval_", "o--")):
-            points = _loss_points(history, prefix + key)
-            if points:
-                label = f"{'eval ' if prefix else ''}{key.split('/')[1]}"
-                rewards.plot(*zip(*points, strict=True), style, color=color, markersize=4, label=label)
-    rewards.set_ylabel("reward")
-    for key, axis, color in (
-        ("rewards/margins", margin, "tab:purple"),
-        ("rewards/accuracies", margin.twinx(), "tab:gray"),
-    ):
-        points = _loss_points(history, key)
-        if points:
-            axis.plot(*zip(*points, strict=True), color=color, label=key.split("/")[1])
-            axis.set_ylabel(key.split("/")[1], color=color)
-    for axis in (rewards, margin):
-        axis.set_xlabel("optimizer step")
-        axis.grid(alpha=0.3)
-    rewards.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    return path
 
 
 def read_best(run_dir: Path) -> BestCheckpoint | None:
