@@ -266,11 +266,15 @@ def test_kto_trains_from_unpaired_labels(tmp_path):
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method", ["orpo", "simpo"])
-def test_orpo_and_simpo_from_trl_experimental_train_on_our_tokens(method, tmp_path):
+@pytest.mark.parametrize(
+    ("method", "backend"), [("orpo", "unsloth"), ("simpo", "unsloth"), ("orpo", "transformers")]
+)
+def test_orpo_and_simpo_from_trl_experimental_train_on_our_tokens(method, backend, tmp_path):
     """TRL 1.15 keeps ORPO and CPO in trl.experimental, whose __init__ maps tokenize_row over the
-    rows: ours must be what it trains on (the prompt masked out of each answer's labels)."""
+    rows: ours must be what it trains on (the prompt masked out of each answer's labels), on
+    Unsloth and on the transformers backend (without Unsloth), whose LoRA weights all move."""
     recipe, model, tokenizer, store = in_process(
+        f"model.backend={backend}",
         f"train.method={method}",
         f"data.train={SAMPLES / 'code_preference.jsonl'}",
         "train.max_steps=4",
@@ -287,8 +291,11 @@ def test_orpo_and_simpo_from_trl_experimental_train_on_our_tokens(method, tmp_pa
     assert "prompt_ids" not in given
     if method == "simpo":
         assert trainer.loss_type == "simpo" and trainer.args.cpo_alpha == 0.0 and trainer.beta == 2.0
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
     trainer.train()
     assert len([e for e in trainer.state.log_history if "loss" in e]) == 4
+    after = dict(model.named_parameters())
+    assert before and all(not after[n].equal(p) for n, p in before.items())
 
 
 def test_dpo_after_sft_starts_from_the_runs_adapter_keeps_it_as_the_reference_probes_and_records_it(
