@@ -6,6 +6,10 @@ from __future__ import annotations
 from finetune.train import stack  # noqa: F401  (first: Unsloth before the libraries it patches)
 
 # isort: split
+import json
+import logging
+from pathlib import Path
+
 from torch.optim.lr_scheduler import LambdaLR
 from transformers.optimization import get_wsd_schedule
 
@@ -15,10 +19,11 @@ from finetune.recipe.schema import TrainSection
 
 class OurTrainer:
     """What every method's trainer adds to TRL's (Unsloth's, once unsloth is imported: the classes
-    are defined after that import): the schedules transformers lacks or cannot size
-    (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
-    micro-batch in flight and whether it is in the forward and backward pass or an evaluation, for
-    the out-of-memory report (the tests' injected faults subclass them: faults.py)."""
+        are defined after that import): the schedules transformers lacks or cannot size
+        (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
+        micro-batch in flight and whether it is in the forward and backward pass or an evaluation, for
+        the out-of-memory report (the tests' injected faults subclass them: faults.py); the best
+    checkpoint found again in a run folder that was moved."""
 
     def __init__(self, *args, train_settings: TrainSection, **kwargs):
         super().__init__(*args, **kwargs)
@@ -26,6 +31,34 @@ class OurTrainer:
         self.batch_tokens: int | None = None
         self.in_forward_backward = False  # where an out-of-memory error came from
         self.in_evaluation = False
+        self.moved_best: str | None = None
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        # transformers records the best checkpoint by its absolute path and, resuming, forgets it
+        # (with a warning) when that path is gone: a run folder moved since (another disk, a copied
+        # runs/ folder) would lose its best checkpoint, to the rotation of old checkpoints too. It
+        # is found again under the same name in this run's checkpoints.
+        self.moved_best = None
+        if isinstance(resume_from_checkpoint, (str, Path)):
+            saved = json.loads((Path(resume_from_checkpoint) / "trainer_state.json").read_text())
+            best = saved.get("best_model_checkpoint")
+            here = Path(self.args.output_dir) / Path(best).name if best else None
+            if here is not None and here.is_dir() and not Path(best).is_dir():
+                self.moved_best = str(here)
+        if self.moved_best is None:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        forgotten = _Without("recorded in the resumed state does not exist anymore")
+        logging.getLogger("transformers.trainer").addFilter(forgotten)
+        try:
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        finally:
+            logging.getLogger("transformers.trainer").removeFilter(forgotten)
+
+    def _load_callback_state(self):
+        # Called right after transformers dropped the best checkpoint it could not find.
+        if self.moved_best is not None and self.state.best_model_checkpoint is None:
+            self.state.best_model_checkpoint = self.moved_best
+        super()._load_callback_state()
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         train = self.train_settings
@@ -62,6 +95,17 @@ class OurTrainer:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.in_forward_backward = False
         return loss
+
+
+class _Without(logging.Filter):
+    """Drops the log records whose message holds ``text``."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def batch_tokens(inputs: dict) -> int:

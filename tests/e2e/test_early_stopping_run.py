@@ -83,20 +83,25 @@ def test_adapter_is_the_lowest_eval_loss_and_survives_rotation_beside_the_last(s
     assert f"early stopping ended the run at step {last}: 2 evaluations in a row" in report
 
 
-def test_a_run_killed_after_an_evaluation_resumes_to_the_same_stop(stopped_run, tmp_path):
-    """Killed after the evaluation that began the wait (the patience counter at 1): a resume that
-    lost the counter or the best metric would stop later, or elsewhere."""
+def test_a_run_killed_after_an_evaluation_and_moved_resumes_to_the_same_stop(stopped_run, tmp_path):
+    """Killed after the evaluation that began the wait (the patience counter at 1), and its folder
+    moved: a resume that lost the counter, the best metric or the best checkpoint would stop later,
+    elsewhere, or with another adapter."""
     best = json.loads((stopped_run / "best.json").read_text())
     after = best["step"] + 2  # the first evaluation that did not improve
     killed = start(*RECIPE, output=tmp_path)
     wait_for(lambda: list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-{after}/{SEAL}")), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    run_dir = run_folder(tmp_path)
-    assert not (run_dir / "adapter").exists()
+    assert not (run_folder(tmp_path) / "adapter").exists()
+    # The run folder moved before its resume (transformers records the best checkpoint by its
+    # absolute path, and forgets it, warning, when that path is gone).
+    shutil.move(tmp_path / "smoke", tmp_path / "elsewhere" / "smoke")
+    run_dir = run_folder(tmp_path / "elsewhere")
     resumed = resume(run_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from checkpoint-{after}" in resumed.stdout
+    assert "does not exist anymore" not in resumed.stderr
     assert logged(run_dir, "loss") == logged(stopped_run, "loss")
     assert logged(run_dir, "eval_loss") == logged(stopped_run, "eval_loss")
     assert json.loads((run_dir / "best.json").read_text()) == best
@@ -110,6 +115,10 @@ def test_a_run_killed_after_an_evaluation_resumes_to_the_same_stop(stopped_run, 
     shutil.rmtree(run_dir / "adapter")
     for name in ("best.json", "report.md", "budget.json"):
         (run_dir / name).unlink()
+    # Moved again: this resume saves no checkpoint (transformers re-finds the best at each save),
+    # so only the name under which the best was kept finds it in the moved folder.
+    shutil.move(tmp_path / "elsewhere" / "smoke", tmp_path / "smoke")
+    run_dir = run_folder(tmp_path)
     again = resume(run_dir)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from checkpoint-{best['last_step']}" in again.stdout
