@@ -19,11 +19,11 @@ from finetune.recipe.schema import TrainSection
 
 class OurTrainer:
     """What every method's trainer adds to TRL's (Unsloth's, once unsloth is imported: the classes
-        are defined after that import): the schedules transformers lacks or cannot size
-        (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
-        micro-batch in flight and whether it is in the forward and backward pass or an evaluation, for
-        the out-of-memory report (the tests' injected faults subclass them: faults.py); the best
-    checkpoint found again in a run folder that was moved."""
+    are defined after that import): the schedules transformers lacks or cannot size
+    (schedule.OWN_SCHEDULES), built from the same numbers the preview uses; the token count of the
+    micro-batch in flight and whether it is in the forward and backward pass or an evaluation, for
+    the out-of-memory report (the tests' injected faults subclass them: faults.py); and the best
+    checkpoint found again when a resumed run's folder was moved."""
 
     def __init__(self, *args, train_settings: TrainSection, **kwargs):
         super().__init__(*args, **kwargs)
