@@ -5,7 +5,8 @@ device. These add what the CPU backend cannot reach: Unsloth's CUDA path with th
 default, bitsandbytes' 8-bit AdamW and fp32 adapters, a real out-of-memory error caught as exit 3,
 packing through the GPU trainer; and the life of one run trained on the GPU (save, reload and
 generate, export merged and as a q8_0 GGUF, exact resume after SIGKILL, HumanEval with the batch
-halved on out-of-memory), and torchrun over 2 GPUs where there are 2. None has run on a GPU yet: no
+halved on out-of-memory), DPO through Unsloth's generated trainer within its predicted memory, and
+torchrun over 2 GPUs where there are 2. None has run on a GPU yet: no
 GPU has been lent to this project.
 
 Rehearsed on the CPU with FINETUNE_GPU_TESTS_ON_CPU=1: the same commands, files and parsing; what
@@ -376,6 +377,49 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_runs_losses(trai
     else:
         assert got == want  # bit for bit
         assert all(torch.equal(adapter[k], v) for k, v in expected.items())
+
+
+# Which trainer classes a run built (the first trainer: the probe's, or the run's): Unsloth's
+# generated UnslothDPOTrainer sits between ours and TRL's on CUDA; if its generation fails, Unsloth
+# falls back to TRL's class silently, so the class names are read, not assumed.
+PRINT_TRAINER_CLASSES = """
+from finetune.train import training
+_build_trainer = training.build_trainer
+def build_trainer(*args, **kwargs):
+    trainer = _build_trainer(*args, **kwargs)
+    print("trainer classes:", " ".join(c.__name__ for c in type(trainer).__mro__), flush=True)
+    return trainer
+training.build_trainer = build_trainer
+"""
+
+
+def test_dpo_trains_through_unsloths_generated_trainer_within_its_predicted_memory(tmp_path):
+    """DPO on the GPU: our subclass over Unsloth's generated DPO trainer over TRL's, the policy
+    starting as its reference (loss log 2), and the probe's measured peak within the plan's
+    prediction (a printed prediction is a promise)."""
+    import math
+
+    out = runner(
+        "recipes/smoke.yaml", "train.method=dpo", "data.train=data_samples/code_preference.jsonl",
+        "train.max_steps=4", "output.samples=0", *PROBE, f"output.dir={tmp_path}",
+        preamble=PRINT_TRAINER_CLASSES,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    classes = next(line for line in out.stdout.splitlines() if line.startswith("trainer classes:")).split()
+    assert "FinetuneDPOTrainer" in classes and "DPOTrainer" in classes, classes
+    if ON_CUDA:
+        assert "UnslothDPOTrainer" in classes, classes
+    run_dir = run_folder(tmp_path)
+    assert logged(run_dir, "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
+    assert "rewards (train, first -> last logged step)" in out.stdout
+    record = json.loads((run_dir / "budget.json").read_text())
+    if ON_CUDA:
+        predicted = record["predicted"]["memory_upper_bytes"]
+        print(f"DPO on {record['device']}: measured {record['measured_peak_bytes'] / 2**30:.2f} GiB, "
+              f"predicted up to {predicted / 2**30:.2f} GiB ({record['memory_error']})")  # fmt: skip
+        assert 0 < record["measured_peak_bytes"] <= predicted, record
+    else:
+        assert record["device"] == "CPU" and record["measured_peak_bytes"] is None
 
 
 # Generation in `eval` halves its batch on out-of-memory (inference.generate_texts). On the GPU a
