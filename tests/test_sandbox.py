@@ -168,6 +168,61 @@ def test_a_fork_bomb_does_not_fail_the_programs_beside_it():
     assert outcomes[1:] == [sandbox.Outcome(True, "passed")] * 6
 
 
+@confined
+def test_orphans_are_reaped_so_they_do_not_use_up_the_programs_process_limit():
+    """150 double forks leave 150 orphans to the namespace's PID 1; unreaped, their zombies would
+    hold most of the 64 processes the program may have, and a later fork would fail."""
+    program = (
+        "import os, time\n"
+        "for _ in range(150):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        if os.fork():\n"
+        "            os._exit(0)\n"
+        "        os._exit(0)\n"
+        "    os.waitpid(pid, 0)\n"
+        "time.sleep(0.5)\n"
+        "children = []\n"
+        "for _ in range(40):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(1)\n"
+        "        os._exit(0)\n"
+        "    children.append(pid)\n"
+        "for pid in children:\n"
+        "    os.waitpid(pid, 0)\n"
+    )
+    assert sandbox.run_program(program, QUICK) == sandbox.Outcome(True, "passed")
+
+
+@confined
+def test_what_the_program_sees_of_its_mounts_capabilities_and_files():
+    """Read from inside: the host's folders read-only, nosuid and nodev; /proc noexec; no mount
+    shared with the host (propagation private); no capability in any set and no way to gain one;
+    no file descriptor but stdin, stdout, stderr (and the one listing them); and the host's mount
+    table the same after the run."""
+    program = (
+        "import os\n"
+        "mounts = {}\n"
+        "for line in open('/proc/self/mountinfo'):\n"
+        "    fields = line.split()\n"
+        "    assert 'shared:' not in line, line\n"
+        "    mounts[fields[4]] = set(fields[5].split(','))\n"
+        "assert {'ro', 'nosuid', 'nodev'} <= mounts['/usr'], mounts['/usr']\n"
+        "assert {'nosuid', 'nodev', 'noexec'} <= mounts['/proc'], mounts['/proc']\n"
+        "assert {'nosuid', 'nodev'} <= mounts['/tmp'] and 'ro' not in mounts['/tmp']\n"
+        "status = dict(line.split(':\\t', 1) for line in open('/proc/self/status'))\n"
+        "for key in ('CapInh', 'CapPrm', 'CapEff', 'CapBnd', 'CapAmb'):\n"
+        "    assert int(status[key], 16) == 0, (key, status[key])\n"
+        "assert status['NoNewPrivs'].strip() == '1'\n"
+        "assert os.getuid() >= 2**30 and os.getgroups() == []\n"
+        "assert sorted(os.listdir('/proc/self/fd')) in (['0', '1', '2', '3'], ['0', '1', '2', '3', '4'])\n"
+    )
+    before = Path("/proc/self/mountinfo").read_text()
+    assert sandbox.run_program(program, QUICK) == sandbox.Outcome(True, "passed")
+    assert Path("/proc/self/mountinfo").read_text() == before
+
+
 def test_a_memory_bomb_fails_inside_its_limit():
     outcome = sandbox.run_program("x = bytearray(64 * 2**30)\n", QUICK)
     assert outcome == sandbox.Outcome(False, "failed: MemoryError")

@@ -37,9 +37,9 @@ import resource
 import secrets
 import shutil
 import signal
+import site
 import subprocess
 import sys
-import sysconfig
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -61,9 +61,7 @@ HARNESS_MARK = "def _run_program_then_its_nonce():"  # how a harness's process i
 # Python starts with -S: site's .pth files cost more than the rest of a program's start (30 ms of
 # 40 here), so the interpreter's site-packages are put on the path by hand (what site adds, minus
 # what .pth files run).
-_SITE_PACKAGES = sorted(
-    {sysconfig.get_path(k, vars={"base": _PREFIX, "platbase": _PREFIX}) for k in ("purelib", "platlib")}
-)
+_SITE_PACKAGES = site.getsitepackages([_PREFIX])  # the interpreter's (Debian's dist-packages too)
 _HARNESS = (
     f"import os, sys\nsys.path += {_SITE_PACKAGES!r}\n"
     + HARNESS_MARK
@@ -127,30 +125,45 @@ _CONFINER = r"""
 import ctypes, json, os, sys
 plan = json.loads(sys.argv[1])
 libc = ctypes.CDLL(None, use_errno=True)
+libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_char_p]
+libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
 RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, DETACH = 1, 2, 4, 8, 32, 4096, 2
+# statvfs's flag -> mount(2)'s: what a read-only remount must keep of the host's own mount (the
+# kernel keeps only the atime setting; mount(8) would have merged them in; in a user namespace a
+# locked flag left out is refused): noexec, noatime, nodiratime, relatime, nosymfollow.
+KEPT = {8: 8, 1024: 1024, 2048: 2048, 4096: 1 << 21, 8192: 256}
 
 def mount(source, target, fstype, flags, options):
     fstype, options = fstype and fstype.encode(), options and options.encode()
     if libc.mount(source.encode(), target.encode(), fstype, flags, options):
         sys.exit(f"sandbox: mount {target}: {os.strerror(ctypes.get_errno())}")
 
+def read_only(target, flags):
+    host = os.statvfs(target).f_flag
+    kept = sum(mine for theirs, mine in KEPT.items() if host & theirs)
+    mount("none", target, None, REMOUNT | BIND | RDONLY | flags | kept, None)
+
 def run(argv):
-    pid = os.posix_spawn(argv[0], argv, dict(os.environ))  # PATH alone (run_program gives no more)
-    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    # The environment as run_program gave it (PATH), and C.UTF-8 that Python's start set.
+    pid = os.posix_spawn(argv[0], argv, dict(os.environ))
+    while True:  # as PID 1, every orphan of the namespace is reaped (zombies count against its
+        done, status = os.waitpid(-1, 0)  # process limit) until the one started here ends
+        if done == pid:
+            return os.waitstatus_to_exitcode(status)
 
 root = plan["root"]
 mount("sandbox-root", root, "tmpfs", 0, "size=1m,mode=755")
 for folder in plan["folders"]:
     os.makedirs(root + folder, exist_ok=True)
     mount(folder, root + folder, None, BIND, None)
-    mount("none", root + folder, None, REMOUNT | BIND | RDONLY | NOSUID | NODEV, None)
+    read_only(root + folder, NOSUID | NODEV)
 for link, to in plan["links"]:
     os.symlink(to, root + link)
 if plan["ld_cache"]:  # where the dynamic loader finds the system's libraries
     os.makedirs(root + "/etc")
     open(root + "/etc/ld.so.cache", "w").close()
     mount("/etc/ld.so.cache", root + "/etc/ld.so.cache", None, BIND, None)
-    mount("none", root + "/etc/ld.so.cache", None, REMOUNT | BIND | RDONLY, None)
+    read_only(root + "/etc/ld.so.cache", 0)
 os.mkdir(root + "/dev")
 for device in plan["devices"]:
     open(root + "/dev/" + device, "w").close()
