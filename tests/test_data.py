@@ -20,11 +20,12 @@ from finetune.data.rows import (
 from finetune.recipe.schema import DataSection
 
 ROOT = Path(__file__).resolve().parent.parent
-# The SFT samples (the preference ones, code_preference and code_unpaired: tests/test_preference.py)
+# The SFT samples (the preference ones, code_preference and code_unpaired: tests/test_preference.py;
+# the tasks with tests, code_tasks: tests/test_code_tasks.py)
 SAMPLES = sorted(
     p
     for p in (ROOT / "data_samples").glob("*.jsonl")
-    if p.stem.startswith("code_") and p.stem not in ("code_preference", "code_unpaired")
+    if p.stem.startswith("code_") and p.stem not in ("code_preference", "code_unpaired", "code_tasks")
 )
 
 
