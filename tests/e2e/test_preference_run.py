@@ -131,7 +131,7 @@ def test_a_dpo_run_makes_the_chosen_answers_likelier_and_the_rejected_less_likel
                 base = answer_logps(model, ids, mask)
             gains[side].append(float(trained - base))
     # Each answer's log-probability under the trained adapter against the base's (the reference),
-    # over all 24 pairs: most chosen answers rose, most rejected ones fell (23 and 24 of 24 here).
+    # over all 24 pairs: most chosen answers rose, most rejected ones fell (23 of 24 each here).
     assert sum(g > 0 for g in gains["chosen"]) >= 0.75 * len(gains["chosen"]), gains
     assert sum(g < 0 for g in gains["rejected"]) >= 0.75 * len(gains["rejected"]), gains
     assert sum(gains["chosen"]) > 0 > sum(gains["rejected"]), gains
