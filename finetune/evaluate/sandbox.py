@@ -377,8 +377,13 @@ def run_program(program: str, limits: Limits = Limits()) -> Outcome:
     return _run([_PYTHON, "-I", "-S", "-c", _HARNESS], program, limits)
 
 
+def default_workers() -> int:
+    """How many programs run at once by default: one a core, at most 8."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def run_programs(programs: list[str], limits: Limits = Limits(), workers: int | None = None) -> list[Outcome]:
     """Each program confined, several at once (bounded by the cores), in their order."""
-    workers = workers or max(1, min(8, os.cpu_count() or 1))
+    workers = workers or default_workers()
     with ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda program: run_program(program, limits), programs))
