@@ -24,7 +24,7 @@ from finetune.base.console import progress_bar
 from finetune.base.errors import UserError
 from finetune.base.files import CHECKOUT
 from finetune.base.processes import child_setup
-from finetune.evaluate.evaluation import check_evaluation_settings, evaluate_run
+from finetune.evaluate.evaluation import check_evaluation_settings, check_reward_settings, evaluate_run
 from finetune.plan.calibration import probe_verdict
 from finetune.plan.devices import Gpu, detect_gpus
 from finetune.plan.job import Job, plan_document, plan_job
@@ -101,6 +101,7 @@ def can_start(recipe: Recipe, source: str, allow: bool, warn: Callable[[list[str
     settings) before anything is planned or loaded; the GPUs the run will use."""
     gpus = check_can_start(recipe, source)
     start_adapter(recipe)
+    check_reward_settings(recipe, allow)
     warn(check_evaluation_settings(recipe, allow))
     return gpus
 

@@ -33,10 +33,18 @@ class Audit:
     missing_eos: list[str]  # kept rows whose last trained token is not EOS
     duplicates: list[list[str]]  # groups of rows with identical tokens
     report: list[str]  # dropped / truncated rows, from preparation
+    sampled: str | None = None  # GRPO: what is trained instead of stored tokens (the completions)
 
     def lines(self) -> list[str]:
         lengths = ", ".join(f"p{p} {v}" for p, v in self.length_percentiles.items())
         fractions = ", ".join(f"p{p} {v:.0%}" for p, v in self.trained_fraction_percentiles.items())
+        if self.sampled is not None:  # tasks: prompts only, never trained
+            return [
+                f"tasks: {self.rows} read, {self.kept} kept",
+                f"prompt tokens: {lengths}",
+                self.sampled,
+                *self.report,
+            ]
         lines = [
             f"rows: {self.rows} read, {self.kept} kept",
             f"tokens per row: {lengths}",
@@ -179,6 +187,13 @@ def audit_recipe(recipe: Recipe, show: int) -> DataAudit:
                 for (source, pieces), row in zip(shown, rows, strict=True)
             ]
         pairs = pair_lines(store.dataset("train"), recipe.train.method_name() == "kto")
+    if recipe.train.grpo():
+        options = recipe.train.method_options()
+        result = replace(
+            result,
+            sampled=f"trained: {options['num_generations']} completions sampled per prompt, each up to "
+            f"{options['max_completion_length']} tokens, scored by the rewards; no prompt token is trained",
+        )
     evaluation = None
     if summary["eval_rows"]:
         evaluation = audit(store.examples("eval"), summary["eval_rows"], [], tokenizer.eos_id)

@@ -44,6 +44,7 @@ from finetune.data.rows import (
     skipped_report,
     source_file,
 )
+from finetune.data.tasks import read_task, tokenize_task_batch
 from finetune.data.tokenize import (
     KEPT,
     TOO_LONG,
@@ -130,6 +131,9 @@ def store_key(recipe: Recipe, tokenizer: TokenizerSource) -> str:
     ]
     if recipe.train.preference():  # pairs or unpaired rows, prepared otherwise (SFT's keys unchanged)
         key.append("pairs" if recipe.train.method_name() in PAIRED_METHODS else "unpaired")
+    if recipe.train.grpo():  # tasks: their prompts' room is what completions leave of the sequence
+        options = recipe.train.method_options()
+        key.append(["tasks", options["max_completion_length"], recipe.evaluate.prompt])
     return xxhash.xxh3_128(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
@@ -347,6 +351,8 @@ def _raw_schema():
 def row_reader(recipe: Recipe):
     """How a row is read for the recipe's method: as SFT's conversation (None: rows.py's own
     reader), or as a preference pair or unpaired row (data/preference.py)."""
+    if recipe.train.grpo():
+        return read_task
     if not recipe.train.preference():
         return None
     return functools.partial(read_pair, paired=recipe.train.method_name() in PAIRED_METHODS)
@@ -454,6 +460,8 @@ def _tokenize(raw, tokenizer, recipe: Recipe, fingerprint: str) -> tuple[object,
     processes = min(os.cpu_count() or 1, max(1, len(raw) // _ROWS_PER_PROCESS))
     if recipe.train.preference():
         return _tokenize_pairs(raw, tokenizer, recipe, fingerprint, processes)
+    if recipe.train.grpo():
+        return _tokenize_tasks(raw, tokenizer, recipe, fingerprint)
     features = Features(
         {
             "source": Value("string"),
@@ -545,6 +553,71 @@ def _tokenize_pairs(raw, tokenizer, recipe: Recipe, fingerprint: str, processes:
     return tokenized.select(kept).select_columns(columns), prepared, kept_lengths
 
 
+def chat_prompts(recipe: Recipe, chat_template: str) -> bool:
+    """Whether tasks are asked through the chat template (evaluate.prompt, as eval decides it)."""
+    if recipe.evaluate.prompt != "auto":
+        return recipe.evaluate.prompt == "chat"
+    return bool(chat_template and chat_template.strip())
+
+
+def _tokenize_tasks(raw, tokenizer, recipe: Recipe, fingerprint: str):
+    """_tokenize for GRPO's tasks: each prompt's tokens (none trained: the completions the trainer
+    samples are), the task itself for its rewards, and each prompt's length. A prompt that leaves
+    less than max_completion_length of max_seq_length is dropped (or, overlong: error, refused)."""
+    from datasets import Features, List, Value
+
+    data, max_seq_length = recipe.data, recipe.model.max_seq_length
+    completion = recipe.train.method_options()["max_completion_length"]
+    longest = max_seq_length - completion
+    ids = List(Value("int32"))
+    features = Features(
+        {
+            "source": Value("string"),
+            "task": Value("string"),
+            "input_ids": ids,
+            "labels": ids,
+            "prompt": Value("string"),
+            "length": Value("int32"),
+            "status": Value("string"),
+            "trained": Value("int64"),
+        }
+    )
+    tokenized = raw.map(
+        tokenize_task_batch,
+        batched=True,
+        batch_size=256,
+        fn_kwargs={
+            "tokenizer": tokenizer,
+            "chat": chat_prompts(recipe, tokenizer.chat_template),
+            "longest_prompt": longest,
+        },
+        remove_columns=["messages", "segments", "pair"],
+        features=features,
+        desc="tokenizing",
+        new_fingerprint=fingerprint,
+    )
+    statuses, sources, lengths = tokenized["status"], tokenized["source"], tokenized["length"]
+    dropped = [sources[k] for k, status in enumerate(statuses) if status == TOO_LONG]
+    if dropped and data.overlong == "error":
+        k = statuses.index(TOO_LONG)
+        raise UserError(
+            f"{sources[k]}: the task's prompt is {lengths[k]} tokens, and a completion of up to {completion} "
+            f"(train.max_completion_length) must fit after it in max_seq_length {max_seq_length}; raise "
+            "max_seq_length, lower max_completion_length, or drop such tasks (data.overlong: drop)"
+        )
+    notes = []
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (f" and {len(dropped) - 3} more" if len(dropped) > 3 else "")
+        notes.append(
+            f"{len(dropped)} tasks dropped: their prompt leaves less than max_completion_length {completion} "
+            f"of max_seq_length {max_seq_length} tokens ({shown})"
+        )
+    prepared = Prepared(examples=[], notes=notes)
+    kept = [k for k, status in enumerate(statuses) if status == KEPT]
+    columns = ["source", "task", "input_ids", "labels", "prompt", "trained"]
+    return tokenized.select(kept).select_columns(columns), prepared, [lengths[k] for k in kept]
+
+
 def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -> Store:
     from datasets import Dataset, are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -579,7 +652,8 @@ def _build(recipe: Recipe, tokenizer_source: TokenizerSource, directory: Path) -
             )
             if indices and not len(train):
                 raise nothing_left_error(raw[0]["source"], prepared.report(max_seq_length))
-            check_something_trained(train, recipe)
+            if not recipe.train.grpo():  # GRPO trains the completions it samples, none stored
+                check_something_trained(train, recipe)
             train.save_to_disk(str(work / "train"))
             eval_report: list[str] = []
             eval_raw = None

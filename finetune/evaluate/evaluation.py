@@ -33,8 +33,9 @@ from finetune.base.errors import UserError
 from finetune.base.files import not_a_file
 from finetune.base.json_text import json_value
 from finetune.data.contamination import contamination_line
+from finetune.evaluate.rewards import user_reward
 from finetune.evaluate.sandbox import check_confinement, confinement, run_programs
-from finetune.recipe.schema import EvaluateSection
+from finetune.recipe.schema import BUILT_IN_REWARDS, EvaluateSection
 from finetune.runs.report import put_section
 from finetune.runs.run_folder import check_writable, finished_adapter, write_run_json
 
@@ -193,6 +194,24 @@ def check_evaluation_settings(recipe, allow: bool) -> list[str]:
     check_confinement()  # refused now, not after hours of training
     read_tasks(recipe.evaluate.tasks)
     return []
+
+
+def check_reward_settings(recipe, allow: bool) -> None:
+    """Before a GRPO run starts: consent and a sandbox for the tests reward (it runs every sampled
+    completion), and each of the user's reward functions imported and its arguments checked."""
+    if not recipe.train.grpo():
+        return
+    entries = recipe.reward_entries()
+    if any(entry.reward == "tests" for entry in entries):
+        if not allow:
+            raise UserError(
+                "the tests reward runs every completion the model samples; pass --allow-code-execution "
+                "to confirm (it runs confined, see docs/evaluation.md)"
+            )
+        check_confinement()
+    for entry in entries:
+        if entry.reward not in BUILT_IN_REWARDS:
+            user_reward(entry.reward)
 
 
 def eval_settings(section: EvaluateSection, changes: dict) -> EvaluateSection:

@@ -20,7 +20,7 @@ from finetune.models.shapes import (
     nf4_bytes_single_quant,
     targeted_projections,
 )
-from finetune.plan import constants
+from finetune.plan import constants, generation
 from finetune.plan.constants import GIB, constant
 from finetune.plan.devices import GPUS, Device
 from finetune.plan.engine import (
@@ -185,6 +185,16 @@ def predict_memory(
         )
     name, loss = loss_term(recipe, shapes, tokens_per_micro_batch, on_gpu, dtype_bytes)
     terms[name] = loss
+    if recipe.train.grpo():  # the step's sampling, counted on top of the training pass's buffers
+        run = generation.rollout(
+            recipe,
+            tokens_per_micro_batch // recipe.train.per_device_train_batch_size
+            - recipe.train.method_options()["max_completion_length"],
+        )
+        terms[f"generation key/value cache ({run.rows} completions x {run.sequence} tokens)"] = (
+            generation.kv_cache_bytes(shapes, run.rows, run.sequence, dtype_bytes)
+        )
+        terms["generation decoding step"] = generation.decode_step_bytes(shapes, run.rows, dtype_bytes)
     if world_size > 1:  # DDP's flat buckets: the gradients once more (see multi_gpu.py)
         terms["DDP gradient buckets"] = trainable
     allocated = sum(terms.values())
@@ -201,6 +211,12 @@ def loss_term(
     recipe: Recipe, shapes: Shapes, tokens: int, on_gpu: bool, dtype_bytes: int, training: bool = True
 ) -> tuple[str, float]:
     """The lm_head-and-loss term: the backend's loss for SFT, the method's trainer's otherwise."""
+    if recipe.train.grpo():
+        completion = recipe.train.method_options()["max_completion_length"]
+        rows = recipe.train.per_device_train_batch_size
+        return "log-probabilities (chunked)", generation.chunked_logprob_bytes(
+            shapes, rows, completion, dtype_bytes
+        )
     if recipe.train.preference():
         return preference_loss_bytes(
             row_passes(recipe).logits,
@@ -342,6 +358,13 @@ def predict_time(
         )
     if recipe.lora.use_dora:
         terms["DoRA weight norms"] = passes * dora_seconds_per_pass(shapes, recipe.lora, device, model)
+    if train.grpo():  # the step's sampling, a share per micro-batch
+        run = generation.rollout(recipe, int(seq_len) - train.method_options()["max_completion_length"])
+        weights = sum(weight_bytes(shapes, model.load_in_4bit, 2))
+        terms["sampling the completions"] = (
+            generation.generation_seconds(shapes, weights, device.bandwidth_gbs, run, 2)
+            + forward_seconds(recipe, shapes, device, run.rows * run.prompt_tokens, run.prompt_tokens, 1)
+        ) / train.gradient_accumulation_steps
     if model.backend == "transformers" and device.is_gpu:  # without Unsloth's fused GPU kernels
         terms["without Unsloth's kernels"] = (compute + dequant) * (constant("transformers_slowdown") - 1)
     step = train.gradient_accumulation_steps * sum(terms.values())
@@ -451,6 +474,10 @@ def plan_budget(
     mean = each.sequences * mean_tokens_per_micro_batch(
         work.lengths, work.sequences, batch, seq, work.packing
     )
+    if recipe.train.grpo():  # every completion of the longest prompt's length, at its longest
+        completion = recipe.train.method_options()["max_completion_length"]
+        longest = max(work.lengths) if work.lengths else seq - completion
+        peak = mean = batch * (longest + completion)
     memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu, world_size)
     time = predict_time(recipe, shapes, device, mean, work.total_steps, world_size)
     eval_memory = None

@@ -25,6 +25,11 @@ CONSTANTS = {
     # datasheet figures, to put a card missing from the table on the table's scale.
     "benchmark_matmul_fraction": (0.75, "dense bf16 GEMM benchmarks reach 70-85% of datasheet TFLOP/s"),
     "benchmark_copy_fraction": (0.85, "device-to-device copies reach 80-90% of datasheet bandwidth"),
+    "decode_step_overhead_s": (
+        0.025,
+        "transformers' generate in eager mode: about 30-45 tokens/s for a 7-8B model at batch 1 on an "
+        "A100, launch-bound; Unsloth's fast decode claims about 2x (an estimate: GRPO's generation)",
+    ),
     "transformers_slowdown": (1.54, "LLaMA-Factory wiki: Unsloth 4-bit at 1.54x HF 4-bit's tokens/s"),
     "memory_margin": (0.10, "the stated target: peak memory within 10%"),
     "time_margin": (0.15, "the stated target: step time within 15%"),

@@ -34,6 +34,7 @@ class DataPlan:
     eval_overlap: list[list[str]] = field(default_factory=list)  # [eval row, train row], the first 100
     eval_overlap_count: int = 0  # eval rows whose text is also a training row's
     humaneval: dict = field(default_factory=dict)  # rows holding HumanEval problems (store summary)
+    tasks: bool = False  # GRPO's tasks: the lengths are prompts' (completions are sampled)
 
     def _sequences(self, lengths: list[int] | None, rows: int) -> int:
         if lengths is None:
@@ -58,6 +59,11 @@ class DataPlan:
         ordered = sorted(self.lengths)
         median = ordered[len(ordered) // 2] if ordered else 0
         line = f"data: {self.rows} rows, {len(self.lengths)} trained"
+        if self.tasks:
+            line = f"data: {self.rows} tasks, {len(self.lengths)} kept"
+            if ordered:
+                line += f", prompts of {ordered[0]}-{ordered[-1]} tokens (median {median})"
+            return [line, *self.report]
         if ordered:
             line += f", {ordered[0]}-{ordered[-1]} tokens (median {median})"
         if self.packing and self.lengths:
@@ -110,6 +116,7 @@ def plan_data(recipe: Recipe, on_gpu: bool = True) -> DataPlan:
         eval_overlap=summary["eval_overlap"],
         eval_overlap_count=summary["eval_overlap_count"],
         humaneval=summary["humaneval"],
+        tasks=recipe.train.grpo(),
     )
 
 
@@ -125,6 +132,19 @@ def check_overlap(recipe: Recipe, data: DataPlan, source: str) -> str | None:
             "data (or the duplicates from the training data), or set data.eval_overlap: allow"
         )
     return f"{source}: {line} (data.eval_overlap: allow)"
+
+
+def check_held_out(recipe: Recipe, data: DataPlan, source: str) -> None:
+    """GRPO refuses tasks that hold a HumanEval problem: its reward would train on that problem's
+    own tests, and the HumanEval pass@1 reported after training would measure them. (SFT rows get
+    the plan's warning below instead.)"""
+    found = data.humaneval
+    if recipe.train.grpo() and found.get("train_count"):
+        line = contamination_line(found["train"], found["train_count"])
+        raise UserError(
+            f"{source}: {line}; GRPO would be rewarded by those problems' own tests and HumanEval must stay "
+            "held out: remove them from the tasks"
+        )
 
 
 def contamination_warnings(data: DataPlan, source: str) -> list[str]:

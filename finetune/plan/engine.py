@@ -125,4 +125,15 @@ def row_passes(recipe: Recipe) -> Passes:
             "each row is 1 sequence, a reference pass" + (" and the KL completions (2 passes)" if kl else ""),
             True,
         )
+    if method == "grpo":
+        options = recipe.train.method_options()
+        beta = options["beta"] > 0
+        what = (
+            f"each completion is 1 sequence (the longest prompt + {options['max_completion_length']} tokens), "
+            f"sampled {options['num_generations']} per prompt"
+            + (", and a reference pass (beta > 0)" if beta else "")
+        )
+        # TRL's CPU trainer keeps a frozen "ref" copy of a handed PEFT model's adapter when beta > 0
+        # (Unsloth's GPU trainer uses the base instead): counted, it is small.
+        return Passes(1, 1 if beta else 0, False, what, beta)
     return Passes(1, 0, False, "")

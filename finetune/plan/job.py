@@ -29,6 +29,7 @@ from finetune.plan.budget import (
 from finetune.plan.constants import GIB
 from finetune.plan.data_plan import (
     DataPlan,
+    check_held_out,
     check_overlap,
     contamination_warnings,
     data_as_dict,
@@ -317,6 +318,7 @@ def plan_job(
     with distributed.main_first():  # under torchrun the store is built once, by rank 0
         data = training_data(recipe)
     overlap = check_overlap(recipe, data, source)
+    check_held_out(recipe, data, source)
     plan, warnings = checked_plan(recipe, data.sequences, source, world_size or distributed.world_size())
     warnings += ([overlap] if overlap else []) + contamination_warnings(data, source)
     device = device or training_device()

@@ -77,6 +77,7 @@ class SchedulePlan:
     final_lr: float
     lrs: LearningRates = field(repr=False)
     world_size: int = 1  # processes (GPUs) training together under torchrun
+    generations: int | None = None  # GRPO: completions sampled per prompt (num_examples are prompts)
 
     def lr_at_fraction(self, fraction: float) -> tuple[int, float]:
         """(1-based step, LR) at a fraction of training."""
@@ -95,14 +96,31 @@ def steps_per_epoch(
     return max(math.ceil(per_process / gradient_accumulation_steps), 1)
 
 
+def grpo_steps_per_epoch(num_prompts: int, train: TrainSection, world_size: int = 1) -> int:
+    """GRPO's optimizer steps in one pass over the prompts, as TRL 1.15's RepeatSampler deals them:
+    each step's completions (per_device_train_batch_size x gradient_accumulation_steps, over every
+    process) are num_generations for each of its prompts; a last group of prompts too few to fill
+    a step is left out of the epoch; each generated batch is trained num_iterations times."""
+    options = train.method_options()
+    completions = train.per_device_train_batch_size * train.gradient_accumulation_steps * world_size
+    prompts_per_step = completions // options["num_generations"]
+    return max(num_prompts // prompts_per_step, 1) * options["num_iterations"]
+
+
+def epoch_steps(num_examples: int, train: TrainSection, world_size: int = 1) -> int:
+    """Optimizer steps in one pass over the data, for the recipe's method."""
+    if train.grpo():
+        return grpo_steps_per_epoch(num_examples, train, world_size)
+    return steps_per_epoch(
+        num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps, world_size
+    )
+
+
 def count_optimizer_steps(num_examples: int, train: TrainSection, world_size: int = 1) -> int:
     """Total optimizer steps, as transformers' Trainer computes them (max_steps wins over epochs)."""
     if train.max_steps is not None:
         return train.max_steps
-    per_epoch = steps_per_epoch(
-        num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps, world_size
-    )
-    return math.ceil(train.num_train_epochs * per_epoch)
+    return math.ceil(train.num_train_epochs * epoch_steps(num_examples, train, world_size))
 
 
 def eval_every(train: TrainSection, total_steps: int) -> int | None:
@@ -233,25 +251,29 @@ def plan_schedule(num_examples: int, train: TrainSection, world_size: int = 1) -
         effective_batch_size=train.per_device_train_batch_size
         * train.gradient_accumulation_steps
         * world_size,
-        steps_per_epoch=steps_per_epoch(
-            num_examples, train.per_device_train_batch_size, train.gradient_accumulation_steps, world_size
-        ),
+        steps_per_epoch=epoch_steps(num_examples, train, world_size),
         total_steps=total,
         warmup_steps=warmup,
         peak_lr=train.learning_rate,
         final_lr=lrs[-1],
         lrs=lrs,
         world_size=world_size,
+        generations=train.method_options()["num_generations"] if train.grpo() else None,
     )
 
 
 def describe_plan(plan: SchedulePlan) -> list[str]:
     """The preview's lines, as printed by `plan` and at the start of every run."""
     warmup_share = 100 * plan.warmup_steps / plan.total_steps
+    per_step = f"{plan.num_examples} sequences, {plan.effective_batch_size} per step"
+    if plan.generations:
+        per_step = (
+            f"{plan.num_examples} prompts, {plan.effective_batch_size // plan.generations} per step with "
+            f"{plan.generations} completions each"
+        )
     lines = [
         f"schedule: {plan.scheduler}, {plan.total_steps} optimizer steps "
-        f"({plan.num_examples} sequences, {plan.effective_batch_size} per step, "
-        f"{plan.steps_per_epoch} steps per epoch"
+        f"({per_step}, {plan.steps_per_epoch} steps per epoch"
         + (f", over {plan.world_size} processes" if plan.world_size > 1 else "")
         + ")",
         f"warmup: {plan.warmup_steps} step{'' if plan.warmup_steps == 1 else 's'} "
@@ -324,10 +346,13 @@ def advise(plan: SchedulePlan, train: TrainSection) -> tuple[list[str], list[str
             f"no warmup at learning_rate {train.learning_rate:g}: Adam's first updates are the largest "
             "and can destabilise training; add warmup_ratio: 0.03"
         )
-    low, high = PREFERENCE_LR_RANGE if train.preference() else LORA_LR_RANGE
+    # GRPO, like preference tuning, moves an already capable model: Unsloth's and TRL's LoRA GRPO
+    # examples train at 5e-6 to 1e-5.
+    moves_a_model = train.preference() or train.grpo()
+    low, high = PREFERENCE_LR_RANGE if moves_a_model else LORA_LR_RANGE
     if not low <= train.learning_rate <= high:
-        usual = f"{train.method_name()} with LoRA" if train.preference() else "LoRA"
-        start = "5e-6" if train.preference() else "2e-4"
+        usual = f"{train.method_name()} with LoRA" if moves_a_model else "LoRA"
+        start = "5e-6" if moves_a_model else "2e-4"
         warnings.append(
             f"learning_rate {train.learning_rate:g} is far outside the usual {usual} range "
             f"({low:g} to {high:g}); {start} is the common starting point"

@@ -167,12 +167,20 @@ class DataSection(_Section):
         json_schema_extra=_one_or_more_paths,
     )
     format: Literal[
-        "auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text", "preference", "unpaired"
+        "auto",
+        "messages",
+        "sharegpt",
+        "alpaca",
+        "prompt_completion",
+        "text",
+        "preference",
+        "unpaired",
+        "tasks",
     ] = Field(
         "auto",
         description="Row format: messages, sharegpt, alpaca, prompt_completion or text; for preference "
-        "tuning, preference (prompt/chosen/rejected) or unpaired (KTO: prompt/completion/label); "
-        "'auto' detects it.",
+        "tuning, preference (prompt/chosen/rejected) or unpaired (KTO: prompt/completion/label); for "
+        "grpo, tasks (HumanEval's prompt/test/entry_point, or MBPP's text/test_list); 'auto' detects it.",
     )
     weights: dict[str, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict,
@@ -250,6 +258,10 @@ class DataSection(_Section):
             "chosen",
             "rejected",
             "label",
+            "task_id",
+            "test",
+            "entry_point",
+            "test_list",
         )
         for ours in columns:
             if ours not in known:
@@ -288,7 +300,7 @@ EVAL_METRICS = ("eval_loss", "loss")
 # simpo) from trl.experimental. Each method's options under TRL's names, with the value each takes
 # when the recipe leaves it unset; every one is passed to the trainer's config (library defaults
 # move). SimPO's are the paper's (beta 2.0, a margin of 0.5) without CPO's NLL term (cpo_alpha 0).
-METHODS = ("sft", "dpo", "kto", "orpo", "simpo")
+METHODS = ("sft", "dpo", "kto", "orpo", "simpo", "grpo")
 PREFERENCE_METHODS = ("dpo", "kto", "orpo", "simpo")
 PAIRED_METHODS = ("dpo", "orpo", "simpo")  # chosen and rejected; kto reads unpaired rows
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
@@ -297,6 +309,21 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "kto": {"beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0},
     "orpo": {"beta": 0.1},
     "simpo": {"beta": 2.0, "simpo_gamma": 0.5, "cpo_alpha": 0.0, "label_smoothing": 0.0},
+    # GRPO (TRL's GRPOTrainer): TRL 1.15's defaults, each passed explicitly (Unsloth's GPU trainer
+    # fills some differently when they are left unset, e.g. beta 0.001).
+    "grpo": {
+        "num_generations": 8,
+        "max_completion_length": 512,
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "beta": 0.0,
+        "loss_type": "dapo",
+        "epsilon": 0.2,
+        "epsilon_high": None,  # None: epsilon (a symmetric clip)
+        "scale_rewards": "group",
+        "mask_truncated_completions": False,
+        "num_iterations": 1,
+    },
 }
 # The loss types each method's trainer computes (TRL 1.15's DPOTrainer and KTOTrainer).
 LOSS_TYPES = {
@@ -317,6 +344,8 @@ LOSS_TYPES = {
         "sigmoid_norm",
     ),
     "kto": ("kto", "apo_zero_unpaired"),
+    # TRL 1.15's GRPO losses at token-level importance sampling (luspo and vespo need sequence level).
+    "grpo": ("dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"),
 }
 
 SCHEDULE_SETTINGS = {
@@ -423,17 +452,21 @@ class TrainSection(_Section):
         None, description="How much better than the best an evaluation must be to count as improving (0)."
     )
     # Preference tuning (TRL's names). Unset by default: a recipe without them keeps its digest.
-    method: Literal["sft", "dpo", "kto", "orpo", "simpo"] | None = Field(
+    method: Literal["sft", "dpo", "kto", "orpo", "simpo", "grpo"] | None = Field(
         None,
-        description="sft (the default), or preference tuning: dpo, kto, orpo or simpo (docs/preference.md).",
+        description="sft (the default), preference tuning: dpo, kto, orpo or simpo (docs/preference.md), "
+        "or grpo: reinforcement from rewards, such as the task's tests run confined (docs/grpo.md).",
     )
-    beta: Annotated[float, Field(gt=0)] | None = Field(
+    beta: Annotated[float, Field(ge=0)] | None = Field(
         None,
         description="dpo, kto: how far from the reference the model may move (0.1); orpo: the odds-ratio "
-        "term's weight (0.1); simpo: the reward scale (2.0).",
+        "term's weight (0.1); simpo: the reward scale (2.0); grpo: the KL penalty's weight (0: none, "
+        "and no reference pass).",
     )
     loss_type: str | None = Field(
-        None, description="dpo: sigmoid (the default), ipo, hinge, ...; kto: kto or apo_zero_unpaired."
+        None,
+        description="dpo: sigmoid (the default), ipo, hinge, ...; kto: kto or apo_zero_unpaired; grpo: "
+        "dapo (the default), grpo, dr_grpo, bnpo, cispo or sapo.",
     )
     label_smoothing: Annotated[float, Field(ge=0, lt=0.5)] | None = Field(
         None, description="dpo, simpo: the assumed share of pairs whose preference is wrong (0)."
@@ -450,6 +483,36 @@ class TrainSection(_Section):
     undesirable_weight: Annotated[float, Field(gt=0)] | None = Field(
         None, description="kto: weight of the undesirable rows' loss (1.0)."
     )
+    # GRPO (TRL's names). per_device_train_batch_size counts completions, as in TRL.
+    num_generations: Annotated[int, Field(ge=2)] | None = Field(
+        None, description="grpo: completions sampled per prompt, compared with each other (8)."
+    )
+    max_completion_length: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="grpo: tokens a completion may have; a longer one is cut (truncated) (512)."
+    )
+    temperature: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="grpo: the sampling temperature of the completions (1.0)."
+    )
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        None, description="grpo: nucleus sampling's share of probability kept (1.0: all)."
+    )
+    epsilon: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="grpo: the clip range of the probability ratio, below (and above) 1 (0.2)."
+    )
+    epsilon_high: Annotated[float, Field(gt=0, lt=1)] | None = Field(
+        None, description="grpo: the upper clip range, when it differs from epsilon (DAPO's 0.28)."
+    )
+    scale_rewards: Literal["group", "batch", "none"] | None = Field(
+        None,
+        description="grpo: advantages divided by the rewards' std within each prompt's group (group), "
+        "over the batch (batch), or not at all (none: Dr. GRPO's advice) (group).",
+    )
+    mask_truncated_completions: bool | None = Field(
+        None, description="grpo: leave completions that hit max_completion_length out of the loss (false)."
+    )
+    num_iterations: Annotated[int, Field(gt=0)] | None = Field(
+        None, description="grpo: optimizer passes over each batch of generated completions (1)."
+    )
 
     def method_name(self) -> str:
         return self.method or "sft"
@@ -457,12 +520,18 @@ class TrainSection(_Section):
     def preference(self) -> bool:
         return self.method_name() in PREFERENCE_METHODS
 
+    def grpo(self) -> bool:
+        return self.method_name() == "grpo"
+
     def method_options(self) -> dict[str, Any]:
         """The method's options as its trainer receives them: the recipe's, else our defaults."""
-        return {
+        options = {
             name: default if getattr(self, name) is None else getattr(self, name)
             for name, default in METHOD_OPTIONS[self.method_name()].items()
         }
+        if self.grpo() and options["loss_type"] == "dr_grpo" and self.scale_rewards is None:
+            options["scale_rewards"] = "none"  # Dr. GRPO's own setting (Unsloth's GPU trainer forces it)
+        return options
 
     @model_validator(mode="after")
     def _options_of_the_method(self) -> TrainSection:
@@ -472,6 +541,10 @@ class TrainSection(_Section):
             if getattr(self, name) is not None and name not in METHOD_OPTIONS[method]:
                 takes = ", ".join(m for m, options in METHOD_OPTIONS.items() if name in options)
                 raise ValueError(f"{name} is an option of {takes}, not of method {method}; remove it")
+        if self.beta == 0 and method != "grpo":
+            raise ValueError(f"beta must be above 0 for method {method}")
+        if method == "grpo":
+            self._grpo_batches()
         if self.loss_type is not None and self.loss_type not in LOSS_TYPES[method]:
             close = difflib.get_close_matches(self.loss_type, LOSS_TYPES[method], n=1, cutoff=0.5)
             hint = f"did you mean '{close[0]}'? " if close else ""
@@ -490,6 +563,31 @@ class TrainSection(_Section):
                 "with another row's completion in the same micro-batch"
             )
         return self
+
+    def _grpo_batches(self) -> None:
+        options = self.method_options()
+        generations = options["num_generations"]
+        batch = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        if batch % generations:
+            # TRL generates for one optimizer step at once: whole groups of completions per prompt.
+            raise ValueError(
+                f"per_device_train_batch_size x gradient_accumulation_steps ({batch} completions a step) "
+                f"must be a multiple of num_generations ({generations}): each prompt's completions are "
+                "compared within one optimizer step"
+            )
+        if options["loss_type"] == "dr_grpo" and options["scale_rewards"] != "none":
+            # Unsloth's GPU trainer turns the scaling off for dr_grpo (with a print only): refused
+            # here, so a recipe trains the same on a GPU as on the CPU.
+            raise ValueError(
+                "loss_type dr_grpo does not scale rewards (Dr. GRPO): remove scale_rewards or set none"
+            )
+        high = options["epsilon_high"]
+        if high is not None and high < options["epsilon"]:
+            raise ValueError(f"epsilon_high ({high}) must not be below epsilon ({options['epsilon']})")
+        if self.eval_steps is not None:
+            raise ValueError(
+                "method grpo has no eval loss to compute: remove eval_steps (rewards are logged)"
+            )
 
     @field_validator("eval_steps")
     @classmethod
@@ -671,6 +769,50 @@ class EvaluateSection(_Section):
         return self
 
 
+BUILT_IN_REWARDS = ("tests", "format", "length")
+
+
+class RewardEntry(_Section):
+    reward: str = Field(
+        description="tests (the share of the task's tests the completion passes, run confined), format "
+        "(1 when the answer closes its one code block and ends there), length (0 up to target_tokens, "
+        "down to -1 at max_completion_length), or your own function as module:function (TRL's "
+        "reward signature: prompts, completions, **kwargs -> a list of floats)."
+    )
+    weight: float = Field(1.0, description="The reward's weight in the sum the advantages are computed from.")
+    name: str | None = Field(
+        None,
+        description="The name it is logged under (rewards/NAME/mean); default: reward's, or the function's.",
+    )
+    target_tokens: Annotated[int, Field(gt=0)] | None = Field(
+        None,
+        description="length: completions up to this many tokens are not penalised (half of max_completion_length).",
+    )
+
+    @field_validator("reward")
+    @classmethod
+    def _known_or_importable(cls, value: str) -> str:
+        if value in BUILT_IN_REWARDS:
+            return value
+        module, _, function = value.partition(":")
+        if not (module and function and all(part.isidentifier() for part in [*module.split("."), function])):
+            close = difflib.get_close_matches(value, BUILT_IN_REWARDS, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"'{value}' is no reward: {hint}use {', '.join(BUILT_IN_REWARDS)}, or module:function for your own"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _target_is_for_length(self) -> RewardEntry:
+        if self.target_tokens is not None and self.reward != "length":
+            raise ValueError("target_tokens is an option of the length reward; remove it")
+        return self
+
+    def log_name(self) -> str:
+        return self.name or self.reward.rpartition(":")[2]
+
+
 class ParentRecord(_Section):
     name: str = Field(description="The recipe this one was copied from (a shipped name or a path).")
     version: str = Field(description="The parent's version at the time of the copy.")
@@ -694,6 +836,10 @@ class Recipe(_Section):
     evaluate: EvaluateSection = Field(
         default_factory=EvaluateSection, description="Code evaluation after training (HumanEval)."
     )
+    rewards: list[RewardEntry] = Field(
+        default_factory=list,
+        description="grpo: the rewards each completion is scored by, weighted and summed (default: tests alone).",
+    )
     parent: ParentRecord | None = Field(None, description="Lineage, written by `runner.py copy`.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
@@ -701,9 +847,15 @@ class Recipe(_Section):
     @model_validator(mode="after")
     def _data_for_the_method(self) -> Recipe:
         method, data = self.train.method_name(), self.data
-        wanted = {"sft": None, "kto": "unpaired"}.get(method, "preference")
-        if data.format != "auto" and (data.format in ("preference", "unpaired")) != bool(wanted):
-            use = f"use {wanted} or auto" if wanted else "preference rows are for dpo, kto, orpo and simpo"
+        wanted = {"sft": None, "kto": "unpaired", "grpo": "tasks"}.get(method, "preference")
+        if data.format != "auto" and (data.format in ("preference", "unpaired", "tasks")) != bool(wanted):
+            use = (
+                f"use {wanted} or auto"
+                if wanted
+                else {"tasks": "tasks are for grpo"}.get(
+                    data.format, "preference rows are for dpo, kto, orpo and simpo"
+                )
+            )
             raise ValueError(f"data.format {data.format} is not read by train.method {method}; {use}")
         if wanted and data.format not in ("auto", wanted):
             raise ValueError(
@@ -714,7 +866,38 @@ class Recipe(_Section):
                 f"data.packing does not apply to train.method {method}: its trainer batches whole "
                 "pairs, never packs them; remove it"
             )
+        if method == "grpo" and data.overlong == "truncate":
+            raise ValueError(
+                "data.overlong truncate does not apply to train.method grpo: a task's prompt cut short asks "
+                "another question; use drop or error"
+            )
+        if (
+            method == "grpo"
+            and self.train.method_options()["max_completion_length"] >= self.model.max_seq_length
+        ):
+            raise ValueError(
+                f"train.max_completion_length ({self.train.method_options()['max_completion_length']}) leaves "
+                f"no room for a prompt in model.max_seq_length ({self.model.max_seq_length})"
+            )
+        if self.rewards and method != "grpo":
+            raise ValueError(f"rewards are read by train.method grpo, not {method}; remove them")
+        names = [entry.log_name() for entry in self.rewards]
+        twice = next((name for name in names if names.count(name) > 1), None)
+        if twice:
+            raise ValueError(f"rewards: two rewards are logged as '{twice}'; give one a name")
+        if (
+            method == "grpo"
+            and self.evaluate.prompt == "raw"
+            and "format" in [e.reward for e in self.rewards]
+        ):
+            raise ValueError(
+                "the format reward scores a chat answer's code block: evaluate.prompt raw has none"
+            )
         return self
+
+    def reward_entries(self) -> list[RewardEntry]:
+        """grpo's rewards: the recipe's, else the tests alone."""
+        return self.rewards or [RewardEntry(reward="tests")]
 
     @model_validator(mode="after")
     def _eval_has_data(self) -> Recipe:

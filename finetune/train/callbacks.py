@@ -192,7 +192,11 @@ class Watchdog(TrainerCallback):
     """Stops a diverging run before it saves a bad checkpoint; warns of loss spikes (finetune.train.watch)."""
 
     def __init__(self, train_settings: TrainSection):
-        self.watch = Watch(train_settings.divergence_patience, train_settings.grad_norm_limit)
+        self.watch = Watch(
+            train_settings.divergence_patience,
+            train_settings.grad_norm_limit,
+            running_scales=not train_settings.grpo(),
+        )
         self.stopped: str | None = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -27,13 +27,18 @@ from finetune.runs.run_folder import finished_adapter
 
 def generate_samples(model, tokenizer, store: Store, count: int, max_new_tokens: int) -> list[dict]:
     """Greedy completions of the first ``count`` held-out prompts (training rows when there is no
-    eval data): each prompt is its row up to the first trained token. One batched generation."""
+    eval data): each prompt is its row up to the first trained token (a GRPO task's row is all
+    prompt). One batched generation."""
     if count == 0:
         return []
     split = "eval" if store.dataset("eval") is not None else "train"
     examples = list(store.examples(split, limit=count))
     prompts = [
-        example.input_ids[: next((k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), 0)]
+        example.input_ids[
+            : next(
+                (k for k, label in enumerate(example.labels) if label != IGNORE_INDEX), len(example.labels)
+            )
+        ]
         for example in examples
     ]
     # Generation must not move the random streams training draws from.

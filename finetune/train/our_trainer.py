@@ -108,9 +108,12 @@ class _Without(logging.Filter):
         return self.text not in record.getMessage()
 
 
-def batch_tokens(inputs: dict) -> int:
+def batch_tokens(inputs: dict | list) -> int | None:
     """The token positions of a micro-batch: its input_ids (SFT's, DPO's chosen and rejected
-    stacked), or the sum of ORPO's and SimPO's chosen and rejected ones."""
+    stacked), or the sum of ORPO's and SimPO's chosen and rejected ones; None for GRPO's rows
+    (prompts, whose completions are not generated yet)."""
+    if not isinstance(inputs, dict):
+        return None
     if "input_ids" in inputs:
         return int(inputs["input_ids"].numel())
     return sum(

@@ -256,12 +256,19 @@ def build_trainer(
 ) -> FinetuneTrainer:
     """The trainer over prepared examples; with packing, TRL packs them best-fit-decreasing into
     max_seq_length sequences, and attention stays within each example (position ids restart)."""
-    trainer_class, rows = FinetuneTrainer, _trainer_rows
+    trainer_class, rows, extra = FinetuneTrainer, _trainer_rows, {}
     if recipe.train.preference():  # DPO, KTO, ORPO or SimPO: TRL's trainer of the method
         from finetune.train import preference
 
         trainer_class, rows = preference.TRAINERS[recipe.train.method_name()], preference.trainer_rows
         args = preference.build_config(recipe, training_arguments(recipe, output_dir, save))
+    elif recipe.train.grpo():  # sampled completions, rewarded (the task's tests, run confined)
+        from finetune.data.store import chat_prompts
+        from finetune.train import grpo
+
+        trainer_class, rows = grpo.FinetuneGRPOTrainer, grpo.trainer_rows
+        args = grpo.build_config(recipe, training_arguments(recipe, output_dir, save))
+        extra = {"reward_funcs": grpo.reward_functions(recipe, chat_prompts(recipe, tokenizer.chat_template))}
     else:
         args = build_sft_config(recipe, output_dir, save)
     if os.environ.get("FINETUNE_INJECT_FAULT"):  # the tests' faults, loaded only when asked for
@@ -276,6 +283,7 @@ def build_trainer(
             eval_dataset=rows(eval_dataset),
             args=args,
             train_settings=recipe.train,
+            **extra,
         )
     if save:
         trainer.add_callback(SealCheckpoints())

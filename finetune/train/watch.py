@@ -28,6 +28,11 @@ class Watch:
     bad: list[tuple[int, str]] = field(default_factory=list)  # the current run of bad steps
     spikes: list[dict] = field(default_factory=list)
     last_good_step: int = 0
+    # A spike is a loss well above its usual, positive, level, and an exploding gradient one far
+    # above its usual norm: GRPO has neither scale (its loss is advantage-weighted, around 0 either
+    # side; a step whose groups all scored alike has no gradient, the next one a full one), so its
+    # runs watch for NaN and infinity, and for a norm above grad_norm_limit when the recipe sets one.
+    running_scales: bool = True
 
     def observe(self, step: int, loss: float | None, grad_norm: float | None) -> str | None:
         """Take one logged step; the reason to stop the run, or None to go on."""
@@ -63,15 +68,15 @@ class Watch:
         if not math.isfinite(grad_norm):
             return f"the gradient norm is {grad_norm}"
         limit = self.grad_norm_limit
-        if limit is None and len(self.norms) >= MIN_HISTORY:
+        if limit is None and self.running_scales and len(self.norms) >= MIN_HISTORY:
             limit = EXPLODING_FACTOR * statistics.median(self.norms)
         if limit is not None and grad_norm > limit:
             return f"the gradient norm {grad_norm:.3g} is above {limit:.3g}"
         return None
 
     def _check_spike(self, step: int, loss: float) -> None:
-        if len(self.losses) < MIN_HISTORY:
+        if not self.running_scales or len(self.losses) < MIN_HISTORY:
             return
         median = statistics.median(self.losses)
-        if loss > SPIKE_FACTOR * median:
+        if median > 0 and loss > SPIKE_FACTOR * median:
             self.spikes.append({"step": step, "loss": loss, "running_median": median})

@@ -1,0 +1,156 @@
+"""GRPO's rewards for code: each completion scored by running it against its task's tests, confined
+(sandbox.py), plus the shipped format and length rewards. No torch here.
+
+The tests reward is partial credit: the share of the task's assert statements that held. The
+program is the one eval runs (the task's prompt, the completion, the test code), with every assert
+of the test code wrapped to be counted instead of ending the program, and a last line that prints
+the count after a random token. Only a program that ran to its end (the sandbox's nonce check) and
+printed that line earns its share; a program that hangs, crashes before its tests, or exits early
+earns 0. An assert that runs several times (in a loop) holds when it held every time.
+
+Each function takes TRL's reward signature (prompts, completions, **columns) and returns one float
+a completion; the trainer passes the dataset's `task` column (the task as JSON) with each.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import json
+import secrets
+import sys
+
+from finetune.base.errors import UserError
+from finetune.data.tasks import Task, task_from_dict
+from finetune.evaluate.sandbox import Limits, Outcome
+
+CHAT_STOPS = ("```",)  # a chat answer's code ends at its block's closing fence (evaluation.py's)
+RAW_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
+_HELD, _FAILED = "_finetune_held", "_finetune_failed"
+
+
+def code_of(task: Task, completion: str, chat: bool) -> str:
+    """The completion up to its first stop: what continues the task's prompt (or, MBPP, the program)."""
+    stops = CHAT_STOPS if chat else RAW_STOPS
+    cut = min((i for i in (completion.find(stop) for stop in stops) if i >= 0), default=len(completion))
+    return completion[:cut]
+
+
+class _CountAsserts(ast.NodeTransformer):
+    """Each assert statement becomes: try the assert; note it held, or that it failed, and go on."""
+
+    def __init__(self):
+        self.count = 0
+
+    def visit_Assert(self, node: ast.Assert):
+        index = self.count
+        self.count += 1
+        note = lambda name: ast.parse(f"{name}.add({index})").body[0]  # noqa: E731
+        handler = ast.ExceptHandler(
+            type=ast.Name("BaseException", ast.Load()), name=None, body=[note(_FAILED)]
+        )
+        return ast.copy_location(
+            ast.Try(body=[node], handlers=[handler], orelse=[note(_HELD)], finalbody=[]), node
+        )
+
+
+def counted_tests(test: str) -> tuple[str, int]:
+    """The test code with every assert counted (see _CountAsserts), and how many asserts it has."""
+    counter = _CountAsserts()
+    tree = ast.fix_missing_locations(counter.visit(ast.parse(test)))
+    return ast.unparse(tree), counter.count
+
+
+def scoring_program(task: Task, code: str, token: str) -> str:
+    """The program whose last line is `token held total`: the task's tests run against ``code``
+    (HumanEval: its prompt continued by the code, then check(entry_point); MBPP: the code, then
+    its asserts). What raises outside an assert (the function missing, a check that loops over
+    calls) ends the tests, counted as far as they went."""
+    tests, total = counted_tests(task.test)
+    if task.continues_prompt:
+        body = f"{task.prompt}{code}\n\n{tests}\ntry:\n    check({task.entry_point})\nexcept BaseException:\n    pass\n"
+    else:
+        body = f"{code}\n\n{tests}\n"
+    return f"{_HELD}, {_FAILED} = set(), set()\n{body}print({token!r}, len({_HELD} - {_FAILED}), {total})\n"
+
+
+def test_share(outcome: Outcome, token: str) -> float:
+    """The share of asserts that held, read from the program's last counting line; 0 unless the
+    program ran to its end."""
+    if not outcome.passed:
+        return 0.0
+    for line in reversed(outcome.output.splitlines()):
+        parts = line.split()
+        if len(parts) == 3 and parts[0] == token and parts[1].isdigit() and parts[2].isdigit():
+            held, total = int(parts[1]), int(parts[2])
+            return held / total if total else 0.0
+    return 0.0
+
+
+def score_tests(tasks: list[Task], completions: list[str], chat: bool, run) -> list[float]:
+    """Each completion's share of its task's tests; ``run(programs) -> outcomes`` runs them confined."""
+    tokens = [secrets.token_hex(8) for _ in completions]
+    programs = [
+        scoring_program(task, code_of(task, completion, chat), token)
+        for task, completion, token in zip(tasks, completions, tokens, strict=True)
+    ]
+    return [test_share(o, t) for o, t in zip(run(programs), tokens, strict=True)]
+
+
+def format_score(completion: str) -> float:
+    """1 when the answer's one code block (opened by the prompt) is closed once and the answer ends
+    there; else 0."""
+    return 1.0 if completion.count("```") == 1 and completion.rstrip().endswith("```") else 0.0
+
+
+def length_score(tokens: int, target: int, most: int) -> float:
+    """0 up to ``target`` tokens, falling linearly to -1 at ``most`` (max_completion_length)."""
+    if tokens <= target or most <= target:
+        return 0.0
+    return -min(1.0, (tokens - target) / (most - target))
+
+
+def tasks_of(column: list[str]) -> list[Task]:
+    return [task_from_dict(json.loads(entry)) for entry in column]
+
+
+def completion_text(completion) -> str:
+    """TRL passes text completions as strings, conversational ones as a one-message list."""
+    if isinstance(completion, list):
+        return "".join(str(message.get("content", "")) for message in completion)
+    return str(completion)
+
+
+DEFAULT_LIMITS = Limits(wall_seconds=10.0, cpu_seconds=10)
+
+
+# What TRL 1.15 passes every reward function (by name), with the dataset's columns.
+REWARD_ARGUMENTS = (
+    "prompts", "completions", "completion_ids", "task", "source", "trainer_state", "log_extra", "log_metric"
+)  # fmt: skip
+
+
+def user_reward(spec: str):
+    """The user's reward function named module:function, imported from the current directory or
+    the Python path; one sentence when it cannot be, or does not take TRL's arguments."""
+    module_name, _, function_name = spec.partition(":")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # as `python -m` would: the user's module in the directory run from
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:  # the user's code: what it raises on import is theirs to see
+        raise UserError(
+            f"rewards: {spec}: importing {module_name} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UserError(f"rewards: {spec}: {module_name} has no function {function_name}")
+    try:
+        inspect.signature(function).bind(**dict.fromkeys(REWARD_ARGUMENTS))
+    except (TypeError, ValueError):
+        raise UserError(
+            f"rewards: {spec} must take TRL's reward arguments by name: (prompts, completions, "
+            "completion_ids, **kwargs)"
+        ) from None
+    return function
