@@ -107,6 +107,7 @@ RECIPE_GPU = {
     "llama-3.1-70b": "h100",
     "code-dpo": "rtx-4090",
     "code-orpo": "rtx-4090",
+    "code-grpo": "rtx-4090",
 }
 GPU_NAME = {"rtx-4090": "RTX 4090", "h100": "H100"}
 
@@ -163,6 +164,7 @@ PLAN_BLOCKS = {
         ["recipes/code-gen.yaml", "--gpus", "2", "--gpu", "rtx-4090"],
     ),
     "plan-code-dpo-4090": ("docs/preference.md", ["recipes/code-dpo.yaml", "--gpu", "rtx-4090"]),
+    "plan-code-grpo-4090": ("docs/grpo.md", ["recipes/code-grpo.yaml", "--gpu", "rtx-4090"]),
 }
 
 

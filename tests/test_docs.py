@@ -148,7 +148,7 @@ def test_the_export_and_eval_outputs_come_from_the_demo_run_quoted():
 def test_the_isolation_line_quoted_is_what_a_confined_eval_prints_now():
     """docs/evaluation.md's eval output was made confined (as root, as in CI): its isolation line
     must be the one the sandbox prints for that path today, not an older promise."""
-    from finetune.evaluate import sandbox
+    from finetune.base import sandbox
 
     lines = figures.block(ROOT / "docs/evaluation.md", "eval-smoke")
     assert f"isolation: {sandbox.CONFINED}" in lines, (

@@ -141,6 +141,7 @@ TARGET_CARDS = {
     "llama-3.1-70b": "h100",
     "code-dpo": "rtx-4090",
     "code-orpo": "rtx-4090",
+    "code-grpo": "rtx-4090",
 }
 
 

@@ -1,21 +1,24 @@
-"""Model-written code, run confined (finetune/evaluate/sandbox.py) and scored
+"""Model-written code, run confined (finetune/base/sandbox.py) and scored
 (`runner.py eval --completions`).
 Each hostile program's test asserts that the harm did not happen, not only that the program failed."""
 
+import gc
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 from cli_helpers import run_cli
 
-from finetune.evaluate import sandbox
+from finetune.base import sandbox
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICK = sandbox.Limits(wall_seconds=5, cpu_seconds=5)
@@ -216,6 +219,7 @@ def test_what_the_program_sees_of_its_mounts_capabilities_and_files():
         "    assert int(status[key], 16) == 0, (key, status[key])\n"
         "assert status['NoNewPrivs'].strip() == '1'\n"
         "assert os.getuid() >= 2**30 and os.getgroups() == []\n"
+        "assert open('/proc/self/oom_score_adj').read() == '1000\\n'\n"  # the first the kernel kills
         "assert sorted(os.listdir('/proc/self/fd')) in (['0', '1', '2', '3'], ['0', '1', '2', '3', '4'])\n"
     )
     before = Path("/proc/self/mountinfo").read_text()
@@ -249,7 +253,8 @@ def test_an_environment_secret_is_not_visible(monkeypatch):
         "    except OSError:\n        pass\n"
         "if seen:\n    raise SystemExit(3)\n"
     )
-    assert sandbox.run_program(program, QUICK) == sandbox.Outcome(True, "passed")
+    with sandbox.Pool(1, QUICK) as pool:  # its worker started after the secret was set
+        assert pool.run([program]) == [sandbox.Outcome(True, "passed")]
 
 
 @confined
@@ -428,7 +433,7 @@ def test_a_gibibyte_on_stderr_keeps_the_runner_small():
     program = "import sys\nchunk = 'x' * 2**20\nfor _ in range(1024):\n    sys.stderr.write(chunk)\n"
     program += "raise ValueError('the end')\n"
     measure = (
-        "from finetune.evaluate import sandbox\n"
+        "from finetune.base import sandbox\n"
         f"print(sandbox.run_program({program!r}, sandbox.Limits(wall_seconds=180, cpu_seconds=60)).result)\n"
         # VmHWM, not getrusage's maxrss: that one keeps the peak of the process that forked this one
         # (pytest, gigabytes after the e2e tier) across exec.
@@ -477,3 +482,236 @@ def test_without_namespaces_eval_refuses_unless_the_user_accepts_limits_alone(tm
     printed = capsys.readouterr().out
     assert "isolation: NOT confined (not root, so the namespaces cannot be made)" in printed
     assert "pass@1: 1.000" in printed
+
+
+# One pool, many programs: the guarantees above again, with workers reused across programs (each
+# program still in a fresh process and namespaces of its own), as GRPO's reward keeps one open.
+
+
+def worker_pids(pool: sandbox.Pool) -> set[int]:
+    """Each worker's processes, as this machine names them: `unshare` and the worker under it."""
+    pids = set()
+    for worker in pool._live:
+        top = worker.process.pid
+        pids |= {top, *map(int, Path(f"/proc/{top}/task/{top}/children").read_text().split())}
+    return pids
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def all_gone(pids: set[int], seconds: float = 2) -> bool:
+    """Whether all ``pids`` end within ``seconds`` (a killed PID 1 takes a moment to end its
+    namespace)."""
+    deadline = time.monotonic() + seconds
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return not any(alive(pid) for pid in pids)
+
+
+FINE = "import time\nassert sum(range({n})) == {total}\nprint({n}, time.time())\n"
+
+
+@confined
+def test_one_pool_under_parallel_load_holds_every_guarantee(tmp_path, monkeypatch):
+    """Hostile programs in one batch with fine ones, four at once: each harm is checked afterwards;
+    the fine programs pass, with their own output, before the hang's time is up (it delays only
+    itself); and the same workers are still there, and serve the next batch."""
+    secret = f"pool-secret-{os.urandom(8).hex()}"
+    monkeypatch.setenv("SANDBOX_POOL_SECRET", secret)  # before the pool starts its workers
+    host = Path(tempfile.mkdtemp(prefix="sandbox-pool-", dir="/var/tmp"))  # a folder anyone could use
+    host.chmod(0o777)
+    (host / "secret.txt").write_text(secret)
+    (host / "secret.txt").chmod(0o644)
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    free = shutil.disk_usage("/var/tmp").free
+    hang, hang_tag = tagged("import time\ntime.sleep(30)\n")  # ends by itself if not stopped
+    bomb, bomb_tag = tagged(  # it sleeps when refused (so as not to starve two cores), and ends
+        "import os, time\nend = time.time() + 20\nwhile time.time() < end:\n"  # by itself if not stopped
+        "    try:\n        os.fork()\n    except OSError:\n        time.sleep(0.01)\n"
+    )
+    try:
+        limits = sandbox.Limits(wall_seconds=4, cpu_seconds=4, memory_bytes=256 * 2**20, file_bytes=8 * 2**20)
+        with sandbox.Pool(4, limits) as pool:
+            assert pool.run(["import time\ntime.sleep(0.3)\n"] * 4) == [sandbox.Outcome(True, "passed")] * 4
+            workers = worker_pids(pool)
+            assert len(workers) == 8  # four workers, each unshare and its worker
+            programs = {
+                "hang": hang,
+                "fork bomb": bomb,
+                "memory": "chunks = []\nwhile True:\n    chunks.append(b'x' * 2**24)\n",
+                "disk": (
+                    "n = 0\ntry:\n    while True:\n        with open(f'/tmp/fill{n}', 'wb') as f:\n"
+                    "            f.write(b'0' * 2**20)\n        n += 1\n"
+                    "except OSError as error:\n    raise SystemExit(f'filled {n} MiB: {error}')\n"
+                ),
+                "network": (
+                    f"import socket\nsocket.create_connection(('127.0.0.1', {port}), 1).sendall(b'x')\n"
+                ),
+                "read": f"print(open({str(host / 'secret.txt')!r}).read())\n",
+                "write": f"open({str(host / 'written')!r}, 'w').write('x')\n",
+                "environment": (
+                    "import glob, os\nfound = [v for v in os.environ.values() if 'pool-secret' in v]\n"
+                    "for path in glob.glob('/proc/*/environ'):\n    try:\n"
+                    "        found += [path] if b'pool-secret' in open(path, 'rb').read() else []\n"
+                    "    except OSError:\n        pass\nprint(found)\nassert found == [], found\n"
+                ),
+                "signals": (
+                    "import os, signal\ntried = 0\n"
+                    f"for pid in {sorted(workers | {os.getpid()})} + [os.getppid(), 1]:\n"
+                    "    try:\n        os.kill(pid, signal.SIGKILL)\n"
+                    "    except OSError:\n        tried += 1\n"
+                    "print(tried, 'refused')\n"
+                ),
+                "wrong": "assert 1 + 1 == 3, 'wrong on purpose'\n",
+            }
+            programs |= {f"fine {n}": FINE.format(n=n, total=sum(range(n))) for n in range(10, 16)}
+            started = time.time()
+            outcomes = dict(zip(programs, pool.run(list(programs.values())), strict=True))
+            seconds = time.time() - started
+            assert outcomes["hang"] == sandbox.Outcome(False, "timed out")
+            assert limits.wall_seconds <= seconds < limits.wall_seconds + 3, seconds  # no longer than its own
+            assert not outcomes["fork bomb"].passed
+            assert gone(hang_tag, seconds=1) and gone(bomb_tag)
+            assert outcomes["memory"] == sandbox.Outcome(False, "failed: MemoryError")
+            assert (
+                outcomes["disk"].result.startswith("failed: filled ")
+                and "No space left" in outcomes["disk"].result
+            )
+            assert shutil.disk_usage("/var/tmp").free > free - 64 * 2**20  # others write there too
+            assert not outcomes["network"].passed
+            with pytest.raises(TimeoutError):
+                listener.accept()  # nobody ever connected
+            assert "No such file" in outcomes["read"].result and secret not in outcomes["read"].output
+            assert "No such file" in outcomes["write"].result and not (host / "written").exists()
+            assert (host / "secret.txt").read_text() == secret and sorted(os.listdir(host)) == ["secret.txt"]
+            assert outcomes["environment"].passed and outcomes["environment"].output == "[]\n"
+            assert outcomes["signals"] == sandbox.Outcome(True, "passed")
+            assert outcomes["wrong"] == sandbox.Outcome(False, "failed: AssertionError: wrong on purpose")
+            for n in range(10, 16):
+                assert outcomes[f"fine {n}"] == sandbox.Outcome(True, "passed")
+                printed, finished = outcomes[f"fine {n}"].output.split()
+                assert printed == str(n)  # its own output, not another program's
+                assert float(finished) - started < limits.wall_seconds  # before the hang's time was up
+            # The same workers (none killed by a program, none replaced after a timeout), still serving.
+            assert worker_pids(pool) == workers and all(alive(pid) for pid in workers)
+            assert pool.run([FINE.format(n=5, total=10)] * 4) == [sandbox.Outcome(True, "passed")] * 4
+            assert worker_pids(pool) == workers
+    finally:
+        listener.close()
+        shutil.rmtree(host)
+
+
+@confined
+def test_each_program_on_a_worker_starts_clean_after_the_one_before():
+    """One worker, two programs: the first leaves a file in /tmp, a socket file, a listener on an
+    abstract address, an IPC segment anyone may open and a process in the background holding them;
+    the second finds none of it (a fresh /tmp, PID, network and IPC namespace each)."""
+    tag = f"sandbox-left-{os.urandom(4).hex()}"
+    key = int.from_bytes(os.urandom(3), "big") + 1
+    leave = (
+        "import ctypes, os, socket, time\n"
+        "open('/tmp/left-behind', 'wb').write(b'x' * 2**20)\n"
+        "listeners = [socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)]\n"
+        f"listeners[0].bind('/tmp/left.sock')\nlisteners[1].bind('\\0{tag}')\n"
+        "for s in listeners:\n    s.listen()\n"
+        f"assert ctypes.CDLL(None).shmget({key}, 4096, 0o1666) >= 0\n"  # IPC_CREAT, rw for all
+        "if os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n"
+        "time.sleep(0.2)\n"
+    )
+    check = (
+        "import ctypes, os, socket\n"
+        "assert os.listdir('/tmp') == [], os.listdir('/tmp')\n"
+        "tmp = os.statvfs('/tmp')\nassert tmp.f_bfree == tmp.f_blocks, (tmp.f_bfree, tmp.f_blocks)\n"
+        "pids = {int(p) for p in os.listdir('/proc') if p.isdigit()}\n"
+        "assert pids == {1, os.getpid()}, pids\n"
+        "assert open('/proc/sysvipc/shm').read().splitlines()[1:] == []\n"
+        f"assert ctypes.CDLL(None).shmget({key}, 0, 0) == -1\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"try:\n    s.connect('\\0{tag}')\n    raise SystemExit('connected')\n"
+        "except ConnectionRefusedError:\n    pass\n"
+    )
+    with sandbox.Pool(1, QUICK) as pool:
+        assert pool.run([leave]) == [sandbox.Outcome(True, "passed")]
+        first = worker_pids(pool)
+        assert pool.run([check, check]) == [sandbox.Outcome(True, "passed")] * 2
+        assert worker_pids(pool) == first  # the same worker ran all three
+
+
+@confined
+def test_a_program_cannot_reach_or_stop_its_worker():
+    """It writes a fake answer to every descriptor it could have (0..255), reads what it can of
+    its PID 1, kills every process it can see and then every one it may: it fails, and the same
+    worker runs the next programs, which pass."""
+    attack = (
+        "import os, signal\n"
+        "for fd in range(256):\n"
+        "    try:\n        os.write(fd, b'{\"code\": 0}')\n    except OSError:\n        pass\n"
+        "for path in ('/proc/1/environ', '/proc/1/mem', '/proc/1/fd/0'):\n"
+        "    try:\n        open(path, 'rb').read(1)\n        raise SystemExit('read ' + path)\n"
+        "    except PermissionError:\n        pass\n"
+        "for pid in [int(p) for p in os.listdir('/proc') if p.isdigit()] + list(range(1, 4096)):\n"
+        "    if pid != os.getpid():\n        try:\n            os.kill(pid, signal.SIGKILL)\n"
+        "        except OSError:\n            pass\n"
+        "os.kill(-1, signal.SIGKILL)\n"  # every process it may signal, itself included
+    )
+    with sandbox.Pool(1, QUICK) as pool:
+        assert pool.run(["pass\n"]) == [sandbox.Outcome(True, "passed")]
+        workers = worker_pids(pool)
+        outcomes = pool.run([attack, FINE.format(n=4, total=6), attack, "pass\n"])
+        assert not outcomes[0].passed and not outcomes[2].passed
+        assert outcomes[1] == outcomes[3] == sandbox.Outcome(True, "passed")
+        assert outcomes[1].output.split()[0] == "4"
+        assert worker_pids(pool) == workers and all(alive(pid) for pid in workers)
+
+
+@confined
+def test_a_pool_keeps_its_workers_across_batches_and_closes_them_whatever_ends_it():
+    """Workers outlive the threads of the batch that started them (their parent-death signal is
+    tied to the pool's own thread), a worker killed from outside is replaced, and every worker
+    is gone after the block, after an exception in it, and when the pool is dropped."""
+    with sandbox.Pool(2, QUICK) as pool:
+        assert pool.run(["import time\ntime.sleep(0.3)\n"] * 2) == [sandbox.Outcome(True, "passed")] * 2
+        workers = worker_pids(pool)
+        assert len(workers) == 4
+        time.sleep(0.2)  # the batch's threads have ended
+        assert pool.run(["pass\n"] * 2) == [sandbox.Outcome(True, "passed")] * 2
+        assert worker_pids(pool) == workers and all(alive(pid) for pid in workers)
+        victim = next(iter(pool._live)).process
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=5)
+        assert pool.run(["pass\n"] * 4) == [sandbox.Outcome(True, "passed")] * 4
+        workers = worker_pids(pool)
+    assert all_gone(workers)
+    with pytest.raises(RuntimeError, match="in the block"):
+        with sandbox.Pool(1, QUICK) as pool:
+            pool.run(["pass\n"])
+            workers = worker_pids(pool)
+            raise RuntimeError("in the block")
+    assert workers and all_gone(workers)
+    pool = sandbox.Pool(1, QUICK)
+    pool.run(["pass\n"])
+    workers = worker_pids(pool)
+    del pool
+    gc.collect()
+    assert workers and all_gone(workers)
+
+
+@confined
+def test_batches_from_two_threads_at_once_each_get_their_own_answers():
+    pool = sandbox.Pool(2, QUICK)
+    batches = [[f"print({thread * 100 + n})\n" for n in range(8)] for thread in range(2)]
+    with ThreadPoolExecutor(2) as threads:
+        results = list(threads.map(pool.run, batches))
+    pool.close()
+    for batch, outcomes in zip(batches, results, strict=True):
+        assert [o.output for o in outcomes] == [program[6:-2] + "\n" for program in batch]
+        assert all(o.passed for o in outcomes)

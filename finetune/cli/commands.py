@@ -13,14 +13,14 @@ from rich.markup import escape
 from rich.text import Text
 
 from finetune import lifecycle
-from finetune.base import distributed
+from finetune.base import distributed, sandbox
 from finetune.base.console import console, err_console, print_lines, print_table, print_warnings, progress_bar
 from finetune.base.errors import UserError
 from finetune.cli import smoke
 from finetune.cli.arguments import json_schema, parse_args, torchrun_argv
 from finetune.data.audit import audit_recipe
 from finetune.data.store import count_rows
-from finetune.evaluate import evaluation, sandbox
+from finetune.evaluate import evaluation
 from finetune.export import exporting, gguf_export
 from finetune.plan.calibration import BudgetExceeded, calibration_table
 from finetune.plan.devices import detect_gpus, training_device

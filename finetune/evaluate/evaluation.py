@@ -4,7 +4,7 @@
 download) or the user's own tasks (`--tasks FILE`: task_id, prompt, test, entry_point), with the
 base model and with the run's adapter, side by side from one load (the adapter switched off for
 the base: PEFT's disable_adapter, which Unsloth's kernels honour), runs every answer's program
-confined (finetune/evaluate/sandbox.py), and writes eval/humaneval.json and a section of report.md.
+confined (finetune/base/sandbox.py), and writes eval/humaneval.json and a section of report.md.
 
 Prompting. 'chat' (instruct models, and the default when the run's tokenizer has a chat template):
 lm-eval-harness's humaneval_instruct prompt, an instruction holding the function's start in a
@@ -32,12 +32,12 @@ from pydantic import ValidationError
 from finetune.base.errors import UserError
 from finetune.base.files import not_a_file
 from finetune.base.json_text import json_value
+from finetune.base.sandbox import check_confinement, confinement, run_programs
 from finetune.data.contamination import contamination_line
-from finetune.evaluate.rewards import user_reward
-from finetune.evaluate.sandbox import check_confinement, confinement, run_programs
 from finetune.recipe.schema import BUILT_IN_REWARDS, EvaluateSection
 from finetune.runs.report import put_section
 from finetune.runs.run_folder import check_writable, finished_adapter, write_run_json
+from finetune.train.rewards import user_reward
 
 TASK_FIELDS = ("task_id", "prompt", "test", "entry_point")
 

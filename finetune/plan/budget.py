@@ -423,6 +423,7 @@ class BudgetPlan:
     world_size: int = 1  # GPUs training together; memory is per GPU
     eval_memory: MemoryPlan | None = None  # an eval batch's peak, when the run evaluates
     counted: str = ""  # what a preference method's rows cost, as counted (engine.Passes.what)
+    sampling: str = ""  # GRPO: how completions are generated and their tests run
 
     @property
     def ok(self) -> bool:
@@ -461,6 +462,10 @@ class Workload:
     eval_sequences: int = 0  # what one evaluation iterates over
     evaluations: int = 0  # evaluations in the run (schedule.count_evaluations)
     eval_every: int | None = None  # steps between them (schedule.eval_every)
+    # GRPO's tests reward: seconds one program costs a sandbox worker here (measured by the plan),
+    # and the workers running a step's programs at once; None: no tests reward.
+    program_seconds: float | None = None
+    sandbox_workers: int = 1
 
 
 def plan_budget(
@@ -480,6 +485,16 @@ def plan_budget(
         peak = mean = batch * (longest + completion)
     memory = predict_memory(recipe, shapes, peak, dtype_bytes, device.is_gpu, world_size)
     time = predict_time(recipe, shapes, device, mean, work.total_steps, world_size)
+    if work.program_seconds is not None:  # a step's completions run against their tests, at once
+        rows = generation.rollout(recipe, 0).rows
+        tests = generation.sandbox_seconds(rows, work.program_seconds, work.sandbox_workers)
+        terms = {**time.terms, "running the tests": tests / recipe.train.gradient_accumulation_steps}
+        time = replace(
+            time,
+            terms=terms,
+            step_seconds=time.step_seconds + tests,
+            total_seconds=time.total_seconds + tests * work.total_steps,
+        )
     eval_memory = None
     if work.evaluations and work.eval_sequences:
         eval_batch = min(
@@ -537,8 +552,34 @@ def plan_budget(
     if budget.max_hours is not None and device.is_gpu:
         verdicts.append(Verdict("total hours", time.total_seconds / 3600, budget.max_hours, "h"))
     return BudgetPlan(
-        device, memory, time, verdicts, recipe.model.backend, world_size, eval_memory, each.what
+        device,
+        memory,
+        time,
+        verdicts,
+        recipe.model.backend,
+        world_size,
+        eval_memory,
+        each.what,
+        sampling_line(recipe, work, time, device.is_gpu),
     )
+
+
+def sampling_line(recipe: Recipe, work: Workload, time: TimePlan, on_gpu: bool) -> str:
+    """GRPO: what generates the completions, and what their tests cost (said on any device)."""
+    if not recipe.train.grpo():
+        return ""
+    rows = generation.rollout(recipe, 0).rows
+    engine = "Unsloth's" if recipe.model.backend == "unsloth" else "transformers'"
+    line = f"sampling: {rows} completions a step in one call of {engine} own generate (vLLM is not used)"
+    if on_gpu:
+        share = time.terms["sampling the completions"] * recipe.train.gradient_accumulation_steps
+        line += f", {share:.1f} s of each step"
+    if work.program_seconds is not None:
+        line += (
+            f"; their tests: {work.program_seconds * 1e3:.0f} ms a program on this machine (measured now), "
+            f"{work.sandbox_workers} at once"
+        )
+    return line
 
 
 def predict_eval_seconds(
@@ -588,6 +629,8 @@ def describe_budget(plan: BudgetPlan, allowed_tokens: int | None = None) -> list
         lines.insert(2, f"    (without double quantization: {memory.single_quant_weights / GIB:.2f} GiB)")
     if plan.counted:
         lines.insert(0, f"counted: {plan.counted} (TRL's trainer, read from its code)")
+    if plan.sampling:
+        lines.insert(1, plan.sampling)
     margin = constant("memory_margin")
     lines.append(
         f"  {'total':<42} {memory.total / GIB:8.2f} GiB  (+/-{margin:.0%}: "

@@ -129,7 +129,8 @@ def row_passes(recipe: Recipe) -> Passes:
         options = recipe.train.method_options()
         beta = options["beta"] > 0
         what = (
-            f"each completion is 1 sequence (the longest prompt + {options['max_completion_length']} tokens), "
+            "each completion is 1 sequence (the longest prompt + "
+            f"{options['max_completion_length']} tokens), "
             f"sampled {options['num_generations']} per prompt"
             + (", and a reference pass (beta > 0)" if beta else "")
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune.base import distributed
+from finetune.base import distributed, sandbox
 from finetune.base.errors import UserError
 from finetune.base.files import filesystem, free_bytes, writable_place
 from finetune.models.base import base_model, planning_config, sixteen_bit_name
@@ -92,6 +92,17 @@ def checked_plan(
     return plan, [f"{source}: {warning}" for warning in warnings]
 
 
+def tests_reward_speed(recipe: Recipe) -> tuple[float | None, int]:
+    """GRPO's tests reward: (seconds a program costs a sandbox worker here, measured now; the
+    workers at once), or (None, 1) without that reward or where no program can be run."""
+    if not recipe.train.grpo() or not any(e.reward == "tests" for e in recipe.reward_entries()):
+        return None, 1
+    workers = sandbox.default_workers()
+    if sandbox.isolation() is not None:  # measured only as it will run: confined (or refused)
+        return None, workers
+    return sandbox.seconds_per_program(workers), workers
+
+
 def budget_check(
     recipe: Recipe, data: DataPlan, plan: SchedulePlan, device: Device, full_length: bool = False
 ) -> tuple[BudgetPlan | None, list[str], list[str]]:
@@ -101,6 +112,7 @@ def budget_check(
         note = f"memory and time: not predicted (no config.json for {recipe.model.name} on disk)"
         return None, [note], []
     lengths = None if full_length else data.lengths
+    program_seconds, workers = tests_reward_speed(recipe)
     work = Workload(
         lengths,
         data.sequences,
@@ -110,6 +122,8 @@ def budget_check(
         eval_sequences=data.eval_sequences,
         evaluations=count_evaluations(recipe.train, plan.total_steps) if data.eval_rows else 0,
         eval_every=eval_every(recipe.train, plan.total_steps),
+        program_seconds=program_seconds,
+        sandbox_workers=workers,
     )
     dtype_bytes = 2 if device.is_gpu and recipe.model.dtype != "float32" else 4
     shapes = Shapes.from_config(config)

@@ -786,7 +786,8 @@ class RewardEntry(_Section):
     )
     target_tokens: Annotated[int, Field(gt=0)] | None = Field(
         None,
-        description="length: completions up to this many tokens are not penalised (half of max_completion_length).",
+        description="length: completions up to this many tokens are not penalised (default: half of "
+        "max_completion_length).",
     )
 
     @field_validator("reward")
@@ -799,7 +800,8 @@ class RewardEntry(_Section):
             close = difflib.get_close_matches(value, BUILT_IN_REWARDS, n=1, cutoff=0.6)
             hint = f"did you mean '{close[0]}'? " if close else ""
             raise ValueError(
-                f"'{value}' is no reward: {hint}use {', '.join(BUILT_IN_REWARDS)}, or module:function for your own"
+                f"'{value}' is no reward: {hint}use {', '.join(BUILT_IN_REWARDS)}, or module:function "
+                "for your own"
             )
         return value
 
@@ -838,7 +840,8 @@ class Recipe(_Section):
     )
     rewards: list[RewardEntry] = Field(
         default_factory=list,
-        description="grpo: the rewards each completion is scored by, weighted and summed (default: tests alone).",
+        description="grpo: the rewards each completion is scored by, weighted and summed (default: the "
+        "tests alone).",
     )
     parent: ParentRecord | None = Field(None, description="Lineage, written by `runner.py copy`.")
 
@@ -871,13 +874,11 @@ class Recipe(_Section):
                 "data.overlong truncate does not apply to train.method grpo: a task's prompt cut short asks "
                 "another question; use drop or error"
             )
-        if (
-            method == "grpo"
-            and self.train.method_options()["max_completion_length"] >= self.model.max_seq_length
-        ):
+        completion = self.train.method_options().get("max_completion_length")
+        if completion is not None and completion >= self.model.max_seq_length:
             raise ValueError(
-                f"train.max_completion_length ({self.train.method_options()['max_completion_length']}) leaves "
-                f"no room for a prompt in model.max_seq_length ({self.model.max_seq_length})"
+                f"train.max_completion_length ({completion}) leaves no room for a prompt in "
+                f"model.max_seq_length ({self.model.max_seq_length})"
             )
         if self.rewards and method != "grpo":
             raise ValueError(f"rewards are read by train.method grpo, not {method}; remove them")

@@ -167,6 +167,51 @@ def plot_preference(history: list[dict], path: Path) -> Path:
     return _saved(fig, path)
 
 
+def reward_names(history: list[dict]) -> list[str]:
+    """The reward functions a GRPO run logged (rewards/NAME/mean), in their order."""
+    names = dict.fromkeys(
+        key[len("rewards/") : -len("/mean")]
+        for entry in history
+        for key in entry
+        if key.startswith("rewards/") and key.endswith("/mean")
+    )
+    return list(names)
+
+
+def plot_grpo(history: list[dict], path: Path) -> Path:
+    """GRPO's curves: each reward's mean and the weighted total; the completions' mean length and
+    the share cut at max_completion_length; and the KL to the reference (or, without one, the
+    policy's entropy) per step."""
+    fig = _figure(14)
+    rewards, lengths, divergence = fig.subplots(1, 3)
+    for name in reward_names(history):
+        points = logged_points(history, f"rewards/{name}/mean")
+        rewards.plot(*zip(*points, strict=True), linewidth=1.2, label=name)
+    total = logged_points(history, "reward")
+    if total:
+        rewards.plot(*zip(*total, strict=True), color="black", linewidth=2, label="total (weighted)")
+    rewards.set_ylabel("mean reward")
+    rewards.legend(loc="best", fontsize=8)
+    mean = logged_points(history, "completions/mean_length")
+    if mean:
+        lengths.plot(*zip(*mean, strict=True), color="tab:blue", label="mean length")
+        lengths.set_ylabel("completion tokens", color="tab:blue")
+    clipped = logged_points(history, "completions/clipped_ratio")
+    if clipped:
+        share = lengths.twinx()
+        share.plot(*zip(*clipped, strict=True), color="tab:red", label="cut at the limit")
+        share.set_ylabel("share cut at max_completion_length", color="tab:red")
+    key = "kl" if logged_points(history, "kl") else "entropy"
+    points = logged_points(history, key)
+    if points:
+        divergence.plot(*zip(*points, strict=True), color="tab:purple")
+    divergence.set_ylabel("KL to the reference" if key == "kl" else "entropy (no reference)")
+    for axis in (rewards, lengths, divergence):
+        axis.set_xlabel("optimizer step")
+        axis.grid(alpha=0.3)
+    return _saved(fig, path)
+
+
 def plot_lengths(lengths: list[int], max_seq_length: int, path: Path) -> Path:
     """Histogram of token lengths per row, with max_seq_length marked."""
     fig = _figure(8)

@@ -17,7 +17,14 @@ from finetune.plan.calibration import (
 from finetune.plan.constants import GIB
 from finetune.plan.job import Job, budget_check
 from finetune.runs.outcome import BestCheckpoint, OutOfMemory
-from finetune.runs.plots import logged_points, plot_losses, plot_preference, plot_schedule
+from finetune.runs.plots import (
+    logged_points,
+    plot_grpo,
+    plot_losses,
+    plot_preference,
+    plot_schedule,
+    reward_names,
+)
 from finetune.runs.run_folder import (
     disk_full_as,
     latest_checkpoint,
@@ -74,6 +81,30 @@ def preference_lines(history: list[dict]) -> list[str]:
             f"rewards (eval, step {evaluation['rewards/margins'][-1][0]}): "
             + ", ".join(f"{name} {value:.4f}" for name, value in last.items())
         )
+    return lines
+
+
+def grpo_lines(history: list[dict]) -> list[str]:
+    """GRPO's figures, first -> last logged step: each reward's mean (the tests reward's is the
+    share of tests passed), the weighted total, the completions' length and share cut, and the KL
+    when there is a reference; none for other methods."""
+    names = reward_names(history)
+    if not names:
+        return []
+
+    def first_last(key: str, spec: str = ".4f") -> str:
+        points = logged_points(history, key)
+        return f"{points[0][1]:{spec}} -> {points[-1][1]:{spec}}" if points else "-"
+
+    lines = [
+        "rewards (first -> last logged step): "
+        + ", ".join(f"{name} {first_last(f'rewards/{name}/mean')}" for name in names)
+        + f"; total {first_last('reward')}",
+        f"completions: mean length {first_last('completions/mean_length', '.1f')} tokens, "
+        f"share cut at max_completion_length {first_last('completions/clipped_ratio', '.2f')}",
+    ]
+    if logged_points(history, "kl"):
+        lines.append(f"KL to the reference: {first_last('kl')}")
     return lines
 
 
@@ -136,6 +167,10 @@ def write_report(
     console += preference
     if preference:
         plot_preference(history, run_dir / "preference.png")
+    grpo = grpo_lines(history)
+    console += grpo
+    if grpo:
+        plot_grpo(history, run_dir / "grpo.png")
     if budget:
         measured, predicted = budget["measured"], budget["predicted"]
         peak = budget.get("measured_peak_bytes")
@@ -175,6 +210,8 @@ def write_report(
     ]
     if preference:
         lines += ["", "![rewards, margin and accuracy](preference.png)"]
+    if grpo:
+        lines += ["", "![rewards, completion lengths and KL](grpo.png)"]
     if samples:
         lines += ["", "## Samples (greedy, before and after training)", ""]
         for k, sample in enumerate(samples, start=1):

@@ -244,6 +244,15 @@ class RecordTrackerIds(TrainerCallback):
             write_run_json(self.run_dir / TRACKERS_FILE, ids)
 
 
+class DropUnmeasured(TrainerCallback):
+    """Leaves out of a step's log what was not measured: TRL's GRPO logs None for a clip ratio's
+    minimum or maximum when no token was clipped, which trackers refuse with a warning a step."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in [key for key, value in (logs or {}).items() if value is None]:
+            del logs[key]
+
+
 def tracker_callbacks(report_to: list[str], run_dir: Path) -> list[TrainerCallback]:
     """Ours beside the trackers transformers runs itself (SFTConfig's report_to): TensorBoard's
     writer, since transformers 5 takes its folder only from an environment variable (a writer of
@@ -255,4 +264,4 @@ def tracker_callbacks(report_to: list[str], run_dir: Path) -> list[TrainerCallba
         from transformers.integrations import TensorBoardCallback
 
         callbacks.insert(0, TensorBoardCallback(SummaryWriter(log_dir=str(run_dir / "tensorboard"))))
-    return callbacks
+    return [DropUnmeasured(), *callbacks]

@@ -1,5 +1,5 @@
 """GRPO: TRL's GRPOTrainer (Unsloth's generated one on a GPU), rewarded by the recipe's rewards,
-the first of them usually the task's own tests run confined (evaluate/rewards.py).
+the first of them usually the task's own tests run confined (train/rewards.py).
 
 The prompts arrive rendered and tokenized by data preparation (data/tasks.py: eval's prompt
 through the run's chat template), so the trainer samples from exactly the tokens the audit showed:
@@ -16,15 +16,20 @@ from finetune.train import stack  # noqa: F401  (first: Unsloth before the libra
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
+from finetune.base import sandbox
 from finetune.data.store import cache_files_elsewhere
-from finetune.evaluate import rewards, sandbox
 from finetune.recipe.schema import Recipe
+from finetune.train import rewards
 from finetune.train.our_trainer import OurTrainer
 
 
-def build_config(recipe: Recipe, arguments: dict) -> GRPOConfig:
+def build_config(recipe: Recipe, arguments: dict, worst_case: bool = False) -> GRPOConfig:
+    """``worst_case`` (the probe): every completion written to max_completion_length (the end of
+    turn held back until then), the step the plan counts."""
     options = recipe.train.method_options()
+    longest = {"min_new_tokens": options["max_completion_length"]} if worst_case else None
     return GRPOConfig(
+        generation_kwargs=longest,
         **arguments,
         num_generations=options["num_generations"],
         max_completion_length=options["max_completion_length"],

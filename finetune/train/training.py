@@ -267,7 +267,7 @@ def build_trainer(
         from finetune.train import grpo
 
         trainer_class, rows = grpo.FinetuneGRPOTrainer, grpo.trainer_rows
-        args = grpo.build_config(recipe, training_arguments(recipe, output_dir, save))
+        args = grpo.build_config(recipe, training_arguments(recipe, output_dir, save), worst_case=for_probe)
         extra = {"reward_funcs": grpo.reward_functions(recipe, chat_prompts(recipe, tokenizer.chat_template))}
     else:
         args = build_sft_config(recipe, output_dir, save)

@@ -422,6 +422,56 @@ def test_dpo_trains_through_unsloths_generated_trainer_within_its_predicted_memo
         assert record["device"] == "CPU" and record["measured_peak_bytes"] is None
 
 
+GRPO_TASKS = str(Path(__file__).resolve().parents[2] / "data_samples" / "code_tasks.jsonl")
+
+
+def test_grpo_trains_through_unsloths_generated_trainer_within_its_predicted_memory(tmp_path):
+    """GRPO on the GPU: our subclass over Unsloth's generated GRPO trainer, its rewards logged, and
+    the probe's measured peak (every completion held to max_completion_length: the plan's worst
+    step) within the plan's prediction."""
+    recipe = tmp_path / "smoke.yaml"
+    recipe.write_text(
+        json.dumps(
+            {
+                "extends": str(Path(__file__).resolve().parents[2] / "recipes" / "smoke.yaml"),
+                "description": "GRPO on the GPU",
+                "data": {"train": GRPO_TASKS},
+                "train": {
+                    "method": "grpo",
+                    "per_device_train_batch_size": 8,
+                    "gradient_accumulation_steps": 2,
+                    "num_generations": 8,
+                    "max_completion_length": 128,
+                    "max_steps": 3,
+                    "warmup_steps": 0,
+                },
+                "rewards": [{"reward": "tests"}, {"reward": "format", "weight": 0.2}],
+            }
+        )
+    )
+    out = runner(
+        str(recipe), "--allow-code-execution", "output.samples=0", *PROBE, f"output.dir={tmp_path}",
+        preamble=PRINT_TRAINER_CLASSES,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    classes = next(line for line in out.stdout.splitlines() if line.startswith("trainer classes:")).split()
+    assert "FinetuneGRPOTrainer" in classes and "PreparedGRPO" in classes, classes
+    if ON_CUDA:
+        assert "UnslothGRPOTrainer" in classes, classes
+    run_dir = run_folder(tmp_path)
+    for name in ("tests", "format"):
+        assert len(logged(run_dir, f"rewards/{name}/mean")) == 3, name
+    assert "rewards (first -> last logged step): tests" in out.stdout
+    record = json.loads((run_dir / "budget.json").read_text())
+    if ON_CUDA:
+        predicted = record["predicted"]["memory_upper_bytes"]
+        print(f"GRPO on {record['device']}: measured {record['measured_peak_bytes'] / 2**30:.2f} GiB, "
+              f"predicted up to {predicted / 2**30:.2f} GiB ({record['memory_error']})")  # fmt: skip
+        assert 0 < record["measured_peak_bytes"] <= predicted, record
+    else:
+        assert record["device"] == "CPU" and record["measured_peak_bytes"] is None
+
+
 # Generation in `eval` halves its batch on out-of-memory (inference.generate_texts). On the GPU a
 # batch of more than one row runs under an allocator capped at what the process holds already
 # (after one uncapped warm-up answer, so the cap meets generation itself, not first-use set-up): it

@@ -92,6 +92,13 @@ def test_the_tiny_model_raises_a_reward_it_can_learn_and_every_reward_is_logged(
     total = logged(run_dir, "reward")
     for step, value in total.items():
         assert value == pytest.approx(reward[step] + 0.01 * -1.0, abs=1e-6)
+    # The report: each reward's first and last mean, the completions' length, the curves.
+    report = (run_dir / "report.md").read_text()
+    line = next(line for line in report.splitlines() if line.startswith("- rewards (first -> last"))
+    assert f"one_token {reward[1]:.4f} -> {reward[16]:.4f}" in line and "tests 0.0000 -> 0.0000" in line
+    assert "- completions: mean length 16.0 -> 16.0 tokens, share cut at max_completion_length 1.00" in report
+    assert "![rewards, completion lengths and KL](grpo.png)" in report
+    assert (run_dir / "grpo.png").stat().st_size > 10_000
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["total_steps"] == 16 and plan["lr_per_step"] == [0.01] * 16
     assert list(logged(run_dir, "learning_rate").values()) == plan["lr_per_step"]

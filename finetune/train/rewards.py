@@ -22,8 +22,8 @@ import secrets
 import sys
 
 from finetune.base.errors import UserError
+from finetune.base.sandbox import Limits, Outcome
 from finetune.data.tasks import Task, task_from_dict
-from finetune.evaluate.sandbox import Limits, Outcome
 
 CHAT_STOPS = ("```",)  # a chat answer's code ends at its block's closing fence (evaluation.py's)
 RAW_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
@@ -69,7 +69,8 @@ def scoring_program(task: Task, code: str, token: str) -> str:
     calls) ends the tests, counted as far as they went."""
     tests, total = counted_tests(task.test)
     if task.continues_prompt:
-        body = f"{task.prompt}{code}\n\n{tests}\ntry:\n    check({task.entry_point})\nexcept BaseException:\n    pass\n"
+        call = f"try:\n    check({task.entry_point})\nexcept BaseException:\n    pass\n"
+        body = f"{task.prompt}{code}\n\n{tests}\n{call}"
     else:
         body = f"{code}\n\n{tests}\n"
     return f"{_HELD}, {_FAILED} = set(), set()\n{body}print({token!r}, len({_HELD} - {_FAILED}), {total})\n"
