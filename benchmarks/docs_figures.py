@@ -51,6 +51,10 @@ NORMALISE = [
     (r"\(free [\d.]+ GiB\)", "(free # GiB)"),
     (r"\(free after training [\d.]+ GiB;", "(free after training # GiB;"),
     (r"; [\d.]+ GiB will be free after training", "; # GiB will be free after training"),
+    # GRPO's tests reward: the sandbox's cost per program is measured by every plan, and is in the
+    # step time (so is the GPU step time of the recipe table's GRPO rows)
+    (r"their tests: \d+ ms a program", "their tests: # ms a program"),
+    (r"^(\| \[`code-grpo\.yaml`\].*: [\d.]+ GiB, )[\d.]+( s \()", r"\1#\2"),
 ]
 # Lines that appear only on some machines (the base model already downloaded or not).
 OPTIONAL = [r"^  base model download \(Hugging Face cache\)"]

@@ -40,7 +40,10 @@ def recipe_error(*overrides: str) -> str:
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["train.beta=0.2"], "beta is an option of dpo, kto, orpo, simpo, grpo, not of method sft; remove it"),
+        (
+            ["train.beta=0.2"],
+            "beta is an option of dpo, kto, orpo, simpo, grpo, not of method sft; remove it",
+        ),
         (
             ["train.method=orpo", "train.loss_type=ipo"],
             "loss_type is an option of dpo, kto, grpo, not of method orpo",
@@ -49,7 +52,10 @@ def recipe_error(*overrides: str) -> str:
         (["train.method=dpo", "train.loss_type=sigmod"], "did you mean 'sigmoid'?"),
         (["train.method=kto", "train.loss_type=apo_zero"], "did you mean 'apo_zero_unpaired'?"),
         (["train.method=dpo", "train.label_smoothing=0.5"], "label_smoothing: Input should be less than 0.5"),
-        (["train.method=dpoo"], "train.method: Input should be 'sft', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'"),
+        (
+            ["train.method=dpoo"],
+            "train.method: Input should be 'sft', 'dpo', 'kto', 'orpo', 'simpo' or 'grpo'",
+        ),
         (["train.bta=0.1"], "unknown key 'train.bta'; did you mean 'beta'?"),
         (
             ["train.method=dpo", "data.format=messages"],
