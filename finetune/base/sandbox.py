@@ -799,6 +799,7 @@ def seconds_per_program(workers: int | None = None) -> float:
     start = time.perf_counter()
     with Pool(workers, Limits(wall_seconds=20)) as pool:
         outcomes = pool.run(["pass\n"] * CALIBRATION_PROGRAMS)
-    if not all(outcome.passed for outcome in outcomes):
-        raise UserError(f"the sandbox cannot run a program here: {next(o.result for o in outcomes if not o.passed)}")
+    failed = next((outcome.result for outcome in outcomes if not outcome.passed), None)
+    if failed is not None:
+        raise UserError(f"the sandbox cannot run a program here: {failed}")
     return (time.perf_counter() - start) * workers / CALIBRATION_PROGRAMS

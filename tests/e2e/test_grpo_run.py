@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from cli_helpers import ROOT
+from cli_helpers import ROOT, runner
 from test_lifecycle import logged, resume, start, wait_for
 
 from finetune.data.store import prepared_data
@@ -107,6 +107,22 @@ def test_the_tiny_model_raises_a_reward_it_can_learn_and_every_reward_is_logged(
     assert plan["budget"]["tokens_per_micro_batch"] == 8 * (longest + 16)
     cache = [k for k in plan["budget"]["memory_bytes"] if k.startswith("generation key/value cache")]
     assert cache == [f"generation key/value cache (8 completions x {longest + 16} tokens)"]
+
+
+def test_humaneval_after_grpo_reports_both_models_and_that_the_tasks_held_none_of_it(grpo_run):
+    _, run_dir = grpo_run
+    out = runner("eval", str(run_dir), "--allow-code-execution", "--max-new-tokens", "4")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "HumanEval: 164 tasks, chat prompt" in out.stdout
+    assert [
+        line.split()[0] for line in out.stdout.splitlines() if line.startswith(("base ", "adapter "))
+    ] == [
+        "base",
+        "adapter",
+    ]
+    # The tasks GRPO trained on were checked for HumanEval's problems before training.
+    assert "training data: checked before training" in out.stdout
+    assert "no row holds a HumanEval problem" in out.stdout
 
 
 def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_rewards_and_losses(grpo_run, tmp_path):
