@@ -59,8 +59,11 @@ gguf-quantize: setup
 demo: setup
 	$(PY) runner.py recipes/smoke.yaml
 
+# The fast tier on both cores (its slow-marked tests too), then the end-to-end tier in one process
+# (its tests train, kill and time runs: one at a time).
 test: setup
-	$(PY) -m pytest --durations=30
+	$(PY) -m pytest -n 2 --dist worksteal --ignore=tests/e2e --durations=10
+	$(PY) -m pytest tests/e2e --durations=30
 
 # The fast tier: everything but tests/e2e and the few light tests marked slow (`make test` runs
 # them), without torch or Unsloth, on both cores (under 2 minutes).

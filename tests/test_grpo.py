@@ -163,6 +163,62 @@ def test_the_tests_reward_is_the_share_of_asserts_the_sandbox_passes_one_by_one(
         assert got[name] == each_assert_alone(CLAMP, code), name
 
 
+LOOPED = {
+    "task_id": "looped/0",
+    "prompt": "def double(x: int) -> int:\n",
+    "test": (
+        "def check(candidate):\n"
+        "    for x in range(3):\n"
+        "        result = candidate(x)\n"
+        "        assert result == 2 * x\n"
+        "    try:\n"
+        "        candidate(-1)\n"
+        "    except ValueError:\n"
+        "        return\n"
+        "    assert False, 'no error for a negative number'\n"
+    ),
+    "entry_point": "double",
+}
+
+
+@needs_sandbox
+def test_an_exception_between_asserts_ends_the_credit_of_the_loop_it_broke():
+    """A candidate that raises where check calls it outside an assert, in a loop's later round,
+    would otherwise keep the credit of the assert's first rounds; a right answer that takes
+    check's early return leaves an assert unreached and still earns 1, as eval passes it."""
+    task = read_task(LOOPED, "looped.jsonl:1")
+    answers = {
+        "right": "    if x < 0:\n        raise ValueError(x)\n    return 2 * x\n```",
+        "raises from x = 2 on": "    if x > 1:\n        raise RuntimeError\n    return 2 * x\n```",
+        "never raises": "    return 2 * x\n```",
+    }
+    with sandbox.Pool(2) as pool:
+        scores = rewards.score_tests([task] * 3, list(answers.values()), True, pool.run)
+    assert dict(zip(answers, scores, strict=True)) == {
+        "right": 1.0,
+        "raises from x = 2 on": 0.0,
+        "never raises": 0.5,  # the loop's assert held every time; the last one failed
+    }
+    for name, expected in (("right", True), ("raises from x = 2 on", False), ("never raises", False)):
+        code = rewards.code_of(task, answers[name], chat=True)
+        assert sandbox.run_program(program(LOOPED, code)).passed is expected, name
+
+
+def test_a_candidate_cannot_rebind_what_the_count_is_reported_with():
+    task = read_task(CLAMP, "code_tasks.jsonl:1")
+    source = rewards.scoring_program(task, "    return value\nprint = len = None\n", "feedface")
+    assert source.index("_print_feedface, _len_feedface = print, len") < source.index("print = len = None")
+
+
+def test_too_few_tasks_for_one_step_are_refused(tmp_path):
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(TASKS.read_text().splitlines(keepends=True)[0])
+    out = run_cli("plan", str(SMOKE), "train.method=grpo", f"data.train={tasks}", "train.num_generations=2")
+    assert out.returncode == 2 and "1 task kept, fewer than one step takes (2: 4 completions" in out.stderr, (
+        out.stderr
+    )
+
+
 @needs_sandbox
 def test_mbpp_shaped_tasks_score_their_whole_program_against_each_assert():
     task = read_task(
@@ -174,6 +230,8 @@ def test_mbpp_shaped_tasks_score_their_whole_program_against_each_assert():
     )
     messages, start = task.request(chat=True)
     assert "Your code should pass these tests" in messages[0]["content"] and start == "```python\n"
+    raw = rewards.code_of(task, "import math\ndef add(a, b):\n    return a + b\n", chat=False)
+    assert raw == "import math\ndef add(a, b):\n    return a + b\n"  # a whole program: no Codex stops
     with sandbox.Pool(1) as pool:
         scores = rewards.score_tests(
             [task] * 2,

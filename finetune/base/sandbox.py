@@ -420,7 +420,7 @@ def check_confinement() -> None:
     reason = isolation()
     if reason is not None and not _unconfined_allowed:
         raise UserError(
-            f"model-written code cannot be confined here: {reason}; run eval as root on Linux with "
+            f"model-written code cannot be confined here: {reason}; run it as root on Linux with "
             "util-linux (unshare, setpriv), or pass --allow-unconfined-code to run it with resource "
             "limits only (it could then reach the network and read or write whatever this user can)"
         )

@@ -128,13 +128,17 @@ def row_passes(recipe: Recipe) -> Passes:
     if method == "grpo":
         options = recipe.train.method_options()
         beta = options["beta"] > 0
+        # With num_iterations > 1 TRL keeps the sampling policy's log-probabilities: one more
+        # pass without gradients over each generated batch (as the reference's is).
+        old = options["num_iterations"] > 1
         what = (
             "each completion is 1 sequence (the longest prompt + "
             f"{options['max_completion_length']} tokens), "
             f"sampled {options['num_generations']} per prompt"
             + (", and a reference pass (beta > 0)" if beta else "")
+            + (", and the sampling policy's log-probabilities (num_iterations > 1)" if old else "")
         )
         # TRL's CPU trainer keeps a frozen "ref" copy of a handed PEFT model's adapter when beta > 0
         # (Unsloth's GPU trainer uses the base instead): counted, it is small.
-        return Passes(1, 1 if beta else 0, False, what, beta)
+        return Passes(1, int(beta) + int(old), False, what, beta)
     return Passes(1, 0, False, "")

@@ -12,6 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from finetune.base.errors import UserError
 from finetune.recipe.schema import TrainSection
 
 # LR at these fractions of training are printed in the plan.
@@ -104,7 +105,15 @@ def grpo_steps_per_epoch(num_prompts: int, train: TrainSection, world_size: int 
     options = train.method_options()
     completions = train.per_device_train_batch_size * train.gradient_accumulation_steps * world_size
     prompts_per_step = completions // options["num_generations"]
-    return max(num_prompts // prompts_per_step, 1) * options["num_iterations"]
+    if num_prompts < prompts_per_step:
+        # TRL's sampler would hand the trainer no batch at all: no step would run.
+        raise UserError(
+            f"{num_prompts} task{'' if num_prompts == 1 else 's'} kept, fewer than one step takes "
+            f"({prompts_per_step}: {completions} "
+            f"completions a step, num_generations {options['num_generations']} each); add tasks or lower "
+            "per_device_train_batch_size x gradient_accumulation_steps"
+        )
+    return num_prompts // prompts_per_step * options["num_iterations"]
 
 
 def epoch_steps(num_examples: int, train: TrainSection, world_size: int = 1) -> int:

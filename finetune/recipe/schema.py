@@ -490,8 +490,10 @@ class TrainSection(_Section):
     max_completion_length: Annotated[int, Field(gt=0)] | None = Field(
         None, description="grpo: tokens a completion may have; a longer one is cut (truncated) (512)."
     )
-    temperature: Annotated[float, Field(gt=0)] | None = Field(
-        None, description="grpo: the sampling temperature of the completions (1.0)."
+    temperature: Annotated[float, Field(gt=0, lt=10)] | None = Field(
+        None,
+        description="grpo: the sampling temperature of the completions (1.0; below 10, as Unsloth's GPU "
+        "trainer requires).",
     )
     top_p: Annotated[float, Field(gt=0, le=1)] | None = Field(
         None, description="grpo: nucleus sampling's share of probability kept (1.0: all)."

@@ -15,12 +15,13 @@ from finetune.train import stack  # noqa: F401  (first: Unsloth before the libra
 # isort: split
 from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
+from trl.trainer.utils import RepeatSampler
 
 from finetune.base import sandbox
 from finetune.data.store import cache_files_elsewhere
 from finetune.recipe.schema import Recipe
 from finetune.train import rewards
-from finetune.train.our_trainer import OurTrainer
+from finetune.train.our_trainer import OurTrainer, TrainedAdapterOnly
 
 
 def build_config(recipe: Recipe, arguments: dict, worst_case: bool = False) -> GRPOConfig:
@@ -80,6 +81,7 @@ class TestsReward(_Named):
 
     def run(self, programs: list[str]) -> list[sandbox.Outcome]:
         if self.pool is None:
+            sandbox.check_confinement()  # as the run's start checked: never unconfined unasked
             self.pool = sandbox.Pool(sandbox.default_workers(), self.limits)
         return self.pool.run(programs)
 
@@ -128,13 +130,33 @@ def reward_functions(recipe: Recipe, chat: bool) -> list:
             functions.append(FormatReward(name))
         elif entry.reward == "length":
             functions.append(LengthReward(name, entry.target_tokens or most // 2, most))
-        else:
-            function = rewards.user_reward(entry.reward)
-            functions.append(function if entry.name is None else _Renamed(name, function))
+        else:  # logged under the name the recipe's check of duplicates used
+            functions.append(_Renamed(name, rewards.user_reward(entry.reward)))
     return functions
 
 
+class EpochSeededSampler(RepeatSampler):
+    """TRL's RepeatSampler with each epoch's order drawn from seed + epoch. TRL's draws epoch after
+    epoch from one generator, which a resume builds afresh: a run resumed in its second epoch
+    would replay the first epoch's order, some tasks twice and others never. The epoch is read
+    from the trainer's state when an epoch's pass begins (transformers' set_epoch does not reach a
+    sampler under the batches a resume skips)."""
+
+    def __iter__(self):
+        if self.shuffle:
+            epoch = int(self.trainer_state().epoch + 1e-9)  # k.0 at the start of epoch k, k.x mid-way
+            self.generator.manual_seed((self.seed or 0) + epoch)
+        return super().__iter__()
+
+
 class PreparedGRPO(GRPOTrainer):
+    def _get_train_sampler(self, dataset=None):
+        sampler = super()._get_train_sampler(dataset)
+        seeded = EpochSeededSampler.__new__(EpochSeededSampler)
+        seeded.__dict__.update(sampler.__dict__)  # TRL's arguments, as it built them
+        seeded.trainer_state = lambda: self.state
+        return seeded
+
     def _tokenize_prompts(self, prompts: list):
         # The prompt column holds the rendered prompt (its BOS in the text): tokenized as the data
         # preparation did, adding no special token.
@@ -142,7 +164,7 @@ class PreparedGRPO(GRPOTrainer):
         return ids, None, {}
 
 
-class FinetuneGRPOTrainer(OurTrainer, PreparedGRPO):
+class FinetuneGRPOTrainer(OurTrainer, TrainedAdapterOnly, PreparedGRPO):
     def close_rewards(self) -> None:
         for function in self.reward_funcs:
             if isinstance(function, TestsReward):

@@ -6,6 +6,7 @@ from __future__ import annotations
 from finetune.train import stack  # noqa: F401  (first: Unsloth before the libraries it patches)
 
 # isort: split
+import functools
 import json
 import logging
 from pathlib import Path
@@ -95,6 +96,28 @@ class OurTrainer:
         loss = super().training_step(model, inputs, num_items_in_batch)
         self.in_forward_backward = False
         return loss
+
+
+class TrainedAdapterOnly:
+    """DPOTrainer, KTOTrainer and (with beta > 0, on TRL's own class) GRPOTrainer add the frozen
+    reference adapter "ref" beside the trained one, and PEFT saves every adapter: the reference in
+    a ref/ folder of each checkpoint. transformers 5.17's resume then loads the adapters of the
+    sub-folders alone, not the trained one at the top, and the resumed run starts again from the
+    initial adapter. Checkpoints hold the trained adapter
+    only; a resume rebuilds the reference as the first run did, from the adapter it starts from."""
+
+    def _save(self, output_dir=None, state_dict=None):
+        model = self.model
+        # On a GPU Unsloth's get_peft_model sets its own save_pretrained on the model: kept as found.
+        own = model.__dict__.get("save_pretrained")
+        model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=["default"])
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if own is None:
+                del model.save_pretrained  # the class's method again
+            else:
+                model.save_pretrained = own
 
 
 class _Without(logging.Filter):

@@ -17,7 +17,6 @@ from __future__ import annotations
 from finetune.train import stack  # noqa: F401  (first: Unsloth before the libraries it patches)
 
 # isort: split
-import functools
 import warnings
 
 from datasets import Dataset
@@ -31,7 +30,7 @@ from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 from finetune.data.store import cache_files_elsewhere
 from finetune.data.tokenize import IGNORE_INDEX
 from finetune.recipe.schema import Recipe
-from finetune.train.our_trainer import OurTrainer
+from finetune.train.our_trainer import OurTrainer, TrainedAdapterOnly
 
 
 def _pair_columns(dataset: Dataset) -> Dataset:
@@ -111,33 +110,12 @@ def build_config(recipe: Recipe, arguments: dict):
     )
 
 
-class _TrainedAdapterOnly:
-    """DPOTrainer and KTOTrainer add the frozen reference adapter "ref" beside the trained one, and
-    PEFT saves every adapter: the reference in a ref/ folder of each checkpoint. transformers 5.17's
-    resume then loads the adapters of the sub-folders alone, not the trained one at the top, and
-    the resumed run starts again from the initial adapter. Checkpoints hold the trained adapter
-    only; a resume rebuilds the reference as the first run did, from the adapter it starts from."""
-
-    def _save(self, output_dir=None, state_dict=None):
-        model = self.model
-        # On a GPU Unsloth's get_peft_model sets its own save_pretrained on the model: kept as found.
-        own = model.__dict__.get("save_pretrained")
-        model.save_pretrained = functools.partial(model.save_pretrained, selected_adapters=["default"])
-        try:
-            super()._save(output_dir, state_dict)
-        finally:
-            if own is None:
-                del model.save_pretrained  # the class's method again
-            else:
-                model.save_pretrained = own
-
-
-class PreparedDPO(_TrainedAdapterOnly, DPOTrainer):
+class PreparedDPO(TrainedAdapterOnly, DPOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         return dataset  # prompt_ids, chosen_ids, rejected_ids: what TRL's own tokenizing returns
 
 
-class PreparedKTO(_TrainedAdapterOnly, KTOTrainer):
+class PreparedKTO(TrainedAdapterOnly, KTOTrainer):
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         # What TRL's own tokenizing returns after its tokenizing step: the KL completions are each
         # batch's completions shifted by one, mismatched with the prompts (TRL 1.15's add_kl_completion_ids).

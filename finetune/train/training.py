@@ -495,6 +495,8 @@ def train(
         if not is_out_of_memory(error):
             raise
         ran_out = True
+    if recipe.train.grpo():  # the tests reward's pool of sandbox workers
+        trainer.close_rewards()
     if ran_out:  # handled outside the except block, whose traceback holds the failed step's tensors
         raise _out_of_memory(trainer)
     seconds = time.perf_counter() - start

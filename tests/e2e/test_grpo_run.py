@@ -22,11 +22,11 @@ TASKS = ROOT / "data_samples" / "code_tasks.jsonl"
 REWARDS = ("one_token", "tests", "format", "length")
 
 
-def grpo_recipe(folder, **train) -> str:
-    """The smoke recipe (tiny Llama 3, lr 1e-2) trained with GRPO on the shipped tasks: 16 steps of
-    one task's 8 completions of 16 tokens, rewarded mostly by tests/e2e/grpo_rewards.py's token
-    share (the tests, format and length rewards weigh little: a random model scores the same on
-    them every time, which moves no advantage)."""
+def grpo_recipe(folder, tasks: int = 44, **train) -> str:
+    """The smoke recipe (tiny Llama 3, lr 1e-2) trained with GRPO on the first ``tasks`` of the
+    shipped tasks: each step one task's 8 completions of 16 tokens, rewarded mostly
+    by tests/e2e/grpo_rewards.py's token share (the tests, format and length rewards weigh
+    little: a random model scores the same on them every time, which moves no advantage)."""
     settings = {
         "method": "grpo",
         "per_device_train_batch_size": 8,
@@ -41,10 +41,12 @@ def grpo_recipe(folder, **train) -> str:
         "seed": 1,
         **train,
     }
+    subset = folder / "tasks.jsonl"
+    subset.write_text("".join(TASKS.read_text().splitlines(keepends=True)[:tasks]))
     recipe = {
         "extends": str(ROOT / "recipes" / "smoke.yaml"),
         "description": "GRPO on the tiny model",
-        "data": {"train": str(TASKS)},
+        "data": {"train": str(subset)},
         "train": settings,
         "rewards": [
             {"reward": "tests.e2e.grpo_rewards:one_token"},
@@ -100,13 +102,24 @@ def test_the_tiny_model_raises_a_reward_it_can_learn_and_every_reward_is_logged(
     assert "![rewards, completion lengths and KL](grpo.png)" in report
     assert (run_dir / "grpo.png").stat().st_size > 10_000
     plan = json.loads((run_dir / "plan.json").read_text())
-    assert plan["total_steps"] == 16 and plan["lr_per_step"] == [0.01] * 16
+    assert plan["steps_per_epoch"] == 44 and plan["total_steps"] == 16 and plan["lr_per_step"] == [0.01] * 16
     assert list(logged(run_dir, "learning_rate").values()) == plan["lr_per_step"]
     # The plan counted the step's sampling: 8 completions of the longest prompt + 16 tokens.
     longest = max(plan["data"]["token_lengths"])
     assert plan["budget"]["tokens_per_micro_batch"] == 8 * (longest + 16)
     cache = [k for k in plan["budget"]["memory_bytes"] if k.startswith("generation key/value cache")]
     assert cache == [f"generation key/value cache (8 completions x {longest + 16} tokens)"]
+
+
+def test_tensorboard_holds_each_reward_the_run_logged(grpo_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _, run_dir = grpo_run
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    for key in ("reward", *(f"rewards/{name}/mean" for name in REWARDS), "completions/mean_length"):
+        board = {e.step: e.value for e in events.Scalars(f"train/{key}")}
+        assert board == pytest.approx(logged(run_dir, key), rel=1e-6), key
 
 
 def test_humaneval_after_grpo_reports_both_models_and_that_the_tasks_held_none_of_it(grpo_run):
@@ -125,18 +138,27 @@ def test_humaneval_after_grpo_reports_both_models_and_that_the_tasks_held_none_o
     assert "no row holds a HumanEval problem" in out.stdout
 
 
-def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_rewards_and_losses(grpo_run, tmp_path):
-    recipe, whole = grpo_run
-    killed = start(recipe, "--allow-code-execution", output=tmp_path)
-    wait_for(lambda: list(tmp_path.glob(f"smoke/*/checkpoints/checkpoint-8/{SEAL}")), killed)
+def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_rewards_and_losses(tmp_path):
+    """4 tasks, so 10 steps are 2.5 epochs, killed in the second: the resumed run draws that
+    epoch's order of tasks, not the first's again (train/grpo.py's EpochSeededSampler)."""
+    recipe = grpo_recipe(tmp_path, tasks=4, max_steps=10, save_steps=6)
+    done = start(recipe, "--allow-code-execution", output=tmp_path / "whole")
+    _, stderr = done.communicate(timeout=900)
+    assert done.returncode == 0, stderr[-3000:]
+    whole = run_dir_of(tmp_path / "whole")
+    killed = start(recipe, "--allow-code-execution", output=tmp_path / "killed")
+    wait_for(lambda: list(tmp_path.glob(f"killed/smoke/*/checkpoints/checkpoint-6/{SEAL}")), killed)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    run_dir = run_dir_of(tmp_path)
+    run_dir = run_dir_of(tmp_path / "killed")
     assert not (run_dir / "adapter").exists()
     resumed = resume(run_dir, "--allow-code-execution")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming from checkpoint-8" in resumed.stdout
-    for key in ("loss", "reward", "rewards/one_token/mean", "completions/mean_length", "learning_rate"):
+    assert "resuming from checkpoint-6" in resumed.stdout
+    assert json.loads((run_dir / "plan.json").read_text())["steps_per_epoch"] == 4
+    # num_tokens (prompt and completion tokens so far) and the entropy tell which task each step drew.
+    keys = ("loss", "reward", "rewards/one_token/mean", "num_tokens", "entropy", "learning_rate")
+    for key in keys:
         assert logged(run_dir, key) == logged(whole, key), key
 
 
@@ -171,6 +193,16 @@ def test_grpo_samples_from_exactly_the_prompt_tokens_the_data_preparation_made(g
     assert sampled <= prepared and len(sampled) == 1  # one task's 8 completions
     (prompt,) = sampled
     assert prompt.count(trainer.processing_class.bos_token_id) == 1  # no second BOS
+
+
+def test_with_a_reference_a_grpo_checkpoint_holds_the_trained_adapter_alone(generated, tmp_path):
+    """beta > 0: TRL keeps a frozen copy of the adapter ("ref") as the reference; a checkpoint that
+    saved it too would resume from it (train/our_trainer.py's TrainedAdapterOnly)."""
+    _, model, trainer, _, _ = generated
+    assert set(model.peft_config) == {"default", "ref"}
+    trainer._save(str(tmp_path / "checkpoint"))
+    assert (tmp_path / "checkpoint" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "checkpoint" / "ref").exists()
 
 
 def test_grpos_loss_is_the_clipped_policy_gradient_of_its_advantages_and_log_probabilities(generated):
