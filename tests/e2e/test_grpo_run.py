@@ -138,14 +138,26 @@ def test_humaneval_after_grpo_reports_both_models_and_that_the_tasks_held_none_o
     assert "no row holds a HumanEval problem" in out.stdout
 
 
-def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_rewards_and_losses(tmp_path):
-    """4 tasks, so 10 steps are 2.5 epochs, killed in the second: the resumed run draws that
-    epoch's order of tasks, not the first's again (train/grpo.py's EpochSeededSampler)."""
-    recipe = grpo_recipe(tmp_path, tasks=4, max_steps=10, save_steps=6)
-    done = start(recipe, "--allow-code-execution", output=tmp_path / "whole")
+# What tells two runs' steps apart: num_tokens (prompt and completion tokens so far) and the
+# entropy say which task each step drew.
+SAME_AT_EVERY_STEP = ("loss", "reward", "rewards/one_token/mean", "num_tokens", "entropy", "learning_rate")
+
+
+@pytest.fixture(scope="module")
+def four_tasks(tmp_path_factory):
+    """4 tasks, so 10 steps are 2.5 epochs: the recipe and its uninterrupted run."""
+    folder = tmp_path_factory.mktemp("four")
+    recipe = grpo_recipe(folder, tasks=4, max_steps=10, save_steps=6)
+    done = start(recipe, "--allow-code-execution", output=folder / "whole")
     _, stderr = done.communicate(timeout=900)
     assert done.returncode == 0, stderr[-3000:]
-    whole = run_dir_of(tmp_path / "whole")
+    return recipe, run_dir_of(folder / "whole")
+
+
+def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_rewards_and_losses(four_tasks, tmp_path):
+    """Killed in its second epoch: the resumed run draws that epoch's order of tasks, not the
+    first's again (train/grpo.py's EpochSeededSampler)."""
+    recipe, whole = four_tasks
     killed = start(recipe, "--allow-code-execution", output=tmp_path / "killed")
     wait_for(lambda: list(tmp_path.glob(f"killed/smoke/*/checkpoints/checkpoint-6/{SEAL}")), killed)
     killed.send_signal(signal.SIGKILL)
@@ -156,10 +168,31 @@ def test_a_grpo_run_killed_with_sigkill_resumes_to_the_same_rewards_and_losses(t
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming from checkpoint-6" in resumed.stdout
     assert json.loads((run_dir / "plan.json").read_text())["steps_per_epoch"] == 4
-    # num_tokens (prompt and completion tokens so far) and the entropy tell which task each step drew.
-    keys = ("loss", "reward", "rewards/one_token/mean", "num_tokens", "entropy", "learning_rate")
-    for key in keys:
+    for key in SAME_AT_EVERY_STEP:
         assert logged(run_dir, key) == logged(whole, key), key
+
+
+def test_ctrl_c_stops_a_grpo_run_with_a_checkpoint_and_the_resume_ends_as_the_whole_run(four_tasks, tmp_path):
+    recipe, whole = four_tasks
+    run = start(recipe, "--allow-code-execution", output=tmp_path)
+    wait_for(lambda: len(list(tmp_path.glob("smoke/*/log.jsonl"))) and logged_steps(tmp_path) >= 2, run)
+    run.send_signal(signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    run_dir = run_dir_of(tmp_path)
+    stopped = max(logged(run_dir, "loss"))
+    assert stopped < 10 and f"stopped after step {stopped} with a checkpoint" in stderr
+    resumed = resume(run_dir, "--allow-code-execution")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from checkpoint-{stopped}" in resumed.stdout
+    for key in SAME_AT_EVERY_STEP:
+        assert logged(run_dir, key) == logged(whole, key), key
+
+
+def logged_steps(output) -> int:
+    """Steps the running trainer has finished writing to log.jsonl so far."""
+    (log,) = output.glob("smoke/*/log.jsonl")
+    return sum('"loss"' in line for line in log.read_text().split("\n")[:-1])
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import json
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -37,29 +36,9 @@ def run_smoke(tmp_path: Path, *args: str, **how) -> tuple[subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def smoke_of_every_recipe(tmp_path_factory):
-    """`runner.py smoke`: every shipped recipe trained once, for the tests below. Two smokes at once,
-    of the first and the second half of the recipes (one at a time they took 5 minutes of the
-    suite; their figures do not depend on what runs beside them): one result, as one smoke's."""
+    """`runner.py smoke`: every shipped recipe trained once, for the tests below."""
     folder = tmp_path_factory.mktemp("smoke")
-    names = [p.stem for p in shipped_recipes()]
-    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
-    for k in range(2):
-        (folder / f"half-{k}").mkdir()
-    with ThreadPoolExecutor(2) as pool:
-        done = list(pool.map(lambda k: run_smoke(folder / f"half-{k}", *halves[k]), range(2)))
-    (first, one), (second, other) = done
-    out = subprocess.CompletedProcess(
-        first.args,
-        max(first.returncode, second.returncode),
-        first.stdout + second.stdout,
-        first.stderr + second.stderr,
-    )
-    result = {
-        **one,
-        "ok": one["ok"] and other["ok"],
-        "results": one["results"] + other["results"],
-        "checks": one["checks"] + other["checks"],
-    }
+    out, result = run_smoke(folder)
     return out, result, folder
 
 
