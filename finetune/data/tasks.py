@@ -22,13 +22,15 @@ from finetune.data.tokenize import IGNORE_INDEX, KEPT, TOO_LONG
 
 HUMANEVAL_FIELDS = ("prompt", "test", "entry_point")
 MBPP_FIELDS = ("text", "test_list")
-# lm-eval-harness's humaneval_instruct prompt (evaluation.py holds the same; imported from there
-# would import the sandbox into data preparation).
+# lm-eval-harness's humaneval_instruct prompt, and where an answer's code ends: eval's and GRPO's
+# (evaluate/evaluation.py and train/rewards.py import them from here).
 INSTRUCTION = (
     "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```\n"
 )
 ANSWER_START = "Here is the completed function:\n```python\n"
 MBPP_ANSWER_START = "```python\n"
+CHAT_STOPS = ("```",)  # a chat answer's code ends at its block's closing fence
+RAW_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
 
 
 @dataclass(frozen=True)

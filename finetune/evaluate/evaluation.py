@@ -34,6 +34,7 @@ from finetune.base.files import not_a_file
 from finetune.base.json_text import json_value
 from finetune.base.sandbox import check_confinement, confinement, run_programs
 from finetune.data.contamination import contamination_line
+from finetune.data.tasks import ANSWER_START, CHAT_STOPS, INSTRUCTION, RAW_STOPS
 from finetune.recipe.schema import BUILT_IN_REWARDS, EvaluateSection
 from finetune.runs.report import put_section
 from finetune.runs.run_folder import check_writable, finished_adapter, write_run_json
@@ -158,12 +159,7 @@ def score_completions(path: Path, tasks_name: str, allow: bool, ks: list[int]) -
 
 
 # lm-eval-harness's humaneval_instruct prompt (see the module's docstring).
-INSTRUCTION = (
-    "Write a solution to the following problem and make sure that it passes the tests:\n```python\n{}\n```\n"
-)
-ANSWER_START = "Here is the completed function:\n```python\n"
-CHAT_STOPS = ("```",)
-RAW_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
+# lm-eval-harness's humaneval_instruct prompt and the stops: data/tasks.py's (GRPO asks the same).
 
 
 RUN_FLAGS = ("samples_per_task", "temperature", "max_new_tokens", "batch_size", "prompt")

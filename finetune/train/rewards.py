@@ -25,11 +25,7 @@ import sys
 
 from finetune.base.errors import UserError
 from finetune.base.sandbox import Limits, Outcome
-from finetune.data.tasks import Task, task_from_dict
-
-CHAT_STOPS = ("```",)  # a chat answer's code ends at its block's closing fence (evaluation.py's)
-RAW_STOPS = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")  # the Codex paper's
-_HELD, _FAILED = "_finetune_held", "_finetune_failed"
+from finetune.data.tasks import CHAT_STOPS, RAW_STOPS, Task, task_from_dict
 
 
 def code_of(task: Task, completion: str, chat: bool) -> str:
